@@ -1,0 +1,497 @@
+// Package pgalloc provides the memory file: one host memfd that holds all
+// of a sandbox's guest memory, and the folio allocator over it.
+//
+// The memory file plays the part of physical memory in Linux. A page is
+// named by its PFN, its byte offset in the file divided by PageSize. PFN 0
+// is never handed out, because 0 means "none" in every ABI record that
+// crosses a restart. A folio is a naturally aligned block of 2^order pages
+// (order 0 … MaxOrder; order 9 is 2 MiB) with a reference count.
+//
+// The file is created once at its full size (sparse) and mapped once,
+// MAP_SHARED|MAP_NORESERVE and without populating; nothing touches the whole
+// file. Free space is a set of extents in B-trees, split and coalesced
+// buddy-style (see extentSet for the placement policy). Freed folios are
+// returned to the host with fallocate(PUNCH_HOLE|KEEP_SIZE) by a background
+// releaser, in batches, so DecRef never makes a system call.
+//
+// A sentry that takes over a memory file from its predecessor opens it with
+// Open and calls Adopt with the blocks that were preserved: those become
+// allocated folios with one reference, and every other page becomes stale.
+// Stale pages may still hold the previous sentry's data; they are punched
+// out (and so read as zero) before they are handed out again, lazily by the
+// allocation that needs them or in the background by the releaser, never
+// inside Adopt. Adopt costs time in proportion to the preserved set, not to
+// the file.
+//
+// Lock order: MemoryFile.mu is the only lock. The releaser never holds it
+// across a system call; an allocation that has to scrub stale or freed pages
+// itself does hold it (it cannot proceed without them anyway).
+package pgalloc
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// PageShift is log2(PageSize).
+	PageShift = 12
+	// PageSize is the size of a page of the memory file.
+	PageSize = 1 << PageShift
+	// MaxOrder is the largest folio order (2^10 pages = 4 MiB), like
+	// Linux's MAX_PAGE_ORDER on x86-64.
+	MaxOrder = 10
+	// HugeOrder is the order of a 2 MiB folio.
+	HugeOrder = 9
+	// DefaultSize is the default size of a new memory file (sparse).
+	DefaultSize = 16 << 30
+
+	sectionShift = 30 - PageShift // one section of page metadata per GiB
+	sectionPages = 1 << sectionShift
+)
+
+// Folio names an allocated folio by its first page and its order.
+type Folio struct {
+	PFN   uint64
+	Order int
+}
+
+// Pages returns the number of pages in f.
+func (f Folio) Pages() uint64 { return 1 << f.Order }
+
+// Size returns the size of f in bytes.
+func (f Folio) Size() uint64 { return PageSize << f.Order }
+
+// Addr returns the byte offset of f in the memory file, the counterpart of a
+// physical address in Linux.
+func (f Folio) Addr() uint64 { return f.PFN << PageShift }
+
+// String implements fmt.Stringer.
+func (f Folio) String() string { return fmt.Sprintf("folio(pfn %#x, order %d)", f.PFN, f.Order) }
+
+// Block is a preserved block handed to Adopt: 2^Order pages at PFN.
+type Block = Folio
+
+// pageInfo is the metadata of one page, the counterpart of struct page. Only
+// folio heads carry information; every other entry is zero.
+type pageInfo struct {
+	refs  int32
+	order uint8
+	head  bool
+}
+
+// section holds the page metadata of one GiB of the file. Sections are
+// allocated when the first folio head in them is, so the metadata costs
+// nothing for parts of the file that hold no folio.
+type section [sectionPages]pageInfo
+
+// Options configures a new MemoryFile.
+type Options struct {
+	// Size is the size of the memory file in bytes, rounded up to a page.
+	// Zero means DefaultSize.
+	Size uint64
+	// Name is the memfd's name (visible in /proc/PID/fd). Empty means
+	// "livesentry-memory".
+	Name string
+	// NoHugepages disables MADV_HUGEPAGE even where the host allows it.
+	NoHugepages bool
+}
+
+// MemoryFile is the memory file and its folio allocator. It is safe for
+// concurrent use.
+type MemoryFile struct {
+	file      *os.File
+	mapping   []byte
+	pages     uint64
+	hugepages bool
+
+	releaserWake chan struct{}
+	releaserStop chan struct{}
+	releaserDone chan struct{}
+
+	mu sync.Mutex
+
+	// cond is signalled when pages scrubbed by the releaser become free.
+	cond sync.Cond
+
+	// adopted is false for a file opened with Open until Adopt runs: until
+	// then the file holds the previous sentry's memory and nothing may be
+	// allocated from it.
+	//
+	// +checklocks:mu
+	adopted bool
+
+	// free holds pages that are holes in the file and may be handed out.
+	//
+	// +checklocks:mu
+	free extentSet
+
+	// sections holds the page metadata, one entry per GiB of the file.
+	//
+	// +checklocks:mu
+	sections []*section
+
+	// stale holds the ranges, sorted by address, that were not preserved
+	// when the file was adopted and have not been scrubbed yet. Ranges only
+	// shrink from their low end. staleHead is the first range that may be
+	// non-empty; staleCursor[o] is the first range that may hold an aligned
+	// block of order o.
+	//
+	// +checklocks:mu
+	stale []extent
+	// +checklocks:mu
+	staleHead int
+	// +checklocks:mu
+	staleCursor [MaxOrder + 1]int
+	// +checklocks:mu
+	stalePages uint64
+
+	// waste holds folios freed since the releaser last ran; they must be
+	// punched out before they are free.
+	//
+	// +checklocks:mu
+	waste []extent
+	// +checklocks:mu
+	wastePages uint64
+
+	// inflightPages counts pages the releaser has taken from stale or
+	// waste and not yet returned to free.
+	//
+	// +checklocks:mu
+	inflightPages uint64
+
+	// folios counts allocated folios by order.
+	//
+	// +checklocks:mu
+	folios [MaxOrder + 1]uint64
+
+	// +checklocks:mu
+	closed bool
+}
+
+// New creates a memory file: a new host memfd of opts.Size bytes, empty and
+// sparse, mapped once. Every page except PFN 0 is free.
+func New(opts Options) (*MemoryFile, error) {
+	size := opts.Size
+	if size == 0 {
+		size = DefaultSize
+	}
+	size = (size + PageSize - 1) &^ (PageSize - 1)
+	if size < 2*PageSize {
+		return nil, fmt.Errorf("memory file size %d: must be at least two pages: %w", opts.Size, unix.EINVAL)
+	}
+	name := opts.Name
+	if name == "" {
+		name = "livesentry-memory"
+	}
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("memfd_create(%q): %w", name, err)
+	}
+	file := os.NewFile(uintptr(fd), "memfd:"+name)
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		file.Close()
+		return nil, fmt.Errorf("sizing memory file to %d bytes: %w", size, err)
+	}
+	f, err := newMemoryFile(file, size, opts)
+	if err != nil {
+		file.Close()
+		return nil, err
+	}
+	f.mu.Lock()
+	f.adopted = true
+	f.free.insert(1, f.pages)
+	f.mu.Unlock()
+	return f, nil
+}
+
+// Open maps an existing memory file, typically one received from the
+// previous sentry, without changing its contents. Nothing can be allocated
+// until Adopt has told the allocator which blocks were preserved. The
+// MemoryFile takes ownership of file.
+func Open(file *os.File, opts Options) (*MemoryFile, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(file.Fd()), &st); err != nil {
+		return nil, fmt.Errorf("fstat of memory file: %w", err)
+	}
+	size := uint64(st.Size)
+	if st.Size <= 0 || size%PageSize != 0 || size < 2*PageSize {
+		return nil, fmt.Errorf("memory file size %d: not a positive multiple of the page size of at least two pages: %w", st.Size, unix.EINVAL)
+	}
+	return newMemoryFile(file, size, opts)
+}
+
+func newMemoryFile(file *os.File, size uint64, opts Options) (*MemoryFile, error) {
+	m, err := unix.Mmap(int(file.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, fmt.Errorf("mapping %d-byte memory file: %w", size, err)
+	}
+	f := &MemoryFile{
+		file:         file,
+		mapping:      m,
+		pages:        size / PageSize,
+		releaserWake: make(chan struct{}, 1),
+		releaserStop: make(chan struct{}),
+		releaserDone: make(chan struct{}),
+		free:         newExtentSet(),
+		sections:     make([]*section, (size/PageSize+sectionPages-1)/sectionPages),
+	}
+	f.cond.L = &f.mu
+	if !opts.NoHugepages && shmemHugepagesAllowed() {
+		if err := unix.Madvise(m, unix.MADV_HUGEPAGE); err == nil {
+			f.hugepages = true
+		}
+	}
+	go f.releaserMain()
+	return f, nil
+}
+
+// shmemHugepagesAllowed reports whether the host's shmem THP setting lets
+// the mapping use huge pages when asked to.
+func shmemHugepagesAllowed() bool {
+	b, err := os.ReadFile("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+	if err != nil {
+		return false
+	}
+	for _, w := range strings.Fields(string(b)) {
+		if strings.HasPrefix(w, "[") {
+			switch strings.Trim(w, "[]") {
+			case "always", "within_size", "advise", "force":
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Close stops the releaser, unmaps the file and closes the memfd. Folios and
+// views must not be used afterwards. The host frees the memory when the
+// last process holding the memfd closes it.
+func (f *MemoryFile) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	f.mu.Unlock()
+	close(f.releaserStop)
+	<-f.releaserDone
+	err := unix.Munmap(f.mapping)
+	if cerr := f.file.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// FD returns the memfd's file descriptor, owned by f.
+func (f *MemoryFile) FD() int { return int(f.file.Fd()) }
+
+// DupFile returns a new file descriptor for the memory file (close-on-exec),
+// to hand over to the next sentry. The caller owns it.
+func (f *MemoryFile) DupFile() (*os.File, error) {
+	fd, err := unix.FcntlInt(uintptr(f.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("duplicating memory file fd: %w", err)
+	}
+	return os.NewFile(uintptr(fd), f.file.Name()), nil
+}
+
+// Pages returns the number of pages in the file.
+func (f *MemoryFile) Pages() uint64 { return f.pages }
+
+// Size returns the size of the file in bytes.
+func (f *MemoryFile) Size() uint64 { return f.pages * PageSize }
+
+// Hugepages reports whether the mapping was advised to use huge pages.
+func (f *MemoryFile) Hugepages() bool { return f.hugepages }
+
+// Bytes returns the contents of fo as a slice of the file's mapping: writes
+// through it are writes to the memory file.
+//
+// Preconditions:
+//   - fo lies inside the file (it came from this MemoryFile).
+func (f *MemoryFile) Bytes(fo Folio) []byte {
+	off := fo.PFN << PageShift
+	return f.mapping[off : off+fo.Size() : off+fo.Size()]
+}
+
+// Slice returns npages pages from pfn as a slice of the file's mapping. It
+// checks the range against the file, so it is safe for addresses read from
+// untrusted data.
+func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
+	if npages == 0 || pfn >= f.pages || npages > f.pages-pfn {
+		return nil, fmt.Errorf("pages [%#x, +%d) outside the %d-page memory file: %w", pfn, npages, f.pages, unix.ERANGE)
+	}
+	off := pfn << PageShift
+	end := off + npages<<PageShift
+	return f.mapping[off:end:end], nil
+}
+
+// pageInfoLocked returns the metadata entry of pfn, allocating its section
+// if asked to; nil if it is not allocated and alloc is false.
+//
+// Preconditions:
+//   - f.mu is locked.
+//   - pfn < f.pages.
+func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
+	s := f.sections[pfn>>sectionShift]
+	if s == nil {
+		if !alloc {
+			return nil
+		}
+		s = new(section)
+		f.sections[pfn>>sectionShift] = s
+	}
+	return &s[pfn&(sectionPages-1)]
+}
+
+// Allocate returns a new folio of 2^order zeroed pages holding one
+// reference. It fails with ENOMEM when no naturally aligned free block of
+// that order is left, and with EINVAL for an order outside [0, MaxOrder] or
+// before a file opened with Open has been adopted.
+func (f *MemoryFile) Allocate(order int) (Folio, error) {
+	if order < 0 || order > MaxOrder {
+		return Folio{}, fmt.Errorf("allocating a folio of order %d (max %d): %w", order, MaxOrder, unix.EINVAL)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.adopted {
+		return Folio{}, fmt.Errorf("allocating from a memory file that has not been adopted: %w", unix.EINVAL)
+	}
+	for {
+		if pfn, ok := f.free.alloc(order); ok {
+			pi := f.pageInfoLocked(pfn, true)
+			*pi = pageInfo{refs: 1, order: uint8(order), head: true}
+			f.folios[order]++
+			return Folio{PFN: pfn, Order: order}, nil
+		}
+		if f.scrubStaleLocked(order) {
+			continue
+		}
+		if len(f.waste) > 0 {
+			f.releaseWasteLocked()
+			continue
+		}
+		if f.inflightPages > 0 {
+			f.cond.Wait()
+			continue
+		}
+		return Folio{}, fmt.Errorf("allocating a folio of order %d: %w", order, unix.ENOMEM)
+	}
+}
+
+// headLocked returns the metadata of the folio fo, panicking if fo is not an
+// allocated folio: a caller inside the sentry that passes anything else has
+// a bug.
+//
+// Preconditions:
+//   - f.mu is locked.
+func (f *MemoryFile) headLocked(fo Folio, op string) *pageInfo {
+	if fo.PFN >= f.pages {
+		panic(fmt.Sprintf("pgalloc: %s of %v outside the file", op, fo))
+	}
+	pi := f.pageInfoLocked(fo.PFN, false)
+	if pi == nil || !pi.head || int(pi.order) != fo.Order || pi.refs <= 0 {
+		panic(fmt.Sprintf("pgalloc: %s of %v, which is not an allocated folio", op, fo))
+	}
+	return pi
+}
+
+// IncRef takes a reference on fo.
+//
+// Preconditions:
+//   - fo is allocated (the caller holds a reference).
+func (f *MemoryFile) IncRef(fo Folio) {
+	f.mu.Lock()
+	f.headLocked(fo, "IncRef").refs++
+	f.mu.Unlock()
+}
+
+// DecRef drops a reference on fo. When the last one goes, the folio's pages
+// are released to the host in the background and become free again.
+//
+// Preconditions:
+//   - fo is allocated (the caller holds a reference).
+func (f *MemoryFile) DecRef(fo Folio) {
+	f.mu.Lock()
+	pi := f.headLocked(fo, "DecRef")
+	pi.refs--
+	if pi.refs > 0 {
+		f.mu.Unlock()
+		return
+	}
+	*pi = pageInfo{}
+	f.folios[fo.Order]--
+	f.waste = append(f.waste, extent{start: fo.PFN, end: fo.PFN + fo.Pages()})
+	wasEmpty := f.wastePages == 0
+	f.wastePages += fo.Pages()
+	wake := wasEmpty || f.wastePages >= releaseBatchPages && f.wastePages-fo.Pages() < releaseBatchPages
+	f.mu.Unlock()
+	if wake {
+		f.wakeReleaser()
+	}
+}
+
+// Lookup returns the allocated folio whose head is pfn and its reference
+// count, or false if pfn is not the head of an allocated folio.
+func (f *MemoryFile) Lookup(pfn uint64) (Folio, int32, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if pfn >= f.pages {
+		return Folio{}, 0, false
+	}
+	pi := f.pageInfoLocked(pfn, false)
+	if pi == nil || !pi.head {
+		return Folio{}, 0, false
+	}
+	return Folio{PFN: pfn, Order: int(pi.order)}, pi.refs, true
+}
+
+// Stats describes the state of a MemoryFile at one moment.
+type Stats struct {
+	// FileSize is the size of the memory file in bytes.
+	FileSize uint64
+	// Folios is the number of allocated folios of each order.
+	Folios [MaxOrder + 1]uint64
+	// AllocatedPages is the number of pages in allocated folios.
+	AllocatedPages uint64
+	// FreePages is the number of pages ready to be allocated.
+	FreePages uint64
+	// StalePages is the number of pages left from an adopted file's
+	// previous owner that are not scrubbed yet.
+	StalePages uint64
+	// ReleasingPages is the number of freed pages not yet returned to the
+	// host.
+	ReleasingPages uint64
+	// CommittedBytes is the host memory the file uses (fstat st_blocks).
+	CommittedBytes uint64
+	// Hugepages reports whether the mapping was advised to use huge pages.
+	Hugepages bool
+}
+
+// Stats returns the allocator's counters and the host's view of the file.
+func (f *MemoryFile) Stats() Stats {
+	f.mu.Lock()
+	s := Stats{
+		FileSize:       f.pages * PageSize,
+		Folios:         f.folios,
+		FreePages:      f.free.pages,
+		StalePages:     f.stalePages,
+		ReleasingPages: f.wastePages + f.inflightPages,
+		Hugepages:      f.hugepages,
+	}
+	f.mu.Unlock()
+	for o, n := range s.Folios {
+		s.AllocatedPages += n << o
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(f.FD(), &st); err == nil {
+		s.CommittedBytes = uint64(st.Blocks) * 512
+	}
+	return s
+}
