@@ -24,36 +24,39 @@ trap bazel_cleanup EXIT
 
 failed=()
 
+# fail records a failed check: kind names the kind of drift, message says
+# what is wrong, and the optional list (one item per line) follows, indented.
 fail() {
-	local kind=$1
-	shift
+	local kind=$1 message=$2 list=${3:-}
 	failed+=("$kind")
 	echo >&2
-	echo "check_bazel: $kind: $*" >&2
+	echo "check_bazel: $kind: $message" >&2
+	if [[ -n $list ]]; then
+		sed 's/^/    /' <<<"$list" >&2
+	fi
 }
 
 bazel_install_tools
 bazel_make_repo_config
 cd "$BAZEL_ROOT"
 
-# 1. Gazelle. A "--- /dev/null" header is a package without a BUILD file.
+# 1. Gazelle. A "--- /dev/null" header is a package without a BUILD file;
+# diff headers end in a tab and a timestamp.
 gazelle_rc=0
 bazel_gazelle diff >"$BAZEL_TMP/gazelle.diff" || gazelle_rc=$?
 if ((gazelle_rc != 0)); then
-	missing=$(awk '/^--- \/dev\/null/ { getline; sub(/^\+\+\+ /, ""); print }' "$BAZEL_TMP/gazelle.diff")
-	stale=$(awk '/^--- / && !/^--- \/dev\/null/ { sub(/^--- /, ""); print }' "$BAZEL_TMP/gazelle.diff")
+	missing=$(awk -F '\t' '/^--- \/dev\/null/ { getline; sub(/^\+\+\+ /, "", $1); print $1 }' "$BAZEL_TMP/gazelle.diff")
+	stale=$(awk -F '\t' '/^--- / && !/^--- \/dev\/null/ { sub(/^--- /, "", $1); print $1 }' "$BAZEL_TMP/gazelle.diff")
 	if [[ -n $missing ]]; then
-		fail "missing BUILD file" "these Go packages have no BUILD.bazel:" \
-			"$(sed 's/^/    /' <<<"$missing")"
+		fail "missing BUILD file" "these Go packages have no BUILD.bazel:" "$missing"
 	fi
 	if [[ -n $stale ]]; then
-		fail "stale BUILD file" "these BUILD files do not match their Go sources" \
-			"(srcs, imports/deps, tests or formatting changed):" "$(sed 's/^/    /' <<<"$stale")"
+		fail "stale BUILD file" "these BUILD files do not match their Go sources (srcs, imports, tests or formatting changed):" "$stale"
 	fi
 	if [[ -z $missing && -z $stale ]]; then
 		fail "gazelle" "gazelle failed (exit $gazelle_rc) without a diff; see its messages above"
 	else
-		echo "gazelle -mode=diff:" >&2
+		echo "gazelle -mode=diff (the change tools/update_bazel.sh would make):" >&2
 		cat "$BAZEL_TMP/gazelle.diff" >&2
 	fi
 fi
@@ -63,11 +66,11 @@ mapfile -t files < <(bazel_files)
 if ! "$BUILDIFIER" -mode=check -lint=warn "${files[@]}" >"$BAZEL_TMP/buildifier.log" 2>&1; then
 	unformatted=$(awk '/ # reformat$/ { print $1 }' "$BAZEL_TMP/buildifier.log")
 	if [[ -n $unformatted ]]; then
-		fail "unformatted Bazel file" "buildifier would reformat:" "$(sed 's/^/    /' <<<"$unformatted")"
+		fail "unformatted Bazel file" "buildifier would reformat:" "$unformatted"
 	fi
 	if grep -qv ' # reformat$' "$BAZEL_TMP/buildifier.log"; then
-		fail "buildifier lint" "buildifier -lint=warn reports:" \
-			"$(grep -v ' # reformat$' "$BAZEL_TMP/buildifier.log" | sed 's/^/    /')"
+		fail "buildifier lint" "buildifier -lint=warn reports (fix these by hand):" \
+			"$(grep -v ' # reformat$' "$BAZEL_TMP/buildifier.log")"
 	fi
 fi
 
@@ -81,16 +84,16 @@ expected=$(bazel_expected_use_repo) || {
 	expected=""
 }
 actual=$(bazel_use_repo_names)
-only_expected=$(comm -23 <(printf '%s\n' "$expected" | sed '/^$/d') <(printf '%s\n' "$actual" | sed '/^$/d'))
-only_actual=$(comm -13 <(printf '%s\n' "$expected" | sed '/^$/d') <(printf '%s\n' "$actual" | sed '/^$/d'))
+only_expected=$(comm -23 <(sed '/^$/d' <<<"$expected") <(sed '/^$/d' <<<"$actual"))
+only_actual=$(comm -13 <(sed '/^$/d' <<<"$expected") <(sed '/^$/d' <<<"$actual"))
 if [[ -n $only_expected ]]; then
-	fail "use_repo mismatch" "go.mod requires these modules directly, but MODULE.bazel's" \
-		"use_repo(go_deps, ...) does not list their repositories:" \
-		"$(bazel_direct_modules | bazel_repo_names | awk 'NR == FNR { want[$1] = 1; next } ($2 in want) { print "    " $2 " (" $1 ")" }' <(printf '%s\n' "$only_expected") -)"
+	fail "use_repo mismatch" "go.mod requires these modules directly, but MODULE.bazel's use_repo(go_deps, ...) does not list their repositories:" \
+		"$(bazel_direct_modules | bazel_repo_names |
+			awk 'NR == FNR { want[$1] = 1; next } ($2 in want) { print $2 " (" $1 ")" }' <(echo "$only_expected") -)"
 fi
 if [[ -n $only_actual ]]; then
-	fail "use_repo mismatch" "MODULE.bazel's use_repo(go_deps, ...) lists repositories that are" \
-		"not direct requires of go.mod (absent, or marked // indirect):" "$(sed 's/^/    /' <<<"$only_actual")"
+	fail "use_repo mismatch" "MODULE.bazel's use_repo(go_deps, ...) lists repositories that are not direct requires of go.mod (absent, or marked // indirect):" \
+		"$only_actual"
 fi
 
 # 4. External repositories used by BUILD files must be visible to the root
@@ -102,13 +105,12 @@ for f in "${files[@]}"; do
 	case $f in BUILD.bazel | BUILD | */BUILD.bazel | */BUILD) ;; *) continue ;; esac
 	while read -r repo; do
 		if ! grep -qxF "$repo" <<<"$visible"; then
-			undeclared+="    $f uses @$repo"$'\n'
+			undeclared+="$f uses @$repo"$'\n'
 		fi
 	done < <(grep -o '"@[A-Za-z0-9_.~+-]*//' "$f" | sed 's/^"@//; s|//$||' | sort -u)
 done
 if [[ -n $undeclared ]]; then
-	fail "undeclared repository" "BUILD files use repositories that MODULE.bazel does not make" \
-		"visible (is the module marked // indirect in go.mod? run go mod tidy, then tools/update_bazel.sh):" \
+	fail "undeclared repository" "BUILD files use repositories that MODULE.bazel does not make visible (is the module marked // indirect in go.mod? run go mod tidy, then tools/update_bazel.sh):" \
 		"${undeclared%$'\n'}"
 fi
 
@@ -117,7 +119,7 @@ if [[ ! -f WORKSPACE ]]; then
 	fail "WORKSPACE" "WORKSPACE is missing (it marks the workspace root; see docs/bazel.md)"
 elif grep -qv '^[[:space:]]*\(#.*\)\?$' WORKSPACE; then
 	fail "WORKSPACE" "WORKSPACE must hold comments only; declare dependencies in MODULE.bazel:" \
-		"$(grep -nv '^[[:space:]]*\(#.*\)\?$' WORKSPACE | sed 's/^/    WORKSPACE:/')"
+		"$(grep -nv '^[[:space:]]*\(#.*\)\?$' WORKSPACE | sed 's/^/WORKSPACE:/')"
 fi
 
 if ((${#failed[@]} > 0)); then
