@@ -1,0 +1,216 @@
+// Package kho is Kexec HandOver (Linux v6.19, kernel/liveupdate/kexec_handover.c,
+// "kho-v1") over the memory file: it marks folios of the memory file as
+// preserved and hands a description of them to the next sentry, which adopts
+// exactly those folios and lets everything else go.
+//
+// What crosses a restart is only the memory file's fd and one address, the
+// root: a preserved page holding a flattened device tree
+//
+//	/ {
+//		compatible = "kho-v1";
+//		preserved-memory-map = <u64: address of the first map chunk>;
+//		<subsystem> { fdt = <u64: address of the subsystem's own blob>; };
+//	};
+//
+// The outgoing side (the sentry about to restart) tracks preserved blocks in
+// per-order bitmaps (PreserveFolio, PreservePages, AllocPreserve,
+// PreserveVmalloc), names subsystem blobs in the root (AddSubtree), and at
+// Finalize writes the bitmaps and the khoser_mem_chunk list that points at
+// them into ordinary, unpreserved pages of the memory file. The incoming
+// side (Ingest) validates the root and the map field by field, reads them
+// before the allocator starts, hands every preserved block to
+// pgalloc.MemoryFile.Adopt, and then lets subsystems restore what they
+// preserved (RetrieveSubtree, RestoreFolio, RestorePages, RestoreVmalloc);
+// ReleaseUnrestored frees whatever nobody claimed.
+//
+// Guarantees: a preserved folio keeps its address, order and contents across
+// the restart; restore is one-shot and takes the order from the map, never
+// from the caller; nothing read from the memory file can panic the sentry or
+// make it touch memory outside the file, and every rejection names the field
+// and the address. Preservation takes no reference: the caller keeps the
+// memory allocated until the restart (as Linux callers pin it).
+//
+// Scratch areas: Linux reserves scratch memory because the next kernel must
+// allocate (its image, memblock) before it has read the map. A sentry needs
+// none: its allocator over the memory file starts only after Ingest has read
+// the map (pgalloc.Open allows no allocation before Adopt), and its own heap
+// is not in the memory file.
+//
+// Lock order: KHO.mu, then pgalloc.MemoryFile's lock (KHO calls into the
+// allocator with mu held).
+package kho
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	"github.com/livesentry/livesentry/pkg/abi/fdt"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"golang.org/x/sys/unix"
+)
+
+// KHO is one sentry's handover state: the outgoing side (what this sentry
+// will hand over) and, after a live-update boot, the incoming side (what the
+// previous sentry handed over). It is safe for concurrent use.
+type KHO struct {
+	mf *pgalloc.MemoryFile
+
+	mu sync.Mutex
+
+	// out is the outgoing state (struct kho_out).
+	//
+	// +checklocks:mu
+	out outgoing
+
+	// in is the incoming state (struct kho_in); nil after a cold boot.
+	//
+	// +checklocks:mu
+	in *incoming
+}
+
+// outgoing is what this sentry will hand over.
+type outgoing struct {
+	// mem tracks every preserved block.
+	mem memTracker
+	// root is the preserved page that holds the root FDT.
+	root pgalloc.Folio
+	// subtrees are the root's subnodes, in the order they were added.
+	subtrees []subtree
+	// finalized is set by Finalize and cleared by Abort; while it is set
+	// the map must not change.
+	finalized bool
+	// memMap is the address of the first map chunk, 0 before Finalize.
+	memMap uint64
+	// mapPages are the chunk and bitmap pages written by the last
+	// Finalize: ordinary allocated folios, not preserved.
+	mapPages []pgalloc.Folio
+}
+
+type subtree struct {
+	name string
+	addr uint64
+}
+
+// incoming is what the previous sentry handed over.
+type incoming struct {
+	// root is a copy of the incoming root FDT blob.
+	root []byte
+	// tree is root, parsed.
+	tree *fdt.Node
+	// mem holds the preserved blocks not yet restored or released.
+	mem memTracker
+}
+
+// New returns the handover state of a cold-booted sentry over mf: nothing
+// incoming, and a fresh outgoing root (a preserved page holding the root FDT
+// with no map and no subtrees). It mirrors kho_init.
+func New(mf *pgalloc.MemoryFile) (*KHO, error) {
+	k := &KHO{mf: mf}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.initOutLocked(); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+// initOutLocked sets up an empty outgoing side with its root page
+// (kho_init: kho_alloc_preserve(PAGE_SIZE) for the root FDT).
+//
+// Preconditions: k.mu is locked.
+func (k *KHO) initOutLocked() error {
+	k.out = outgoing{mem: newMemTracker(k.mf.Pages())}
+	root, err := k.allocPreserveLocked(abikho.PageSize)
+	if err != nil {
+		return fmt.Errorf("kho: allocating the root FDT page: %w", err)
+	}
+	k.out.root = root
+	if err := k.writeRootLocked(); err != nil {
+		k.unpreserveFreeLocked(root)
+		return err
+	}
+	return nil
+}
+
+// Ingest reads the handover that the previous sentry left in mf, a memory
+// file opened with pgalloc.Open and not yet adopted, with its root FDT at
+// the byte address root. It mirrors kho_populate and kho_mem_deserialize:
+// it validates the root (FDT header, compatible "kho-v1", an 8-byte,
+// non-zero, in-range preserved-memory-map) and every map chunk and bitmap
+// (bounds, alignment, order, element count, chain cycles), copies what it
+// needs out of them, and only then calls mf.Adopt with every preserved block
+// in address order. On any error nothing is adopted and the error names the
+// field and the address; the caller may fall back to a cold boot.
+//
+// The chunk and bitmap pages are not preserved: Adopt makes them stale like
+// every other page that was not preserved. The old root page is preserved;
+// Ingest restores and frees it once parsed (Dump keeps a copy). Ingest also
+// sets up a fresh outgoing root for the next restart.
+func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
+	in, blocks, err := deserialize(mf, root)
+	if err != nil {
+		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
+	}
+	if err := mf.Adopt(blocks); err != nil {
+		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
+	}
+	blocks = nil
+	k := &KHO{mf: mf, in: in}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	// The old root page was checked to be a preserved order-0 page, so it
+	// is an adopted folio now: consume it like any metadata page.
+	if err := k.restoreFreeLocked(root); err != nil {
+		return nil, fmt.Errorf("kho: freeing the incoming root page: %w", err)
+	}
+	if err := k.initOutLocked(); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+// RootAddr returns the byte address of the outgoing root FDT page: what
+// crosses the restart together with the memory file's fd.
+func (k *KHO) RootAddr() uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.out.root.Addr()
+}
+
+// Incoming reports whether k was made by Ingest and so has an incoming side
+// (is_kho_boot).
+func (k *KHO) Incoming() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.in != nil
+}
+
+// Dump returns copies of the outgoing and the incoming root FDT blobs, what
+// Linux shows in debugfs as kho/out/fdt and kho/in/fdt. in is nil after a
+// cold boot.
+func (k *KHO) Dump() (out, in []byte) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	page := k.mf.Bytes(k.out.root)
+	if h, err := fdt.DecodeHeader(page); err == nil && int(h.TotalSize) <= len(page) {
+		out = bytes.Clone(page[:h.TotalSize])
+	}
+	if k.in != nil {
+		in = bytes.Clone(k.in.root)
+	}
+	return out, in
+}
+
+// checkBlock checks that (pfn, order) names a block k may preserve: a
+// naturally aligned block inside the file, not at PFN 0.
+func (k *KHO) checkBlock(pfn uint64, order int) error {
+	if order < 0 || order > pgalloc.MaxOrder {
+		return fmt.Errorf("kho: block at pfn %#x: order %d outside [0, %d]: %w", pfn, order, pgalloc.MaxOrder, unix.EINVAL)
+	}
+	if pfn == 0 || pfn&(1<<order-1) != 0 || pfn >= k.mf.Pages() || k.mf.Pages()-pfn < 1<<order {
+		return fmt.Errorf("kho: block at pfn %#x of order %d: not a naturally aligned block inside the %d-page memory file (pfn 0 excluded): %w", pfn, order, k.mf.Pages(), unix.EINVAL)
+	}
+	return nil
+}

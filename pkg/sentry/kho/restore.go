@@ -1,0 +1,113 @@
+package kho
+
+import (
+	"fmt"
+
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"golang.org/x/sys/unix"
+)
+
+// RestoreFolio returns the preserved folio whose head is at the byte address
+// addr (an offset inside the head page is ignored, like PHYS_PFN), with the
+// order it was preserved with. The folio holds the one reference Adopt gave
+// it, which now belongs to the caller. Restore is one-shot: it fails with
+// EINVAL for an address that was never preserved, is not the head of a
+// preserved block, or was already restored or released. It mirrors
+// kho_restore_folio.
+func (k *KHO) RestoreFolio(addr uint64) (pgalloc.Folio, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.restoreFolioLocked(addr)
+}
+
+// Preconditions: k.mu is locked.
+func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
+	if k.in == nil {
+		return pgalloc.Folio{}, fmt.Errorf("kho: restoring the folio at %#x: no incoming handover: %w", addr, unix.EINVAL)
+	}
+	pfn := addr >> abikho.PageShift
+	order, ok := k.in.mem.headOrder(pfn)
+	if !ok {
+		return pgalloc.Folio{}, fmt.Errorf("kho: restoring the folio at %#x: not the head of a preserved block, or already restored: %w", addr, unix.EINVAL)
+	}
+	k.in.mem.clear(pfn, order)
+	return pgalloc.Folio{PFN: pfn, Order: order}, nil
+}
+
+// RestorePages restores the n pages that PreservePages(addr>>12, n)
+// preserved: the range splits into the same naturally aligned blocks, and
+// each must be a preserved, unrestored block of exactly that order. It
+// returns the blocks as folios, each holding one reference (pgalloc has no
+// split_page, so a block stays one folio). On failure it restores nothing.
+// It mirrors kho_restore_pages.
+func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.in == nil {
+		return nil, fmt.Errorf("kho: restoring pages at %#x: no incoming handover: %w", addr, unix.EINVAL)
+	}
+	pfn := addr >> abikho.PageShift
+	if err := k.checkRange(pfn, n); err != nil {
+		return nil, err
+	}
+	var folios []pgalloc.Folio
+	var bad error
+	splitBlocks(pfn, n, func(p uint64, o int) bool {
+		if !k.in.mem.clear(p, o) {
+			bad = fmt.Errorf("kho: restoring pages [%#x, +%d): block at %#x of order %d is not preserved with that order, or already restored: %w", addr, n, p<<abikho.PageShift, o, unix.EINVAL)
+			return false
+		}
+		folios = append(folios, pgalloc.Folio{PFN: p, Order: o})
+		return true
+	})
+	if bad != nil {
+		for _, f := range folios {
+			k.in.mem.set(f.PFN, f.Order)
+		}
+		return nil, bad
+	}
+	return folios, nil
+}
+
+// RestoreFree restores the preserved folio at addr and frees it at once:
+// for metadata blocks that have been read. Address 0 is a no-op, like NULL
+// in Linux. It fails like RestoreFolio. It mirrors kho_restore_free.
+func (k *KHO) RestoreFree(addr uint64) error {
+	if addr == 0 {
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.restoreFreeLocked(addr)
+}
+
+// Preconditions: k.mu is locked.
+func (k *KHO) restoreFreeLocked(addr uint64) error {
+	f, err := k.restoreFolioLocked(addr)
+	if err != nil {
+		return err
+	}
+	k.mf.DecRef(f)
+	return nil
+}
+
+// ReleaseUnrestored frees every incoming preserved block that nobody
+// restored (drops the reference Adopt gave it) and returns the number of
+// pages freed. Afterwards nothing incoming can be restored. LUO calls it
+// when the incoming state is finished, so that nothing leaks; Linux has no
+// counterpart because unclaimed preserved pages stay reserved until the next
+// reboot.
+func (k *KHO) ReleaseUnrestored() (pages uint64) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.in == nil {
+		return 0
+	}
+	k.in.mem.forEach(func(pfn uint64, order int) {
+		k.mf.DecRef(pgalloc.Folio{PFN: pfn, Order: order})
+		pages += 1 << order
+	})
+	k.in.mem = memTracker{}
+	return pages
+}
