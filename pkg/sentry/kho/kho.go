@@ -45,8 +45,8 @@ import (
 	"fmt"
 	"sync"
 
-	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )

@@ -5,8 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 
-	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )

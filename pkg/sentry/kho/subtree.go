@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"strings"
 
-	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"golang.org/x/sys/unix"
 )
 
