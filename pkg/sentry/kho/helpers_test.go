@@ -4,8 +4,8 @@ import (
 	"encoding/binary"
 	"testing"
 
-	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 )
 
