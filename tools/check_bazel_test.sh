@@ -170,6 +170,11 @@ if [[ -n $indirect_module ]]; then
 		sed -i 's|^\(\t*$indirect_module [^ ]*\) // indirect\$|\1|' go.mod
 		go mod edit -json | grep -A3 '\"Path\": \"$indirect_module\"' | grep -vq Indirect"
 
+	run_case "A module that provides a go.mod tool counts as direct" 1 \
+		"    $indirect_repo ($indirect_module)" fixable "
+		go mod edit -tool=$indirect_module/cmd/zzbazeltool
+		grep -q zzbazeltool go.mod"
+
 	run_case "A BUILD file using a module go.mod marks indirect fails" 1 \
 		"    $fixture/BUILD.bazel uses @$indirect_repo" no "
 		printf 'package zzbazelfixture\n\nimport _ \"$indirect_module/zzbazelpkg\"\n' >$fixture/indirect.go
