@@ -28,7 +28,9 @@ BAZEL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shared directory so that copies of the tree reuse one install.
 BAZEL_TOOLS_BIN=${BAZEL_TOOLS_BIN:-$BAZEL_ROOT/.cache/bin}
 
+# shellcheck disable=SC2034 # used by the scripts that source this file
 GAZELLE=$BAZEL_TOOLS_BIN/gazelle
+# shellcheck disable=SC2034
 BUILDIFIER=$BAZEL_TOOLS_BIN/buildifier
 
 # bazel_log prints its arguments to stderr with the script's name in front.

@@ -129,4 +129,4 @@ if ((${#failed[@]} > 0)); then
 	exit 1
 fi
 echo "check_bazel: OK (gazelle $GAZELLE_VERSION, buildifier $BUILDIFIER_VERSION, ${#files[@]} Bazel files," \
-	"use_repo: $(echo $actual | sed 's/^$/none/'))"
+	"use_repo: $(paste -sd ' ' <<<"${actual:-none}"))"
