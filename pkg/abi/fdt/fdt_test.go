@@ -185,7 +185,7 @@ func TestParseRejectsStructuralErrors(t *testing.T) {
 		msg  string
 	}{
 		{"a property after a subnode is rejected", concat(root, nodeA, end, prop, end, tok(tokenEnd)), "property after a subnode"},
-		{"a repeated property is rejected", concat(root, prop, prop, end, tok(tokenEnd)), "repeated"},
+		{"a repeated property is rejected", concat(root, prop, prop, end, tok(tokenEnd)), "repeated property"},
 		{"repeated sibling nodes are rejected", concat(root, nodeA, end, nodeA, end, end, tok(tokenEnd)), "repeated node name"},
 		{"bytes after END are rejected", concat(root, end, tok(tokenEnd), tok(tokenNop)), "after FDT_END"},
 		{"a second root is rejected", concat(root, end, root, end, tok(tokenEnd)), "after the root node"},

@@ -218,8 +218,9 @@ func (p *parser) body(n *Node, path string, depth int) error {
 				return p.bad("property name at strings offset %d empty or not NUL-terminated", nameOff)
 			}
 			pname := string(p.strs[nameOff : int(nameOff)+end])
-			if props[pname] {
-				return p.bad("property %q repeated in node %q", pname, path+"/")
+			if !validName(pname) || props[pname] {
+				p.off = tokOff
+				return p.bad("invalid or repeated property name %q in node %q", pname, path+"/")
 			}
 			props[pname] = true
 			n.Props = append(n.Props, Property{Name: pname, Value: bytes.Clone(p.st[p.off : p.off+int(size)])})
