@@ -49,13 +49,13 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 	if f.adopted {
 		return fmt.Errorf("adopting a memory file whose allocator is already running: %w", unix.EBUSY)
 	}
-	stale := make([]extent, 0, len(blocks)+1)
+	stale := make([]pfnRange, 0, len(blocks)+1)
 	next := uint64(1)
 	var sec *section
 	secIdx := -1
 	for _, b := range blocks {
 		if b.PFN > next {
-			stale = append(stale, extent{start: next, end: b.PFN})
+			stale = append(stale, pfnRange{start: next, end: b.PFN})
 		}
 		if i := int(b.PFN >> sectionShift); i != secIdx {
 			sec = f.sections[i]
@@ -70,7 +70,7 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 		next = b.PFN + b.Pages()
 	}
 	if next < f.pages {
-		stale = append(stale, extent{start: next, end: f.pages})
+		stale = append(stale, pfnRange{start: next, end: f.pages})
 	}
 	f.stale = stale
 	f.stalePages = f.pages - 1

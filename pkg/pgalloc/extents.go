@@ -2,6 +2,9 @@ package pgalloc
 
 import "github.com/google/btree"
 
+// pfnRange is a range of pages [start, end), in PFNs.
+type pfnRange struct{ start, end uint64 }
+
 // extent is a range of free pages [start, end), in PFNs.
 type extent struct {
 	start, end uint64

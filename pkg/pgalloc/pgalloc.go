@@ -142,7 +142,7 @@ type MemoryFile struct {
 	// block of order o.
 	//
 	// +checklocks:mu
-	stale []extent
+	stale []pfnRange
 	// +checklocks:mu
 	staleHead int
 	// +checklocks:mu
@@ -154,7 +154,7 @@ type MemoryFile struct {
 	// punched out before they are free.
 	//
 	// +checklocks:mu
-	waste []extent
+	waste []pfnRange
 	// +checklocks:mu
 	wastePages uint64
 
@@ -408,8 +408,8 @@ func (f *MemoryFile) headLocked(fo Folio, op string) *pageInfo {
 //   - fo is allocated (the caller holds a reference).
 func (f *MemoryFile) IncRef(fo Folio) {
 	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.headLocked(fo, "IncRef").refs++
-	f.mu.Unlock()
 }
 
 // DecRef drops a reference on fo. When the last one goes, the folio's pages
@@ -418,23 +418,27 @@ func (f *MemoryFile) IncRef(fo Folio) {
 // Preconditions:
 //   - fo is allocated (the caller holds a reference).
 func (f *MemoryFile) DecRef(fo Folio) {
+	if f.decRef(fo) {
+		f.wakeReleaser()
+	}
+}
+
+// decRef drops a reference on fo and reports whether the releaser should
+// be woken.
+func (f *MemoryFile) decRef(fo Folio) bool {
 	f.mu.Lock()
+	defer f.mu.Unlock()
 	pi := f.headLocked(fo, "DecRef")
 	pi.refs--
 	if pi.refs > 0 {
-		f.mu.Unlock()
-		return
+		return false
 	}
 	*pi = pageInfo{}
 	f.folios[fo.Order]--
-	f.waste = append(f.waste, extent{start: fo.PFN, end: fo.PFN + fo.Pages()})
+	f.waste = append(f.waste, pfnRange{start: fo.PFN, end: fo.PFN + fo.Pages()})
 	wasEmpty := f.wastePages == 0
 	f.wastePages += fo.Pages()
-	wake := wasEmpty || f.wastePages >= releaseBatchPages && f.wastePages-fo.Pages() < releaseBatchPages
-	f.mu.Unlock()
-	if wake {
-		f.wakeReleaser()
-	}
+	return wasEmpty || f.wastePages >= releaseBatchPages && f.wastePages-fo.Pages() < releaseBatchPages
 }
 
 // Lookup returns the allocated folio whose head is pfn and its reference

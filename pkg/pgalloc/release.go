@@ -37,8 +37,8 @@ func (f *MemoryFile) decommit(start, end uint64) {
 }
 
 // coalesce sorts disjoint ranges and merges the adjacent ones in place.
-func coalesce(rs []extent) []extent {
-	slices.SortFunc(rs, func(a, b extent) int {
+func coalesce(rs []pfnRange) []pfnRange {
+	slices.SortFunc(rs, func(a, b pfnRange) int {
 		switch {
 		case a.start < b.start:
 			return -1
@@ -64,7 +64,7 @@ func coalesce(rs []extent) []extent {
 // Preconditions:
 //   - f.mu is locked.
 //   - r is an element of f.stale and r.start < end <= r.end.
-func (f *MemoryFile) takeStaleLocked(r *extent, end uint64) uint64 {
+func (f *MemoryFile) takeStaleLocked(r *pfnRange, end uint64) uint64 {
 	start := r.start
 	r.start = end
 	f.stalePages -= end - start
@@ -165,14 +165,14 @@ func (f *MemoryFile) releaseOnce() bool {
 	f.waste = nil
 	claimed := f.wastePages
 	f.wastePages = 0
-	var stale []extent
+	var stale []pfnRange
 	var stalePages uint64
 	for f.staleHead < len(f.stale) && stalePages < releaserStalePages && len(stale) < releaserStaleRanges {
 		r := &f.stale[f.staleHead]
 		end := min(r.end, r.start+releaserStalePages-stalePages)
 		stalePages += end - r.start
 		start := f.takeStaleLocked(r, end)
-		stale = append(stale, extent{start: start, end: end})
+		stale = append(stale, pfnRange{start: start, end: end})
 	}
 	claimed += stalePages
 	f.inflightPages += claimed
@@ -200,4 +200,29 @@ func (f *MemoryFile) releaseOnce() bool {
 	f.cond.Broadcast()
 	f.mu.Unlock()
 	return true
+}
+
+// Drain scrubs every stale page and releases every freed folio now, and
+// waits for the releaser's batches in flight, so that all memory not in an
+// allocated folio is free and uncommitted when it returns. It is for
+// shutdown accounting, tests and benchmarks; the allocator never needs it.
+func (f *MemoryFile) Drain() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for {
+		switch {
+		case f.staleHead < len(f.stale):
+			r := &f.stale[f.staleHead]
+			end := r.end
+			start := f.takeStaleLocked(r, end)
+			f.decommit(start, end)
+			f.free.insert(start, end)
+		case len(f.waste) > 0:
+			f.releaseWasteLocked()
+		case f.inflightPages > 0:
+			f.cond.Wait()
+		default:
+			return
+		}
+	}
 }

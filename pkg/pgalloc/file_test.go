@@ -1,0 +1,5 @@
+package pgalloc
+
+import "os"
+
+func fdFile(fd int) *os.File { return os.NewFile(uintptr(fd), "test-memfd") }
