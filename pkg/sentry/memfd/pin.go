@@ -1,0 +1,158 @@
+package memfd
+
+import (
+	"fmt"
+
+	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"golang.org/x/sys/unix"
+)
+
+// CacheFolio is a folio of a memfd's page cache, as LUO preserves it.
+type CacheFolio struct {
+	// Index is the page index of the folio's first page in the file.
+	Index uint64
+	// Folio is the folio in the memory file.
+	Folio pgalloc.Folio
+	// Dirty is PG_dirty: the folio was written (or allocated by fallocate)
+	// since it was created.
+	Dirty bool
+	// Uptodate is PG_uptodate: the folio's contents are initialised. A
+	// folio fallocate allocated and nothing wrote is not uptodate and reads
+	// as zeros.
+	Uptodate bool
+}
+
+func (c CacheFolio) flags() uint64 {
+	var fl uint64
+	if c.Dirty {
+		fl |= flagDirty
+	}
+	if c.Uptodate {
+		fl |= flagUptodate
+	}
+	return fl
+}
+
+func cacheFolio(e entry) CacheFolio {
+	return CacheFolio{Index: e.head(), Folio: e.folio(), Dirty: e.dirty(), Uptodate: e.uptodate()}
+}
+
+// PinFolios pins every folio of [0, size) in index order, like
+// memfd_pin_folios over the whole file: holes get new zeroed folios,
+// uptodate and clean, inserted into the page cache (order 9 for an aligned
+// 2 MiB block with nothing cached, order 0 elsewhere), and each returned
+// folio holds an extra memory-file reference until UnpinFolios. A file of
+// size 0 has none. If the memory file cannot hold the holes, PinFolios
+// fails with ENOMEM and changes nothing (Linux would leave the holes it had
+// filled in the page cache). An MFD_HUGETLB file has no folios to pin
+// (EINVAL).
+//
+// Preconditions:
+//   - f.Lock is held.
+func (f *File) PinFolios() ([]CacheFolio, error) {
+	if f.hugetlb {
+		return nil, unix.EINVAL
+	}
+	size := uint64(f.size.Load())
+	if size == 0 {
+		return nil, nil
+	}
+	stop := (size + pageSize - 1) >> pageShift
+	if stop > f.mf.Pages()+f.nrPages {
+		return nil, unix.ENOMEM // It cannot fit; do not try.
+	}
+	segs := f.scratch[:0]
+	var allocErr error
+	idx := uint64(0)
+	huge := func(uint64) bool { return true }
+	f.ascendLocked(0, stop-1, func(e entry) bool {
+		if h := e.head(); idx < h {
+			if segs, allocErr = f.allocHoleLocked(idx, h, huge, flagUptodate, segs); allocErr != nil {
+				return false
+			}
+		}
+		segs = append(segs, seg{e: e})
+		idx = e.last + 1
+		return true
+	})
+	if allocErr == nil && idx < stop {
+		segs, allocErr = f.allocHoleLocked(idx, stop, huge, flagUptodate, segs)
+	}
+	if allocErr != nil {
+		f.freeFresh(segs)
+		f.releaseScratch(segs)
+		return nil, allocErr
+	}
+	out := make([]CacheFolio, len(segs))
+	for i, s := range segs {
+		if s.fresh {
+			f.insertLocked(s.e)
+		}
+		f.mf.IncRef(s.e.folio())
+		out[i] = cacheFolio(s.e)
+	}
+	f.releaseScratch(segs)
+	f.pins.Add(1)
+	return out, nil
+}
+
+// UnpinFolios drops the references PinFolios took on fs.
+func (f *File) UnpinFolios(fs []CacheFolio) {
+	for _, c := range fs {
+		f.mf.DecRef(c.Folio)
+	}
+	if f.pins.Add(-1) < 0 {
+		panic("memfd: UnpinFolios without PinFolios")
+	}
+}
+
+// NewFromFolios builds the memfd LUO retrieves: a fresh memfd created as by
+// memfd_alloc_file("", 0) (name "memfd:", mode 0777, seals F_SEAL_SEAL),
+// with i_size = size and f_pos = pos, and each folio of fs inserted into its
+// page cache at its Index with its Dirty and Uptodate flags. The file takes
+// over the caller's reference on every folio and holds one reference
+// itself.
+//
+// The folios come from the previous sentry and are checked one by one: fs
+// must be in increasing index order without overlaps, each folio's order at
+// most pgalloc.MaxOrder and its index aligned to its order, and each must
+// start before size. size and pos must be in [0, MaxFileSize]. Anything else
+// fails with an error wrapping EINVAL that names the field and the folio,
+// and then the caller keeps every reference it had.
+func NewFromFolios(mf *pgalloc.MemoryFile, size, pos int64, fs []CacheFolio) (*File, error) {
+	if size < 0 {
+		return nil, fmt.Errorf("memfd size %d: negative: %w", size, unix.EINVAL)
+	}
+	if pos < 0 {
+		return nil, fmt.Errorf("memfd position %d: negative: %w", pos, unix.EINVAL)
+	}
+	var next uint64
+	for i, c := range fs {
+		fo := c.Folio
+		if fo.Order < 0 || fo.Order > pgalloc.MaxOrder {
+			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): order %d outside [0, %d]: %w", i, c.Index, fo.PFN, fo.Order, pgalloc.MaxOrder, unix.EINVAL)
+		}
+		if c.Index&(fo.Pages()-1) != 0 {
+			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): index not aligned to order %d: %w", i, c.Index, fo.PFN, fo.Order, unix.EINVAL)
+		}
+		if fo.PFN == 0 || fo.PFN > pfnMask {
+			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): pfn is 0 or too large: %w", i, c.Index, fo.PFN, unix.EINVAL)
+		}
+		if i > 0 && c.Index < next {
+			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): overlaps or precedes the folio before it (which ends at index %#x): %w", i, c.Index, fo.PFN, next, unix.EINVAL)
+		}
+		if c.Index > maxIndex || c.Index<<pageShift >= uint64(size) {
+			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): starts at or beyond the file size %d: %w", i, c.Index, fo.PFN, size, unix.EINVAL)
+		}
+		next = c.Index + fo.Pages()
+	}
+	f := newFile(mf, "")
+	f.size.Store(size)
+	f.pos.Store(pos)
+	f.mu.Lock()
+	for _, c := range fs {
+		f.insertLocked(makeEntry(c.Index, c.Folio, c.flags()))
+	}
+	f.mu.Unlock()
+	return f, nil
+}
