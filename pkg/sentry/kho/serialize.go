@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math/bits"
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
@@ -259,28 +260,36 @@ func firstSetFrom(b *bitmap, from uint64) (uint64, bool) {
 }
 
 // blocks returns every marked block in address order, as Adopt wants them.
-// Blocks come out of each order's bitmaps in address order; the orders are
-// merged.
+// Each order's bitmaps yield its blocks in address order; when more than one
+// order is present, the per-order lists are merged.
 func (t *memTracker) blocks() []pgalloc.Block {
+	var counts [pgalloc.MaxOrder + 1]int
+	total, orders := 0, 0
+	for o := range t.orders {
+		counts[o] = t.countOrder(o)
+		total += counts[o]
+		if counts[o] > 0 {
+			orders++
+		}
+	}
+	if orders <= 1 {
+		out := make([]pgalloc.Block, total)
+		for o := range t.orders {
+			if counts[o] > 0 {
+				t.fillOrder(out, o)
+			}
+		}
+		return out
+	}
 	var lists [][]pgalloc.Block
 	for o := range t.orders {
-		var one memTracker
-		one.orders[o] = t.orders[o]
-		nb, _ := one.count()
-		if nb == 0 {
-			continue
+		if counts[o] > 0 {
+			l := make([]pgalloc.Block, counts[o])
+			t.fillOrder(l, o)
+			lists = append(lists, l)
 		}
-		l := make([]pgalloc.Block, 0, nb)
-		one.forEach(func(pfn uint64, order int) {
-			l = append(l, pgalloc.Block{PFN: pfn, Order: order})
-		})
-		lists = append(lists, l)
 	}
-	if len(lists) == 1 {
-		return lists[0]
-	}
-	n, _ := t.count()
-	out := make([]pgalloc.Block, 0, n)
+	out := make([]pgalloc.Block, 0, total)
 	for len(lists) > 0 {
 		m := 0
 		for i := 1; i < len(lists); i++ {
@@ -288,10 +297,66 @@ func (t *memTracker) blocks() []pgalloc.Block {
 				m = i
 			}
 		}
-		out = append(out, lists[m][0])
-		if lists[m] = lists[m][1:]; len(lists[m]) == 0 {
+		// Copy the run of lists[m] that precedes every other list's head.
+		next := ^uint64(0)
+		for i := range lists {
+			if i != m {
+				next = min(next, lists[i][0].PFN)
+			}
+		}
+		n := 1
+		for n < len(lists[m]) && lists[m][n].PFN < next {
+			n++
+		}
+		out = append(out, lists[m][:n]...)
+		if lists[m] = lists[m][n:]; len(lists[m]) == 0 {
 			lists = append(lists[:m], lists[m+1:]...)
 		}
 	}
 	return out
+}
+
+// countOrder returns the number of marked blocks of order o.
+func (t *memTracker) countOrder(o int) int {
+	n := 0
+	for _, b := range t.orders[o] {
+		if b != nil {
+			for _, w := range b {
+				n += bits.OnesCount64(w)
+			}
+		}
+	}
+	return n
+}
+
+// fillOrder writes the marked blocks of order o, in address order, into out,
+// which has room for exactly countOrder(o) blocks.
+func (t *memTracker) fillOrder(out []pgalloc.Block, o int) {
+	n := 0
+	for idx, b := range t.orders[o] {
+		if b == nil {
+			continue
+		}
+		base := uint64(idx) * abikho.PreserveBits
+		for w, word := range b {
+			if word == 0 {
+				continue
+			}
+			first := base + uint64(w)*64
+			if word == ^uint64(0) {
+				run := out[n : n+64]
+				for i := range run {
+					run[i] = pgalloc.Block{PFN: (first + uint64(i)) << o, Order: o}
+				}
+				n += 64
+				continue
+			}
+			for word != 0 {
+				i := uint64(bits.TrailingZeros64(word))
+				word &= word - 1
+				out[n] = pgalloc.Block{PFN: (first + i) << o, Order: o}
+				n++
+			}
+		}
+	}
 }
