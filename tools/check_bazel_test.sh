@@ -81,7 +81,8 @@ failed=0
 n=0
 
 # run_case name want_rc want_text fixable mutation...
-#   Copies the baseline, runs the mutation (a shell snippet, in the copy),
+#   Copies the baseline, runs the mutation (a bash snippet, in the copy, under
+#   set -euo pipefail, so each of its lines must succeed),
 #   then check_bazel.sh. Passes if its exit status is want_rc and its output
 #   contains want_text (a fixed string) and, when fixable is "fixable", if
 #   update_bazel.sh then succeeds and the check passes again.
@@ -89,7 +90,8 @@ run_case() {
 	local name=$1 want_rc=$2 want_text=$3 fixable=$4 mutation=$5
 	local dir=$work/case$((++n)) rc=0 why=""
 	cp -a "$work/base" "$dir"
-	if ! (cd "$dir" && eval "$mutation") >"$dir.mutate.log" 2>&1; then
+	# A separate bash, so that set -e applies to every line of the mutation.
+	if ! (cd "$dir" && bash -euo pipefail -c "$mutation") >"$dir.mutate.log" 2>&1; then
 		why="the mutation failed: $(cat "$dir.mutate.log")"
 	else
 		"$dir/tools/check_bazel.sh" >"$dir.log" 2>&1 || rc=$?
@@ -122,6 +124,14 @@ run_case "A new package without a BUILD file fails" 1 "missing BUILD file: these
 
 run_case "A new source file makes its package's BUILD file stale" 1 "stale BUILD file" fixable "
 	printf 'package zzbazelfixture\n' >$fixture/extra.go"
+
+run_case "A package whose Go files are all removed fails" 1 "stale BUILD file" fixable "
+	rm $fixture/*.go"
+
+run_case "update_bazel.sh removes the BUILD file of a package that is gone" 0 "check_bazel: OK" no "
+	rm $fixture/*.go
+	tools/update_bazel.sh 2>&1 | grep -F 'removing $fixture/BUILD.bazel'
+	test ! -e $fixture/BUILD.bazel"
 
 run_case "A deps list missing an import fails" 1 "    $fixture/BUILD.bazel" fixable "
 	sed -i '/\"@org_golang_x_sys\/\/unix\"/d' $fixture/BUILD.bazel
