@@ -22,7 +22,7 @@ import (
 //
 //	go test ./pkg/sentry/memfd/ -run TestOracle -memfd.sequences=100000
 var (
-	flagSequences = flag.Int("memfd.sequences", 400, "number of random sequences TestOracle runs")
+	flagSequences = flag.Int("memfd.sequences", 200, "number of random sequences TestOracle runs (30 with -short)")
 	flagSeed      = flag.Uint64("memfd.seed", 1, "seed of TestOracle's first sequence (sequence i uses seed+i)")
 	flagOps       = flag.Int("memfd.ops", 40, "operations per TestOracle sequence")
 )
@@ -47,7 +47,11 @@ func hostHugePagesFree(t testing.TB) bool {
 func TestOracle(t *testing.T) {
 	mf := newTestMemoryFile(t, 2<<30)
 	o := oracle{mf: mf, hostHuge: hostHugePagesFree(t)}
-	for i := 0; i < *flagSequences; i++ {
+	sequences := *flagSequences
+	if testing.Short() && !flagSet("memfd.sequences") {
+		sequences = 30
+	}
+	for i := 0; i < sequences; i++ {
 		seed := *flagSeed + uint64(i)
 		if err := o.run(seed, *flagOps); err != nil {
 			t.Fatalf("sequence with seed %d (rerun: -memfd.seed=%d -memfd.sequences=1): %v", seed, seed, err)
@@ -58,7 +62,13 @@ func TestOracle(t *testing.T) {
 		t.Fatalf("%d memory-file pages still allocated after every memfd was released", st.AllocatedPages)
 	}
 	t.Logf("%d sequences of %d operations from seed %d: no divergence; %d creations failed alike on both; %d SEEK_HOLE results where the host returned its negative overflow (deliberate difference)",
-		*flagSequences, *flagOps, *flagSeed, o.createFailures, o.seekHoleOverflows)
+		sequences, *flagOps, *flagSeed, o.createFailures, o.seekHoleOverflows)
+}
+
+func flagSet(name string) bool {
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 type oracle struct {

@@ -55,6 +55,7 @@ func (f *File) PinFolios() ([]CacheFolio, error) {
 	}
 	size := uint64(f.size.Load())
 	if size == 0 {
+		f.pins.Add(1)
 		return nil, nil
 	}
 	stop := (size + pageSize - 1) >> pageShift
