@@ -44,34 +44,85 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 		prev, prevEnd = b, b.PFN+b.Pages()
 	}
 
+	runs := make([]Run, 0, 1)
+	for _, b := range blocks {
+		if n := len(runs); n > 0 {
+			r := &runs[n-1]
+			if int(r.Order) == b.Order && r.End() == b.PFN && r.Count < maxRunCount {
+				r.Count++
+				continue
+			}
+		}
+		runs = append(runs, Run{PFN: b.PFN, Count: 1, Order: uint8(b.Order)})
+	}
+	return f.adoptRuns(runs)
+}
+
+// Run is Count consecutive naturally aligned blocks of 2^Order pages from
+// PFN: the compact form of a preserved set that AdoptRuns takes.
+type Run struct {
+	PFN   uint64
+	Count uint32
+	Order uint8
+}
+
+// maxRunCount is the largest Count of a Run.
+const maxRunCount = 1<<32 - 1
+
+// End returns the PFN just past r.
+func (r Run) End() uint64 { return r.PFN + uint64(r.Count)<<r.Order }
+
+// AdoptRuns is Adopt for a preserved set given as runs of equal-order
+// blocks: it costs time in proportion to len(runs), so that a large
+// contiguous preserved area is adopted in constant time. The runs must be
+// sorted by PFN; AdoptRuns checks every run like Adopt checks every block
+// (plus a zero Count) and changes nothing if one is bad. It takes ownership
+// of runs: the caller must not modify the slice afterwards.
+func (f *MemoryFile) AdoptRuns(runs []Run) error {
+	var prevEnd uint64
+	for i, r := range runs {
+		if r.Order > MaxOrder || r.Count == 0 {
+			return fmt.Errorf("adopting preserved run %+v: order above %d or no block: %w", r, MaxOrder, unix.EINVAL)
+		}
+		if r.PFN&(1<<r.Order-1) != 0 {
+			return fmt.Errorf("adopting preserved run %+v: not aligned to its order: %w", r, unix.EINVAL)
+		}
+		if r.PFN == 0 {
+			return fmt.Errorf("adopting preserved run %+v: PFN 0 is reserved: %w", r, unix.EINVAL)
+		}
+		if r.PFN >= f.pages || uint64(r.Count)<<r.Order > f.pages-r.PFN {
+			return fmt.Errorf("adopting preserved run %+v: outside the %d-page memory file: %w", r, f.pages, unix.ERANGE)
+		}
+		if i > 0 && r.PFN < prevEnd {
+			return fmt.Errorf("adopting preserved run %+v: overlaps or precedes the previous run, or runs are not sorted: %w", r, unix.EINVAL)
+		}
+		prevEnd = r.End()
+	}
+	return f.adoptRuns(runs)
+}
+
+// adoptRuns adopts checked, sorted, disjoint runs. Page metadata is not
+// written here: a section is filled from the runs that cross it when it is
+// first needed (fillSectionLocked), outside the restart's blackout.
+func (f *MemoryFile) adoptRuns(runs []Run) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.adopted {
 		return fmt.Errorf("adopting a memory file whose allocator is already running: %w", unix.EBUSY)
 	}
-	stale := make([]pfnRange, 0, len(blocks)+1)
+	stale := make([]pfnRange, 0, len(runs)+1)
 	next := uint64(1)
-	var sec *section
-	secIdx := -1
-	for _, b := range blocks {
-		if b.PFN > next {
-			stale = append(stale, pfnRange{start: next, end: b.PFN})
+	for _, r := range runs {
+		if r.PFN > next {
+			stale = append(stale, pfnRange{start: next, end: r.PFN})
 		}
-		if i := int(b.PFN >> sectionShift); i != secIdx {
-			sec = f.sections[i]
-			if sec == nil {
-				sec = new(section)
-				f.sections[i] = sec
-			}
-			secIdx = i
-		}
-		sec[b.PFN&(sectionPages-1)] = pageInfo{refs: 1, order: uint8(b.Order), head: true}
-		f.folios[b.Order]++
-		next = b.PFN + b.Pages()
+		f.folios[r.Order] += uint64(r.Count)
+		next = r.End()
 	}
 	if next < f.pages {
 		stale = append(stale, pfnRange{start: next, end: f.pages})
 	}
+	f.runs = runs
 	f.stale = stale
 	f.stalePages = f.pages - 1
 	for o, n := range f.folios {
@@ -82,6 +133,30 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 		f.wakeReleaser()
 	}
 	return nil
+}
+
+// fillSectionLocked writes the metadata of every adopted block in section i
+// into s. Blocks never cross a section (a section is 1 GiB, a block at most
+// 4 MiB, both naturally aligned).
+//
+// Preconditions:
+//   - f.mu is locked.
+//   - s is section i, new and empty.
+func (f *MemoryFile) fillSectionLocked(i uint64, s *section) {
+	start, end := i<<sectionShift, (i+1)<<sectionShift
+	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {
+		if r.End() <= pfn {
+			return -1
+		}
+		return 1
+	})
+	for ; j < len(f.runs) && f.runs[j].PFN < end; j++ {
+		r := f.runs[j]
+		n := uint64(1) << r.Order
+		for pfn := max(r.PFN, start); pfn < min(r.End(), end); pfn += n {
+			s[pfn-start] = pageInfo{refs: 1, order: r.Order, head: true}
+		}
+	}
 }
 
 func cmpBlocks(a, b Block) int {

@@ -31,6 +31,7 @@ package pgalloc
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 
@@ -168,6 +169,13 @@ type MemoryFile struct {
 	//
 	// +checklocks:mu
 	folios [MaxOrder + 1]uint64
+
+	// runs are the blocks Adopt received, in address order. A section
+	// that does not exist yet is filled from them when it is created, so
+	// Adopt does not write page metadata itself.
+	//
+	// +checklocks:mu
+	runs []Run
 
 	// +checklocks:mu
 	closed bool
@@ -339,15 +347,35 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 //   - f.mu is locked.
 //   - pfn < f.pages.
 func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
-	s := f.sections[pfn>>sectionShift]
+	i := pfn >> sectionShift
+	s := f.sections[i]
 	if s == nil {
-		if !alloc {
+		adopted := len(f.runs) > 0 && f.runsCrossLocked(i)
+		if !alloc && !adopted {
 			return nil
 		}
 		s = new(section)
-		f.sections[pfn>>sectionShift] = s
+		f.sections[i] = s
+		if adopted {
+			f.fillSectionLocked(i, s)
+		}
 	}
 	return &s[pfn&(sectionPages-1)]
+}
+
+// runsCrossLocked reports whether an adopted run has pages in section i.
+//
+// Preconditions:
+//   - f.mu is locked.
+func (f *MemoryFile) runsCrossLocked(i uint64) bool {
+	start, end := i<<sectionShift, (i+1)<<sectionShift
+	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {
+		if r.End() <= pfn {
+			return -1
+		}
+		return 1
+	})
+	return j < len(f.runs) && f.runs[j].PFN < end
 }
 
 // Allocate returns a new folio of 2^order zeroed pages holding one
