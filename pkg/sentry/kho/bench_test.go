@@ -139,7 +139,8 @@ func BenchmarkRestoreLookup(b *testing.B) {
 	for i := uint64(0); i < folios; i++ {
 		t.set(2+2*i, 0)
 	}
-	blocks := t.blocks()
+	var blocks []pgalloc.Block
+	t.forEach(func(pfn uint64, order int) { blocks = append(blocks, pgalloc.Block{PFN: pfn, Order: order}) })
 	rng := rand.New(rand.NewPCG(1, 1))
 	probes := make([]uint64, 1<<16)
 	for i := range probes {

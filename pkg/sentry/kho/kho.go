@@ -140,8 +140,9 @@ func (k *KHO) initOutLocked() error {
 // it validates the root (FDT header, compatible "kho-v1", an 8-byte,
 // non-zero, in-range preserved-memory-map) and every map chunk and bitmap
 // (bounds, alignment, order, element count, chain cycles), copies what it
-// needs out of them, and only then calls mf.Adopt with every preserved block
-// in address order. On any error nothing is adopted and the error names the
+// needs out of them, and only then calls mf.AdoptRuns with every preserved
+// block in address order, as runs of consecutive equal-order blocks (so a
+// contiguous preserved area costs nothing per folio). On any error nothing is adopted and the error names the
 // field and the address; the caller may fall back to a cold boot.
 //
 // The chunk and bitmap pages are not preserved: Adopt makes them stale like
@@ -149,14 +150,13 @@ func (k *KHO) initOutLocked() error {
 // Ingest restores and frees it once parsed (Dump keeps a copy). Ingest also
 // sets up a fresh outgoing root for the next restart.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
-	in, blocks, err := deserialize(mf, root)
+	in, runs, err := deserialize(mf, root)
 	if err != nil {
 		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
 	}
-	if err := mf.Adopt(blocks); err != nil {
+	if err := mf.AdoptRuns(runs); err != nil {
 		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
 	}
-	blocks = nil
 	k := &KHO{mf: mf, in: in}
 	k.mu.Lock()
 	defer k.mu.Unlock()

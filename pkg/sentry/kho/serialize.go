@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math"
 	"math/bits"
+	"slices"
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
@@ -139,9 +141,9 @@ func (k *KHO) serializeLocked() (pages []pgalloc.Folio, first uint64, err error)
 
 // deserialize reads and validates the handover at root in mf
 // (kho_populate + kho_mem_deserialize) and returns the incoming state and
-// the preserved blocks in address order. It changes nothing in mf, and it
+// the preserved blocks in address order, as runs. It changes nothing in mf, and it
 // copies every page it reads before it interprets it.
-func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Block, error) {
+func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run, error) {
 	var page [abikho.PageSize]byte
 	if err := readPage(mf, root, page[:]); err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
@@ -173,7 +175,7 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Bloc
 	if !in.mem.test(root>>abikho.PageShift, 0) {
 		return nil, nil, fmt.Errorf("root FDT at %#x: the root page is not preserved as an order-0 block: %w", root, unix.EINVAL)
 	}
-	return in, in.mem.blocks(), nil
+	return in, in.mem.runs(), nil
 }
 
 // readPage copies the page at the byte address addr of mf into p.
@@ -259,37 +261,29 @@ func firstSetFrom(b *bitmap, from uint64) (uint64, bool) {
 	return 0, false
 }
 
-// blocks returns every marked block in address order, as Adopt wants them.
-// Each order's bitmaps yield its blocks in address order; when more than one
-// order is present, the per-order lists are merged.
-func (t *memTracker) blocks() []pgalloc.Block {
-	var counts [pgalloc.MaxOrder + 1]int
-	total, orders := 0, 0
+// runs returns every marked block in address order, as runs of
+// consecutive blocks of one order, for pgalloc.MemoryFile.AdoptRuns: a
+// contiguous preserved area becomes one run, so adopting it costs nothing
+// per folio. Each order's bitmaps yield its runs in address order; when more
+// than one order is present, the per-order lists are merged.
+func (t *memTracker) runs() []pgalloc.Run {
+	var lists [][]pgalloc.Run
 	for o := range t.orders {
-		counts[o] = t.countOrder(o)
-		total += counts[o]
-		if counts[o] > 0 {
-			orders++
-		}
-	}
-	if orders <= 1 {
-		out := make([]pgalloc.Block, total)
-		for o := range t.orders {
-			if counts[o] > 0 {
-				t.fillOrder(out, o)
-			}
-		}
-		return out
-	}
-	var lists [][]pgalloc.Block
-	for o := range t.orders {
-		if counts[o] > 0 {
-			l := make([]pgalloc.Block, counts[o])
-			t.fillOrder(l, o)
+		if l := t.appendRuns(nil, o); len(l) > 0 {
 			lists = append(lists, l)
 		}
 	}
-	out := make([]pgalloc.Block, 0, total)
+	switch len(lists) {
+	case 0:
+		return nil
+	case 1:
+		return lists[0]
+	}
+	total := 0
+	for _, l := range lists {
+		total += len(l)
+	}
+	out := make([]pgalloc.Run, 0, total)
 	for len(lists) > 0 {
 		m := 0
 		for i := 1; i < len(lists); i++ {
@@ -297,7 +291,7 @@ func (t *memTracker) blocks() []pgalloc.Block {
 				m = i
 			}
 		}
-		// Copy the run of lists[m] that precedes every other list's head.
+		// Copy the part of lists[m] that precedes every other list's head.
 		next := ^uint64(0)
 		for i := range lists {
 			if i != m {
@@ -316,6 +310,62 @@ func (t *memTracker) blocks() []pgalloc.Block {
 	return out
 }
 
+// appendRuns appends the runs of marked blocks of order o to out. It
+// counts the runs first (a run starts at every set bit whose predecessor is
+// clear) so that out grows once.
+func (t *memTracker) appendRuns(out []pgalloc.Run, o int) []pgalloc.Run {
+	n := 0
+	var carry uint64 // bit 63 of the previous word, if it is adjacent
+	prevIdx := -2
+	for idx, b := range t.orders[o] {
+		if b == nil {
+			continue
+		}
+		if idx != prevIdx+1 {
+			carry = 0
+		}
+		prevIdx = idx
+		for _, word := range b {
+			n += bits.OnesCount64(word &^ (word<<1 | carry))
+			carry = word >> 63
+		}
+	}
+	if n == 0 {
+		return out
+	}
+	out = slices.Grow(out, n)
+	for idx, b := range t.orders[o] {
+		if b == nil {
+			continue
+		}
+		base := uint64(idx) * abikho.PreserveBits
+		for w, word := range b {
+			if word == 0 {
+				continue
+			}
+			first := base + uint64(w)*64
+			for word != 0 {
+				i := uint64(bits.TrailingZeros64(word))
+				ones := uint64(64 - i) // the run of ones from bit i
+				if rest := ^(word >> i); rest != 0 {
+					ones = uint64(bits.TrailingZeros64(rest))
+				}
+				pfn := (first + i) << o
+				if k := len(out); k > 0 && out[k-1].End() == pfn && int(out[k-1].Order) == o && uint64(out[k-1].Count)+ones <= math.MaxUint32 {
+					out[k-1].Count += uint32(ones)
+				} else {
+					out = append(out, pgalloc.Run{PFN: pfn, Count: uint32(ones), Order: uint8(o)})
+				}
+				if i+ones == 64 {
+					break
+				}
+				word &^= (1<<ones - 1) << i
+			}
+		}
+	}
+	return out
+}
+
 // countOrder returns the number of marked blocks of order o.
 func (t *memTracker) countOrder(o int) int {
 	n := 0
@@ -327,36 +377,4 @@ func (t *memTracker) countOrder(o int) int {
 		}
 	}
 	return n
-}
-
-// fillOrder writes the marked blocks of order o, in address order, into out,
-// which has room for exactly countOrder(o) blocks.
-func (t *memTracker) fillOrder(out []pgalloc.Block, o int) {
-	n := 0
-	for idx, b := range t.orders[o] {
-		if b == nil {
-			continue
-		}
-		base := uint64(idx) * abikho.PreserveBits
-		for w, word := range b {
-			if word == 0 {
-				continue
-			}
-			first := base + uint64(w)*64
-			if word == ^uint64(0) {
-				run := out[n : n+64]
-				for i := range run {
-					run[i] = pgalloc.Block{PFN: (first + uint64(i)) << o, Order: o}
-				}
-				n += 64
-				continue
-			}
-			for word != 0 {
-				i := uint64(bits.TrailingZeros64(word))
-				word &= word - 1
-				out[n] = pgalloc.Block{PFN: (first + i) << o, Order: o}
-				n++
-			}
-		}
-	}
 }

@@ -8,7 +8,7 @@ import (
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 )
 
-func TestTrackerBlocksAreSortedAcrossOrders(t *testing.T) {
+func TestTrackerRunsAreSortedAcrossOrders(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		orders []int
@@ -33,8 +33,11 @@ func TestTrackerBlocksAreSortedAcrossOrders(t *testing.T) {
 					continue
 				}
 				n := 1
-				if o == 0 && rng.IntN(20) == 0 {
-					n = 200
+				switch {
+				case o == 0 && rng.IntN(20) == 0:
+					n = 200 // full words
+				case rng.IntN(5) == 0:
+					n = 1 + rng.IntN(70) // runs inside and across words
 				}
 				for i := 0; i < n; i++ {
 					tr.set(pfn, o)
@@ -42,9 +45,22 @@ func TestTrackerBlocksAreSortedAcrossOrders(t *testing.T) {
 					pfn += 1 << o
 				}
 			}
-			got := tr.blocks()
+			var got []pgalloc.Block
+			var prevEnd uint64
+			for _, r := range tr.runs() {
+				if r.PFN < prevEnd || r.Count == 0 {
+					t.Fatalf("run %+v is empty or not after the previous one", r)
+				}
+				if r.PFN == prevEnd && len(got) > 0 && got[len(got)-1].Order == int(r.Order) {
+					t.Fatalf("run %+v could have been merged with the previous one", r)
+				}
+				for i := uint64(0); i < uint64(r.Count); i++ {
+					got = append(got, pgalloc.Block{PFN: r.PFN + i<<r.Order, Order: int(r.Order)})
+				}
+				prevEnd = r.End()
+			}
 			if !slices.Equal(got, want) {
-				t.Fatalf("blocks() returned %d blocks, want %d (first difference at %d)", len(got), len(want), firstDiff(got, want))
+				t.Fatalf("runs() cover %d blocks, want %d (first difference at %d)", len(got), len(want), firstDiff(got, want))
 			}
 		})
 	}
