@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -363,13 +364,19 @@ func TestRestoreValidation(t *testing.T) {
 			}
 			return nil
 		}, nil},
-		{"restoring pages with the same split succeeds", func(h *handover, k *KHO) error {
+		{"restoring pages with the same split returns order-0 pages", func(h *handover, k *KHO) error {
 			fs, err := k.RestorePages(h.big.Addr(), 8)
 			if err != nil {
 				return err
 			}
-			if len(fs) != 1 || fs[0] != h.big {
-				return errors.New("RestorePages returned the wrong folios")
+			if len(fs) != 8 {
+				return fmt.Errorf("RestorePages returned %d folios, want 8", len(fs))
+			}
+			for i, f := range fs {
+				want := pgalloc.Folio{PFN: h.big.PFN + uint64(i)}
+				if g, refs, ok := k.mf.Lookup(f.PFN); f != want || !ok || g != want || refs != 1 {
+					return fmt.Errorf("page %d: %v (allocated as %v with %d references), want an order-0 folio at pfn %#x", i, f, g, refs, want.PFN)
+				}
 			}
 			return nil
 		}, nil},

@@ -37,10 +37,10 @@ func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
 
 // RestorePages restores the n pages that PreservePages(addr>>12, n)
 // preserved: the range splits into the same naturally aligned blocks, and
-// each must be a preserved, unrestored block of exactly that order. It
-// returns the blocks as folios, each holding one reference (pgalloc has no
-// split_page, so a block stays one folio). On failure it restores nothing.
-// It mirrors kho_restore_pages.
+// each must be a preserved, unrestored block of exactly that order. Like
+// Linux (split_page), it returns the range as n order-0 folios in address
+// order, each holding one reference. On failure it restores nothing. It
+// mirrors kho_restore_pages.
 func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -67,7 +67,18 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 		}
 		return nil, bad
 	}
-	return folios, nil
+	pages := make([]pgalloc.Folio, 0, n)
+	for _, f := range folios {
+		// An adopted folio holds exactly one reference, so Split cannot
+		// fail with EBUSY.
+		if err := k.mf.Split(f); err != nil {
+			panic(fmt.Sprintf("kho: splitting restored %v: %v", f, err))
+		}
+		for p := f.PFN; p < f.PFN+f.Pages(); p++ {
+			pages = append(pages, pgalloc.Folio{PFN: p})
+		}
+	}
+	return pages, nil
 }
 
 // RestoreFree restores the preserved folio at addr and frees it at once:
