@@ -177,6 +177,12 @@ type MemoryFile struct {
 	// +checklocks:mu
 	runs []Run
 
+	// held is set between HoldReleases and ResumeReleases: the releaser
+	// punches nothing out of the file.
+	//
+	// +checklocks:mu
+	held bool
+
 	// +checklocks:mu
 	closed bool
 }

@@ -161,6 +161,10 @@ func (f *MemoryFile) releaserMain() {
 // releaseOnce runs one releaser round and reports whether it did anything.
 func (f *MemoryFile) releaseOnce() bool {
 	f.mu.Lock()
+	if f.held {
+		f.mu.Unlock()
+		return false
+	}
 	waste := f.waste
 	f.waste = nil
 	claimed := f.wastePages
@@ -225,4 +229,31 @@ func (f *MemoryFile) Drain() {
 			return
 		}
 	}
+}
+
+// HoldReleases stops the background releaser from punching anything out of
+// the file until ResumeReleases, and waits for a round already in flight to
+// finish. Freed folios and stale ranges stay where they are (and keep their
+// contents). A restart needs this on both sides: the outgoing sentry must
+// not punch pages after it has handed the file over (the next sentry
+// regards them as stale and may already have reused them), and the incoming
+// sentry must not scrub the previous sentry's memory before it has
+// acknowledged the handover (the previous sentry resumes if it refuses).
+// Allocations that find no free page still scrub stale pages themselves.
+func (f *MemoryFile) HoldReleases() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.held = true
+	for f.inflightPages > 0 {
+		f.cond.Wait()
+	}
+}
+
+// ResumeReleases undoes HoldReleases and wakes the releaser for whatever
+// accumulated meanwhile.
+func (f *MemoryFile) ResumeReleases() {
+	f.mu.Lock()
+	f.held = false
+	f.mu.Unlock()
+	f.wakeReleaser()
 }
