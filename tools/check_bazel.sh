@@ -53,8 +53,14 @@ if ((gazelle_rc != 0)); then
 	if [[ -n $stale ]]; then
 		fail "stale BUILD file" "these BUILD files do not match their Go sources (srcs, imports, tests or formatting changed):" "$stale"
 	fi
+	if [[ -s $BAZEL_TMP/gazelle.log ]]; then
+		# bazel_gazelle has printed them.
+		failed+=("gazelle problems")
+	fi
 	if [[ -z $missing && -z $stale ]]; then
-		fail "gazelle" "gazelle failed (exit $gazelle_rc) without a diff; see its messages above"
+		if [[ ! -s $BAZEL_TMP/gazelle.log ]]; then
+			fail "gazelle" "gazelle failed (exit $gazelle_rc) without a diff or a message"
+		fi
 	else
 		echo "gazelle -mode=diff (the change tools/update_bazel.sh would make):" >&2
 		cat "$BAZEL_TMP/gazelle.diff" >&2
