@@ -1,0 +1,192 @@
+package luo
+
+import (
+	"fmt"
+	"sync/atomic"
+
+	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
+	"golang.org/x/sys/unix"
+)
+
+// Device is an open /dev/liveupdate (luo_fops in luo_core.c).
+type Device struct {
+	luo  *LUO
+	refs atomic.Int64
+}
+
+// IncRef takes a reference on the open device (dup).
+func (d *Device) IncRef() { d.refs.Add(1) }
+
+// DecRef drops a reference; the last one closes the device, freeing the
+// single-open slot (luo_release). Sessions live on.
+func (d *Device) DecRef() {
+	if d.refs.Add(-1) != 0 {
+		return
+	}
+	d.luo.mu.Lock()
+	d.luo.deviceOpen = false
+	d.luo.mu.Unlock()
+}
+
+// ioctlOp is struct luo_ioctl_op.
+type ioctlOp struct {
+	size, minSize int
+	num           uint32
+}
+
+// deviceOps is luo_ioctl_ops, indexed by nr - LIVEUPDATE_CMD_BASE.
+var deviceOps = [...]ioctlOp{
+	{size: abiluo.CreateSessionSize, minSize: abiluo.CreateSessionSize, num: abiluo.IoctlCreateSession},
+	{size: abiluo.RetrieveSessionSize, minSize: abiluo.RetrieveSessionSize, num: abiluo.IoctlRetrieveSession},
+}
+
+// sessionOps is luo_session_ioctl_ops, indexed by nr -
+// LIVEUPDATE_CMD_SESSION_BASE.
+var sessionOps = [...]ioctlOp{
+	{size: abiluo.SessionPreserveFDSize, minSize: abiluo.SessionPreserveFDSize, num: abiluo.IoctlSessionPreserve},
+	{size: abiluo.SessionRetrieveFDSize, minSize: abiluo.SessionRetrieveFDSize, num: abiluo.IoctlSessionRetrieve},
+	{size: abiluo.SessionFinishSize, minSize: abiluo.SessionFinishSize, num: abiluo.IoctlSessionFinish},
+}
+
+// decodeIoctl mirrors the common part of luo_ioctl and luo_session_ioctl:
+// nr outside the table is EINVAL; an unreadable size is EFAULT; a number
+// whose nr matches but whose other bits do not is ENOTTY (-ENOIOCTLCMD); a
+// size below the struct's minimum is EINVAL; a larger struct with non-zero
+// bytes past ours is E2BIG. It returns the op's index, the kernel copy of
+// the struct and the user's size.
+func decodeIoctl(ops []ioctlOp, base, cmd uint32, arg []byte) (int, []byte, uint32, error) {
+	nr := abiluo.IocNr(cmd)
+	if nr-base >= uint32(len(ops)) || nr < base {
+		return 0, nil, 0, unix.EINVAL
+	}
+	usize, err := abiluo.UserSize(arg)
+	if err != nil {
+		return 0, nil, 0, err
+	}
+	i := int(nr - base)
+	op := ops[i]
+	if op.num != cmd {
+		return 0, nil, 0, unix.ENOTTY
+	}
+	if usize < uint32(op.minSize) {
+		return 0, nil, 0, unix.EINVAL
+	}
+	k, err := abiluo.CopyStructFromUser(op.size, arg)
+	if err != nil {
+		return 0, nil, 0, err
+	}
+	return i, k, usize, nil
+}
+
+// Ioctl runs an ioctl on /dev/liveupdate (luo_ioctl). arg is the user's
+// struct as bytes; the result is the reply to copy back, min(user size,
+// kernel size) bytes. New session fds go into fdt with FD_CLOEXEC.
+func (d *Device) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
+	i, k, usize, err := decodeIoctl(deviceOps[:], abiluo.CmdBase, cmd, arg)
+	if err != nil {
+		return nil, err
+	}
+	var s abiluo.CreateSession
+	if err := s.Decode(k); err != nil {
+		return nil, err
+	}
+	// strscpy(session->name, argp->name, 64): at most 63 bytes, a longer
+	// name is cut silently.
+	name := abiluo.CString(s.Name[:abiluo.SessionNameLength-1])
+	var fd int32
+	switch i {
+	case 0:
+		fd, err = d.luo.createSession(fdt, name)
+	case 1:
+		fd, err = d.luo.retrieveSession(fdt, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.FD = fd
+	if err := s.Encode(k); err != nil {
+		return nil, err
+	}
+	return abiluo.Respond(k, usize), nil
+}
+
+// createSession mirrors luo_session_create: EEXIST for a name already in
+// the outgoing list, ENOMEM beyond MaxSessions, EBUSY while serialized.
+func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
+	l.mu.Lock()
+	if l.serialized != nil {
+		l.mu.Unlock()
+		return -1, unix.EBUSY
+	}
+	for _, o := range l.outgoing {
+		if o.name == name {
+			l.mu.Unlock()
+			return -1, unix.EEXIST
+		}
+	}
+	if len(l.outgoing) >= MaxSessions {
+		l.mu.Unlock()
+		return -1, unix.ENOMEM
+	}
+	s := &Session{luo: l, name: name}
+	l.outgoing = append(l.outgoing, s)
+	l.mu.Unlock()
+
+	fd, err := fdt.InstallFD(s, true)
+	if err != nil {
+		l.mu.Lock()
+		l.removeLocked(&l.outgoing, s)
+		l.mu.Unlock()
+		return -1, err
+	}
+	return fd, nil
+}
+
+// retrieveSession mirrors luo_session_retrieve: ENOENT if no incoming
+// session has the name, EINVAL if it was retrieved already.
+func (l *LUO) retrieveSession(fdt FDTable, name string) (int32, error) {
+	l.mu.Lock()
+	var s *Session
+	for _, o := range l.incoming {
+		if o.name == name {
+			s = o
+			break
+		}
+	}
+	if s == nil {
+		l.mu.Unlock()
+		return -1, unix.ENOENT
+	}
+	s.mu.Lock()
+	if s.retrieved {
+		s.mu.Unlock()
+		l.mu.Unlock()
+		return -1, unix.EINVAL
+	}
+	s.retrieved = true
+	s.mu.Unlock()
+	l.mu.Unlock()
+
+	fd, err := fdt.InstallFD(s, true)
+	if err != nil {
+		s.mu.Lock()
+		s.retrieved = false
+		s.mu.Unlock()
+		return -1, err
+	}
+	return fd, nil
+}
+
+// removeLocked removes s from list.
+//
+// Preconditions:
+//   - l.mu is locked.
+func (l *LUO) removeLocked(list *[]*Session, s *Session) {
+	for i, o := range *list {
+		if o == s {
+			*list = append((*list)[:i], (*list)[i+1:]...)
+			return
+		}
+	}
+	panic(fmt.Sprintf("luo: session %q is not in its list", s.name))
+}

@@ -1,0 +1,296 @@
+package luo
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+
+	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
+	"golang.org/x/sys/unix"
+)
+
+// Session is a named container of preserved files (struct luo_session),
+// reached by guests through a session fd.
+type Session struct {
+	luo  *LUO
+	name string
+
+	// incoming is set for sessions handed over by the previous sentry.
+	incoming bool
+
+	// refs counts the fds (and dups) that refer to the session; the last
+	// one going releases it (luo_session_release).
+	refs atomic.Int64
+
+	mu sync.Mutex
+
+	// retrieved is set once RETRIEVE_SESSION has returned an fd for an
+	// incoming session.
+	//
+	// +checklocks:mu
+	retrieved bool
+
+	// files in preservation order.
+	//
+	// +checklocks:mu
+	files []*luoFile
+}
+
+// Name returns the session's name.
+func (s *Session) Name() string { return s.name }
+
+// IncRef takes a reference on the session's open file.
+func (s *Session) IncRef() { s.refs.Add(1) }
+
+// DecRef drops a reference; the last one releases the session.
+func (s *Session) DecRef() {
+	if s.refs.Add(-1) == 0 {
+		s.release()
+	}
+}
+
+// release mirrors luo_session_release. An outgoing session unpreserves
+// all its files, last preserved first, and goes away: a guest that closes
+// its session fd before the restart loses its preservations. A retrieved
+// incoming session is finished; if finishing fails it stays with LUO until
+// the next restart drops it.
+func (s *Session) release() {
+	l := s.luo
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s.incoming {
+		s.mu.Lock()
+		err := s.finishLocked()
+		s.mu.Unlock()
+		if err != nil {
+			return
+		}
+		l.removeLocked(&l.incoming, s)
+		if len(l.incoming) == 0 {
+			// Nothing handed over is reachable any more: whatever
+			// the previous sentry preserved and nobody restored is
+			// garbage.
+			l.kho.ReleaseUnrestored()
+		}
+		return
+	}
+	if l.serialized != nil {
+		// The files are frozen and their records written: the next
+		// sentry owns them. If the restart is aborted, Abort releases
+		// the session.
+		l.closedWhileSerialized = append(l.closedWhileSerialized, s)
+		return
+	}
+	s.mu.Lock()
+	s.unpreserveFilesLocked()
+	s.mu.Unlock()
+	l.removeLocked(&l.outgoing, s)
+}
+
+// Ioctl runs an ioctl on the session fd (luo_session_ioctl).
+func (s *Session) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
+	i, k, usize, err := decodeIoctl(sessionOps[:], abiluo.CmdSessionBase, cmd, arg)
+	if err != nil {
+		return nil, err
+	}
+	switch i {
+	case 0:
+		var a abiluo.SessionFD
+		if err := a.Decode(k); err != nil {
+			return nil, err
+		}
+		if err := s.preserveFD(fdt, a.Token, a.FD); err != nil {
+			return nil, err
+		}
+		return abiluo.Respond(k, usize), nil
+	case 1:
+		var a abiluo.SessionFD
+		if err := a.Decode(k); err != nil {
+			return nil, err
+		}
+		fd, err := s.retrieveFD(fdt, a.Token)
+		if err != nil {
+			return nil, err
+		}
+		a.FD = fd
+		if err := a.Encode(k); err != nil {
+			return nil, err
+		}
+		return abiluo.Respond(k, usize), nil
+	default:
+		if err := s.Finish(); err != nil {
+			return nil, err
+		}
+		return abiluo.Respond(k, usize), nil
+	}
+}
+
+// preserveFD mirrors luo_session_preserve_fd and luo_preserve_file: EEXIST
+// for a token in use in this session, ENOSPC for a full session, EBADF for
+// a bad fd, ENOENT if no handler can preserve the file, EBUSY if the file
+// is already preserved (in any session), or the handler's error. Preserving
+// into an incoming session is EINVAL (see docs/luo.md).
+func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
+	l := s.luo
+	l.mu.Lock()
+	serialized := l.serialized != nil
+	l.mu.Unlock()
+	if serialized {
+		return unix.EBUSY
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.incoming {
+		return unix.EINVAL
+	}
+	for _, f := range s.files {
+		if f.token == token {
+			return unix.EEXIST
+		}
+	}
+	if len(s.files) >= MaxFilesPerSession {
+		return unix.ENOSPC
+	}
+	file, err := fdt.FileFromFD(fd)
+	if err != nil {
+		return err
+	}
+	l.filesMu.Lock()
+	h := l.handlerForLocked(file)
+	if h == nil {
+		l.filesMu.Unlock()
+		file.DecRef()
+		return unix.ENOENT
+	}
+	if _, ok := l.preserved[file]; ok {
+		l.filesMu.Unlock()
+		file.DecRef()
+		return unix.EBUSY
+	}
+	l.preserved[file] = struct{}{}
+	l.filesMu.Unlock()
+
+	lf := &luoFile{token: token, handler: h, file: file}
+	args := FileOpArgs{Handler: h, File: file}
+	if err := h.Ops.Preserve(&args); err != nil {
+		l.filesMu.Lock()
+		delete(l.preserved, file)
+		l.filesMu.Unlock()
+		file.DecRef()
+		return err
+	}
+	lf.serializedData, lf.privateData = args.SerializedData, args.PrivateData
+	s.files = append(s.files, lf)
+	return nil
+}
+
+// unpreserveFilesLocked mirrors luo_file_unpreserve_files: every file is
+// unpreserved, last preserved first, and LUO drops its reference.
+//
+// Preconditions:
+//   - s.mu is locked.
+func (s *Session) unpreserveFilesLocked() {
+	for len(s.files) > 0 {
+		lf := s.files[len(s.files)-1]
+		s.files = s.files[:len(s.files)-1]
+		args := lf.args()
+		lf.handler.Ops.Unpreserve(&args)
+		s.luo.dropFile(lf.file)
+	}
+}
+
+// dropFile forgets a file LUO managed and drops LUO's reference.
+func (l *LUO) dropFile(f File) {
+	l.filesMu.Lock()
+	delete(l.preserved, f)
+	l.filesMu.Unlock()
+	f.DecRef()
+}
+
+// retrieveFD mirrors luo_session_retrieve_fd and luo_retrieve_file: ENOENT
+// for an unknown token; a file retrieved before is returned again (a new
+// fd to the same file); a retrieve that failed before fails again with the
+// same error without being retried. Retrieving from an outgoing session is
+// EINVAL (see docs/luo.md).
+func (s *Session) retrieveFD(fdt FDTable, token uint64) (int32, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.incoming {
+		return -1, unix.EINVAL
+	}
+	var lf *luoFile
+	for _, f := range s.files {
+		if f.token == token {
+			lf = f
+			break
+		}
+	}
+	if lf == nil {
+		return -1, unix.ENOENT
+	}
+	switch {
+	case lf.retrieveStatus < 0:
+		return -1, lf.retrieveErr
+	case lf.retrieveStatus == 0:
+		args := lf.args()
+		if err := lf.handler.Ops.Retrieve(&args); err != nil {
+			lf.retrieveStatus, lf.retrieveErr = -errnoOf(err), err
+			return -1, err
+		}
+		// LUO keeps the handler's reference until finish.
+		lf.file = args.File
+		lf.retrieveStatus = 1
+		s.luo.filesMu.Lock()
+		s.luo.preserved[lf.file] = struct{}{}
+		s.luo.filesMu.Unlock()
+	}
+	return fdt.InstallFD(lf.file, true)
+}
+
+// errnoOf returns the errno inside err, or EIO.
+func errnoOf(err error) int {
+	var e unix.Errno
+	if errors.As(err, &e) && e != 0 {
+		return int(e)
+	}
+	return int(unix.EIO)
+}
+
+// Finish mirrors LIVEUPDATE_SESSION_FINISH (luo_file_finish): every file's
+// CanFinish is asked first and any refusal fails the whole finish with
+// EBUSY, changing nothing; then every file is finished, last first,
+// including files never retrieved (their handler frees what they held),
+// and LUO drops its references. Finishing an empty session succeeds.
+// Finishing an outgoing session is EINVAL (see docs/luo.md).
+func (s *Session) Finish() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.incoming {
+		return unix.EINVAL
+	}
+	return s.finishLocked()
+}
+
+// Preconditions:
+//   - s.mu is locked.
+func (s *Session) finishLocked() error {
+	for _, lf := range s.files {
+		if lf.handler.Ops.CanFinish == nil {
+			continue
+		}
+		args := lf.args()
+		if !lf.handler.Ops.CanFinish(&args) {
+			return unix.EBUSY
+		}
+	}
+	for len(s.files) > 0 {
+		lf := s.files[len(s.files)-1]
+		s.files = s.files[:len(s.files)-1]
+		args := lf.args()
+		lf.handler.Ops.Finish(&args)
+		if lf.file != nil {
+			s.luo.dropFile(lf.file)
+		}
+	}
+	return nil
+}
