@@ -308,7 +308,7 @@ func TestLargeFolios(t *testing.T) {
 			wantBlocks: huge / 512,
 		},
 		{
-			name:       "punching a page out of a large folio splits it",
+			name: "punching a page out of a large folio splits it",
 			setup: func(t *testing.T, f *File) {
 				mustPwrite(t, f, pattern(huge, 2), 0)
 				if err := f.Fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 8192, 4096); err != nil {

@@ -2,6 +2,7 @@ package memfd
 
 import (
 	"errors"
+	"math/bits"
 
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
@@ -148,8 +149,12 @@ func notUptodate(e entry) bool { return !e.uptodate() }
 // allocHoleLocked allocates folios with the given flags for the pages
 // [first, end) of a hole and appends them to out as fresh segs: order 9 for
 // every aligned 2 MiB block that huge accepts (falling back to order 0 if no
-// such folio is free), order 0 elsewhere. It stops at the first page it
-// cannot allocate and returns ENOMEM with what it allocated so far.
+// such folio is free), order 0 elsewhere. Order-0 folios are taken a block
+// at a time (the largest power of two that fits, split into pages), which
+// costs two allocator calls instead of one per page and keeps them
+// contiguous in the memory file, so that a write fills them in one system
+// call. It stops at the first page it cannot allocate and returns ENOMEM
+// with what it allocated so far.
 //
 // Preconditions:
 //   - f.mu is locked exclusively.
@@ -163,15 +168,29 @@ func (f *File) allocHoleLocked(first, end uint64, huge func(block uint64) bool, 
 				continue
 			}
 		}
-		fo, err := f.mf.Allocate(0)
+		// Order-0 pages up to the next block that may be huge.
+		stop := min(end, (idx/hugePages+1)*hugePages)
+		order := min(bits.Len64(stop-idx)-1, hugeOrder-1)
+		var fo pgalloc.Folio
+		var err error
+		for ; order >= 0; order-- {
+			if fo, err = f.mf.Allocate(order); err == nil {
+				break
+			}
+		}
 		if err != nil {
 			if errors.Is(err, unix.ENOMEM) {
 				return out, unix.ENOMEM
 			}
 			return out, err
 		}
-		out = append(out, seg{e: makeEntry(idx, fo, flags), fresh: true})
-		idx++
+		if err := f.mf.Split(fo); err != nil {
+			panic("memfd: splitting a folio just allocated: " + err.Error())
+		}
+		for i := uint64(0); i < fo.Pages(); i++ {
+			out = append(out, seg{e: makeEntry(idx+i, pgalloc.Folio{PFN: fo.PFN + i}, flags), fresh: true})
+		}
+		idx += fo.Pages()
 	}
 	return out, nil
 }

@@ -1,0 +1,193 @@
+package memfd
+
+import (
+	"math/rand/v2"
+	"runtime"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// BenchmarkSequential writes and then reads 1 GiB in 1 MiB chunks with
+// Pwrite and Pread, and the same with pwrite(2) and pread(2) on a host memfd,
+// chunk by chunk in turn (alternating which goes first) so that both see
+// the same machine, and reports both throughputs and their ratio (ours /
+// host). Each iteration moves 4 GiB; run it with -benchtime=Nx.
+func BenchmarkSequential(b *testing.B) {
+	const total, chunk = 1 << 30, 1 << 20
+	mf := newTestMemoryFile(b, total+64<<20)
+	src := pattern(chunk, 5)
+	dst := make([]byte, chunk)
+	var ours, host [2]time.Duration // write, read
+	for i := 0; i < b.N; i++ {
+		f, err := Create(mf, "bench", 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		fd, err := unix.MemfdCreate("bench", 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		oursWrite := func(off int64) {
+			if n, err := f.Pwrite(src, off); n != chunk || err != nil {
+				b.Fatalf("Pwrite = %d, %v", n, err)
+			}
+		}
+		hostWrite := func(off int64) {
+			if n, err := unix.Pwrite(fd, src, off); n != chunk || err != nil {
+				b.Fatalf("pwrite = %d, %v", n, err)
+			}
+		}
+		oursRead := func(off int64) {
+			if n, err := f.Pread(dst, off); n != chunk || err != nil {
+				b.Fatalf("Pread = %d, %v", n, err)
+			}
+		}
+		hostRead := func(off int64) {
+			if n, err := unix.Pread(fd, dst, off); n != chunk || err != nil {
+				b.Fatalf("pread = %d, %v", n, err)
+			}
+		}
+		for phase, fns := range [2][2]func(int64){{oursWrite, hostWrite}, {oursRead, hostRead}} {
+			for off := int64(0); off < total; off += chunk {
+				first := int(off/chunk) % 2
+				for k := 0; k < 2; k++ {
+					side := first ^ k
+					t0 := time.Now()
+					fns[side](off)
+					if d := time.Since(t0); side == 0 {
+						ours[phase] += d
+					} else {
+						host[phase] += d
+					}
+				}
+			}
+		}
+		f.DecRef()
+		unix.Close(fd)
+		mf.Drain()
+	}
+	gibps := func(d time.Duration) float64 { return float64(b.N) / d.Seconds() }
+	b.ReportMetric(gibps(ours[0]), "write-GiB/s")
+	b.ReportMetric(gibps(host[0]), "host-write-GiB/s")
+	b.ReportMetric(host[0].Seconds()/ours[0].Seconds(), "write-ratio")
+	b.ReportMetric(gibps(ours[1]), "read-GiB/s")
+	b.ReportMetric(gibps(host[1]), "host-read-GiB/s")
+	b.ReportMetric(host[1].Seconds()/ours[1].Seconds(), "read-ratio")
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkRandomPread4K reads 4 KiB at random page-aligned offsets of a
+// fully written 256 MiB file: ours (Pread) and the host's pread(2) on a
+// memfd in the same run, reporting ns per read of each and their ratio.
+func BenchmarkRandomPread4K(b *testing.B) {
+	const size = 256 << 20
+	mf := newTestMemoryFile(b, size+64<<20)
+	f, err := Create(mf, "bench", 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.DecRef()
+	fd, err := unix.MemfdCreate("bench", 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	src := pattern(1<<20, 7)
+	for off := int64(0); off < size; off += 1 << 20 {
+		mustPwrite(b, f, src, off)
+		if _, err := unix.Pwrite(fd, src, off); err != nil {
+			b.Fatal(err)
+		}
+	}
+	offs := make([]int64, 4096)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range offs {
+		offs[i] = rng.Int64N(size/4096) * 4096
+	}
+	dst := make([]byte, 4096)
+	// Warm both (fault the memory file's mapping in, as a long-running
+	// sentry would have it).
+	for off := int64(0); off < size; off += 4096 {
+		f.Pread(dst, off)
+	}
+	b.ResetTimer()
+	// Alternate blocks of reads so that both sides see the same machine.
+	var ours, host time.Duration
+	for done := 0; done < b.N; {
+		n := min(len(offs), b.N-done)
+		t0 := time.Now()
+		for _, off := range offs[:n] {
+			if k, err := f.Pread(dst, off); k != 4096 || err != nil {
+				b.Fatalf("Pread = %d, %v", k, err)
+			}
+		}
+		t1 := time.Now()
+		for _, off := range offs[:n] {
+			if k, err := unix.Pread(fd, dst, off); k != 4096 || err != nil {
+				b.Fatalf("pread = %d, %v", k, err)
+			}
+		}
+		ours += t1.Sub(t0)
+		host += time.Since(t1)
+		done += n
+	}
+	b.ReportMetric(float64(ours.Nanoseconds())/float64(b.N), "ns/pread")
+	b.ReportMetric(float64(host.Nanoseconds())/float64(b.N), "host-ns/pread")
+	b.ReportMetric(host.Seconds()/ours.Seconds(), "speedup")
+	b.ReportMetric(0, "ns/op")
+}
+
+// pageCacheBytesPerFolio builds a page cache of n order-0 folios and
+// returns the Go heap it takes per folio.
+func pageCacheBytesPerFolio(tb testing.TB, n int) float64 {
+	mf := newTestMemoryFile(tb, uint64(n+1024)*4096)
+	f, err := Create(mf, "overhead", 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.DecRef()
+	// Have the memory file allocate its own page metadata first (8 bytes
+	// a page, per GiB of file): it is not the page cache's.
+	warm, err := mf.Allocate(0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer mf.DecRef(warm)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	// One byte in every other page, so that no folio is large and the
+	// pages are inserted one by one as a guest would.
+	for i := 0; i < n; i++ {
+		if _, err := f.Pwrite([]byte{1}, int64(i)*2*4096); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if got := f.Stat().Blocks; got != int64(n)*8 {
+		tb.Fatalf("%d blocks, want %d", got, n*8)
+	}
+	return float64(after.HeapAlloc-before.HeapAlloc) / float64(n)
+}
+
+// BenchmarkPageCacheOverhead reports the heap the page cache takes per
+// folio (the B-tree of 16-byte entries), measured with runtime.MemStats.
+func BenchmarkPageCacheOverhead(b *testing.B) {
+	var sum float64
+	for i := 0; i < b.N; i++ {
+		sum += pageCacheBytesPerFolio(b, 1<<18)
+	}
+	b.ReportMetric(sum/float64(b.N), "B/folio")
+	b.ReportMetric(0, "ns/op")
+}
+
+func TestPageCacheOverheadIsSmall(t *testing.T) {
+	got := pageCacheBytesPerFolio(t, 1<<16)
+	t.Logf("page cache overhead: %.1f bytes per folio", got)
+	if got > 40 {
+		t.Fatalf("page cache takes %.1f bytes per folio, want at most 40 (16-byte entries in a B-tree)", got)
+	}
+}
