@@ -104,6 +104,7 @@ func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64
 		f.UnpinFolios(folios)
 		return 0, fmt.Errorf("allocating the folio array (%d folios): %w", len(folios), err)
 	}
+	h.makeUptodateDirtyLocked(f, folios)
 	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
 	i := 0
 	for ; i < len(folios); i++ {
@@ -135,6 +136,35 @@ func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64
 	}
 	pf.folios, pf.array = folios, array
 	return uint64(len(folios)), nil
+}
+
+// makeUptodateDirtyLocked zeroes every pinned folio that is not uptodate
+// (fallocated and never written) and marks every folio uptodate and dirty,
+// so that the flags recorded now stay true whatever is written before the
+// restart. This follows the 2026 upstream patches "memfd_luo: always make
+// all folios uptodate" and "always dirty all folios" rather than the v6.19
+// seed, which records the flags as they are at preserve: a folio fallocated,
+// preserved and then written would come back not uptodate, and read as
+// zeros (the luo_memfd selftest fallocate_memfd).
+//
+// Preconditions:
+//   - f.Lock is held and folios were returned by f.PinFolios.
+func (h *luoHandler) makeUptodateDirtyLocked(f *File, folios []CacheFolio) {
+	for i := range folios {
+		c := &folios[i]
+		if c.Uptodate && c.Dirty {
+			continue
+		}
+		e, ok := f.findLocked(c.Index)
+		if !ok || e.folio() != c.Folio {
+			panic(fmt.Sprintf("memfd: pinned folio %v at index %#x is not in the page cache", c.Folio, c.Index))
+		}
+		if !c.Uptodate {
+			clear(h.mf.Bytes(c.Folio))
+		}
+		f.cache.ReplaceOrInsert(e.withFlags(flagDirty | flagUptodate))
+		c.Dirty, c.Uptodate = true, true
+	}
 }
 
 // unpreserveFolios mirrors memfd_luo_unpreserve_folios.
