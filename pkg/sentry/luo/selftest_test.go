@@ -6,7 +6,7 @@ package luo_test
 import (
 	"bytes"
 	"fmt"
-		"testing"
+	"testing"
 
 	"golang.org/x/sys/unix"
 )
