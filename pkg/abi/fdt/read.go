@@ -66,7 +66,7 @@ func Parse(blob []byte, maxSize int) (*Node, error) {
 	if h.Magic != Magic {
 		return nil, bad("header magic %#x, want %#x", h.Magic, Magic)
 	}
-	limit := uint64(min(len(blob), maxSize))
+	limit := uint64(max(0, min(len(blob), maxSize)))
 	total := uint64(h.TotalSize)
 	if total < HeaderSize || total > limit {
 		return nil, bad("header totalsize %d outside [%d, %d]", total, HeaderSize, limit)
