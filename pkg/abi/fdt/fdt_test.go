@@ -141,6 +141,7 @@ func TestParseRejectsMalformedBlobs(t *testing.T) {
 		{"a wrong magic is rejected", mutate(blob, func(b []byte) { b[0] = 0 }), 4096, "magic"},
 		{"a totalsize beyond the blob is rejected", mutate(blob, func(b []byte) { be32(b, 4, uint32(len(b)+1)) }), 4096, "totalsize"},
 		{"a totalsize beyond the limit is rejected", blob, len(blob) - 1, "totalsize"},
+		{"a negative limit accepts nothing", blob, -1, "totalsize"},
 		{"an old version is rejected", mutate(blob, func(b []byte) { be32(b, 20, 16) }), 4096, "version"},
 		{"a future last compatible version is rejected", mutate(blob, func(b []byte) { be32(b, 24, 18) }), 4096, "version"},
 		{"a structure block past the end is rejected", mutate(blob, func(b []byte) { be32(b, 36, 1<<30) }), 4096, "size_dt_struct"},
