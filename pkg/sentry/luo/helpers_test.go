@@ -308,3 +308,12 @@ func randomFill(b []byte, seed uint64) {
 	c := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)})
 	_, _ = c.Read(b)
 }
+
+func ingest(tb testing.TB, mf *pgalloc.MemoryFile, root uint64) *kho.KHO {
+	tb.Helper()
+	k, err := kho.Ingest(mf, root)
+	if err != nil {
+		tb.Fatalf("kho ingest: %v", err)
+	}
+	return k
+}
