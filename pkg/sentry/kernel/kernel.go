@@ -1,0 +1,347 @@
+// Package kernel is the sentry: the memory file, KHO and LUO (with the memfd
+// file handler registered), guest processes with their fd tables, and the
+// dispatcher of guest calls.
+//
+// A Kernel is made by a cold boot (New: a fresh memory file) or a
+// live-update boot (NewFromHandover: the memory file and KHO root the
+// previous sentry handed over). Guests reach it through Serve, one
+// connection per guest process (see pkg/abi/guest for the wire format).
+//
+// A live restart drives a Kernel through these steps, mirroring Linux's
+// reboot(KEXEC) path: Pause (stop dispatching guest calls; guests stay
+// connected and their fds stay open, so no outgoing LUO session is closed),
+// PrepareHandover (LUO serialize, i.e. freeze, then KHO finalize), then
+// either Handoff (the next sentry acknowledged: forget every guest without
+// running any release path, since the state now belongs to the next sentry)
+// or AbortHandover and Resume (the restart was refused: unfreeze, discard
+// the finalize output, go on serving).
+//
+// Lock order: Kernel.gate → Kernel.mu → FDTable.mu; files' own locks are
+// taken by the calls with none of these held except gate (shared).
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/kho"
+	"github.com/livesentry/livesentry/pkg/sentry/luo"
+	"github.com/livesentry/livesentry/pkg/sentry/memfd"
+)
+
+// Options configures a Kernel.
+type Options struct {
+	// MemorySize is the size of the memory file of a cold boot, in bytes;
+	// 0 means pgalloc.DefaultSize.
+	MemorySize uint64
+	// Logf, if not nil, receives one line per notable event (a guest
+	// connecting or dropped for a malformed frame).
+	Logf func(format string, args ...any)
+}
+
+// Kernel is one sentry's state. It is safe for concurrent use.
+type Kernel struct {
+	mf   *pgalloc.MemoryFile
+	kho  *kho.KHO
+	luo  *luo.LUO
+	logf func(format string, args ...any)
+
+	// gate is held shared by every guest call while it runs and
+	// exclusively by Pause, so that a paused kernel runs no call.
+	gate sync.RWMutex
+
+	mu sync.Mutex
+
+	// procs are the connected guest processes.
+	//
+	// +checklocks:mu
+	procs map[*Process]struct{}
+
+	// paused is set between Pause and Resume.
+	//
+	// +checklocks:mu
+	paused bool
+
+	// handedOver is set by Handoff: the state belongs to the next sentry
+	// and no guest's exit may release anything.
+	//
+	// +checklocks:mu
+	handedOver bool
+
+	// lastID numbers guest processes.
+	//
+	// +checklocks:mu
+	lastID uint64
+}
+
+// BootTiming is how long each step of a live-update boot took.
+type BootTiming struct {
+	// Map is pgalloc.Open: mapping the memory file.
+	Map time.Duration
+	// Ingest is kho.Ingest: validating the KHO root and map and adopting
+	// the preserved folios (pgalloc.Adopt runs inside it).
+	Ingest time.Duration
+	// LUO is luo.New, registering the memfd handler and luo.Deserialize.
+	LUO time.Duration
+}
+
+// New boots a sentry cold: a fresh memory file of opts.MemorySize bytes,
+// a fresh KHO, and LUO with the memfd handler registered.
+func New(opts Options) (*Kernel, error) {
+	mf, err := pgalloc.New(pgalloc.Options{Size: opts.MemorySize})
+	if err != nil {
+		return nil, fmt.Errorf("creating the memory file: %w", err)
+	}
+	k, err := kho.New(mf)
+	if err != nil {
+		mf.Close()
+		return nil, fmt.Errorf("starting KHO: %w", err)
+	}
+	l := luo.New(k)
+	if err := l.RegisterFileHandler(memfd.NewLUOHandler(mf, k)); err != nil {
+		mf.Close()
+		return nil, fmt.Errorf("registering the memfd LUO handler: %w", err)
+	}
+	return newKernel(mf, k, l, opts), nil
+}
+
+// NewFromHandover boots a sentry from what the previous one handed over:
+// file is the memory file (NewFromHandover takes ownership of it) and root
+// the byte address of the KHO root in it. It maps the file, ingests the KHO
+// handover (which adopts the preserved folios), and deserializes LUO with
+// the memfd handler registered. Any error — an unknown compatible string, a
+// corrupt record — refuses the handover: the error names what was wrong,
+// and the caller must exit without touching the file further so that the
+// previous sentry can take it back.
+//
+// Releases stay held (pgalloc.MemoryFile.HoldReleases) so that nothing the
+// previous sentry still uses is scrubbed in the background; the caller
+// calls Commit once the previous sentry has been told the handover is
+// accepted.
+func NewFromHandover(file *os.File, root uint64, opts Options) (*Kernel, BootTiming, error) {
+	var bt BootTiming
+	t0 := time.Now()
+	mf, err := pgalloc.Open(file, pgalloc.Options{})
+	if err != nil {
+		file.Close()
+		return nil, bt, fmt.Errorf("mapping the memory file: %w", err)
+	}
+	mf.HoldReleases()
+	t1 := time.Now()
+	bt.Map = t1.Sub(t0)
+	k, err := kho.Ingest(mf, root)
+	if err != nil {
+		mf.Close()
+		return nil, bt, err
+	}
+	t2 := time.Now()
+	bt.Ingest = t2.Sub(t1)
+	l := luo.New(k)
+	if err := l.RegisterFileHandler(memfd.NewLUOHandler(mf, k)); err != nil {
+		mf.Close()
+		return nil, bt, fmt.Errorf("registering the memfd LUO handler: %w", err)
+	}
+	if err := l.Deserialize(); err != nil {
+		mf.Close()
+		return nil, bt, fmt.Errorf("deserializing LUO: %w", err)
+	}
+	bt.LUO = time.Since(t2)
+	return newKernel(mf, k, l, opts), bt, nil
+}
+
+func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Kernel {
+	logf := opts.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	return &Kernel{mf: mf, kho: k, luo: l, logf: logf, procs: make(map[*Process]struct{})}
+}
+
+// Commit ends the quarantine of a live-update boot: the previous sentry
+// has been told the handover is accepted, so the memory it did not
+// preserve may now be scrubbed in the background.
+func (k *Kernel) Commit() { k.mf.ResumeReleases() }
+
+// MemoryFile returns the kernel's memory file.
+func (k *Kernel) MemoryFile() *pgalloc.MemoryFile { return k.mf }
+
+// KHO returns the kernel's KHO state.
+func (k *Kernel) KHO() *kho.KHO { return k.kho }
+
+// LUO returns the kernel's LUO.
+func (k *Kernel) LUO() *luo.LUO { return k.luo }
+
+// Serve accepts guest connections on l until l is closed, serving each in
+// its own goroutine. It returns nil when l was closed.
+func (k *Kernel) Serve(l *net.UnixListener) error {
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("accepting a guest: %w", err)
+		}
+		go k.ServeConn(c)
+	}
+}
+
+// ServeConn serves one guest process on c until it disconnects, breaks
+// the protocol or the kernel hands over; then it closes c. Unless the
+// kernel has handed over, the process's fds are closed as by its exit.
+func (k *Kernel) ServeConn(c *net.UnixConn) {
+	p := k.newProcess(c)
+	if p == nil {
+		c.Close()
+		return
+	}
+	p.serve()
+}
+
+// Pause stops dispatching guest calls: it waits for calls in progress to
+// finish and holds new ones until Resume. Guests stay connected and their
+// fds stay open. Pausing a paused kernel does nothing.
+func (k *Kernel) Pause() {
+	k.mu.Lock()
+	if k.paused {
+		k.mu.Unlock()
+		return
+	}
+	k.paused = true
+	k.mu.Unlock()
+	k.gate.Lock()
+}
+
+// Resume undoes Pause.
+func (k *Kernel) Resume() {
+	k.mu.Lock()
+	if !k.paused {
+		k.mu.Unlock()
+		return
+	}
+	k.paused = false
+	k.mu.Unlock()
+	k.gate.Unlock()
+}
+
+// HandoverTiming is how long each step of PrepareHandover took.
+type HandoverTiming struct {
+	// Freeze is luo.Serialize: freezing every preserved file and writing
+	// LUO's records.
+	Freeze time.Duration
+	// Finalize is kho.Finalize: writing the preserved-memory map.
+	Finalize time.Duration
+}
+
+// Handover is what the next sentry needs besides the memory file.
+type Handover struct {
+	// Root is the byte address of the KHO root in the memory file.
+	Root uint64
+	// LiveupdateNumber is LUO's liveupdate number of this sentry.
+	LiveupdateNumber uint64
+}
+
+// PrepareHandover makes the kernel's state ready to cross a restart, the
+// part of Linux's liveupdate_reboot that runs in the old kernel: LUO
+// serialize (freeze every preserved file, write the records) and KHO
+// finalize. The kernel must be paused. It also holds the memory file's
+// background releases, so that nothing is punched out of the file once it
+// is handed over. On error everything is rolled back and the kernel can be
+// resumed.
+func (k *Kernel) PrepareHandover() (Handover, HandoverTiming, error) {
+	var ht HandoverTiming
+	k.mu.Lock()
+	paused := k.paused
+	k.mu.Unlock()
+	if !paused {
+		return Handover{}, ht, fmt.Errorf("preparing a handover: the kernel is not paused")
+	}
+	t0 := time.Now()
+	if err := k.luo.Serialize(); err != nil {
+		return Handover{}, ht, fmt.Errorf("LUO freeze: %w", err)
+	}
+	t1 := time.Now()
+	ht.Freeze = t1.Sub(t0)
+	if err := k.kho.Finalize(); err != nil {
+		k.luo.Abort()
+		return Handover{}, ht, fmt.Errorf("KHO finalize: %w", err)
+	}
+	ht.Finalize = time.Since(t1)
+	k.mf.HoldReleases()
+	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber()}, ht, nil
+}
+
+// AbortHandover rolls back a successful PrepareHandover whose restart was
+// refused: it discards KHO's finalize output, unfreezes LUO's files and
+// lets the memory file release again. The kernel is still paused.
+func (k *Kernel) AbortHandover() error {
+	err := k.kho.Abort()
+	k.luo.Abort()
+	k.mf.ResumeReleases()
+	if err != nil {
+		return fmt.Errorf("KHO abort: %w", err)
+	}
+	return nil
+}
+
+// Handoff forgets every guest process after the next sentry has
+// acknowledged the handover: their connections are closed, their fd tables
+// emptied without dropping a reference (so no LUO session is closed and
+// nothing is unpreserved or freed), and no guest call runs again. The
+// kernel must be paused; it stays paused for good.
+func (k *Kernel) Handoff() {
+	k.mu.Lock()
+	k.handedOver = true
+	procs := make([]*Process, 0, len(k.procs))
+	for p := range k.procs {
+		procs = append(procs, p)
+	}
+	k.mu.Unlock()
+	for _, p := range procs {
+		p.fdt.drop()
+		p.conn.Close()
+	}
+}
+
+// Shutdown closes every guest connection (their fds are closed as by
+// process exit, unless the kernel has handed over) and then the memory
+// file. The kernel must not be used afterwards.
+func (k *Kernel) Shutdown() {
+	k.mu.Lock()
+	procs := make([]*Process, 0, len(k.procs))
+	for p := range k.procs {
+		procs = append(procs, p)
+	}
+	handedOver := k.handedOver
+	k.mu.Unlock()
+	if handedOver {
+		// Calls held by the pause never run; the memory file is the next
+		// sentry's, so it is only unmapped.
+		k.mf.Close()
+		return
+	}
+	k.Resume()
+	for _, p := range procs {
+		p.conn.Close()
+	}
+	for _, p := range procs {
+		<-p.done
+	}
+	k.mf.Close()
+}
+
+// Guests returns the number of connected guest processes.
+func (k *Kernel) Guests() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.procs)
+}

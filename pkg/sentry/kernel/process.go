@@ -1,0 +1,238 @@
+package kernel
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// handshakeTimeout bounds how long a new connection may take to send
+	// its Hello.
+	handshakeTimeout = 10 * time.Second
+	// transferTimeout bounds each read of a request's payload and each
+	// write of a response once a call has started: a guest that stalls
+	// mid-call holds the pause of a restart, so it is dropped instead.
+	transferTimeout = 10 * time.Second
+)
+
+// Process is a guest process: one connection of the guest socket and its fd
+// table.
+type Process struct {
+	k    *Kernel
+	id   uint64
+	conn *net.UnixConn
+	r    *bufio.Reader
+	fdt  *FDTable
+	// pid is the host pid of the peer (SO_PEERCRED), 0 if unknown.
+	pid int32
+	// done is closed when serve has returned.
+	done chan struct{}
+}
+
+// newProcess registers a process for c, or returns nil if the kernel has
+// handed over.
+func (k *Kernel) newProcess(c *net.UnixConn) *Process {
+	p := &Process{
+		k:    k,
+		conn: c,
+		r:    bufio.NewReaderSize(c, 64<<10),
+		fdt:  &FDTable{},
+		done: make(chan struct{}),
+	}
+	if raw, err := c.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) {
+			if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+				p.pid = cred.Pid
+			}
+		})
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.handedOver {
+		return nil
+	}
+	k.lastID++
+	p.id = k.lastID
+	k.procs[p] = struct{}{}
+	return p
+}
+
+// FDTable returns the process's fd table.
+func (p *Process) FDTable() *FDTable { return p.fdt }
+
+// errFatal marks an error after which the connection is closed.
+type errFatal struct{ err error }
+
+func (e errFatal) Error() string { return e.err.Error() }
+func (e errFatal) Unwrap() error { return e.err }
+
+// serve runs the process until its connection ends.
+func (p *Process) serve() {
+	k := p.k
+	defer func() {
+		k.mu.Lock()
+		delete(k.procs, p)
+		handedOver := k.handedOver
+		k.mu.Unlock()
+		if !handedOver {
+			// The guest process is gone: close its fds as exit does.
+			p.fdt.CloseAll()
+		}
+		p.conn.Close()
+		close(p.done)
+	}()
+	if err := p.handshake(); err != nil {
+		k.logf("guest %d (pid %d): handshake: %v", p.id, p.pid, err)
+		return
+	}
+	var hb [abiguest.RequestHeaderSize]byte
+	for {
+		p.conn.SetReadDeadline(time.Time{})
+		if _, err := io.ReadFull(p.r, hb[:]); err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				k.logf("guest %d (pid %d): reading a request: %v", p.id, p.pid, err)
+			}
+			return
+		}
+		h, err := abiguest.DecodeRequestHeader(hb[:])
+		if err != nil {
+			k.logf("guest %d (pid %d): malformed frame: %v", p.id, p.pid, err)
+			p.fatal(err.Error())
+			return
+		}
+		if err := p.call(&h); err != nil {
+			k.logf("guest %d (pid %d): %s: %v", p.id, p.pid, h.Op, err)
+			var fe errFatal
+			if errors.As(err, &fe) {
+				p.fatal(fe.Error())
+			}
+			return
+		}
+	}
+}
+
+// handshake exchanges Hellos.
+func (p *Process) handshake() error {
+	var b [abiguest.HelloSize]byte
+	p.conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	if _, err := io.ReadFull(p.r, b[:]); err != nil {
+		return fmt.Errorf("reading hello: %w", err)
+	}
+	h, err := abiguest.DecodeHello(b[:])
+	if err != nil {
+		p.fatal(err.Error())
+		return err
+	}
+	reply := abiguest.Hello{Version: abiguest.Version}
+	if h.Version != abiguest.Version {
+		reply.Errno = uint32(unix.EPROTONOSUPPORT)
+	}
+	reply.Encode(b[:])
+	p.conn.SetWriteDeadline(time.Now().Add(transferTimeout))
+	if _, err := p.conn.Write(b[:]); err != nil {
+		return fmt.Errorf("writing hello: %w", err)
+	}
+	if reply.Errno != 0 {
+		return fmt.Errorf("guest speaks protocol version %d, this sentry %d", h.Version, abiguest.Version)
+	}
+	return nil
+}
+
+// call runs one request: it holds the gate shared, so a paused kernel
+// runs no call, dispatches, drains whatever payload the call did not
+// consume and writes the result frame. An error return ends the
+// connection.
+func (p *Process) call(h *abiguest.RequestHeader) error {
+	k := p.k
+	k.gate.RLock()
+	defer k.gate.RUnlock()
+	k.mu.Lock()
+	handedOver := k.handedOver
+	k.mu.Unlock()
+	if handedOver {
+		return errors.New("the sentry has handed over")
+	}
+	p.conn.SetDeadline(time.Now().Add(transferTimeout))
+	c := syscall{p: p, h: h, left: int64(h.DataLen)}
+	res, reply, err := c.dispatch()
+	if c.broken != nil {
+		return c.broken
+	}
+	if c.left > 0 {
+		if _, derr := io.CopyN(io.Discard, p.r, c.left); derr != nil {
+			return fmt.Errorf("skipping %d payload bytes: %w", c.left, derr)
+		}
+	}
+	rh := abiguest.ResponseHeader{Kind: abiguest.KindResult, Result: res}
+	if err != nil {
+		var errno unix.Errno
+		if !errors.As(err, &errno) {
+			k.logf("guest %d (pid %d): %s: internal error answered with EIO: %v", p.id, p.pid, h.Op, err)
+			errno = unix.EIO
+		}
+		rh.Errno, rh.Result, reply = uint32(errno), -1, nil
+	}
+	if len(reply) > abiguest.MaxReplyPayload {
+		return fmt.Errorf("reply of %d bytes exceeds the protocol's %d", len(reply), abiguest.MaxReplyPayload)
+	}
+	rh.Len = uint32(len(reply))
+	b := make([]byte, abiguest.ResponseHeaderSize+len(reply))
+	rh.Encode(b)
+	copy(b[abiguest.ResponseHeaderSize:], reply)
+	if _, err := p.conn.Write(b); err != nil {
+		return fmt.Errorf("writing the result: %w", err)
+	}
+	return nil
+}
+
+// fatal sends a KindFatal frame carrying msg; errors are ignored since the
+// connection is closed next.
+func (p *Process) fatal(msg string) {
+	if len(msg) > abiguest.MaxReplyPayload {
+		msg = msg[:abiguest.MaxReplyPayload]
+	}
+	rh := abiguest.ResponseHeader{Kind: abiguest.KindFatal, Len: uint32(len(msg))}
+	b := make([]byte, abiguest.ResponseHeaderSize+len(msg))
+	rh.Encode(b)
+	copy(b[abiguest.ResponseHeaderSize:], msg)
+	p.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	p.conn.Write(b)
+}
+
+// dataWriter sends what is written to it as data frames, each one writev
+// of a header and the caller's bytes (slices of the memory file), so file
+// contents are not copied on their way to the socket.
+type dataWriter struct {
+	p   *Process
+	hdr [abiguest.ResponseHeaderSize]byte
+	err error
+}
+
+// Write implements io.Writer.
+func (w *dataWriter) Write(b []byte) (int, error) {
+	if w.err != nil {
+		return 0, w.err
+	}
+	n := 0
+	for len(b) > 0 {
+		chunk := b[:min(len(b), 1<<30)]
+		rh := abiguest.ResponseHeader{Kind: abiguest.KindData, Len: uint32(len(chunk))}
+		rh.Encode(w.hdr[:])
+		w.p.conn.SetWriteDeadline(time.Now().Add(transferTimeout))
+		bufs := net.Buffers{w.hdr[:], chunk}
+		if _, err := bufs.WriteTo(w.p.conn); err != nil {
+			w.err = err
+			return n, err
+		}
+		n += len(chunk)
+		b = b[len(chunk):]
+	}
+	return n, nil
+}

@@ -1,0 +1,138 @@
+package kernel
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/livesentry/livesentry/pkg/guest"
+	"golang.org/x/sys/unix"
+)
+
+// preserveOne has g create a memfd with contents data and preserve it in a
+// new session name under token; it returns the session fd and the memfd.
+func preserveOne(t *testing.T, g *guest.Conn, dev int, name string, token uint64, data []byte) (sess, fd int) {
+	t.Helper()
+	fd = mustFD(t)(g.MemfdCreate(name, 0))
+	if _, err := g.Write(fd, data); err != nil {
+		t.Fatal(err)
+	}
+	sess = mustFD(t)(g.CreateSession(dev, name))
+	if err := g.PreserveFD(sess, fd, token); err != nil {
+		t.Fatalf("PreserveFD: %v", err)
+	}
+	return sess, fd
+}
+
+// restartInProcess hands s's kernel over to a new kernel in the same
+// process, as a transfer-mode restart does across processes.
+func restartInProcess(t *testing.T, s *sandbox) *sandbox {
+	t.Helper()
+	s.k.Pause()
+	h, _, err := s.k.PrepareHandover()
+	if err != nil {
+		t.Fatalf("PrepareHandover: %v", err)
+	}
+	file, err := s.k.MemoryFile().DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, _, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf})
+	if err != nil {
+		t.Fatalf("NewFromHandover: %v", err)
+	}
+	s.k.Handoff()
+	k2.Commit()
+	if got := k2.LUO().LiveupdateNumber(); got != h.LiveupdateNumber+1 {
+		t.Errorf("liveupdate number after the restart: %d, want %d", got, h.LiveupdateNumber+1)
+	}
+	s2 := startKernel(t, k2)
+	t.Cleanup(k2.Shutdown)
+	return s2
+}
+
+func TestRestartInProcessKeepsPreservedMemfds(t *testing.T) {
+	s := newSandbox(t)
+	g := s.dial(t)
+	dev := mustFD(t)(g.OpenLiveUpdate())
+	rng := rand.NewChaCha8([32]byte{7})
+	contents := map[string][]byte{}
+	for i, n := range []int{1, 3 << 20, 12345} {
+		name := []string{"a", "b", "c"}[i]
+		contents[name] = make([]byte, n)
+		rng.Read(contents[name])
+		preserveOne(t, g, dev, name, uint64(i+1), contents[name])
+	}
+	// A memfd that is not preserved does not cross.
+	mustFD(t)(g.MemfdCreate("lost", 0))
+
+	s2 := restartInProcess(t, s)
+	if _, err := g.Write(0, []byte("x")); err == nil || guest.IsErrno(err) {
+		t.Fatalf("a guest of the old kernel could still call after the handoff (err %v)", err)
+	}
+	g2 := s2.dial(t)
+	dev2 := mustFD(t)(g2.OpenLiveUpdate())
+	for i, name := range []string{"a", "b", "c"} {
+		sess := mustFD(t)(g2.RetrieveSession(dev2, name))
+		fd := mustFD(t)(g2.RetrieveFD(sess, uint64(i+1)))
+		want := contents[name]
+		got := make([]byte, len(want)+1)
+		n, err := g2.Pread(fd, got, 0)
+		if err != nil || n != len(want) || !bytes.Equal(got[:n], want) {
+			t.Fatalf("memfd %q after the restart: %d bytes (want %d), %v, equal %v", name, n, len(want), err, bytes.Equal(got[:n], want))
+		}
+		if off, _ := g2.Seek(fd, 0, unix.SEEK_CUR); off != int64(len(want)) {
+			t.Errorf("memfd %q position: %d, want %d", name, off, len(want))
+		}
+		if err := g2.FinishSession(sess); err != nil {
+			t.Fatalf("FinishSession: %v", err)
+		}
+	}
+	if _, err := g2.RetrieveSession(dev2, "lost"); !errors.Is(err, unix.ENOENT) {
+		t.Fatalf("retrieving a session never created: %v, want ENOENT", err)
+	}
+}
+
+func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
+	s := newSandbox(t)
+	g := s.dial(t)
+	dev := mustFD(t)(g.OpenLiveUpdate())
+	data := bytes.Repeat([]byte("abcd"), 3000)
+	_, fd := preserveOne(t, g, dev, "s", 1, data)
+	s.k.Pause()
+	if _, _, err := s.k.PrepareHandover(); err != nil {
+		t.Fatal(err)
+	}
+	st := s.k.LUO().Status()
+	if len(st.Sessions) != 1 || len(st.Sessions[0].Files) != 1 || st.Sessions[0].Files[0].State != "frozen" {
+		t.Fatalf("LUO status after PrepareHandover: %+v; want one frozen file", st)
+	}
+	if err := s.k.AbortHandover(); err != nil {
+		t.Fatal(err)
+	}
+	s.k.Resume()
+	st = s.k.LUO().Status()
+	if len(st.Sessions) != 1 || len(st.Sessions[0].Files) != 1 || st.Sessions[0].Files[0].State != "preserved" {
+		t.Fatalf("LUO status after AbortHandover: %+v; want the file preserved and unfrozen", st)
+	}
+	// The guest goes on: an in-place write (a preserved memfd's size is
+	// fixed from preserve on, as in Linux) reaches the next restart.
+	if _, err := g.Pwrite(fd, []byte("more"), 100); err != nil {
+		t.Fatalf("write after the abort: %v", err)
+	}
+	if _, err := g.Pwrite(fd, []byte("x"), int64(len(data))); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("growing write to a preserved memfd: %v, want EPERM", err)
+	}
+	copy(data[100:], "more")
+	// And a later restart carries the session.
+	s2 := restartInProcess(t, s)
+	g2 := s2.dial(t)
+	dev2 := mustFD(t)(g2.OpenLiveUpdate())
+	sess := mustFD(t)(g2.RetrieveSession(dev2, "s"))
+	fd2 := mustFD(t)(g2.RetrieveFD(sess, 1))
+	got := make([]byte, len(data))
+	if n, err := g2.Pread(fd2, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("after abort and restart: %d bytes, %v", n, err)
+	}
+}
