@@ -876,3 +876,25 @@ func TestConcurrentUse(t *testing.T) {
 		t.Fatalf("%d blocks after truncating to 0", st.Blocks)
 	}
 }
+
+func TestReadsAndWritesDoNotAllocatePerPage(t *testing.T) {
+	mf := newTestMemoryFile(t, 64<<20)
+	f := newTestFile(t, mf, 0)
+	mustPwrite(t, f, make([]byte, 4<<20), 0)
+	buf := make([]byte, 1<<20)
+	for _, tc := range []struct {
+		name string
+		op   func()
+	}{
+		{name: "a 1 MiB pread allocates once at most", op: func() { f.Pread(buf, 4096) }},
+		{name: "a 4 KiB pread allocates once at most", op: func() { f.Pread(buf[:4096], 7*4096) }},
+		{name: "a 1 MiB pwrite over cached pages allocates once at most", op: func() { f.Pwrite(buf, 4096) }},
+		{name: "a 1 MiB streamed read allocates a few times at most", op: func() { f.ReadToAt(io.Discard, 1<<20, 4096) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if n := testing.AllocsPerRun(50, tc.op); n > 2 {
+				t.Fatalf("%.0f allocations per call, want at most 2 (none per page)", n)
+			}
+		})
+	}
+}
