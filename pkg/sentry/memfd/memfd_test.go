@@ -898,3 +898,21 @@ func TestReadsAndWritesDoNotAllocatePerPage(t *testing.T) {
 		})
 	}
 }
+
+func TestTruncateToTheSameSizeFreesPagesPastTheEnd(t *testing.T) {
+	mf := newTestMemoryFile(t, 64<<20)
+	f := newTestFile(t, mf, 0)
+	must(t, f.Truncate(5000))
+	mustPwrite(t, f, []byte("abc"), 0)
+	must(t, f.Fallocate(unix.FALLOC_FL_KEEP_SIZE, 100000, 4096))
+	if got := f.Stat().Blocks; got != 24 {
+		t.Fatalf("st_blocks = %d before truncating, want 24", got)
+	}
+	must(t, f.Truncate(5000))
+	if got := f.Stat().Blocks; got != 8 {
+		t.Fatalf("st_blocks = %d after truncating to the same size, want 8 (as on Linux)", got)
+	}
+	if got := readAll(t, f, 0, 3); string(got) != "abc" {
+		t.Fatalf("contents %q", got)
+	}
+}
