@@ -1,0 +1,140 @@
+package handover
+
+import (
+	"encoding/binary"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func goodDescriptor() Descriptor {
+	return Descriptor{
+		Protocol: ProtocolVersion, Mode: ModeTransfer, Version: "v1", Root: 0x5000, LiveupdateNumber: 3,
+		MemorySize: 64 << 20, Compatibles: []string{"kho-v1", "memfd-v1"},
+		Files:    Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2},
+		PausedAt: 100, SentAt: 200,
+	}
+}
+
+func known(s string) bool { return s == "kho-v1" || s == "memfd-v1" }
+
+func TestValidateRejectsEachBadField(t *testing.T) {
+	tests := []struct {
+		name   string
+		modify func(d *Descriptor)
+		want   string
+	}{
+		{"a good descriptor passes", func(d *Descriptor) {}, ""},
+		{"another protocol version is refused", func(d *Descriptor) { d.Protocol = 2 }, "protocol 2"},
+		{"an unknown mode is refused", func(d *Descriptor) { d.Mode = "teleport" }, `mode "teleport"`},
+		{"a zero root is refused", func(d *Descriptor) { d.Root = 0 }, "root 0x0"},
+		{"an unaligned root is refused", func(d *Descriptor) { d.Root = 0x5008 }, "root 0x5008"},
+		{"a root beyond the memory file is refused", func(d *Descriptor) { d.Root = 128 << 20 }, "memory size"},
+		{"an unknown compatible is refused", func(d *Descriptor) { d.Compatibles = append(d.Compatibles, "memfd-v9") }, `unknown compatible "memfd-v9"`},
+		{"a file index beyond the files received is refused", func(d *Descriptor) { d.Files.ControlListener = 3 }, "files.control_listener = 3"},
+		{"two roles on one file are refused", func(d *Descriptor) { d.Files.GuestListener = 0 }, "files.memory_file and files.guest_listener"},
+		{"an exec descriptor naming stdio is refused", func(d *Descriptor) { d.Mode = ModeExec; d.Files = Files{2, 10, 11} }, "files.memory_file = 2"},
+		{"a pid 1 old guest is refused", func(d *Descriptor) { d.OldGuests = []int{1} }, "old guest pid 1"},
+		{"times going backwards are refused", func(d *Descriptor) { d.SentAt = 50 }, "monotonic"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := goodDescriptor()
+			tc.modify(&d)
+			err := d.Validate(3, known)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate: %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestChannelCarriesDescriptorAndFiles(t *testing.T) {
+	a, peer, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	fd, err := unix.MemfdCreate("handover-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := os.NewFile(uintptr(fd), "mem")
+	defer mem.Close()
+	mem.WriteString("contents")
+	d := goodDescriptor()
+	d.Files = Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2}
+	if err := a.Send(&d, mem, mem, mem); err != nil {
+		t.Fatal(err)
+	}
+	var got Descriptor
+	files, err := b.Recv(&got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) != 3 || got.Root != d.Root || got.LiveupdateNumber != 3 {
+		t.Fatalf("got %+v with %d files", got, len(files))
+	}
+	buf := make([]byte, 8)
+	if n, err := files[0].ReadAt(buf, 0); string(buf[:n]) != "contents" {
+		t.Fatalf("received memfd reads %q, %v", buf[:n], err)
+	}
+	if fl, _ := unix.FcntlInt(files[0].Fd(), unix.F_GETFD, 0); fl&unix.FD_CLOEXEC == 0 {
+		t.Errorf("a received file is not close-on-exec")
+	}
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+func TestRecvRejectsMalformedMessages(t *testing.T) {
+	hdr := func(size, nfiles uint32) []byte {
+		b := make([]byte, 8)
+		binary.LittleEndian.PutUint32(b, size)
+		binary.LittleEndian.PutUint32(b[4:], nfiles)
+		return b
+	}
+	tests := []struct {
+		name string
+		raw  []byte
+		want string
+	}{
+		{"an oversized length is refused", hdr(maxMessage+1, 0), "exceeds"},
+		{"announced files that did not come are refused", append(hdr(2, 1), "{}"...), "announces 1 files, 0 came"},
+		{"a body that is not JSON is refused", append(hdr(3, 0), "{x}"...), "decoding"},
+		{"a truncated body is refused", append(hdr(100, 0), "{}"...), "body"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a, peer, err := Pair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			go func() {
+				peer.Write(tc.raw)
+				time.Sleep(50 * time.Millisecond)
+				peer.Close()
+			}()
+			var d Descriptor
+			_, err = a.Recv(&d)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Recv: %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}

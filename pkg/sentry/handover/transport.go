@@ -1,0 +1,172 @@
+package handover
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// maxMessage bounds a message's JSON.
+	maxMessage = 1 << 20
+	// maxFiles bounds the files one message carries.
+	maxFiles = 16
+)
+
+// Channel is one end of the transfer-mode socket pair between two
+// sentries.
+type Channel struct {
+	conn *net.UnixConn
+}
+
+// NewChannel wraps a connected Unix stream socket; the Channel owns it.
+func NewChannel(f *os.File) (*Channel, error) {
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("handover channel: %w", err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("handover channel: %T is not a Unix socket", c)
+	}
+	return &Channel{conn: uc}, nil
+}
+
+// Pair returns a connected socket pair: a Channel for this process and the
+// other end as a file to give to the new sentry (close-on-exec; os/exec's
+// ExtraFiles clears that in the child).
+func Pair() (*Channel, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	ch, err := NewChannel(os.NewFile(uintptr(fds[0]), "handover"))
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, nil, err
+	}
+	return ch, os.NewFile(uintptr(fds[1]), "handover-peer"), nil
+}
+
+// Close closes the channel.
+func (c *Channel) Close() error { return c.conn.Close() }
+
+// SetDeadline sets the deadline of every later Send and Recv.
+func (c *Channel) SetDeadline(t time.Time) error { return c.conn.SetDeadline(t) }
+
+// Send sends msg as JSON with files attached (SCM_RIGHTS).
+func (c *Channel) Send(msg any, files ...*os.File) error {
+	b, err := json.Marshal(msg)
+	if err != nil {
+		return fmt.Errorf("encoding %T: %w", msg, err)
+	}
+	if len(b) > maxMessage || len(files) > maxFiles {
+		return fmt.Errorf("%T: %d bytes and %d files exceed the limits (%d, %d)", msg, len(b), len(files), maxMessage, maxFiles)
+	}
+	var hdr [8]byte
+	binary.LittleEndian.PutUint32(hdr[0:], uint32(len(b)))
+	binary.LittleEndian.PutUint32(hdr[4:], uint32(len(files)))
+	var oob []byte
+	if len(files) > 0 {
+		fds := make([]int, len(files))
+		for i, f := range files {
+			fds[i] = int(f.Fd())
+		}
+		oob = unix.UnixRights(fds...)
+	}
+	if _, _, err := c.conn.WriteMsgUnix(hdr[:], oob, nil); err != nil {
+		return fmt.Errorf("sending %T: %w", msg, err)
+	}
+	if _, err := c.conn.Write(b); err != nil {
+		return fmt.Errorf("sending %T: %w", msg, err)
+	}
+	return nil
+}
+
+// Recv receives a message into msg (a pointer) and returns the files that
+// came with it, which the caller owns. A malformed message is an error
+// naming what was wrong; its files are closed.
+func (c *Channel) Recv(msg any) ([]*os.File, error) {
+	var hdr [8]byte
+	oob := make([]byte, unix.CmsgSpace(maxFiles*4))
+	n, oobn, flags, _, err := c.conn.ReadMsgUnix(hdr[:], oob)
+	if err != nil {
+		return nil, fmt.Errorf("receiving %T: %w", msg, err)
+	}
+	files, ferr := parseRights(oob[:oobn])
+	fail := func(err error) ([]*os.File, error) {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, err
+	}
+	if ferr != nil {
+		return fail(fmt.Errorf("receiving %T: %w", msg, ferr))
+	}
+	if flags&unix.MSG_CTRUNC != 0 {
+		return fail(fmt.Errorf("receiving %T: more than %d files (control data truncated)", msg, maxFiles))
+	}
+	if n == 0 {
+		return fail(fmt.Errorf("receiving %T: %w", msg, io.EOF))
+	}
+	if n < len(hdr) {
+		if _, err := io.ReadFull(c.conn, hdr[n:]); err != nil {
+			return fail(fmt.Errorf("receiving %T header: %w", msg, err))
+		}
+	}
+	size, nfiles := binary.LittleEndian.Uint32(hdr[0:]), binary.LittleEndian.Uint32(hdr[4:])
+	if size > maxMessage {
+		return fail(fmt.Errorf("receiving %T: length %d exceeds %d", msg, size, maxMessage))
+	}
+	if int(nfiles) != len(files) {
+		return fail(fmt.Errorf("receiving %T: header announces %d files, %d came", msg, nfiles, len(files)))
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(c.conn, b); err != nil {
+		return fail(fmt.Errorf("receiving %T body: %w", msg, err))
+	}
+	if err := json.Unmarshal(b, msg); err != nil {
+		return fail(fmt.Errorf("decoding %T: %w", msg, err))
+	}
+	return files, nil
+}
+
+// parseRights returns the files of every SCM_RIGHTS message in oob.
+func parseRights(oob []byte) ([]*os.File, error) {
+	if len(oob) == 0 {
+		return nil, nil
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, fmt.Errorf("control data: %w", err)
+	}
+	var files []*os.File
+	var errs []error
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, fd := range fds {
+			unix.CloseOnExec(fd)
+			files = append(files, os.NewFile(uintptr(fd), "handover-file"))
+		}
+	}
+	if len(errs) > 0 {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, errors.Join(errs...)
+	}
+	return files, nil
+}
