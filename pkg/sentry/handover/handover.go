@@ -57,6 +57,8 @@ type Descriptor struct {
 	Mode string `json:"mode"`
 	// Version is the old sentry's version string.
 	Version string `json:"version"`
+	// PID is the old sentry's pid.
+	PID int `json:"pid"`
 	// Root is the byte address of the KHO root in the memory file.
 	Root uint64 `json:"root"`
 	// LiveupdateNumber is the old sentry's LUO liveupdate number.
