@@ -25,6 +25,7 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 	}
 	var prev Block
 	var prevEnd uint64
+	n := 0
 	for i, b := range blocks {
 		if b.Order < 0 || b.Order > MaxOrder {
 			return fmt.Errorf("adopting preserved block %v: order above %d: %w", b, MaxOrder, unix.EINVAL)
@@ -41,10 +42,13 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 		if i > 0 && b.PFN < prevEnd {
 			return fmt.Errorf("adopting preserved block %v: overlaps preserved block %v: %w", b, prev, unix.EINVAL)
 		}
+		if i == 0 || !extendsRun(prev, b) {
+			n++ // runs to build
+		}
 		prev, prevEnd = b, b.PFN+b.Pages()
 	}
 
-	runs := make([]Run, 0, 1)
+	runs := make([]Run, 0, n)
 	for _, b := range blocks {
 		if n := len(runs); n > 0 {
 			r := &runs[n-1]
@@ -56,6 +60,11 @@ func (f *MemoryFile) Adopt(preserved []Block) error {
 		runs = append(runs, Run{PFN: b.PFN, Count: 1, Order: uint8(b.Order)})
 	}
 	return f.adoptRuns(runs)
+}
+
+// extendsRun reports whether b directly follows prev with the same order.
+func extendsRun(prev, b Block) bool {
+	return prev.Order == b.Order && prev.PFN+prev.Pages() == b.PFN
 }
 
 // Run is Count consecutive naturally aligned blocks of 2^Order pages from
