@@ -145,7 +145,7 @@ func (f *MemoryFile) adoptRuns(runs []Run) error {
 }
 
 // fillSectionLocked writes the metadata of every adopted block in section i
-// into s. Blocks never cross a section (a section is 64 MiB, a block at most
+// into s. Blocks never cross a section (a section is 1 GiB, a block at most
 // 4 MiB, both naturally aligned).
 //
 // Preconditions:

@@ -8,7 +8,7 @@ import (
 )
 
 func TestAdoptRunsFillsSectionsLazily(t *testing.T) {
-	f := newTestFile(t, 3*sectionPages*PageSize) // three sections
+	f := newTestFile(t, 3<<30) // three sections, sparse
 	g := reopen(t, f)
 	// A contiguous run of order-0 blocks across the first section boundary,
 	// and a run of order-9 blocks in the third section.

@@ -51,7 +51,7 @@ const (
 	// DefaultSize is the default size of a new memory file (sparse).
 	DefaultSize = 16 << 30
 
-	sectionShift = 26 - PageShift // one section of page metadata per 64 MiB
+	sectionShift = 30 - PageShift // one section of page metadata per GiB
 	sectionPages = 1 << sectionShift
 )
 
@@ -85,10 +85,9 @@ type pageInfo struct {
 	head  bool
 }
 
-// section holds the page metadata of 64 MiB of the file (128 KiB of it).
-// Sections are allocated when the first folio head in them is, so the
-// metadata costs nothing for parts of the file that hold no folio; they are
-// small so that touching a new part of the file costs little.
+// section holds the page metadata of one GiB of the file. Sections are
+// allocated when the first folio head in them is, so the metadata costs
+// nothing for parts of the file that hold no folio.
 type section [sectionPages]pageInfo
 
 // Options configures a new MemoryFile.
@@ -132,7 +131,7 @@ type MemoryFile struct {
 	// +checklocks:mu
 	free extentSet
 
-	// sections holds the page metadata, one entry per 64 MiB of the file.
+	// sections holds the page metadata, one entry per GiB of the file.
 	//
 	// +checklocks:mu
 	sections []*section
