@@ -209,6 +209,10 @@ type Timing struct {
 	NewVersion string `json:"new_version"`
 	// LiveupdateNumber is the new sentry's liveupdate number.
 	LiveupdateNumber uint64 `json:"liveupdate_number"`
+	// PausedAt and AcceptingAt are the CLOCK_MONOTONIC times (ns) of the
+	// blackout's start and end, to relate guest-side times to it.
+	PausedAt    int64 `json:"paused_at"`
+	AcceptingAt int64 `json:"accepting_at"`
 }
 
 // MakeTiming combines the old sentry's descriptor and the new one's ack.
@@ -227,6 +231,8 @@ func MakeTiming(d *Descriptor, a *Ack, oldPID int) Timing {
 		OldVersion:       d.Version,
 		NewVersion:       a.Version,
 		LiveupdateNumber: d.LiveupdateNumber + 1,
+		PausedAt:         d.PausedAt,
+		AcceptingAt:      a.AcceptingAt,
 	}
 	t.Ready = time.Duration(a.AcceptingAt-a.ReceivedAt) - a.Map - a.Ingest - a.LUO
 	return t

@@ -1,0 +1,260 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"time"
+
+	"github.com/google/subcommands"
+	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"golang.org/x/sys/unix"
+)
+
+// demoGuestCmd is the guest program of "demo" and of the end-to-end tests
+// (internal). On a cold boot (liveupdate number 0) it fills memfds with a
+// pattern derived from --seed and the generation, preserves them in
+// sessions and holds the session fds until the restart stops it. After a
+// restart it retrieves every file, reads the last byte, verifies every
+// byte, finishes the sessions and exits 0 — or, with --cycle, writes the
+// next generation's contents into new memfds, preserves them and holds
+// again. Each step prints one JSON line.
+type demoGuestCmd struct {
+	size     string
+	files    int
+	sessions int
+	seed     uint64
+	cycle    bool
+}
+
+func (*demoGuestCmd) Name() string     { return "demo-guest" }
+func (*demoGuestCmd) Synopsis() string { return "the demo's guest program (internal)" }
+func (*demoGuestCmd) Usage() string {
+	return "demo-guest [--size SIZE] [--files N] [--sessions N] --seed S [--cycle]\n"
+}
+func (g *demoGuestCmd) SetFlags(f *flag.FlagSet) {
+	f.StringVar(&g.size, "size", "64M", "total bytes in the preserved memfds")
+	f.IntVar(&g.files, "files", 3, "number of memfds")
+	f.IntVar(&g.sessions, "sessions", 2, "number of sessions the memfds are spread over")
+	f.Uint64Var(&g.seed, "seed", 1, "seed of the contents")
+	f.BoolVar(&g.cycle, "cycle", false, "after verifying, preserve new contents and wait for the next restart")
+}
+
+// guestEvent is one line of the guest's output.
+type guestEvent struct {
+	Event      string `json:"event"`
+	Generation uint64 `json:"generation"`
+	Files      int    `json:"files"`
+	Sessions   int    `json:"sessions"`
+	Bytes      int64  `json:"bytes"`
+	// DataReadyAt is the CLOCK_MONOTONIC time (ns) at which the last byte
+	// of the last file had been read after retrieval.
+	DataReadyAt int64   `json:"data_ready_at,omitempty"`
+	RetrieveMS  float64 `json:"retrieve_ms,omitempty"`
+	VerifyMS    float64 `json:"verify_ms,omitempty"`
+	WriteMS     float64 `json:"write_ms,omitempty"`
+	Error       string  `json:"error,omitempty"`
+}
+
+func emit(e guestEvent) {
+	b, _ := json.Marshal(e)
+	fmt.Println(string(b))
+}
+
+// splitmix64 is the pattern's mixing function.
+func splitmix64(x uint64) uint64 {
+	x += 0x9e3779b97f4a7c15
+	x = (x ^ x>>30) * 0xbf58476d1ce4e5b9
+	x = (x ^ x>>27) * 0x94d049bb133111eb
+	return x ^ x>>31
+}
+
+// fillPattern writes the pattern of (key) for file offsets [off, off+len(b)),
+// off a multiple of 8.
+func fillPattern(b []byte, key uint64, off int64) {
+	w := uint64(off / 8)
+	i := 0
+	for ; i+8 <= len(b); i += 8 {
+		binary.LittleEndian.PutUint64(b[i:], splitmix64(key^w))
+		w++
+	}
+	if i < len(b) {
+		var tail [8]byte
+		binary.LittleEndian.PutUint64(tail[:], splitmix64(key^w))
+		copy(b[i:], tail[:])
+	}
+}
+
+func patternKey(seed, gen uint64, file int) uint64 {
+	return splitmix64(seed ^ splitmix64(gen<<16|uint64(file)))
+}
+
+func sessionName(s int) string { return fmt.Sprintf("demo-session-%d", s) }
+
+// fileSizes splits total over n files, each a different size.
+func fileSizes(total int64, n int) []int64 {
+	sizes := make([]int64, n)
+	part := total / int64(n)
+	var sum int64
+	for i := range sizes {
+		sizes[i] = part - int64(i)*4099
+		if sizes[i] < 1 {
+			sizes[i] = 1
+		}
+		sum += sizes[i]
+	}
+	sizes[n-1] += total - sum
+	return sizes
+}
+
+const chunk = 4 << 20
+
+func (g *demoGuestCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcommands.ExitStatus {
+	size, err := parseSize(g.size)
+	if err != nil || g.files < 1 || g.sessions < 1 || g.sessions > g.files {
+		return fatalf("demo-guest: bad flags (size %q, %d files, %d sessions)", g.size, g.files, g.sessions)
+	}
+	gen := guest.LiveupdateNumber()
+	c, err := guest.Dial("")
+	if err != nil {
+		return fatalf("demo-guest: %v", err)
+	}
+	dev, err := c.OpenLiveUpdate()
+	if err != nil {
+		return fatalf("demo-guest: open /dev/liveupdate: %v", err)
+	}
+	if gen > 0 {
+		if err := g.retrieve(c, dev, gen); err != nil {
+			emit(guestEvent{Event: "failed", Generation: gen, Error: err.Error()})
+			return fatalf("demo-guest: %v", err)
+		}
+		if !g.cycle {
+			return subcommands.ExitSuccess
+		}
+	}
+	if err := g.preserve(c, dev, gen, int64(size)); err != nil {
+		emit(guestEvent{Event: "failed", Generation: gen, Error: err.Error()})
+		return fatalf("demo-guest: %v", err)
+	}
+	// Hold the session fds (and the connection) until the restart stops
+	// this process: closing them would unpreserve the files.
+	select {}
+}
+
+// preserve writes generation gen's contents and preserves them.
+func (g *demoGuestCmd) preserve(c *guest.Conn, dev int, gen uint64, size int64) error {
+	start := time.Now()
+	sess := make([]int, g.sessions)
+	for s := range sess {
+		fd, err := c.CreateSession(dev, sessionName(s))
+		if err != nil {
+			return fmt.Errorf("creating session %s: %w", sessionName(s), err)
+		}
+		sess[s] = fd
+	}
+	buf := make([]byte, chunk)
+	for i, n := range fileSizes(size, g.files) {
+		fd, err := c.MemfdCreate(fmt.Sprintf("demo-%d", i), 0)
+		if err != nil {
+			return fmt.Errorf("memfd_create: %w", err)
+		}
+		key := patternKey(g.seed, gen, i)
+		for off := int64(0); off < n; off += chunk {
+			b := buf[:min(chunk, n-off)]
+			fillPattern(b, key, off)
+			if _, err := c.Pwrite(fd, b, off); err != nil {
+				return fmt.Errorf("writing file %d at %d: %w", i, off, err)
+			}
+		}
+		// Leave the position somewhere to check that it survives.
+		if _, err := c.Seek(fd, n/2, unix.SEEK_SET); err != nil {
+			return err
+		}
+		if err := c.PreserveFD(sess[i%g.sessions], fd, uint64(i+1)); err != nil {
+			return fmt.Errorf("preserving file %d: %w", i, err)
+		}
+		if err := c.Close(fd); err != nil {
+			return err
+		}
+	}
+	emit(guestEvent{Event: "preserved", Generation: gen, Files: g.files, Sessions: g.sessions, Bytes: size, WriteMS: float64(time.Since(start)) / 1e6})
+	return nil
+}
+
+// retrieve retrieves, checks and finishes what generation gen-1 preserved.
+func (g *demoGuestCmd) retrieve(c *guest.Conn, dev int, gen uint64) error {
+	start := time.Now()
+	sess := make([]int, g.sessions)
+	for s := range sess {
+		fd, err := c.RetrieveSession(dev, sessionName(s))
+		if err != nil {
+			return fmt.Errorf("retrieving session %s: %w", sessionName(s), err)
+		}
+		sess[s] = fd
+	}
+	fds := make([]int, g.files)
+	st := make([]guest.Stat, g.files)
+	var total int64
+	var last [1]byte
+	for i := range fds {
+		fd, err := c.RetrieveFD(sess[i%g.sessions], uint64(i+1))
+		if err != nil {
+			return fmt.Errorf("retrieving file %d: %w", i, err)
+		}
+		fds[i] = fd
+		if st[i], err = c.Fstat(fd); err != nil {
+			return err
+		}
+		total += st[i].Size
+		if _, err := c.Pread(fd, last[:], st[i].Size-1); err != nil {
+			return fmt.Errorf("reading the last byte of file %d: %w", i, err)
+		}
+	}
+	ready := handover.Monotonic()
+	retrieveMS := float64(time.Since(start)) / 1e6
+	vstart := time.Now()
+	want := make([]byte, chunk)
+	got := make([]byte, chunk)
+	for i, fd := range fds {
+		n := st[i].Size
+		if pos, err := c.Seek(fd, 0, unix.SEEK_CUR); err != nil || pos != n/2 {
+			return fmt.Errorf("file %d: position %d after the restart, want %d (%v)", i, pos, n/2, err)
+		}
+		key := patternKey(g.seed, gen-1, i)
+		for off := int64(0); off < n; off += chunk {
+			w, b := want[:min(chunk, n-off)], got[:min(chunk, n-off)]
+			fillPattern(w, key, off)
+			k, err := c.Pread(fd, b, off)
+			if err != nil || k != len(b) {
+				return fmt.Errorf("file %d: reading %d bytes at %d: got %d, %v", i, len(b), off, k, err)
+			}
+			if !bytes.Equal(w, b) {
+				j := 0
+				for w[j] == b[j] {
+					j++
+				}
+				return fmt.Errorf("file %d: byte %d is %#x, want %#x", i, off+int64(j), b[j], w[j])
+			}
+		}
+		if _, err := c.Pwrite(fd, []byte{1}, n); !errors.Is(err, unix.EPERM) && err != nil {
+			return fmt.Errorf("file %d: write after retrieve: %v", i, err)
+		}
+	}
+	for _, s := range sess {
+		if err := c.FinishSession(s); err != nil {
+			return fmt.Errorf("finishing a session: %w", err)
+		}
+		c.Close(s)
+	}
+	for _, fd := range fds {
+		c.Close(fd)
+	}
+	emit(guestEvent{Event: "verified", Generation: gen, Files: g.files, Sessions: g.sessions, Bytes: total,
+		DataReadyAt: ready, RetrieveMS: retrieveMS, VerifyMS: float64(time.Since(vstart)) / 1e6})
+	return nil
+}

@@ -1,0 +1,93 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/subcommands"
+	"golang.org/x/sys/unix"
+)
+
+// killCmd signals a sandbox's guests; a terminating signal stops it.
+type killCmd struct{}
+
+func (*killCmd) Name() string     { return "kill" }
+func (*killCmd) Synopsis() string { return "send a signal to a sandbox's guests (SIGTERM stops it)" }
+func (*killCmd) Usage() string {
+	return `kill ID [SIGNAL]
+
+Sends SIGNAL (default SIGTERM; a name like KILL or SIGUSR1, or a number) to
+every guest process of the sandbox. SIGTERM, SIGINT and SIGKILL also stop the
+sandbox: guests and sentry exit, sockets are removed, the state file says
+"stopped" until delete.
+`
+}
+func (*killCmd) SetFlags(*flag.FlagSet) {}
+
+// parseSignal parses a signal name or number.
+func parseSignal(s string) (unix.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n <= 0 || n > 64 {
+			return 0, fmt.Errorf("signal %d out of range", n)
+		}
+		return unix.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	if sig := unix.SignalNum(name); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("unknown signal %q", s)
+}
+
+func (*killCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcommands.ExitStatus {
+	if f.NArg() < 1 || f.NArg() > 2 {
+		f.Usage()
+		return subcommands.ExitUsageError
+	}
+	id := f.Arg(0)
+	sig := unix.SIGTERM
+	if f.NArg() == 2 {
+		var err error
+		if sig, err = parseSignal(f.Arg(1)); err != nil {
+			return fatalf("%v", err)
+		}
+	}
+	if err := killSandbox(id, sig); err != nil {
+		return fatalf("%v", err)
+	}
+	return subcommands.ExitSuccess
+}
+
+// killSandbox signals sandbox id and, for a terminating signal, waits until
+// its sentry has exited.
+func killSandbox(id string, sig unix.Signal) error {
+	st, err := readState(*rootDir, id)
+	if err != nil {
+		return err
+	}
+	if st.Status != statusRunning {
+		return fmt.Errorf("sandbox %q is not running (%s)", id, st.Status)
+	}
+	if err := call(*rootDir, id, "Signal", &SignalArgs{Signal: int(sig)}, &Empty{}); err != nil {
+		// The sentry does not answer: signal it directly.
+		if kerr := unix.Kill(st.PID, sig); kerr != nil {
+			return fmt.Errorf("signalling sandbox %q: %v; and its sentry (pid %d): %v", id, err, st.PID, kerr)
+		}
+	}
+	if sig != unix.SIGTERM && sig != unix.SIGINT && sig != unix.SIGKILL {
+		return nil
+	}
+	if _, err := waitStopped(id, 10*time.Second); err != nil {
+		// Last resort: the sentry is stuck.
+		unix.Kill(st.PID, unix.SIGKILL)
+		return err
+	}
+	return nil
+}
