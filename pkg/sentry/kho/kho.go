@@ -110,21 +110,26 @@ func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 	k := &KHO{mf: mf}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if err := k.initOutLocked(); err != nil {
+	if err := k.initOutLocked(pgalloc.Folio{}); err != nil {
 		return nil, err
 	}
 	return k, nil
 }
 
-// initOutLocked sets up an empty outgoing side with its root page
-// (kho_init: kho_alloc_preserve(PAGE_SIZE) for the root FDT).
+// initOutLocked sets up an empty outgoing side whose root FDT is in root, a
+// preserved page, or in a new one (kho_init: kho_alloc_preserve(PAGE_SIZE))
+// if root is the zero Folio.
 //
 // Preconditions: k.mu is locked.
-func (k *KHO) initOutLocked() error {
+func (k *KHO) initOutLocked(root pgalloc.Folio) error {
 	k.out = outgoing{mem: newMemTracker(k.mf.Pages())}
-	root, err := k.allocPreserveLocked(abikho.PageSize)
-	if err != nil {
-		return fmt.Errorf("kho: allocating the root FDT page: %w", err)
+	if root == (pgalloc.Folio{}) {
+		var err error
+		if root, err = k.allocPreserveLocked(abikho.PageSize); err != nil {
+			return fmt.Errorf("kho: allocating the root FDT page: %w", err)
+		}
+	} else {
+		k.out.mem.set(root.PFN, root.Order)
 	}
 	k.out.root = root
 	if err := k.writeRootLocked(); err != nil {
@@ -147,8 +152,8 @@ func (k *KHO) initOutLocked() error {
 //
 // The chunk and bitmap pages are not preserved: Adopt makes them stale like
 // every other page that was not preserved. The old root page is preserved;
-// Ingest restores and frees it once parsed (Dump keeps a copy). Ingest also
-// sets up a fresh outgoing root for the next restart.
+// once parsed (Dump keeps a copy) Ingest restores it and reuses it for the
+// fresh, empty outgoing root of the next restart.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	in, runs, err := deserialize(mf, root)
 	if err != nil {
@@ -161,11 +166,15 @@ func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	// The old root page was checked to be a preserved order-0 page, so it
-	// is an adopted folio now: consume it like any metadata page.
-	if err := k.restoreFreeLocked(root); err != nil {
-		return nil, fmt.Errorf("kho: freeing the incoming root page: %w", err)
+	// is an adopted folio now. It has been parsed (in.root keeps a copy):
+	// restore it and reuse it as the outgoing root. Linux frees it and
+	// allocates a new one; reusing it keeps Ingest from touching the
+	// allocator's page metadata (a 2 MiB section) inside the blackout.
+	old, err := k.restoreFolioLocked(root)
+	if err != nil {
+		return nil, fmt.Errorf("kho: restoring the incoming root page: %w", err)
 	}
-	if err := k.initOutLocked(); err != nil {
+	if err := k.initOutLocked(old); err != nil {
 		return nil, err
 	}
 	return k, nil

@@ -225,3 +225,66 @@ func readSubtree(t *testing.T, k *KHO, mf *pgalloc.MemoryFile, addr uint64) *fdt
 	}
 	return n
 }
+
+// TestTwoRestarts hands a folio over twice: the second sentry re-preserves
+// what it restored, and its own root (the first root page, reused) is
+// what the third sentry reads.
+func TestTwoRestarts(t *testing.T) {
+	mf1 := newFile(t, 64<<20)
+	k1, err := New(mf1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := k1.AllocPreserve(4 * abikho.PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(mf1.Bytes(f), 42)
+	if err := k1.AddSubtree("first", f.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := k1.Finalize(); err != nil {
+		t.Fatal(err)
+	}
+
+	mf2 := reopen(t, mf1)
+	k2, err := Ingest(mf2, k1.RootAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2.RootAddr() != k1.RootAddr() {
+		t.Errorf("the second root is at %#x, want the first root's page %#x", k2.RootAddr(), k1.RootAddr())
+	}
+	if n := rootTree(t, k2); len(n.Children) != 0 {
+		t.Errorf("the second sentry's outgoing root has %d subtrees, want none", len(n.Children))
+	}
+	g, err := k2.RestoreFolio(f.Addr())
+	if err != nil || g != f {
+		t.Fatalf("RestoreFolio = %v, %v", g, err)
+	}
+	if err := k2.PreserveFolio(g); err != nil {
+		t.Fatal(err)
+	}
+	if err := k2.AddSubtree("second", g.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := k2.Finalize(); err != nil {
+		t.Fatal(err)
+	}
+
+	mf3 := reopen(t, mf2)
+	k3, err := Ingest(mf3, k2.RootAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, err := k3.RetrieveSubtree("second"); err != nil || a != f.Addr() {
+		t.Errorf("RetrieveSubtree(second) = %#x, %v", a, err)
+	}
+	if _, err := k3.RetrieveSubtree("first"); !errors.Is(err, unix.ENOENT) {
+		t.Errorf("RetrieveSubtree(first) = %v, want ENOENT (it belonged to the first handover)", err)
+	}
+	h, err := k3.RestoreFolio(f.Addr())
+	if err != nil || h != f || !filled(mf3.Bytes(h), 42) {
+		t.Fatalf("after two restarts RestoreFolio = %v, %v (contents kept: %v)", h, err, err == nil && filled(mf3.Bytes(h), 42))
+	}
+}
