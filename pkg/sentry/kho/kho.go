@@ -167,9 +167,10 @@ func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	defer k.mu.Unlock()
 	// The old root page was checked to be a preserved order-0 page, so it
 	// is an adopted folio now. It has been parsed (in.root keeps a copy):
-	// restore it and reuse it as the outgoing root. Linux frees it and
-	// allocates a new one; reusing it keeps Ingest from touching the
-	// allocator's page metadata (a 2 MiB section) inside the blackout.
+	// restore it and reuse it as the outgoing root. Linux allocates a
+	// separate new root at kho_init; reusing the page keeps Ingest from
+	// touching the allocator's page metadata (a 2 MiB section) inside the
+	// blackout.
 	old, err := k.restoreFolioLocked(root)
 	if err != nil {
 		return nil, fmt.Errorf("kho: restoring the incoming root page: %w", err)
