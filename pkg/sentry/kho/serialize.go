@@ -365,16 +365,3 @@ func (t *memTracker) appendRuns(out []pgalloc.Run, o int) []pgalloc.Run {
 	}
 	return out
 }
-
-// countOrder returns the number of marked blocks of order o.
-func (t *memTracker) countOrder(o int) int {
-	n := 0
-	for _, b := range t.orders[o] {
-		if b != nil {
-			for _, w := range b {
-				n += bits.OnesCount64(w)
-			}
-		}
-	}
-	return n
-}

@@ -100,24 +100,6 @@ func (t *memTracker) headOrder(pfn uint64) (int, bool) {
 	return 0, false
 }
 
-// count returns the number of marked blocks and the pages they cover.
-func (t *memTracker) count() (blocks, pages uint64) {
-	for o, bms := range t.orders {
-		for _, b := range bms {
-			if b == nil {
-				continue
-			}
-			var n uint64
-			for _, w := range b {
-				n += uint64(bits.OnesCount64(w))
-			}
-			blocks += n
-			pages += n << o
-		}
-	}
-	return blocks, pages
-}
-
 // forEach calls fn for every marked block, order by order and in address
 // order within an order.
 func (t *memTracker) forEach(fn func(pfn uint64, order int)) {
