@@ -98,8 +98,15 @@ func restart(id string, a RestartArgs) (handover.Timing, error) {
 			}
 			return rec.Timing, nil
 		}
-		if st, err := readState(*rootDir, id); err == nil && st.Status == statusStopped {
-			return t, fmt.Errorf("the sandbox stopped during the exec-mode restart: %s", st.Error)
+		if st, err := readState(*rootDir, id); err == nil {
+			// The relaunched entrypoint may already have finished and
+			// stopped the sandbox: the state file keeps the outcome.
+			if rec := st.LastRestart; rec != nil && rec.Generation >= want {
+				return rec.Timing, nil
+			}
+			if st.Status == statusStopped {
+				return t, fmt.Errorf("the sandbox stopped during the exec-mode restart: %s", st.Error)
+			}
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

@@ -74,7 +74,10 @@ type state struct {
 	EntrypointPID    int       `json:"entrypoint_pid,omitempty"`
 	LiveupdateNumber uint64    `json:"liveupdate_number"`
 	ExitStatus       *int      `json:"exit_status,omitempty"`
-	Error            string    `json:"error,omitempty"`
+	// LastRestart is the outcome of the live restart the running sentry
+	// came out of, if any.
+	LastRestart *RestartRecord `json:"last_restart,omitempty"`
+	Error       string         `json:"error,omitempty"`
 }
 
 // writeState replaces the state file atomically.

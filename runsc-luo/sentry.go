@@ -52,6 +52,7 @@ type sentry struct {
 	guestLn      *net.UnixListener
 	controlLn    *net.UnixListener
 	procs        map[int]*guestProc
+	finished     map[int]WaitResult
 	restarting   bool
 	handedOver   bool
 	stopped      bool
@@ -229,6 +230,10 @@ func (s *sentry) stateLocked() *state {
 			st.EntrypointPID = p.pid
 		}
 	}
+	if s.last.Generation > 0 {
+		last := s.last
+		st.LastRestart = &last
+	}
 	return st
 }
 
@@ -266,6 +271,12 @@ func (s *sentry) reap(p *guestProc) {
 	close(p.done)
 	s.mu.Lock()
 	delete(s.procs, p.pid)
+	if !p.entry {
+		if s.finished == nil {
+			s.finished = make(map[int]WaitResult)
+		}
+		s.finished[p.pid] = p.res
+	}
 	quiet := s.handedOver || s.stopped
 	s.mu.Unlock()
 	if p.entry && !quiet {
@@ -706,7 +717,13 @@ func (c *Sentry) Exec(a *ExecArgs, out *PIDResult) error {
 func (c *Sentry) WaitPID(a *PIDResult, out *WaitResult) error {
 	c.s.mu.Lock()
 	p, ok := c.s.procs[a.PID]
+	res, done := c.s.finished[a.PID]
+	delete(c.s.finished, a.PID)
 	c.s.mu.Unlock()
+	if done {
+		*out = res
+		return nil
+	}
 	if !ok {
 		return fmt.Errorf("no guest process %d: %w", a.PID, unix.ESRCH)
 	}
