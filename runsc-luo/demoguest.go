@@ -30,6 +30,7 @@ type demoGuestCmd struct {
 	sessions int
 	seed     uint64
 	cycle    bool
+	small    bool
 }
 
 func (*demoGuestCmd) Name() string     { return "demo-guest" }
@@ -43,6 +44,7 @@ func (g *demoGuestCmd) SetFlags(f *flag.FlagSet) {
 	f.IntVar(&g.sessions, "sessions", 2, "number of sessions the memfds are spread over")
 	f.Uint64Var(&g.seed, "seed", 1, "seed of the contents")
 	f.BoolVar(&g.cycle, "cycle", false, "after verifying, preserve new contents and wait for the next restart")
+	f.BoolVar(&g.small, "small-folios", false, "make the memfds' page cache 4 KiB folios only (touch every 2 MiB range with a 1-byte write first)")
 }
 
 // guestEvent is one line of the guest's output.
@@ -164,6 +166,15 @@ func (g *demoGuestCmd) preserve(c *guest.Conn, dev int, gen uint64, size int64) 
 			return fmt.Errorf("memfd_create: %w", err)
 		}
 		key := patternKey(g.seed, gen, i)
+		if g.small {
+			// A 1-byte write into an empty 2 MiB range caches a 4 KiB
+			// folio there, so later writes cannot use a 2 MiB one.
+			for off := int64(0); off < n; off += 2 << 20 {
+				if _, err := c.Pwrite(fd, buf[:1], off); err != nil {
+					return fmt.Errorf("touching file %d at %d: %w", i, off, err)
+				}
+			}
+		}
 		for off := int64(0); off < n; off += chunk {
 			b := buf[:min(chunk, n-off)]
 			fillPattern(b, key, off)

@@ -153,9 +153,16 @@ func (c *cli) state(id string) sandboxState {
 	return st
 }
 
-// timing is the part of "restart --format json" the tests read.
+// timing is "restart --format json".
 type timing struct {
 	Mode             string        `json:"mode"`
+	Freeze           time.Duration `json:"freeze_ns"`
+	Finalize         time.Duration `json:"finalize_ns"`
+	Send             time.Duration `json:"send_ns"`
+	Map              time.Duration `json:"map_ns"`
+	Ingest           time.Duration `json:"ingest_ns"`
+	LUO              time.Duration `json:"luo_ns"`
+	Ready            time.Duration `json:"ready_ns"`
 	Blackout         time.Duration `json:"blackout_ns"`
 	OldPID           int           `json:"old_pid"`
 	NewPID           int           `json:"new_pid"`
@@ -164,6 +171,8 @@ type timing struct {
 	PausedAt         int64         `json:"paused_at"`
 	AcceptingAt      int64         `json:"accepting_at"`
 }
+
+func (c *cli) restartFull(id string, args ...string) timing { return c.restart(id, args...) }
 
 func (c *cli) restart(id string, args ...string) timing {
 	c.t.Helper()
