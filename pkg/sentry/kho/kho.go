@@ -153,7 +153,9 @@ func (k *KHO) initOutLocked(root pgalloc.Folio) error {
 // The chunk and bitmap pages are not preserved: Adopt makes them stale like
 // every other page that was not preserved. The old root page is preserved;
 // once parsed (Dump keeps a copy) Ingest restores it and reuses it for the
-// fresh, empty outgoing root of the next restart.
+// fresh, empty outgoing root of the next restart. Ingest allocates nothing
+// from mf and so scrubs none of the previous sentry's unpreserved pages: with
+// mf's releases held, the previous sentry can still roll back.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	in, runs, err := deserialize(mf, root)
 	if err != nil {

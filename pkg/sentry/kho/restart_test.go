@@ -288,3 +288,39 @@ func TestTwoRestarts(t *testing.T) {
 		t.Fatalf("after two restarts RestoreFolio = %v, %v (contents kept: %v)", h, err, err == nil && filled(mf3.Bytes(h), 42))
 	}
 }
+
+// TestIngestScrubsNothing checks that Ingest leaves every page the previous
+// sentry did not preserve as it was (stale, not scrubbed), so that with
+// releases held the previous sentry can still roll back.
+func TestIngestScrubsNothing(t *testing.T) {
+	mf := newFile(t, 64<<20)
+	k, err := New(mf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := k.AllocPreserve(8 * abikho.PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropped, err := mf.Allocate(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(mf.Bytes(dropped), 9)
+	if err := k.Finalize(); err != nil {
+		t.Fatal(err)
+	}
+	mf2 := reopen(t, mf)
+	mf2.HoldReleases()
+	if _, err := Ingest(mf2, k.RootAddr()); err != nil {
+		t.Fatal(err)
+	}
+	st := mf2.Stats()
+	if want := mf2.Pages() - 1 - 1 - kept.Pages(); st.StalePages != want || st.FreePages != 0 {
+		t.Errorf("after Ingest: %d stale and %d free pages, want %d stale and none free", st.StalePages, st.FreePages, want)
+	}
+	if !filled(mf2.Bytes(dropped), 9) {
+		t.Error("Ingest scrubbed a page the previous sentry did not preserve")
+	}
+	mf2.ResumeReleases()
+}
