@@ -225,8 +225,11 @@ func New(opts Options) (*MemoryFile, error) {
 
 // Open maps an existing memory file, typically one received from the
 // previous sentry, without changing its contents. Nothing can be allocated
-// until Adopt has told the allocator which blocks were preserved. The
-// MemoryFile takes ownership of file.
+// until Adopt has told the allocator which blocks were preserved. Releases
+// start held (see HoldReleases): nothing of the previous sentry's memory is
+// scrubbed, in the background or by an allocation, until ResumeReleases
+// says the handover is this sentry's. The MemoryFile takes ownership of
+// file.
 func Open(file *os.File, opts Options) (*MemoryFile, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(file.Fd()), &st); err != nil {
@@ -236,7 +239,14 @@ func Open(file *os.File, opts Options) (*MemoryFile, error) {
 	if st.Size <= 0 || size%PageSize != 0 || size < 2*PageSize {
 		return nil, fmt.Errorf("memory file size %d: not a positive multiple of the page size of at least two pages: %w", st.Size, unix.EINVAL)
 	}
-	return newMemoryFile(file, size, opts)
+	f, err := newMemoryFile(file, size, opts)
+	if err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	f.held = true
+	f.mu.Unlock()
+	return f, nil
 }
 
 func newMemoryFile(file *os.File, size uint64, opts Options) (*MemoryFile, error) {
@@ -403,6 +413,11 @@ func (f *MemoryFile) Allocate(order int) (Folio, error) {
 			*pi = pageInfo{refs: 1, order: uint8(order), head: true}
 			f.folios[order]++
 			return Folio{PFN: pfn, Order: order}, nil
+		}
+		if f.held {
+			// Scrubbing would punch pages the other sentry of a
+			// restart may still use (see HoldReleases).
+			return Folio{}, fmt.Errorf("allocating a folio of order %d: no scrubbed free memory while releases are held for a restart: %w", order, unix.ENOMEM)
 		}
 		if f.scrubStaleLocked(order) {
 			continue

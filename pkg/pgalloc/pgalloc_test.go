@@ -34,6 +34,7 @@ func reopen(t testing.TB, f *MemoryFile) *MemoryFile {
 		t.Fatalf("Open: %v", err)
 	}
 	t.Cleanup(func() { g.Close() })
+	g.ResumeReleases()
 	return g
 }
 
@@ -588,5 +589,40 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 	}
 	if _, err := Open(file, Options{}); !errors.Is(err, unix.EINVAL) {
 		t.Fatalf("Open of an empty file = %v, want EINVAL", err)
+	}
+}
+
+func TestAnOpenedFileScrubsNothingUntilReleasesResume(t *testing.T) {
+	f := newTestFile(t, 16<<20)
+	live, err := f.Allocate(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(f.Bytes(live), 7)
+	file, err := f.DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := Open(file, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	// The next sentry preserved nothing of this: it is stale there, but
+	// the previous sentry still uses it until the handover is accepted.
+	if err := g.Adopt(nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Allocate(0); !errors.Is(err, unix.ENOMEM) {
+		t.Fatalf("Allocate on a held file = %v, want ENOMEM", err)
+	}
+	want := make([]byte, live.Size())
+	fill(want, 7)
+	if !bytes.Equal(f.Bytes(live), want) {
+		t.Fatal("an allocation in the held file scrubbed memory the previous sentry still uses")
+	}
+	g.ResumeReleases()
+	if _, err := g.Allocate(0); err != nil {
+		t.Fatalf("Allocate after ResumeReleases: %v", err)
 	}
 }

@@ -239,7 +239,8 @@ func (f *MemoryFile) Drain() {
 // regards them as stale and may already have reused them), and the incoming
 // sentry must not scrub the previous sentry's memory before it has
 // acknowledged the handover (the previous sentry resumes if it refuses).
-// Allocations that find no free page still scrub stale pages themselves.
+// While held, an allocation that finds no free page fails with ENOMEM
+// rather than scrub stale or freed pages itself. Drain ignores the hold.
 func (f *MemoryFile) HoldReleases() {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -145,6 +145,9 @@ func (s *sentry) handover(tb testing.TB) (*sentry, error) {
 	if err := n.l.Deserialize(); err != nil {
 		return nil, err
 	}
+	// The handover is accepted: this sentry may scrub what the previous
+	// one did not preserve.
+	mf.ResumeReleases()
 	return n, nil
 }
 
