@@ -24,7 +24,7 @@ type sandbox struct {
 	done chan error
 }
 
-func startKernel(t *testing.T, k *Kernel) *sandbox {
+func startKernel(t testing.TB, k *Kernel) *sandbox {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "guest.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -40,7 +40,7 @@ func startKernel(t *testing.T, k *Kernel) *sandbox {
 	return s
 }
 
-func newSandbox(t *testing.T) *sandbox {
+func newSandbox(t testing.TB) *sandbox {
 	t.Helper()
 	k, err := New(Options{MemorySize: 64 << 20, Logf: t.Logf})
 	if err != nil {
@@ -51,7 +51,9 @@ func newSandbox(t *testing.T) *sandbox {
 	return s
 }
 
-func (s *sandbox) dial(t *testing.T) *guest.Conn {
+func (s *sandbox) dialB(t testing.TB) *guest.Conn { return s.dial(t) }
+
+func (s *sandbox) dial(t testing.TB) *guest.Conn {
 	t.Helper()
 	c, err := guest.Dial(s.path)
 	if err != nil {
