@@ -73,6 +73,11 @@ type Kernel struct {
 	// +checklocks:mu
 	handedOver bool
 
+	// shutdown is set by Shutdown: no new guest is accepted.
+	//
+	// +checklocks:mu
+	shutdown bool
+
 	// lastID numbers guest processes.
 	//
 	// +checklocks:mu
@@ -317,6 +322,7 @@ func (k *Kernel) Handoff() {
 // file. The kernel must not be used afterwards.
 func (k *Kernel) Shutdown() {
 	k.mu.Lock()
+	k.shutdown = true
 	procs := make([]*Process, 0, len(k.procs))
 	for p := range k.procs {
 		procs = append(procs, p)

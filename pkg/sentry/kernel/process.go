@@ -55,7 +55,7 @@ func (k *Kernel) newProcess(c *net.UnixConn) *Process {
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.handedOver {
+	if k.handedOver || k.shutdown {
 		return nil
 	}
 	k.lastID++
@@ -78,14 +78,18 @@ func (p *Process) serve() {
 	k := p.k
 	defer func() {
 		k.mu.Lock()
-		delete(k.procs, p)
 		handedOver := k.handedOver
 		k.mu.Unlock()
 		if !handedOver {
 			// The guest process is gone: close its fds as exit does.
+			// It stays in k.procs until then, so that Shutdown waits
+			// for this before it unmaps the memory file.
 			p.fdt.CloseAll()
 		}
 		p.conn.Close()
+		k.mu.Lock()
+		delete(k.procs, p)
+		k.mu.Unlock()
 		close(p.done)
 	}()
 	if err := p.handshake(); err != nil {
