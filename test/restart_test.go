@@ -252,13 +252,18 @@ func TestKillAndDeleteLeaveNothingBehind(t *testing.T) {
 			c.must(append([]string{"run", "--detach", "--memory=64M", id, "--"}, guestArgs("1M", 1, false)...)...)
 			c.waitEvent(id, "preserved", 0, 30*time.Second)
 			// A second guest through exec, which blocks until killed.
-			ex := command(t, runsc, "--root="+c.root, "exec", id, "--", runsc, "demo-guest", "--size=1M", "--seed=2")
+			ex := command(t, runsc, "--root="+c.root, "exec", id, "--", "sleep", "60")
 			if err := ex.Start(); err != nil {
 				t.Fatal(err)
 			}
 			st := c.state(id)
-			if n := len(processesMentioning(c.root)); n < 2 || !processAlive(st.EntrypointPID) {
-				t.Fatalf("%d processes before the kill, want the sentry and exec, and the guest alive", n)
+			for deadline := time.Now().Add(10 * time.Second); len(processesMentioning(c.root)) < 2; time.Sleep(5 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("processes before the kill: %v, want the sentry and exec", processesMentioning(c.root))
+				}
+			}
+			if !processAlive(st.EntrypointPID) {
+				t.Fatalf("the entrypoint %d is not running", st.EntrypointPID)
 			}
 			c.must(append([]string{"kill", id}, tc.signal...)...)
 			stopped := c.state(id)
