@@ -36,17 +36,29 @@ func (k *khoCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcomman
 		f.Usage()
 		return subcommands.ExitUsageError
 	}
-	// Flags may also follow "dump".
+	// Flags may also follow "dump" and the ID.
 	sub := flag.NewFlagSet("kho dump", flag.ContinueOnError)
 	k.SetFlags(sub)
-	if err := sub.Parse(args[1:]); err != nil || sub.NArg() != 1 {
+	var ids []string
+	rest := args[1:]
+	for len(rest) > 0 {
+		if err := sub.Parse(rest); err != nil {
+			f.Usage()
+			return subcommands.ExitUsageError
+		}
+		rest = sub.Args()
+		if len(rest) > 0 {
+			ids, rest = append(ids, rest[0]), rest[1:]
+		}
+	}
+	if len(ids) != 1 {
 		f.Usage()
 		return subcommands.ExitUsageError
 	}
 	if k.in && k.out {
 		return fatalf("--in and --out are exclusive")
 	}
-	id := sub.Arg(0)
+	id := ids[0]
 	if _, err := readState(*rootDir, id); err != nil {
 		return fatalf("%v", err)
 	}
