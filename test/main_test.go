@@ -69,11 +69,11 @@ func TestMain(m *testing.M) {
 // cli runs runsc-luo with a root; it returns stdout, stderr and the exit
 // code.
 type cli struct {
-	t    *testing.T
+	t    testing.TB
 	root string
 }
 
-func newCLI(t *testing.T) *cli {
+func newCLI(t testing.TB) *cli {
 	t.Helper()
 	// A short root: Unix socket paths are limited to 108 bytes.
 	root, err := os.MkdirTemp("", "ls-e2e-")
