@@ -61,7 +61,7 @@ func TestOracle(t *testing.T) {
 	if st := mf.Stats(); st.AllocatedPages != 0 {
 		t.Fatalf("%d memory-file pages still allocated after every memfd was released", st.AllocatedPages)
 	}
-	t.Logf("%d sequences of %d operations from seed %d: no divergence; %d creations failed alike on both; %d SEEK_HOLE results where the host returned its negative overflow (deliberate difference)",
+	t.Logf("%d sequences of %d operations from seed %d: no divergence; %d creations failed alike on both; %d SEEK_DATA/SEEK_HOLE answers at the last page a file can have, where the host's offset arithmetic overflows (deliberate difference)",
 		sequences, *flagOps, *flagSeed, o.createFailures, o.seekHoleOverflows)
 }
 
