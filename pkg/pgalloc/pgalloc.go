@@ -158,6 +158,11 @@ type MemoryFile struct {
 	waste []pfnRange
 	// +checklocks:mu
 	wastePages uint64
+	// wasteSpare is an empty slice with capacity, the waste list's other
+	// buffer.
+	//
+	// +checklocks:mu
+	wasteSpare []pfnRange
 
 	// inflightPages counts pages the releaser has taken from stale or
 	// waste and not yet returned to free.

@@ -165,8 +165,10 @@ func (f *MemoryFile) releaseOnce() bool {
 		f.mu.Unlock()
 		return false
 	}
+	// Double-buffer the waste list so that DecRef does not grow a new
+	// slice after every round.
 	waste := f.waste
-	f.waste = nil
+	f.waste, f.wasteSpare = f.wasteSpare[:0], nil
 	claimed := f.wastePages
 	f.wastePages = 0
 	var stale []pfnRange
@@ -201,6 +203,9 @@ func (f *MemoryFile) releaseOnce() bool {
 		f.free.insert(r.start, r.end)
 	}
 	f.inflightPages -= claimed
+	if f.wasteSpare == nil {
+		f.wasteSpare = waste[:0]
+	}
 	f.cond.Broadcast()
 	f.mu.Unlock()
 	return true
