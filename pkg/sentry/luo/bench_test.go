@@ -14,7 +14,9 @@ const benchMemfdSize = 1 << 30
 // benchSentry boots a sentry with room for a 1 GiB memfd and fills one in
 // chunks of the given size, which decides the page cache's folio size
 // (4 KiB writes make order-0 folios, aligned 2 MiB writes order-9 ones).
-func benchSentry(b *testing.B, chunk int) (*sentry, int32) {
+func benchSentry(b *testing.B, chunk int) (*sentry, int32) { return benchSentryTB(b, chunk) }
+
+func benchSentryTB(b testing.TB, chunk int) (*sentry, int32) {
 	b.Helper()
 	mf, err := pgalloc.New(pgalloc.Options{Size: 3 << 30})
 	if err != nil {
