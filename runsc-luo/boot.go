@@ -185,19 +185,29 @@ func runIncoming(d *handover.Descriptor, files []*os.File, ch *handover.Channel,
 		return fatalf("%v", err)
 	}
 	s := &sentry{cfg: cfg, k: k, guestFile: files[1], controlFile: files[2], exited: make(chan struct{}), procs: make(map[int]*guestProc)}
-	s.start()
-	accepting := handover.Monotonic()
 	ack := handover.Ack{
 		Accepted: true, Version: version, PID: os.Getpid(), ReceivedAt: received,
-		Map: bt.Map, Ingest: bt.Ingest, LUO: bt.LUO, AcceptingAt: accepting,
+		Map: bt.Map, Ingest: bt.Ingest, LUO: bt.LUO,
 	}
 	if ch != nil {
+		// Until the old sentry has this, it may still roll back: nothing
+		// may be scrubbed (releases stay held, allocations fail) and no
+		// guest may run. If the send fails, the old sentry has closed its
+		// end, which it does only after killing this process or by dying:
+		// the state is ours.
+		ack.AcceptingAt = handover.Monotonic()
 		if err := ch.Send(&ack); err != nil {
 			log.Warningf("acknowledging the handover: %v (going on: the state is ours)", err)
 		}
-		ch.Close()
 	}
 	k.Commit()
+	s.start()
+	// The blackout ends here: guests are served again.
+	ack.AcceptingAt = handover.Monotonic()
+	if ch != nil {
+		ch.Send(&handover.Serving{At: ack.AcceptingAt})
+		ch.Close()
+	}
 	t := handover.MakeTiming(d, &ack, d.PID)
 	s.last = RestartRecord{Generation: d.LiveupdateNumber + 1, Timing: t}
 	if d.Mode == handover.ModeExec {

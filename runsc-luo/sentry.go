@@ -532,6 +532,16 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 	s.mu.Unlock()
 	s.k.Handoff()
 	s.killGuests()
+	// The blackout ends when the new sentry serves guests, after it has
+	// committed; without that message (it died right after the ack) the
+	// ack's time stands in.
+	var serving handover.Serving
+	ch.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := ch.Recv(&serving); err == nil && serving.At >= ack.AcceptingAt {
+		ack.AcceptingAt = serving.At
+	} else {
+		log.Warningf("no serving message from the new sentry (%v): the blackout ends at its ack", err)
+	}
 	return handover.MakeTiming(d, &ack, os.Getpid()), nil
 }
 

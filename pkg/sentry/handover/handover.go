@@ -165,9 +165,17 @@ type Ack struct {
 	Map    time.Duration `json:"map_ns"`
 	Ingest time.Duration `json:"ingest_ns"`
 	LUO    time.Duration `json:"luo_ns"`
-	// AcceptingAt is the CLOCK_MONOTONIC time (ns) the new sentry started
-	// accepting guests: the end of the blackout.
+	// AcceptingAt is the CLOCK_MONOTONIC time (ns) the Ack was sent; the
+	// old sentry replaces it with Serving.At, the end of the blackout.
 	AcceptingAt int64 `json:"accepting_at"`
+}
+
+// Serving is the new sentry's last message in transfer mode: after the
+// Ack it commits (lets its allocator scrub what was not preserved), then
+// serves guests. At is the CLOCK_MONOTONIC time (ns) it started serving,
+// the end of the blackout.
+type Serving struct {
+	At int64 `json:"at"`
 }
 
 // Monotonic returns CLOCK_MONOTONIC in nanoseconds, comparable between
