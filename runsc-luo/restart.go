@@ -50,6 +50,9 @@ func (r *restartCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subco
 		f.Usage()
 		return subcommands.ExitUsageError
 	}
+	if r.mode != handover.ModeTransfer && r.mode != handover.ModeExec {
+		return fatalf("--mode %q: must be %s or %s", r.mode, handover.ModeTransfer, handover.ModeExec)
+	}
 	if r.format != "table" && r.format != "json" {
 		return fatalf("--format %q: must be table or json", r.format)
 	}

@@ -79,7 +79,16 @@ func (r *runCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcomman
 	if r.detach {
 		return subcommands.ExitSuccess
 	}
+	// Show the entrypoint's output (every launch of it) while waiting.
+	done := make(chan struct{})
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		follow(entrypointLogPath(*rootDir, id), os.Stdout, done)
+	}()
 	st, err := waitStopped(id, 0)
+	close(done)
+	<-copied
 	if err != nil {
 		return fatalf("%v", err)
 	}
@@ -88,6 +97,28 @@ func (r *runCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcomman
 		return subcommands.ExitStatus(*st.ExitStatus)
 	}
 	return subcommands.ExitFailure
+}
+
+// follow copies what is appended to path to w until done is closed, and
+// then what is left.
+func follow(path string, w io.Writer, done <-chan struct{}) {
+	var off int64
+	for {
+		stop := false
+		select {
+		case <-done:
+			stop = true
+		case <-time.After(20 * time.Millisecond):
+		}
+		if f, err := os.Open(path); err == nil {
+			n, _ := io.Copy(w, io.NewSectionReader(f, off, 1<<62))
+			off += n
+			f.Close()
+		}
+		if stop {
+			return
+		}
+	}
 }
 
 // startSandbox starts sandbox id's sentry and waits until it serves.

@@ -304,3 +304,20 @@ func TestKillAndDeleteLeaveNothingBehind(t *testing.T) {
 		}
 	})
 }
+
+func TestRunWithoutDetachShowsTheEntrypointAndItsExitStatus(t *testing.T) {
+	c := newCLI(t)
+	out, _, code := c.run("run", "--memory=64M", "fg", "--", "sh", "-c", `echo "socket=$LIVESENTRY_GUEST_SOCKET"; exit 7`)
+	if code != 7 {
+		t.Fatalf("run exit status %d, want the entrypoint's 7", code)
+	}
+	if want := "socket=" + filepath.Join(c.root, "fg", "guest.sock"); !strings.Contains(out, want) {
+		t.Errorf("run output %q does not contain %q", out, want)
+	}
+	if _, err := os.Stat(filepath.Join(c.root, "fg")); !os.IsNotExist(err) {
+		t.Errorf("run left the sandbox behind (%v)", err)
+	}
+	if _, errOut, code := c.run("restart", "--mode=teleport", "fg"); code == 0 || !strings.Contains(errOut, `--mode "teleport"`) {
+		t.Errorf("restart with a bad mode: exit %d, %q", code, errOut)
+	}
+}
