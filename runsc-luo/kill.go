@@ -85,8 +85,12 @@ func killSandbox(id string, sig unix.Signal) error {
 		return nil
 	}
 	if _, err := waitStopped(id, 10*time.Second); err != nil {
-		// Last resort: the sentry is stuck.
+		// Last resort: the sentry is stuck. Its guests are in their own
+		// process groups and would outlive it.
 		unix.Kill(st.PID, unix.SIGKILL)
+		if st.EntrypointPID > 0 {
+			unix.Kill(st.EntrypointPID, unix.SIGKILL)
+		}
 		return err
 	}
 	return nil
