@@ -124,10 +124,11 @@ func New(opts Options) (*Kernel, error) {
 // and the caller must exit without touching the file further so that the
 // previous sentry can take it back.
 //
-// Releases stay held (pgalloc.MemoryFile.HoldReleases) so that nothing the
-// previous sentry still uses is scrubbed in the background; the caller
-// calls Commit once the previous sentry has been told the handover is
-// accepted.
+// Releases stay held (pgalloc.Open starts so; see
+// pgalloc.MemoryFile.HoldReleases): nothing the previous sentry still uses
+// is scrubbed, and allocations that would need scrubbing fail with ENOMEM.
+// The caller calls Commit once the previous sentry has been told the
+// handover is accepted, and serves guests only after that.
 func NewFromHandover(file *os.File, root uint64, opts Options) (*Kernel, BootTiming, error) {
 	var bt BootTiming
 	t0 := time.Now()
@@ -136,6 +137,7 @@ func NewFromHandover(file *os.File, root uint64, opts Options) (*Kernel, BootTim
 		file.Close()
 		return nil, bt, fmt.Errorf("mapping the memory file: %w", err)
 	}
+	// Open starts held; say so here too, so that this never depends on it.
 	mf.HoldReleases()
 	t1 := time.Now()
 	bt.Map = t1.Sub(t0)
