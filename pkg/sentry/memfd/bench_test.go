@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
 
@@ -140,21 +141,25 @@ func BenchmarkRandomPread4K(b *testing.B) {
 }
 
 // pageCacheBytesPerFolio builds a page cache of n order-0 folios and
-// returns the Go heap it takes per folio.
+// returns the Go heap it takes per folio. Everything it allocates is freed
+// (and the memory file's releaser drained) before it returns, so that
+// repeated measurements do not see each other's garbage.
 func pageCacheBytesPerFolio(tb testing.TB, n int) float64 {
-	mf := newTestMemoryFile(tb, 1<<30)
+	mf, err := pgalloc.New(pgalloc.Options{Size: 1 << 30})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer mf.Close()
 	f, err := Create(mf, "overhead", 0)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	defer f.DecRef()
 	// Have the memory file allocate its own page metadata first (8 bytes
 	// a page, per GiB of file): it is not the page cache's.
 	warm, err := mf.Allocate(0)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	defer mf.DecRef(warm)
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
@@ -170,7 +175,10 @@ func pageCacheBytesPerFolio(tb testing.TB, n int) float64 {
 	if got := f.Stat().Blocks; got != int64(n)*8 {
 		tb.Fatalf("%d blocks, want %d", got, n*8)
 	}
-	return float64(after.HeapAlloc-before.HeapAlloc) / float64(n)
+	f.DecRef()
+	mf.DecRef(warm)
+	mf.Drain()
+	return float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / float64(n)
 }
 
 // BenchmarkPageCacheOverhead reports the heap the page cache takes per
