@@ -233,7 +233,7 @@ func (f *File) zeroRange(addr, n uint64) {
 	clear(b[off : off+n])
 }
 
-// zeroFileRange zeroes the file bytes [start, end) where cached folios hold
+// zeroFileRangeLocked zeroes the file bytes [start, end) where cached folios hold
 // them.
 //
 // Preconditions:
