@@ -125,4 +125,3 @@ func reportPerFolio(b *testing.B, folios int) {
 	b.ReportMetric(ns/float64(folios), "ns/folio")
 	b.ReportMetric(ns/1e6, "ms/op")
 }
-
