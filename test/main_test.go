@@ -18,6 +18,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
 )
 
 var (
@@ -153,24 +155,8 @@ func (c *cli) state(id string) sandboxState {
 	return st
 }
 
-// timing is "restart --format json".
-type timing struct {
-	Mode             string        `json:"mode"`
-	Freeze           time.Duration `json:"freeze_ns"`
-	Finalize         time.Duration `json:"finalize_ns"`
-	Send             time.Duration `json:"send_ns"`
-	Map              time.Duration `json:"map_ns"`
-	Ingest           time.Duration `json:"ingest_ns"`
-	LUO              time.Duration `json:"luo_ns"`
-	Ready            time.Duration `json:"ready_ns"`
-	Blackout         time.Duration `json:"blackout_ns"`
-	OldPID           int           `json:"old_pid"`
-	NewPID           int           `json:"new_pid"`
-	NewVersion       string        `json:"new_version"`
-	LiveupdateNumber uint64        `json:"liveupdate_number"`
-	PausedAt         int64         `json:"paused_at"`
-	AcceptingAt      int64         `json:"accepting_at"`
-}
+// timing is "restart --format json": the handover package's Timing.
+type timing = handover.Timing
 
 func (c *cli) restartFull(id string, args ...string) timing { return c.restart(id, args...) }
 
