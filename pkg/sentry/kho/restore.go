@@ -21,6 +21,26 @@ func (k *KHO) RestoreFolio(addr uint64) (pgalloc.Folio, error) {
 	return k.restoreFolioLocked(addr)
 }
 
+// RestoreFolios restores the folios at addrs in order, like RestoreFolio
+// for each but under one lock, into out[:len(addrs)]. It stops at the first
+// address that fails and returns how many were restored before it, with
+// that address's error; those stay restored and are the caller's.
+//
+// Preconditions:
+//   - len(out) >= len(addrs).
+func (k *KHO) RestoreFolios(addrs []uint64, out []pgalloc.Folio) (int, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for i, addr := range addrs {
+		f, err := k.restoreFolioLocked(addr)
+		if err != nil {
+			return i, err
+		}
+		out[i] = f
+	}
+	return len(addrs), nil
+}
+
 // Preconditions: k.mu is locked.
 func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
 	if k.in == nil {

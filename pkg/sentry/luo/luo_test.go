@@ -6,7 +6,9 @@ import (
 	"strings"
 	"testing"
 
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
+	abimemfd "github.com/livesentry/livesentry/pkg/abi/memfd"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/memfd"
@@ -430,5 +432,62 @@ func TestASessionClosedWhileSerializedIsReleasedByAbort(t *testing.T) {
 	}
 	if st := s.l.Status(); len(st.Sessions) != 0 {
 		t.Fatalf("sessions after Abort: %+v", st.Sessions)
+	}
+}
+
+func TestARetrieveThatFailsHalfwayFreesEveryFolio(t *testing.T) {
+	base := allocatedAfterDrain(coldBoot(t))
+	var serAddr uint64
+	s := bootWith(t, func(s *sentry) *luo.FileHandler {
+		return wrapped(s, "memfd-v1", func(ops *luo.FileOps) {
+			preserve := ops.Preserve
+			ops.Preserve = func(a *luo.FileOpArgs) error {
+				err := preserve(a)
+				serAddr = a.SerializedData
+				return err
+			}
+		})
+	})
+	dev, _ := s.openDevice(t)
+	sfd := s.createSession(t, dev, "halfway")
+	fd := s.memfdWith(t, nil)
+	// 16 order-0 folios.
+	for i := 0; i < 16; i++ {
+		if _, err := s.memfd(t, fd).Pwrite([]byte{byte(i + 1)}, int64(i)*pgalloc.PageSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.preserveFD(sfd, fd, 3); err != nil {
+		t.Fatal(err)
+	}
+	// Point the 9th memfd_luo_folio_ser at a page nobody preserved.
+	page := func(addr uint64) []byte {
+		b, err := s.mf.Slice(addr>>pgalloc.PageShift, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	var rec abimemfd.Ser
+	if err := rec.Decode(page(serAddr)); err != nil {
+		t.Fatal(err)
+	}
+	array := page(abikho.VmallocChunkPhys(page(rec.Folios.First), 0))
+	bogus := abimemfd.DecodeFolioSer(array[8*abimemfd.FolioSerSize:])
+	bogus.PFN = s.mf.Pages() - 1
+	bogus.Encode(array[8*abimemfd.FolioSerSize:])
+
+	n := s.restart(t)
+	dev2, _ := n.openDevice(t)
+	r := n.retrieveSession(t, dev2, "halfway")
+	if _, err := n.retrieveFD(r, 3); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("RETRIEVE_FD with a bogus folio record = %v, want EINVAL", err)
+	}
+	if err := n.finish(r); err != nil {
+		t.Fatal(err)
+	}
+	n.fdt.close(t, r)
+	if got := allocatedAfterDrain(n); got != base {
+		t.Fatalf("after the failed retrieve and finish, %d pages are allocated, want the cold-boot baseline %d", got, base)
 	}
 }

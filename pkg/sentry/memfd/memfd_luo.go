@@ -292,7 +292,15 @@ func (h *luoHandler) discardFolios(recs []abimemfd.FolioSer) {
 			continue
 		}
 		// Seed fix 2: restore by address (PFN_PHYS), never by PFN.
-		if fo, err := h.kho.RestoreFolio(r.PFN << pgalloc.PageShift); err == nil {
+		h.discardAddrs([]uint64{r.PFN << pgalloc.PageShift})
+	}
+}
+
+// discardAddrs restores and drops the folios at addrs, skipping any that
+// cannot be restored.
+func (h *luoHandler) discardAddrs(addrs []uint64) {
+	for _, a := range addrs {
+		if fo, err := h.kho.RestoreFolio(a); err == nil {
 			h.mf.DecRef(fo)
 		}
 	}
@@ -318,38 +326,52 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs) error {
 			return err
 		}
 	}
-	folios := make([]CacheFolio, 0, len(recs))
-	fail := func(i int, err error) error {
-		// put_folios: nothing was inserted yet (NewFromFolios takes all
-		// or nothing), so every restored folio is dropped here and the
-		// ones not restored yet are restored and dropped.
-		for _, c := range folios {
-			h.mf.DecRef(c.Folio)
-		}
-		h.discardFolios(recs[i:])
-		return err
-	}
+	// Check every record, then restore all folios under one KHO lock.
+	addrs := make([]uint64, 0, len(recs))
 	for i, r := range recs {
 		if r.PFN == 0 {
 			continue
 		}
 		if r.Flags&^abimemfd.FolioFlagsMask != 0 {
-			return fail(i, fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i, r.PFN, r.Index, addr, r.Flags, unix.EINVAL))
+			h.discardFolios(recs)
+			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i, r.PFN, r.Index, addr, r.Flags, unix.EINVAL)
 		}
-		fo, err := h.kho.RestoreFolio(r.PFN << pgalloc.PageShift)
-		if err != nil {
-			return fail(i+1, fmt.Errorf("memfd_luo_folio_ser[%d] (index %#x) of memfd_luo_ser at %#x: %w", i, r.Index, addr, err))
+		addrs = append(addrs, r.PFN<<pgalloc.PageShift)
+	}
+	restored := make([]pgalloc.Folio, len(addrs))
+	n, err := h.kho.RestoreFolios(addrs, restored)
+	fail := func(err error) error {
+		// put_folios: nothing was inserted yet (NewFromFolios takes all
+		// or nothing), so every restored folio is dropped here and the
+		// ones not restored yet are restored and dropped.
+		for _, fo := range restored[:n] {
+			h.mf.DecRef(fo)
+		}
+		if n < len(addrs) {
+			h.discardAddrs(addrs[n+1:])
+		}
+		return err
+	}
+	if err != nil {
+		return fail(fmt.Errorf("folio %d of memfd_luo_ser at %#x: %w", n, addr, err))
+	}
+	folios := make([]CacheFolio, 0, len(addrs))
+	j := 0
+	for _, r := range recs {
+		if r.PFN == 0 {
+			continue
 		}
 		folios = append(folios, CacheFolio{
 			Index:    r.Index,
-			Folio:    fo,
+			Folio:    restored[j],
 			Dirty:    r.Flags&abimemfd.FolioDirty != 0,
 			Uptodate: r.Flags&abimemfd.FolioUptodate != 0,
 		})
+		j++
 	}
 	f, err := NewFromFolios(h.mf, int64(rec.Size), int64(rec.Pos), folios)
 	if err != nil {
-		return fail(len(recs), fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
+		return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
 	}
 	args.File = f
 	return nil
