@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os/exec"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -284,4 +286,28 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("rebuild changed the tree")
 		}
 	})
+}
+
+// A node with a long name and many children must not make Parse build a
+// path string per child: that costs memory quadratic in the blob, and the
+// blob may come from another sentry.
+func TestParseMemoryIsLinearInTheBlob(t *testing.T) {
+	root := &Node{}
+	parent := root.AddChild(strings.Repeat("n", 16<<10))
+	for i := 0; i < 4000; i++ {
+		parent.AddChild(fmt.Sprintf("c%d", i))
+	}
+	blob, err := Build(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if _, err := Parse(blob, len(blob)); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	if got, limit := after.TotalAlloc-before.TotalAlloc, uint64(64*len(blob)); got > limit {
+		t.Fatalf("parsing a %d-byte blob allocated %d bytes, more than %d", len(blob), got, limit)
+	}
 }

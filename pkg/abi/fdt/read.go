@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -168,7 +169,7 @@ func (p *parser) parse() (*Node, error) {
 		return nil, p.bad("root node named %q, want empty", name)
 	}
 	root := &Node{}
-	if err := p.body(root, "", 1); err != nil {
+	if err := p.body(root, nil, 1); err != nil {
 		return nil, err
 	}
 	if t, err = p.token(); err != nil {
@@ -183,9 +184,32 @@ func (p *parser) parse() (*Node, error) {
 	return root, nil
 }
 
+// nodePath is a node's place in the tree, built only when an error names
+// it: building every child's path string up front would cost time and
+// memory quadratic in the blob for long names.
+type nodePath struct {
+	parent *nodePath
+	name   string
+}
+
+// String returns the path with a trailing slash ("/" for the root).
+func (np *nodePath) String() string {
+	var names []string
+	for e := np; e != nil; e = e.parent {
+		names = append(names, e.name)
+	}
+	var b strings.Builder
+	for i := len(names) - 1; i >= 0; i-- {
+		b.WriteString("/")
+		b.WriteString(names[i])
+	}
+	b.WriteString("/")
+	return b.String()
+}
+
 // body reads n's properties and children up to and including its
 // FDT_END_NODE.
-func (p *parser) body(n *Node, path string, depth int) error {
+func (p *parser) body(n *Node, path *nodePath, depth int) error {
 	props := make(map[string]bool)
 	children := make(map[string]bool)
 	for {
@@ -200,7 +224,7 @@ func (p *parser) body(n *Node, path string, depth int) error {
 		case tokenProp:
 			if len(n.Children) > 0 {
 				p.off = tokOff
-				return p.bad("property after a subnode in node %q", path+"/")
+				return p.bad("property after a subnode in node %q", path.String())
 			}
 			size, ok1 := p.u32()
 			nameOff, ok2 := p.u32()
@@ -220,7 +244,7 @@ func (p *parser) body(n *Node, path string, depth int) error {
 			pname := string(p.strs[nameOff : int(nameOff)+end])
 			if !validName(pname) || props[pname] {
 				p.off = tokOff
-				return p.bad("invalid or repeated property name %q in node %q", pname, path+"/")
+				return p.bad("invalid or repeated property name %q in node %q", pname, path.String())
 			}
 			props[pname] = true
 			n.Props = append(n.Props, Property{Name: pname, Value: bytes.Clone(p.st[p.off : p.off+int(size)])})
@@ -230,7 +254,7 @@ func (p *parser) body(n *Node, path string, depth int) error {
 			}
 		case tokenBeginNode:
 			if depth+1 > MaxDepth {
-				return p.bad("node nested deeper than %d under %q", MaxDepth, path+"/")
+				return p.bad("node nested deeper than %d under %q", MaxDepth, path.String())
 			}
 			name, err := p.name()
 			if err != nil {
@@ -238,17 +262,17 @@ func (p *parser) body(n *Node, path string, depth int) error {
 			}
 			if !validName(name) || children[name] {
 				p.off = tokOff
-				return p.bad("invalid or repeated node name %q in node %q", name, path+"/")
+				return p.bad("invalid or repeated node name %q in node %q", name, path.String())
 			}
 			children[name] = true
 			c := &Node{Name: name}
 			n.Children = append(n.Children, c)
-			if err := p.body(c, path+"/"+name, depth+1); err != nil {
+			if err := p.body(c, &nodePath{parent: path, name: name}, depth+1); err != nil {
 				return err
 			}
 		default:
 			p.off = tokOff
-			return p.bad("unexpected token %#x inside node %q", t, path+"/")
+			return p.bad("unexpected token %#x inside node %q", t, path.String())
 		}
 	}
 }
