@@ -212,6 +212,14 @@ func TestIngestValidation(t *testing.T) {
 			errno: unix.EINVAL, msg: []string{"num_elms 256 above the capacity of 255"},
 		},
 		{
+			name: "an empty chunk is rejected",
+			corrupt: func(t *testing.T, h *handover) uint64 {
+				h.chunkHdr(t, h.chunk0, func(c *abikho.MemChunkHdr) { c.NumElms = 0 })
+				return h.root
+			},
+			errno: unix.EINVAL, msg: []string{"num_elms 0"},
+		},
+		{
 			name: "a misaligned phys_start is rejected",
 			corrupt: func(t *testing.T, h *handover) uint64 {
 				h.bitmapPtr(t, h.chunk0, 0, func(p *abikho.MemBitmapPtr) { p.PhysStart = abikho.PageSize })

@@ -215,6 +215,12 @@ func readMap(mf *pgalloc.MemoryFile, memMap uint64, t *memTracker) error {
 		if hdr.NumElms > abikho.MemChunkCapacity {
 			return fmt.Errorf("map chunk at %#x: num_elms %d above the capacity of %d: %w", addr, hdr.NumElms, abikho.MemChunkCapacity, unix.EINVAL)
 		}
+		// kho_mem_serialize never writes an empty chunk. Refusing them
+		// bounds the walk: every chunk adds a bitmap, and a bitmap
+		// listed twice is refused below.
+		if hdr.NumElms == 0 {
+			return fmt.Errorf("map chunk at %#x (%s): num_elms 0: %w", addr, from, unix.EINVAL)
+		}
 		order := int(hdr.Order)
 		span := uint64(abikho.PreserveBits) << (order + abikho.PageShift)
 		for i := 0; i < int(hdr.NumElms); i++ {
