@@ -118,18 +118,18 @@ func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
 		l.mu.Unlock()
 		return -1, unix.EBUSY
 	}
-	for _, o := range l.outgoing {
-		if o.name == name {
-			l.mu.Unlock()
-			return -1, unix.EEXIST
-		}
-	}
+	// luo_session_insert checks the limit before the name.
 	if len(l.outgoing) >= MaxSessions {
 		l.mu.Unlock()
 		return -1, unix.ENOMEM
 	}
+	if _, ok := l.outgoingNames[name]; ok {
+		l.mu.Unlock()
+		return -1, unix.EEXIST
+	}
 	s := &Session{luo: l, name: name}
 	l.outgoing = append(l.outgoing, s)
+	l.outgoingNames[name] = s
 	l.mu.Unlock()
 
 	fd, err := fdt.InstallFD(s, true)
@@ -182,6 +182,9 @@ func (l *LUO) retrieveSession(fdt FDTable, name string) (int32, error) {
 // Preconditions:
 //   - l.mu is locked.
 func (l *LUO) removeLocked(list *[]*Session, s *Session) {
+	if list == &l.outgoing {
+		delete(l.outgoingNames, s.name)
+	}
 	for i, o := range *list {
 		if o == s {
 			*list = append((*list)[:i], (*list)[i+1:]...)

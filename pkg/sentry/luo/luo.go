@@ -34,6 +34,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
@@ -122,6 +123,10 @@ type LUO struct {
 
 	// +checklocks:mu
 	outgoing []*Session
+	// outgoingNames indexes outgoing by name.
+	//
+	// +checklocks:mu
+	outgoingNames map[string]*Session
 	// +checklocks:mu
 	incoming []*Session
 	// liveupdateNum counts the live updates before this sentry: 0 after a
@@ -139,6 +144,10 @@ type LUO struct {
 	//
 	// +checklocks:mu
 	serialized *serialized
+	// frozen mirrors serialized != nil for readers that hold a session's
+	// mu rather than mu: it only changes while every outgoing session's
+	// mu is held.
+	frozen atomic.Bool
 	// closedWhileSerialized holds outgoing sessions whose last fd went
 	// while serialized: released by Abort, dropped with the sentry
 	// otherwise.
@@ -161,7 +170,7 @@ type LUO struct {
 
 // New returns the LUO of a sentry, over its KHO.
 func New(k *kho.KHO) *LUO {
-	return &LUO{kho: k, preserved: make(map[File]struct{})}
+	return &LUO{kho: k, preserved: make(map[File]struct{}), outgoingNames: make(map[string]*Session)}
 }
 
 // RegisterFileHandler mirrors liveupdate_register_file_handler: EINVAL for

@@ -3,6 +3,7 @@ package luo_test
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -422,6 +423,7 @@ func TestASessionClosedWhileSerializedIsReleasedByAbort(t *testing.T) {
 	}
 	_, err := sessionIoctl(s, dev, abiluo.IoctlCreateSession, "late")
 	wantErrno(t, "CREATE_SESSION while serialized", err, unix.EBUSY)
+	wantErrno(t, "PRESERVE_FD while serialized", s.preserveFD(sfd, s.memfdWith(t, []byte("late")), 2), unix.EBUSY)
 	s.fdt.close(t, sfd)
 	if f := s.memfd(t, fd); !f.Frozen() {
 		t.Fatal("closing a session while serialized unpreserved its files")
@@ -490,4 +492,17 @@ func TestARetrieveThatFailsHalfwayFreesEveryFolio(t *testing.T) {
 	if got := allocatedAfterDrain(n); got != base {
 		t.Fatalf("after the failed retrieve and finish, %d pages are allocated, want the cold-boot baseline %d", got, base)
 	}
+}
+
+func TestTheSessionLimitIsCheckedBeforeTheName(t *testing.T) {
+	if testing.Short() {
+		t.Skip("creates 52,428 sessions")
+	}
+	s := coldBoot(t)
+	dev, _ := s.openDevice(t)
+	for i := 0; i < luo.MaxSessions; i++ {
+		s.createSession(t, dev, fmt.Sprintf("s%d", i))
+	}
+	_, err := sessionIoctl(s, dev, abiluo.IoctlCreateSession, "s0")
+	wantErrno(t, "CREATE_SESSION of an existing name with the outgoing list full", err, unix.ENOMEM)
 }

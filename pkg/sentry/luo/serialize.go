@@ -48,6 +48,7 @@ func (l *LUO) Serialize() error {
 		return err
 	}
 	l.serialized = ser
+	l.frozen.Store(true)
 	return nil
 }
 
@@ -184,6 +185,7 @@ func (l *LUO) Abort() {
 		s.mu.Lock()
 	}
 	l.unfreezeAllLocked()
+	l.frozen.Store(false)
 	for _, s := range l.outgoing {
 		s.mu.Unlock()
 	}

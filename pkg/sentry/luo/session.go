@@ -132,14 +132,21 @@ func (s *Session) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
 // into an incoming session is EINVAL (see docs/luo.md).
 func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 	l := s.luo
-	l.mu.Lock()
-	serialized := l.serialized != nil
-	l.mu.Unlock()
-	if serialized {
-		return unix.EBUSY
-	}
+	// A reference dropped here may be the file's last, and releasing a
+	// device or session takes LUO.mu: drop it after s.mu (lock order).
+	var drop File
+	defer func() {
+		if drop != nil {
+			drop.DecRef()
+		}
+	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// Serialize sets frozen while it holds every session's mu, so this
+	// check cannot race it.
+	if l.frozen.Load() {
+		return unix.EBUSY
+	}
 	if s.incoming {
 		return unix.EINVAL
 	}
@@ -159,12 +166,12 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 	h := l.handlerForLocked(file)
 	if h == nil {
 		l.filesMu.Unlock()
-		file.DecRef()
+		drop = file
 		return unix.ENOENT
 	}
 	if _, ok := l.preserved[file]; ok {
 		l.filesMu.Unlock()
-		file.DecRef()
+		drop = file
 		return unix.EBUSY
 	}
 	l.preserved[file] = struct{}{}
@@ -176,7 +183,7 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 		l.filesMu.Lock()
 		delete(l.preserved, file)
 		l.filesMu.Unlock()
-		file.DecRef()
+		drop = file
 		return err
 	}
 	lf.serializedData, lf.privateData = args.SerializedData, args.PrivateData
