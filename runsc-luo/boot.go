@@ -190,14 +190,19 @@ func runIncoming(d *handover.Descriptor, files []*os.File, ch *handover.Channel,
 		Map: bt.Map, Ingest: bt.Ingest, LUO: bt.LUO,
 	}
 	if ch != nil {
-		// Until the old sentry has this, it may still roll back: nothing
-		// may be scrubbed (releases stay held, allocations fail) and no
-		// guest may run. If the send fails, the old sentry has closed its
-		// end, which it does only after killing this process or by dying:
-		// the state is ours.
+		// Until the old sentry has read this, it may still time out and
+		// roll back: nothing may be scrubbed (releases stay held,
+		// allocations fail) and no guest may run. A successful send says
+		// only that the ack is in the socket buffer, so wait for the old
+		// sentry's Commit, sent once it has read the ack and will never
+		// roll back. If the channel ends instead, the old sentry killed
+		// this process too late, died, or rolled back: exit untouched.
 		ack.AcceptingAt = handover.Monotonic()
 		if err := ch.Send(&ack); err != nil {
-			log.Warningf("acknowledging the handover: %v (going on: the state is ours)", err)
+			return fatalf("acknowledging the handover: %v (exiting untouched: the old sentry may have rolled back)", err)
+		}
+		if err := ch.AwaitCommit(d.PID); err != nil {
+			return fatalf("%v (exiting untouched: the old sentry may have rolled back)", err)
 		}
 	}
 	k.Commit()

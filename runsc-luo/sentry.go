@@ -27,6 +27,22 @@ import (
 
 func nowUTC() time.Time { return time.Now().UTC() }
 
+// faultAckDelay, if set (only by the tests, with -ldflags -X), is how long
+// the old sentry of a transfer-mode restart sleeps before reading the new
+// sentry's ack: it stands in for being descheduled near its deadline.
+var faultAckDelay string
+
+// commitSendTimeout bounds sending the Commit (a few bytes into an empty
+// socket buffer).
+const commitSendTimeout = 2 * time.Second
+
+// closeAll closes files that came with a message that carries none.
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
 // guestProc is a guest process the sentry launched.
 type guestProc struct {
 	pid   int
@@ -472,7 +488,9 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 	deadline := time.Now().Add(timeout)
 	ch.SetDeadline(deadline)
 	var ready handover.Ready
-	if _, err := ch.Recv(&ready); err != nil {
+	files, err := ch.Recv(&ready)
+	closeAll(files)
+	if err != nil {
 		kill()
 		return t, fmt.Errorf("the new sentry (%s) did not become ready: %w (exit: %v)", binary, err, cmd.ProcessState)
 	}
@@ -512,8 +530,17 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 		s.rollback(true)
 		return t, fmt.Errorf("sending the handover: %w", err)
 	}
+	if faultAckDelay != "" {
+		// Fault injection (test builds only): this sentry descheduled
+		// just before it reads the ack.
+		if dl, err := time.ParseDuration(faultAckDelay); err == nil {
+			time.Sleep(dl)
+		}
+	}
 	var ack handover.Ack
-	if _, err := ch.Recv(&ack); err != nil {
+	files, err = ch.Recv(&ack)
+	closeAll(files)
+	if err != nil {
 		kill()
 		s.rollback(true)
 		return t, fmt.Errorf("waiting for the new sentry's acknowledgement: %w", err)
@@ -523,9 +550,19 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 		s.rollback(true)
 		return t, fmt.Errorf("the new sentry %q refused the handover: %s", ack.Version, ack.Error)
 	}
-	// Accepted: the state is the new sentry's. Forget every guest without
-	// releasing anything, stop the guest processes, and exit once the CLI
-	// has its answer.
+	// The ack was read within the deadline: commit. The new sentry touches
+	// nothing before it has this message, so a failed send can still be
+	// rolled back (the new one is killed before anything resumes here);
+	// once it is sent, this sentry never rolls back.
+	ch.SetDeadline(time.Now().Add(commitSendTimeout))
+	if err := ch.Send(&handover.Commit{PID: os.Getpid()}); err != nil {
+		kill()
+		s.rollback(true)
+		return t, fmt.Errorf("committing the handover: %w", err)
+	}
+	// Committed: the state is the new sentry's. Forget every guest
+	// without releasing anything, stop the guest processes, and exit once
+	// the CLI has its answer.
 	s.mu.Lock()
 	s.handedOver = true
 	s.exitAfterRPC = true
@@ -537,7 +574,9 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 	// ack's time stands in.
 	var serving handover.Serving
 	ch.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := ch.Recv(&serving); err == nil && serving.At >= ack.AcceptingAt {
+	files, err = ch.Recv(&serving)
+	closeAll(files)
+	if err == nil && serving.At >= ack.AcceptingAt {
 		ack.AcceptingAt = serving.At
 	} else {
 		log.Warningf("no serving message from the new sentry (%v): the blackout ends at its ack", err)

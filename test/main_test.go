@@ -26,6 +26,9 @@ var (
 	// runsc is the runsc-luo under test; runscV2 the same code with
 	// version "livesentry-v2"; runscV9 with memfd handler "memfd-v9".
 	runsc, runscV2, runscV9 string
+	// runscSlowAck is a build whose old sentry sleeps 1.5 s before it
+	// reads a transfer-mode restart's ack (fault injection).
+	runscSlowAck string
 	// binDir holds the binaries and helper scripts.
 	binDir string
 )
@@ -54,10 +57,12 @@ func TestMain(m *testing.M) {
 		runsc = filepath.Join(dir, "runsc-luo")
 		runscV2 = filepath.Join(dir, "runsc-luo-v2")
 		runscV9 = filepath.Join(dir, "runsc-luo-memfd-v9")
+		runscSlowAck = filepath.Join(dir, "runsc-luo-slow-ack")
 		for _, b := range []struct{ out, ldflags string }{
 			{runsc, ""},
 			{runscV2, "-X main.version=livesentry-v2"},
 			{runscV9, "-X main.version=livesentry-memfd-v9 -X github.com/livesentry/livesentry/pkg/sentry/memfd.compatible=memfd-v9"},
+			{runscSlowAck, "-X main.version=livesentry-slow-ack -X main.faultAckDelay=1500ms"},
 		} {
 			if err := build(b.out, b.ldflags); err != nil {
 				fmt.Fprintln(os.Stderr, err)

@@ -8,7 +8,14 @@
 //     Unix socket pair. It says Ready; the old one sends the descriptor
 //     with the memory file and the sandbox's listening sockets as
 //     SCM_RIGHTS; the new one answers with an Ack (accepted, with its
-//     timing, or refused, with the reason). Nothing else crosses.
+//     timing, or refused, with the reason). An accepted Ack is followed by
+//     the old sentry's Commit: the new sentry must not change anything the
+//     old one could still need (scrub, serve guests, relaunch the
+//     entrypoint) before it has the Commit, because until the old one has
+//     read the Ack it may still time out and roll back. The new sentry
+//     exits untouched if the channel ends instead; the old one never rolls
+//     back once it has sent the Commit. Serving, the new sentry's last
+//     message, marks the end of the blackout.
 //   - exec: the old sentry execve's the new binary; the descriptor goes in
 //     an environment variable and the files are inherited (FD_CLOEXEC
 //     cleared), their numbers named in the descriptor.
@@ -26,8 +33,8 @@ import (
 )
 
 // ProtocolVersion is the version of the handover messages. A sentry
-// refuses a descriptor of another version.
-const ProtocolVersion = 1
+// refuses a descriptor of another version. Version 2 added Commit.
+const ProtocolVersion = 2
 
 // Modes of a live restart.
 const (
@@ -170,8 +177,16 @@ type Ack struct {
 	AcceptingAt int64 `json:"accepting_at"`
 }
 
+// Commit is the old sentry's answer to an accepted Ack: it read the Ack
+// within its deadline, handed off, and will never roll back. Only then may
+// the new sentry commit (scrub), serve guests and relaunch the entrypoint.
+type Commit struct {
+	// PID is the old sentry's pid.
+	PID int `json:"pid"`
+}
+
 // Serving is the new sentry's last message in transfer mode: after the
-// Ack it commits (lets its allocator scrub what was not preserved), then
+// old sentry's Commit it commits (lets its allocator scrub what was not preserved), then
 // serves guests. At is the CLOCK_MONOTONIC time (ns) it started serving,
 // the end of the blackout.
 type Serving struct {

@@ -28,7 +28,7 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 		want   string
 	}{
 		{"a good descriptor passes", func(d *Descriptor) {}, ""},
-		{"another protocol version is refused", func(d *Descriptor) { d.Protocol = 2 }, "protocol 2"},
+		{"another protocol version is refused", func(d *Descriptor) { d.Protocol = 1 }, "protocol 1"},
 		{"an unknown mode is refused", func(d *Descriptor) { d.Mode = "teleport" }, `mode "teleport"`},
 		{"a zero root is refused", func(d *Descriptor) { d.Root = 0 }, "root 0x0"},
 		{"an unaligned root is refused", func(d *Descriptor) { d.Root = 0x5008 }, "root 0x5008"},
@@ -134,6 +134,45 @@ func TestRecvRejectsMalformedMessages(t *testing.T) {
 			_, err = a.Recv(&d)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Recv: %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestAwaitCommitAcceptsOnlyTheOldSentrysCommit(t *testing.T) {
+	tests := []struct {
+		name string
+		old  func(c *Channel)
+		want string
+	}{
+		{"the old sentry's commit", func(c *Channel) { c.Send(&Commit{PID: 42}) }, ""},
+		{"the channel ends instead (the old sentry rolled back or died)", func(c *Channel) {}, "EOF"},
+		{"a commit from another pid", func(c *Channel) { c.Send(&Commit{PID: 7}) }, "pid 7"},
+		{"a commit with a file attached", func(c *Channel) { c.Send(&Commit{PID: 42}, os.Stdin) }, "1 files"},
+		{"garbage", func(c *Channel) { c.conn.Write([]byte{3, 0, 0, 0, 0, 0, 0, 0, 'x', 'y', 'z'}) }, "decoding"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			old, peer, err := Pair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			newc, err := NewChannel(peer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer newc.Close()
+			tc.old(old)
+			old.Close()
+			err = newc.AwaitCommit(42)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("AwaitCommit: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("AwaitCommit: %v, want an error containing %q", err, tc.want)
 			}
 		})
 	}

@@ -140,6 +140,32 @@ func (c *Channel) Recv(msg any) ([]*os.File, error) {
 	return files, nil
 }
 
+// AwaitCommit is the new sentry's step after sending an accepted Ack: it
+// waits, without a deadline (the old sentry kills this process if it rolls
+// back), for the old sentry's Commit. Any other outcome — the channel ends
+// because the old sentry died or closed it, a malformed message, files
+// attached — is an error, and the caller must then exit without touching
+// the state: the old sentry may have rolled back and be serving it again.
+func (c *Channel) AwaitCommit(oldPID int) error {
+	if err := c.conn.SetDeadline(time.Time{}); err != nil {
+		return fmt.Errorf("waiting for the old sentry's commit: %w", err)
+	}
+	var m Commit
+	files, err := c.Recv(&m)
+	for _, f := range files {
+		f.Close()
+	}
+	switch {
+	case err != nil:
+		return fmt.Errorf("waiting for the old sentry's commit: %w", err)
+	case len(files) != 0:
+		return fmt.Errorf("the old sentry's commit came with %d files", len(files))
+	case m.PID != oldPID:
+		return fmt.Errorf("a commit from pid %d, but the old sentry is pid %d", m.PID, oldPID)
+	}
+	return nil
+}
+
 // parseRights returns the files of every SCM_RIGHTS message in oob.
 func parseRights(oob []byte) ([]*os.File, error) {
 	if len(oob) == 0 {
