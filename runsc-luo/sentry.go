@@ -32,6 +32,9 @@ func nowUTC() time.Time { return time.Now().UTC() }
 // sentry's ack: it stands in for being descheduled near its deadline.
 var faultAckDelay string
 
+// defaultRestartTimeout is a restart's timeout when none is given.
+const defaultRestartTimeout = 10 * time.Second
+
 // commitSendTimeout bounds sending the Commit (a few bytes into an empty
 // socket buffer).
 const commitSendTimeout = 2 * time.Second
@@ -64,12 +67,19 @@ type sentry struct {
 	guestFile   *os.File
 	controlFile *os.File
 
-	mu           sync.Mutex
-	guestLn      *net.UnixListener
-	controlLn    *net.UnixListener
-	procs        map[int]*guestProc
-	finished     map[int]WaitResult
-	restarting   bool
+	mu         sync.Mutex
+	guestLn    *net.UnixListener
+	controlLn  *net.UnixListener
+	procs      map[int]*guestProc
+	finished   map[int]WaitResult
+	restarting bool
+	// restartDone is closed when the restart in progress has its
+	// outcome; nil when none is.
+	restartDone chan struct{}
+	// pendingStop is a stop asked for during a restart (the entrypoint
+	// exited, SIGTERM, a terminating Signal): applied after a rollback,
+	// dropped after a handoff (this process exits; the new sentry serves).
+	pendingStop  *stopRequest
 	handedOver   bool
 	stopped      bool
 	exitAfterRPC bool
@@ -77,6 +87,12 @@ type sentry struct {
 	server       *urpc.Server
 	exitStatus   subcommands.ExitStatus
 	exited       chan struct{}
+}
+
+// stopRequest is a stop of the sandbox: its exit status and why.
+type stopRequest struct {
+	exitStatus int
+	reason     string
 }
 
 // newSentry makes a cold-booted sandbox's directory and sockets.
@@ -138,8 +154,9 @@ func (s *sentry) start() {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT)
 	go func() {
-		sig := <-sigs
-		s.shutdown(fmt.Sprintf("sentry killed by %v", sig))
+		for sig := range sigs {
+			s.shutdown(fmt.Sprintf("sentry killed by %v", sig))
+		}
 	}()
 }
 
@@ -270,6 +287,11 @@ func (s *sentry) launch(argv, env []string, stdin, stdout, stderr *os.File, entr
 	if s.stopped || s.handedOver {
 		return nil, fmt.Errorf("the sandbox is stopping")
 	}
+	if s.restarting {
+		// A guest started now would outlive an exec-mode restart's
+		// execve unnoticed, or be killed by a transfer-mode handoff.
+		return nil, fmt.Errorf("the sandbox is restarting, try again: %w", unix.EBUSY)
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
 	}
@@ -297,7 +319,7 @@ func (s *sentry) reap(p *guestProc) {
 	s.mu.Unlock()
 	if p.entry && !quiet {
 		log.Infof("entrypoint (pid %d) exited: %+v", p.pid, p.res)
-		s.stop(p.res.ExitStatus, "")
+		s.requestStop(p.res.ExitStatus, "")
 	}
 }
 
@@ -359,9 +381,63 @@ func stopOldGuest(pid int) {
 	unix.Wait4(pid, &ws, 0, nil)
 }
 
+// requestStop stops the sandbox, or, while a restart is in progress,
+// queues the stop until the restart's outcome (see endRestart): a stop
+// must not run alongside a handover.
+func (s *sentry) requestStop(exitStatus int, reason string) {
+	s.mu.Lock()
+	if s.restarting {
+		if s.pendingStop == nil {
+			s.pendingStop = &stopRequest{exitStatus, reason}
+		}
+		s.mu.Unlock()
+		log.Infof("stop (exit status %d, %q) during a restart: deferred until its outcome", exitStatus, reason)
+		return
+	}
+	s.mu.Unlock()
+	s.stop(exitStatus, reason)
+}
+
+// beginRestart marks a restart in progress; false if one is, or the
+// sandbox is stopping.
+func (s *sentry) beginRestart() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.restarting || s.stopped || s.handedOver {
+		return false
+	}
+	s.restarting = true
+	s.restartDone = make(chan struct{})
+	return true
+}
+
+// endRestart ends the restart in progress and applies a stop requested
+// during it: after a rollback the sandbox stops now; after a handoff the
+// request is dropped (the new sentry serves the sandbox).
+func (s *sentry) endRestart() {
+	s.mu.Lock()
+	s.restarting = false
+	pending := s.pendingStop
+	s.pendingStop = nil
+	done := s.restartDone
+	s.restartDone = nil
+	handedOver := s.handedOver
+	s.mu.Unlock()
+	close(done)
+	if pending == nil {
+		return
+	}
+	if handedOver {
+		log.Infof("stop (%q) requested during the restart dropped: the sandbox was handed over", pending.reason)
+		return
+	}
+	log.Infof("applying the stop (%q) requested during the rolled-back restart", pending.reason)
+	go s.stop(pending.exitStatus, pending.reason)
+}
+
 // stop ends the sandbox: guests killed, kernel shut down (every guest fd
 // closed), sockets removed, state "stopped" with the entrypoint's exit
-// status.
+// status. It must not run during a restart (requestStop).
 func (s *sentry) stop(exitStatus int, reason string) {
 	s.mu.Lock()
 	if s.stopped || s.handedOver {
@@ -387,8 +463,8 @@ func (s *sentry) stop(exitStatus int, reason string) {
 	close(s.exited)
 }
 
-// shutdown stops the sandbox for reason.
-func (s *sentry) shutdown(reason string) { s.stop(128+int(unix.SIGKILL), reason) }
+// shutdown stops the sandbox for reason (deferred during a restart).
+func (s *sentry) shutdown(reason string) { s.requestStop(128+int(unix.SIGKILL), reason) }
 
 // cleanupSockets closes and removes both sockets.
 func (s *sentry) cleanupSockets() {
@@ -499,10 +575,16 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 		return t, fmt.Errorf("the new sentry %q speaks handover protocol %d, this one %d", ready.Version, ready.Protocol, handover.ProtocolVersion)
 	}
 
-	// The blackout starts.
+	// The blackout starts. Pause waits for guest calls in progress at
+	// most until the restart's deadline; then the restart fails and
+	// dispatch goes on.
 	pausedAt := handover.Monotonic()
 	s.stopAccepting()
-	s.k.Pause()
+	if err := s.k.Pause(deadline); err != nil {
+		kill()
+		s.rollback(false)
+		return t, err
+	}
 	h, ht, err := s.k.PrepareHandover()
 	if err != nil {
 		kill()
@@ -601,7 +683,10 @@ func (s *sentry) restartExec(binary string, timeout time.Duration) error {
 	}
 	pausedAt := handover.Monotonic()
 	s.stopAccepting()
-	s.k.Pause()
+	if err := s.k.Pause(time.Now().Add(timeout)); err != nil {
+		s.rollback(false)
+		return err
+	}
 	h, ht, err := s.k.PrepareHandover()
 	if err != nil {
 		s.rollback(false)
@@ -699,18 +784,10 @@ func (c *Sentry) State(_ *Empty, out *state) error {
 // ends with the execve and LastRestart has the outcome.
 func (c *Sentry) Restart(a *RestartArgs, out *handover.Timing) error {
 	s := c.s
-	s.mu.Lock()
-	if s.restarting || s.stopped || s.handedOver {
-		s.mu.Unlock()
+	if !s.beginRestart() {
 		return fmt.Errorf("the sandbox is already restarting or stopping: %w", unix.EBUSY)
 	}
-	s.restarting = true
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		s.restarting = false
-		s.mu.Unlock()
-	}()
+	defer s.endRestart()
 	binary := a.Binary
 	if binary == "" {
 		exe, err := os.Executable()
@@ -721,7 +798,7 @@ func (c *Sentry) Restart(a *RestartArgs, out *handover.Timing) error {
 	}
 	timeout := a.Timeout
 	if timeout <= 0 {
-		timeout = 10 * time.Second
+		timeout = defaultRestartTimeout
 	}
 	switch a.Mode {
 	case "", handover.ModeTransfer:
@@ -788,13 +865,26 @@ func (c *Sentry) Signal(a *SignalArgs, _ *Empty) error {
 	if a.Signal <= 0 || a.Signal > 64 {
 		return fmt.Errorf("signal %d: %w", a.Signal, unix.EINVAL)
 	}
-	c.s.mu.Lock()
-	for pid := range c.s.procs {
+	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+	s := c.s
+	s.mu.Lock()
+	if done := s.restartDone; stops && done != nil {
+		// A stop must not run alongside a restart: wait for its outcome
+		// (bounded by the restart's timeout).
+		s.mu.Unlock()
+		<-done
+		s.mu.Lock()
+	}
+	if s.handedOver {
+		s.mu.Unlock()
+		return fmt.Errorf("the sandbox was handed over to a new sentry, signal it there: %w", unix.EAGAIN)
+	}
+	for pid := range s.procs {
 		unix.Kill(pid, sig)
 	}
-	c.s.mu.Unlock()
-	if sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL {
-		go c.s.stop(128+a.Signal, "killed by "+sig.String())
+	s.mu.Unlock()
+	if stops {
+		go s.requestStop(128+a.Signal, "killed by "+sig.String())
 	}
 	return nil
 }

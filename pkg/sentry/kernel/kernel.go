@@ -16,8 +16,10 @@
 // or AbortHandover and Resume (the restart was refused: unfreeze, discard
 // the finalize output, go on serving).
 //
-// Lock order: Kernel.gate → Kernel.mu → FDTable.mu; files' own locks are
-// taken by the calls with none of these held except gate (shared).
+// Lock order: Kernel.mu → FDTable.mu; files' own locks are taken by the
+// calls with neither held. The dispatch gate is a count of calls in
+// progress under Kernel.mu, not a lock: a call "holds" it between enter
+// and exit.
 package kernel
 
 import (
@@ -51,21 +53,28 @@ type Kernel struct {
 	luo  *luo.LUO
 	logf func(format string, args ...any)
 
-	// gate is held shared by every guest call while it runs and
-	// exclusively by Pause, so that a paused kernel runs no call.
-	gate sync.RWMutex
-
 	mu sync.Mutex
+
+	// cond is signalled (L is &mu) whenever active, pause, handedOver or
+	// shutdown changes.
+	cond sync.Cond
 
 	// procs are the connected guest processes.
 	//
 	// +checklocks:mu
 	procs map[*Process]struct{}
 
-	// paused is set between Pause and Resume.
+	// active counts the guest calls in progress. It is the dispatch gate:
+	// a call enters only while pause is pauseNone, and Pause waits for
+	// active to drop to 0.
 	//
 	// +checklocks:mu
-	paused bool
+	active int
+
+	// pause is where the kernel is in Pause/Resume.
+	//
+	// +checklocks:mu
+	pause pauseState
 
 	// handedOver is set by Handoff: the state belongs to the next sentry
 	// and no guest's exit may release anything.
@@ -83,6 +92,19 @@ type Kernel struct {
 	// +checklocks:mu
 	lastID uint64
 }
+
+// pauseState is a Kernel's state in Pause/Resume.
+type pauseState int
+
+const (
+	// pauseNone: calls are dispatched.
+	pauseNone pauseState = iota
+	// pausePending: Pause is waiting for the calls in progress; new calls
+	// wait.
+	pausePending
+	// pauseHeld: Pause returned; no call runs until Resume.
+	pauseHeld
+)
 
 // BootTiming is how long each step of a live-update boot took.
 type BootTiming struct {
@@ -166,7 +188,9 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
-	return &Kernel{mf: mf, kho: k, luo: l, logf: logf, procs: make(map[*Process]struct{})}
+	kk := &Kernel{mf: mf, kho: k, luo: l, logf: logf, procs: make(map[*Process]struct{})}
+	kk.cond.L = &kk.mu
+	return kk
 }
 
 // Commit ends the quarantine of a live-update boot: the previous sentry
@@ -214,30 +238,90 @@ func (k *Kernel) ServeConn(c *net.UnixConn) {
 	p.serve()
 }
 
+// ErrPauseTimeout is returned by Pause when calls in progress did not
+// finish by its deadline.
+var ErrPauseTimeout = errors.New("guest calls still in progress at the pause deadline")
+
 // Pause stops dispatching guest calls: it waits for calls in progress to
 // finish and holds new ones until Resume. Guests stay connected and their
-// fds stay open. Pausing a paused kernel does nothing.
-func (k *Kernel) Pause() {
+// fds stay open. If calls are still in progress at deadline (the zero
+// time: no deadline), Pause gives up: dispatch goes on as before, nothing
+// else changed, and the error (ErrPauseTimeout) says how many calls were
+// stuck. A kernel already paused, pausing, handed over or shut down is not
+// paused again (an error): Pause and Resume are used by one restart at a
+// time.
+func (k *Kernel) Pause(deadline time.Time) error {
 	k.mu.Lock()
-	if k.paused {
-		k.mu.Unlock()
-		return
+	defer k.mu.Unlock()
+	switch {
+	case k.handedOver:
+		return fmt.Errorf("pausing: the kernel has handed over")
+	case k.shutdown:
+		return fmt.Errorf("pausing: the kernel is shut down")
+	case k.pause != pauseNone:
+		return fmt.Errorf("pausing: the kernel is already paused")
 	}
-	k.paused = true
-	k.mu.Unlock()
-	k.gate.Lock()
+	k.pause = pausePending
+	expired := false
+	if !deadline.IsZero() {
+		t := time.AfterFunc(time.Until(deadline), func() {
+			k.mu.Lock()
+			expired = true
+			k.cond.Broadcast()
+			k.mu.Unlock()
+		})
+		defer t.Stop()
+	}
+	for k.active > 0 {
+		if expired {
+			n := k.active
+			k.pause = pauseNone
+			k.cond.Broadcast()
+			return fmt.Errorf("pausing: %d %w", n, ErrPauseTimeout)
+		}
+		k.cond.Wait()
+	}
+	k.pause = pauseHeld
+	return nil
 }
 
-// Resume undoes Pause.
+// Resume undoes a Pause that returned nil. It does nothing unless the
+// kernel is paused and not handed over: it never releases a pause it does
+// not hold.
 func (k *Kernel) Resume() {
 	k.mu.Lock()
-	if !k.paused {
-		k.mu.Unlock()
+	defer k.mu.Unlock()
+	if k.pause != pauseHeld || k.handedOver {
 		return
 	}
-	k.paused = false
+	k.pause = pauseNone
+	k.cond.Broadcast()
+}
+
+// enter lets a guest call in, waiting while the kernel is paused or
+// pausing; it fails once the kernel has handed over. The caller calls
+// exit when the call is done.
+func (k *Kernel) enter() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for k.pause != pauseNone && !k.handedOver {
+		k.cond.Wait()
+	}
+	if k.handedOver {
+		return errors.New("the sentry has handed over")
+	}
+	k.active++
+	return nil
+}
+
+// exit ends a call let in by enter.
+func (k *Kernel) exit() {
+	k.mu.Lock()
+	k.active--
+	if k.active == 0 {
+		k.cond.Broadcast()
+	}
 	k.mu.Unlock()
-	k.gate.Unlock()
 }
 
 // HandoverTiming is how long each step of PrepareHandover took.
@@ -267,7 +351,7 @@ type Handover struct {
 func (k *Kernel) PrepareHandover() (Handover, HandoverTiming, error) {
 	var ht HandoverTiming
 	k.mu.Lock()
-	paused := k.paused
+	paused := k.pause == pauseHeld && !k.handedOver
 	k.mu.Unlock()
 	if !paused {
 		return Handover{}, ht, fmt.Errorf("preparing a handover: the kernel is not paused")
@@ -312,6 +396,7 @@ func (k *Kernel) Handoff() {
 	for p := range k.procs {
 		procs = append(procs, p)
 	}
+	k.cond.Broadcast()
 	k.mu.Unlock()
 	for _, p := range procs {
 		p.fdt.drop()
@@ -321,15 +406,27 @@ func (k *Kernel) Handoff() {
 
 // Shutdown closes every guest connection (their fds are closed as by
 // process exit, unless the kernel has handed over) and then the memory
-// file. The kernel must not be used afterwards.
+// file. The kernel must not be used afterwards; a second Shutdown does
+// nothing. A restart in flight (Pause returned, neither Resume nor Handoff
+// yet, or Pause still waiting) is waited for first: Shutdown never
+// releases a pause it does not hold, and never unmaps the memory file
+// while PrepareHandover or AbortHandover may use it.
 func (k *Kernel) Shutdown() {
 	k.mu.Lock()
+	for k.pause != pauseNone && !k.handedOver {
+		k.cond.Wait()
+	}
+	if k.shutdown {
+		k.mu.Unlock()
+		return
+	}
 	k.shutdown = true
 	procs := make([]*Process, 0, len(k.procs))
 	for p := range k.procs {
 		procs = append(procs, p)
 	}
 	handedOver := k.handedOver
+	k.cond.Broadcast()
 	k.mu.Unlock()
 	if handedOver {
 		// Calls held by the pause never run; the memory file is the next
@@ -337,7 +434,6 @@ func (k *Kernel) Shutdown() {
 		k.mf.Close()
 		return
 	}
-	k.Resume()
 	for _, p := range procs {
 		p.conn.Close()
 	}

@@ -393,7 +393,9 @@ func TestPauseHoldsCallsUntilResume(t *testing.T) {
 	s := newSandbox(t)
 	g := s.dial(t)
 	fd := mustFD(t)(g.MemfdCreate("p", 0))
-	s.k.Pause()
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
 	go func() {
 		_, err := g.Write(fd, []byte("late"))

@@ -149,20 +149,16 @@ func (p *Process) handshake() error {
 	return nil
 }
 
-// call runs one request: it holds the gate shared, so a paused kernel
+// call runs one request: it enters the dispatch gate, so a paused kernel
 // runs no call, dispatches, drains whatever payload the call did not
 // consume and writes the result frame. An error return ends the
 // connection.
 func (p *Process) call(h *abiguest.RequestHeader) error {
 	k := p.k
-	k.gate.RLock()
-	defer k.gate.RUnlock()
-	k.mu.Lock()
-	handedOver := k.handedOver
-	k.mu.Unlock()
-	if handedOver {
-		return errors.New("the sentry has handed over")
+	if err := k.enter(); err != nil {
+		return err
 	}
+	defer k.exit()
 	p.conn.SetDeadline(time.Now().Add(transferTimeout))
 	c := syscall{p: p, h: h, left: int64(h.DataLen)}
 	res, reply, err := c.dispatch()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/livesentry/livesentry/pkg/guest"
 	"golang.org/x/sys/unix"
@@ -29,7 +30,9 @@ func preserveOne(t *testing.T, g *guest.Conn, dev int, name string, token uint64
 // process, as a transfer-mode restart does across processes.
 func restartInProcess(t *testing.T, s *sandbox) *sandbox {
 	t.Helper()
-	s.k.Pause()
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
 	h, _, err := s.k.PrepareHandover()
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
@@ -100,7 +103,9 @@ func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
 	dev := mustFD(t)(g.OpenLiveUpdate())
 	data := bytes.Repeat([]byte("abcd"), 3000)
 	_, fd := preserveOne(t, g, dev, "s", 1, data)
-	s.k.Pause()
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
 	if _, _, err := s.k.PrepareHandover(); err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,202 @@
+package kernel
+
+import (
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+)
+
+// rawRequest sends a request header with args and the first sent bytes of
+// a payload of dataLen bytes.
+func rawRequest(t *testing.T, c net.Conn, op abiguest.Op, dataLen uint32, sent []byte, args ...uint64) {
+	t.Helper()
+	h := abiguest.RequestHeader{Op: op, DataLen: dataLen}
+	copy(h.Args[:], args)
+	b := make([]byte, abiguest.RequestHeaderSize)
+	h.Encode(b)
+	if _, err := c.Write(append(b, sent...)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// rawResult reads one result frame.
+func rawResult(t *testing.T, c net.Conn) abiguest.ResponseHeader {
+	t.Helper()
+	b := make([]byte, abiguest.ResponseHeaderSize)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, b); err != nil {
+		t.Fatalf("reading a result: %v", err)
+	}
+	h, err := abiguest.DecodeResponseHeader(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(io.Discard, c, int64(h.Len)); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// stuckCall leaves a guest inside a write call: its header promises a
+// payload it never finishes sending.
+func stuckCall(t *testing.T, s *sandbox) net.Conn {
+	t.Helper()
+	c := rawConn(t, s, true)
+	rawRequest(t, c, abiguest.OpMemfdCreate, 2, []byte("x\x00"), 0)
+	h := rawResult(t, c)
+	if h.Errno != 0 {
+		t.Fatalf("memfd_create: errno %d", h.Errno)
+	}
+	rawRequest(t, c, abiguest.OpWrite, 1<<20, make([]byte, 4096), uint64(h.Result))
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		s.k.mu.Lock()
+		active := s.k.active
+		s.k.mu.Unlock()
+		if active == 1 {
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the stuck call never started (%d calls active)", active)
+		}
+	}
+}
+
+func TestShutdownWaitsForARestartInFlight(t *testing.T) {
+	s := newSandbox(t)
+	g := s.dial(t)
+	fd := mustFD(t)(g.MemfdCreate("m", 0))
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan error, 1)
+	go func() {
+		_, err := g.Write(fd, []byte("held"))
+		held <- err
+	}()
+	shut := make(chan struct{})
+	go func() { s.k.Shutdown(); close(shut) }()
+	select {
+	case <-shut:
+		t.Fatal("Shutdown returned while a restart held the pause")
+	case err := <-held:
+		t.Fatalf("a call ran during the pause once Shutdown started (err %v)", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	// The memory file is still mapped: the restart can prepare and abort.
+	if _, _, err := s.k.PrepareHandover(); err != nil {
+		t.Fatalf("PrepareHandover during a waiting Shutdown: %v", err)
+	}
+	if err := s.k.AbortHandover(); err != nil {
+		t.Fatal(err)
+	}
+	s.k.Resume()
+	select {
+	case <-shut:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not finish after the restart resumed")
+	}
+	select {
+	case <-held:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the held call never ended after Shutdown")
+	}
+	// A second Shutdown (the test's cleanup) does nothing.
+}
+
+func TestShutdownDuringAPendingPauseNeitherUnlocksNorCrashes(t *testing.T) {
+	s := newSandbox(t)
+	c := stuckCall(t, s)
+	paused := make(chan error, 1)
+	go func() { paused <- s.k.Pause(time.Time{}) }()
+	for {
+		s.k.mu.Lock()
+		pending := s.k.pause == pausePending
+		s.k.mu.Unlock()
+		if pending {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	shut := make(chan struct{})
+	go func() { s.k.Shutdown(); close(shut) }()
+	select {
+	case err := <-paused:
+		t.Fatalf("Pause returned while a call was in progress: %v", err)
+	case <-shut:
+		t.Fatal("Shutdown returned while Pause was waiting")
+	case <-time.After(100 * time.Millisecond):
+	}
+	c.Close() // the stuck call ends; Pause gets the kernel
+	if err := <-paused; err != nil {
+		t.Fatalf("Pause: %v", err)
+	}
+	select {
+	case <-shut:
+		t.Fatal("Shutdown returned while the restart held the pause")
+	case <-time.After(50 * time.Millisecond):
+	}
+	s.k.Handoff()
+	select {
+	case <-shut:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not finish after the handoff")
+	}
+}
+
+func TestResumeNeverReleasesAPauseItDoesNotHold(t *testing.T) {
+	s := newSandbox(t)
+	g := s.dial(t)
+	fd := mustFD(t)(g.MemfdCreate("m", 0))
+	s.k.Resume() // not paused: nothing to release
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.k.Pause(time.Time{}); err == nil {
+		t.Fatal("a second Pause of a paused kernel succeeded")
+	}
+	held := make(chan error, 1)
+	go func() {
+		_, err := g.Write(fd, []byte("held"))
+		held <- err
+	}()
+	select {
+	case err := <-held:
+		t.Fatalf("a call ran while paused (err %v)", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	s.k.Resume()
+	if err := <-held; err != nil {
+		t.Fatalf("the held call after Resume: %v", err)
+	}
+}
+
+func TestPauseGivesUpAtItsDeadlineAndDispatchGoesOn(t *testing.T) {
+	s := newSandbox(t)
+	bystander := s.dial(t)
+	c := stuckCall(t, s)
+	start := time.Now()
+	err := s.k.Pause(time.Now().Add(200 * time.Millisecond))
+	if !errors.Is(err, ErrPauseTimeout) {
+		t.Fatalf("Pause with a call stuck: %v, want ErrPauseTimeout", err)
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("Pause gave up after %v", el)
+	}
+	// Nothing is paused: the other guest is served, and the stuck guest
+	// can still finish its call.
+	if _, err := bystander.MemfdCreate("after", 0); err != nil {
+		t.Fatalf("another guest after the failed pause: %v", err)
+	}
+	c.Write(make([]byte, 1<<20-4096))
+	if h := rawResult(t, c); h.Errno != 0 || h.Result != 1<<20 {
+		t.Fatalf("the stuck write, finished: %+v", h)
+	}
+	if err := s.k.Pause(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatalf("Pause once the call finished: %v", err)
+	}
+	s.k.Resume()
+}

@@ -1,0 +1,113 @@
+package test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/guest"
+)
+
+// A stop asked for while a restart is in progress — the sentry gets
+// SIGTERM, or its entrypoint exits — waits for the restart's outcome: it
+// is applied after a rollback and dropped after a handoff. The old sentry
+// is the build that sleeps 1.5 s before reading the ack, which leaves a
+// window in the middle of the handover; --timeout=1s makes that restart
+// roll back, the default timeout lets it hand over.
+func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
+	tests := []struct {
+		name       string
+		entrypoint []string
+		sigterm    bool
+		rollback   bool
+	}{
+		{"SIGTERM during a restart that rolls back stops the sandbox afterwards", []string{"sleep", "600"}, true, true},
+		{"SIGTERM during a restart that hands over is dropped", []string{"sleep", "600"}, true, false},
+		{"the entrypoint exiting during a restart that rolls back stops the sandbox afterwards", []string{"sleep", "1"}, false, true},
+		{"the entrypoint exiting during a restart that hands over is dropped", []string{"sleep", "1"}, false, false},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCLI(t)
+			id := fmt.Sprintf("stopdr%d", i)
+			if out, errOut, code := c.runBinary(runscSlowAck, append([]string{"run", "--detach", "--memory=64M", id, "--"}, tc.entrypoint...)...); code != 0 {
+				t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
+			}
+			before := c.state(id)
+			args := []string{"--root=" + c.root, "restart", "--binary=" + runsc}
+			if tc.rollback {
+				args = append(args, "--timeout=1s")
+			}
+			cmd := exec.Command(runsc, append(args, id)...)
+			var stderr strings.Builder
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			if tc.sigterm {
+				time.Sleep(500 * time.Millisecond)
+				syscall.Kill(before.PID, syscall.SIGTERM)
+			}
+			err := cmd.Wait()
+			if tc.rollback {
+				if err == nil || !strings.Contains(stderr.String(), "rolled back and is still serving") {
+					t.Fatalf("restart: %v, %q; want a rollback reported", err, stderr.String())
+				}
+				// Then the stop is applied.
+				st := c.waitStopped(id, 10*time.Second)
+				if st.PID != before.PID || st.LiveupdateNumber != 0 {
+					t.Fatalf("stopped: %+v, before: %+v", st, before)
+				}
+				for _, p := range []string{st.GuestSocket, st.ControlSocket} {
+					if _, err := os.Stat(p); !os.IsNotExist(err) {
+						t.Errorf("%s still exists after the stop (%v)", p, err)
+					}
+				}
+				if left := processesMentioning(c.root); len(left) != 0 {
+					t.Errorf("processes of the sandbox after the stop: %v", left)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("restart: %v, %q; want a handoff", err, stderr.String())
+			}
+			st := c.state(id)
+			if st.LiveupdateNumber != 1 || st.PID == before.PID {
+				t.Fatalf("after the handoff: %+v, before: %+v", st, before)
+			}
+			if processAlive(before.PID) {
+				time.Sleep(500 * time.Millisecond)
+				if processAlive(before.PID) {
+					t.Errorf("the old sentry %d is still alive", before.PID)
+				}
+			}
+			if tc.sigterm {
+				// The new sentry serves, on the sockets the sandbox names.
+				if st.Status != "running" {
+					t.Fatalf("after the handoff: %+v", st)
+				}
+				g, err := guest.Dial(st.GuestSocket)
+				if err != nil {
+					t.Fatalf("dialing the new sentry: %v", err)
+				}
+				if _, err := g.MemfdCreate("after", 0); err != nil {
+					t.Fatalf("a call to the new sentry: %v", err)
+				}
+				g.Disconnect()
+				c.must("kill", id)
+			} else {
+				// The new sentry relaunched the entrypoint, whose exit
+				// stops the sandbox normally.
+				st := c.waitStopped(id, 10*time.Second)
+				if st.LiveupdateNumber != 1 || st.ExitStatus == nil || *st.ExitStatus != 0 {
+					t.Fatalf("stopped: %+v", st)
+				}
+			}
+			c.must("delete", id)
+		})
+	}
+}
