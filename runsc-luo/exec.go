@@ -49,7 +49,7 @@ func (*execCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcommand
 		return fatalf("exec in %q: %v", id, err)
 	}
 	var res WaitResult
-	if err := call(*rootDir, id, "WaitPID", &pid, &res); err != nil {
+	if err := callWithin(*rootDir, id, "WaitPID", &pid, &res, 0); err != nil {
 		var re urpc.RemoteError
 		if errors.As(err, &re) {
 			return fatalf("waiting for guest %d: %v", pid.PID, err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/google/subcommands"
 	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/urpc"
 )
 
 // killCmd signals a sandbox's guests; a terminating signal stops it.
@@ -65,6 +67,10 @@ func (*killCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcommand
 	return subcommands.ExitSuccess
 }
 
+// signalTimeout bounds the Signal call: past it, kill signals the sentry
+// process itself and, if it does not stop either, SIGKILLs it.
+const signalTimeout = 5 * time.Second
+
 // killSandbox signals sandbox id and, for a terminating signal, waits until
 // its sentry has exited.
 func killSandbox(id string, sig unix.Signal) error {
@@ -75,8 +81,19 @@ func killSandbox(id string, sig unix.Signal) error {
 	if st.Status != statusRunning {
 		return fmt.Errorf("sandbox %q is not running (%s)", id, st.Status)
 	}
-	if err := call(*rootDir, id, "Signal", &SignalArgs{Signal: int(sig)}, &Empty{}); err != nil {
-		// The sentry does not answer: signal it directly.
+	err = callWithin(*rootDir, id, "Signal", &SignalArgs{Signal: int(sig)}, &Empty{}, signalTimeout)
+	var re urpc.RemoteError
+	if errors.As(err, &re) && strings.Contains(re.Message, "handed over") {
+		// A restart handed the sandbox to a new sentry while the call
+		// waited: signal that one.
+		if st, err = readState(*rootDir, id); err != nil {
+			return err
+		}
+		err = callWithin(*rootDir, id, "Signal", &SignalArgs{Signal: int(sig)}, &Empty{}, signalTimeout)
+	}
+	if err != nil {
+		// The sentry does not answer: signal it directly (a terminating
+		// signal during a restart is applied after its outcome).
 		if kerr := unix.Kill(st.PID, sig); kerr != nil {
 			return fmt.Errorf("signalling sandbox %q: %v; and its sentry (pid %d): %v", id, err, st.PID, kerr)
 		}

@@ -79,7 +79,11 @@ func restart(id string, a RestartArgs) (handover.Timing, error) {
 	if st.Status != statusRunning {
 		return t, fmt.Errorf("sandbox %q is %s", id, st.Status)
 	}
-	err = call(*rootDir, id, "Restart", &a, &t)
+	timeout := a.Timeout
+	if timeout <= 0 {
+		timeout = defaultRestartTimeout
+	}
+	err = callWithin(*rootDir, id, "Restart", &a, &t, timeout+controlTimeout)
 	var re urpc.RemoteError
 	switch {
 	case err == nil:

@@ -212,12 +212,46 @@ func connect(root, id string) (*urpc.Client, error) {
 	return urpc.NewClient(s), nil
 }
 
-// call makes one control call to a sandbox.
+// controlTimeout bounds a control call (connecting included): a stuck
+// sentry must not hang the CLI. WaitPID has none; Restart gets its own
+// timeout on top.
+const controlTimeout = 30 * time.Second
+
+// call makes one control call to a sandbox, within controlTimeout.
 func call(root, id, method string, arg, result any) error {
-	c, err := connect(root, id)
-	if err != nil {
-		return err
+	return callWithin(root, id, method, arg, result, controlTimeout)
+}
+
+// callWithin makes one control call to a sandbox; timeout > 0 bounds it.
+// On a timeout the call is abandoned (its connection shut down) and the
+// error says so.
+func callWithin(root, id, method string, arg, result any, timeout time.Duration) error {
+	conn := make(chan *urpc.Client, 1)
+	done := make(chan error, 1)
+	go func() {
+		c, err := connect(root, id)
+		if err != nil {
+			done <- err
+			return
+		}
+		conn <- c
+		defer c.Close()
+		done <- c.Call("Sentry."+method, arg, result)
+	}()
+	if timeout <= 0 {
+		return <-done
 	}
-	defer c.Close()
-	return c.Call("Sentry."+method, arg, result)
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-timer.C:
+		select {
+		case c := <-conn:
+			c.Socket.Shutdown()
+		default:
+		}
+		return fmt.Errorf("sandbox %q: no answer to %s within %v: %w", id, method, timeout, unix.ETIMEDOUT)
+	}
 }

@@ -48,6 +48,9 @@ func newSandbox(t testing.TB) *sandbox {
 	}
 	s := startKernel(t, k)
 	t.Cleanup(k.Shutdown)
+	// Cleanups run last-in first-out: a test that failed with the kernel
+	// paused must not leave Shutdown waiting for its Resume.
+	t.Cleanup(k.Resume)
 	return s
 }
 

@@ -51,16 +51,25 @@ func stuckCall(t *testing.T, s *sandbox) net.Conn {
 	if h.Errno != 0 {
 		t.Fatalf("memfd_create: errno %d", h.Errno)
 	}
+	// memfd_create leaves the gate just after its result was sent.
+	waitActive(t, s, 0)
 	rawRequest(t, c, abiguest.OpWrite, 1<<20, make([]byte, 4096), uint64(h.Result))
+	waitActive(t, s, 1)
+	return c
+}
+
+// waitActive waits until n calls are in progress.
+func waitActive(t *testing.T, s *sandbox, n int) {
+	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
 		s.k.mu.Lock()
 		active := s.k.active
 		s.k.mu.Unlock()
-		if active == 1 {
-			return c
+		if active == n {
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the stuck call never started (%d calls active)", active)
+			t.Fatalf("%d calls in progress, want %d", active, n)
 		}
 	}
 }
@@ -197,6 +206,46 @@ func TestPauseGivesUpAtItsDeadlineAndDispatchGoesOn(t *testing.T) {
 	}
 	if err := s.k.Pause(time.Now().Add(5 * time.Second)); err != nil {
 		t.Fatalf("Pause once the call finished: %v", err)
+	}
+	s.k.Resume()
+}
+
+func TestASlowReaderIsDroppedAtItsCallsDeadline(t *testing.T) {
+	oldTimeout, oldRate := transferTimeout, minTransferRate
+	transferTimeout, minTransferRate = 200*time.Millisecond, 1<<20
+	t.Cleanup(func() { transferTimeout, minTransferRate = oldTimeout, oldRate })
+	s := newSandbox(t)
+	c := rawConn(t, s, true)
+	rawRequest(t, c, abiguest.OpMemfdCreate, 2, []byte("x\x00"), 0)
+	fd := uint64(rawResult(t, c).Result)
+	rawRequest(t, c, abiguest.OpFtruncate, 0, nil, fd, 1<<30) // sparse
+	if h := rawResult(t, c); h.Errno != 0 {
+		t.Fatalf("ftruncate: errno %d", h.Errno)
+	}
+	// Read 1 GiB of holes, draining 64 KiB every 100 ms (640 KiB/s, below
+	// the minimum rate): every single chunk is quick, the call is not.
+	rawRequest(t, c, abiguest.OpRead, 0, nil, fd, 1<<30)
+	start := time.Now()
+	dropped := make(chan time.Duration, 1)
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			time.Sleep(100 * time.Millisecond)
+			c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.ReadFull(c, buf); err != nil {
+				dropped <- time.Since(start)
+				return
+			}
+		}
+	}()
+	select {
+	case el := <-dropped:
+		t.Logf("dropped after %v", el)
+	case <-time.After(10 * time.Second):
+		t.Fatal("a guest draining 640 KiB/s held its call for 10 s")
+	}
+	if err := s.k.Pause(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatalf("Pause after the slow reader was dropped: %v", err)
 	}
 	s.k.Resume()
 }

@@ -16,10 +16,19 @@ const (
 	// handshakeTimeout bounds how long a new connection may take to send
 	// its Hello.
 	handshakeTimeout = 10 * time.Second
-	// transferTimeout bounds each read of a request's payload and each
-	// write of a response once a call has started: a guest that stalls
-	// mid-call holds the pause of a restart, so it is dropped instead.
+)
+
+// A call in progress keeps a restart's Pause waiting, so each call has one
+// absolute deadline for all of its I/O with the guest: transferTimeout
+// after the call started, plus the time its bytes take at
+// minTransferRate. The payload of a write counts from the start; the data
+// of a read extends the deadline as it is produced. A guest that drains
+// (or sends) slower than that is dropped. Variables so that tests can
+// shorten them.
+var (
 	transferTimeout = 10 * time.Second
+	// minTransferRate is in bytes per second.
+	minTransferRate int64 = 1 << 20
 )
 
 // Process is a guest process: one connection of the guest socket and its fd
@@ -34,6 +43,19 @@ type Process struct {
 	pid int32
 	// done is closed when serve has returned.
 	done chan struct{}
+
+	// callStart and callBytes are the start of the call in progress and
+	// the bytes of I/O allowed for so far (see transferTimeout).
+	callStart time.Time
+	callBytes int64
+}
+
+// allow extends the deadline of the call in progress by n bytes' worth of
+// I/O at minTransferRate.
+func (p *Process) allow(n int64) {
+	p.callBytes += n
+	d := transferTimeout + time.Duration(float64(p.callBytes)/float64(minTransferRate)*float64(time.Second))
+	p.conn.SetDeadline(p.callStart.Add(d))
 }
 
 // newProcess registers a process for c, or returns nil if the kernel has
@@ -159,7 +181,8 @@ func (p *Process) call(h *abiguest.RequestHeader) error {
 		return err
 	}
 	defer k.exit()
-	p.conn.SetDeadline(time.Now().Add(transferTimeout))
+	p.callStart, p.callBytes = time.Now(), 0
+	p.allow(int64(h.DataLen))
 	c := syscall{p: p, h: h, left: int64(h.DataLen)}
 	res, reply, err := c.dispatch()
 	if c.broken != nil {
@@ -225,7 +248,7 @@ func (w *dataWriter) Write(b []byte) (int, error) {
 		chunk := b[:min(len(b), 1<<30)]
 		rh := abiguest.ResponseHeader{Kind: abiguest.KindData, Len: uint32(len(chunk))}
 		rh.Encode(w.hdr[:])
-		w.p.conn.SetWriteDeadline(time.Now().Add(transferTimeout))
+		w.p.allow(int64(len(chunk)))
 		bufs := net.Buffers{w.hdr[:], chunk}
 		if _, err := bufs.WriteTo(w.p.conn); err != nil {
 			w.err = err
