@@ -88,9 +88,14 @@ func NewConn(c *net.UnixConn) (*Conn, error) {
 		c.Close()
 		return nil, fmt.Errorf("guest: %w", err)
 	}
-	if h.Errno != 0 {
+	if h.Errno == uint32(unix.EPROTONOSUPPORT) {
 		c.Close()
 		return nil, fmt.Errorf("guest: the sentry (protocol version %d) refused version %d: %w", h.Version, abiguest.Version, unix.Errno(h.Errno))
+	}
+	if h.Errno != 0 {
+		// EAGAIN: the sandbox has as many guests as it takes.
+		c.Close()
+		return nil, fmt.Errorf("guest: the sentry refused the connection: %w", unix.Errno(h.Errno))
 	}
 	return &Conn{conn: c, r: r}, nil
 }

@@ -154,7 +154,8 @@ type Hello struct {
 	// Version is the protocol version the sender speaks.
 	Version uint32
 	// Errno is 0 from a guest; from the sentry, 0 or the errno that
-	// refuses the connection.
+	// refuses the connection: EPROTONOSUPPORT for another version, EAGAIN
+	// when the sandbox has as many guests as it takes.
 	Errno uint32
 }
 

@@ -34,6 +34,7 @@ import (
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/memfd"
+	"golang.org/x/sys/unix"
 )
 
 // Options configures a Kernel.
@@ -207,9 +208,20 @@ func (k *Kernel) KHO() *kho.KHO { return k.kho }
 // LUO returns the kernel's LUO.
 func (k *Kernel) LUO() *luo.LUO { return k.luo }
 
+// maxGuests bounds the guest connections of one kernel: past it a new
+// connection is closed at once. A variable so that tests can lower it.
+var maxGuests = 4096
+
+// acceptBackoff bounds the wait between accepts after a resource error.
+const acceptBackoff = time.Second
+
 // Serve accepts guest connections on l until l is closed, serving each in
-// its own goroutine. It returns nil when l was closed.
+// its own goroutine. It returns nil when l was closed. Running out of fds
+// or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) or a connection aborted
+// before it was accepted does not end it: it backs off (5 ms, doubling up
+// to a second) and accepts again.
 func (k *Kernel) Serve(l *net.UnixListener) error {
+	var delay time.Duration
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
@@ -220,17 +232,39 @@ func (k *Kernel) Serve(l *net.UnixListener) error {
 			if errors.As(err, &ne) && ne.Timeout() {
 				continue
 			}
-			return fmt.Errorf("accepting a guest: %w", err)
+			if !retryableAcceptError(err) {
+				return fmt.Errorf("accepting a guest: %w", err)
+			}
+			delay = min(max(2*delay, 5*time.Millisecond), acceptBackoff)
+			k.logf("accepting a guest: %v; retrying in %v", err, delay)
+			time.Sleep(delay)
+			continue
 		}
+		delay = 0
 		go k.ServeConn(c)
 	}
+}
+
+// retryableAcceptError reports whether accept failed for a reason that
+// passes: resources that other connections hold, or a connection that went
+// away before it was accepted.
+func retryableAcceptError(err error) bool {
+	for _, e := range []unix.Errno{unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM, unix.ECONNABORTED, unix.EINTR, unix.EPROTO} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // ServeConn serves one guest process on c until it disconnects, breaks
 // the protocol or the kernel hands over; then it closes c. Unless the
 // kernel has handed over, the process's fds are closed as by its exit.
 func (k *Kernel) ServeConn(c *net.UnixConn) {
-	p := k.newProcess(c)
+	p, full := k.newProcess(c)
+	if full {
+		refuseFull(c)
+	}
 	if p == nil {
 		c.Close()
 		return

@@ -18,6 +18,9 @@ const (
 	handshakeTimeout = 10 * time.Second
 )
 
+// readBufferSize is the size of a guest connection's read buffer.
+const readBufferSize = 4 << 10
+
 // A call in progress keeps a restart's Pause waiting, so each call has one
 // absolute deadline for all of its I/O with the guest: transferTimeout
 // after the call started, plus the time its bytes take at
@@ -59,12 +62,14 @@ func (p *Process) allow(n int64) {
 }
 
 // newProcess registers a process for c, or returns nil if the kernel has
-// handed over.
-func (k *Kernel) newProcess(c *net.UnixConn) *Process {
-	p := &Process{
+// handed over or shut down, or (full) has maxGuests guests already.
+func (k *Kernel) newProcess(c *net.UnixConn) (p *Process, full bool) {
+	p = &Process{
 		k:    k,
 		conn: c,
-		r:    bufio.NewReaderSize(c, 64<<10),
+		// Small: every idle guest has one. Reads of a payload larger
+		// than the buffer bypass it.
+		r:    bufio.NewReaderSize(c, readBufferSize),
 		fdt:  &FDTable{},
 		done: make(chan struct{}),
 	}
@@ -78,12 +83,29 @@ func (k *Kernel) newProcess(c *net.UnixConn) *Process {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.handedOver || k.shutdown {
-		return nil
+		return nil, false
+	}
+	if len(k.procs) >= maxGuests {
+		k.logf("guest (pid %d) refused: %d guests connected already", p.pid, len(k.procs))
+		return nil, true
 	}
 	k.lastID++
 	p.id = k.lastID
 	k.procs[p] = struct{}{}
-	return p
+	return p, false
+}
+
+// refuseFull answers a guest over maxGuests: its hello gets EAGAIN, then
+// the connection is closed.
+func refuseFull(c *net.UnixConn) {
+	defer c.Close()
+	var b [abiguest.HelloSize]byte
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return
+	}
+	abiguest.Hello{Version: abiguest.Version, Errno: uint32(unix.EAGAIN)}.Encode(b[:])
+	c.Write(b[:])
 }
 
 // FDTable returns the process's fd table.
