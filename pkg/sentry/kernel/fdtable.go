@@ -49,7 +49,9 @@ func statusFlagsOf(f luo.File) int {
 	if m, ok := f.(*memfd.File); ok {
 		return m.StatusFlags()
 	}
-	return unix.O_RDWR | unix.O_LARGEFILE
+	// A LUO session fd is an anonymous inode: O_RDWR, no O_LARGEFILE
+	// (anon_inode_getfile does not add it; an epoll fd shows the same).
+	return unix.O_RDWR
 }
 
 // lowestFreeLocked returns the lowest free fd at or above min, or -1.

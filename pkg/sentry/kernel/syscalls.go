@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,20 @@ import (
 
 // DevLiveupdate is the one path a guest can open.
 const DevLiveupdate = "/dev/liveupdate"
+
+// oLargefile is O_LARGEFILE as x86-64 Linux reports it in F_GETFL: open(2)
+// adds it on 64-bit kernels. (Go's unix.O_LARGEFILE is 0 on amd64.)
+const oLargefile = 0x8000
+
+// The generic ioctls of do_vfs_ioctl that guests can meet.
+const (
+	ioctlFIONCLEX = 0x5450
+	ioctlFIOCLEX  = 0x5451
+	ioctlFIONBIO  = 0x5421
+	ioctlFIOASYNC = 0x5452
+	ioctlFIONREAD = 0x541B
+	ioctlFIOQSIZE = 0x5460
+)
 
 // ioctlFile is a file that answers ioctls: /dev/liveupdate and LUO
 // session fds.
@@ -87,14 +102,15 @@ func (c *syscall) dispatch() (int64, []byte, error) {
 	case abiguest.OpLseek:
 		return c.lseek()
 	case abiguest.OpFtruncate:
+		// do_ftruncate: a negative length is EINVAL before the fd.
+		if int64(a[1]) < 0 {
+			return 0, nil, unix.EINVAL
+		}
 		return c.onMemfd(unix.EINVAL, func(f *memfd.File) (int64, []byte, error) {
 			return 0, nil, f.Truncate(int64(a[1]))
 		})
 	case abiguest.OpFallocate:
-		// fallocate on anything but a regular file is ENODEV.
-		return c.onMemfd(unix.ENODEV, func(f *memfd.File) (int64, []byte, error) {
-			return 0, nil, f.Fallocate(uint32(a[1]), int64(a[2]), int64(a[3]))
-		})
+		return c.fallocate()
 	case abiguest.OpFstat:
 		return c.fstat()
 	case abiguest.OpFcntl:
@@ -145,6 +161,21 @@ func (c *syscall) memfdCreate() (int64, []byte, error) {
 	return int64(fd), nil, err
 }
 
+// noReadWrite is the errno of read(2), write(2), pread64(2) or
+// pwrite64(2) on a file other than a memfd: a session fd (an anonymous
+// inode) cannot pread/pwrite (ESPIPE, no FMODE_PREAD); then, as vfs_read
+// and vfs_write check, an fd without the access mode is EBADF, and a file
+// without the op (/dev/liveupdate, a session) EINVAL.
+func noReadWrite(d descriptor, positional bool, access int) error {
+	if _, ok := d.file.(*luo.Device); !ok && positional {
+		return unix.ESPIPE
+	}
+	if acc := d.statusFlags & unix.O_ACCMODE; acc != unix.O_RDWR && acc != access {
+		return unix.EBADF
+	}
+	return unix.EINVAL
+}
+
 // read is read(2) (off -1) and pread64(2): the bytes go out as data frames
 // straight from the memory file.
 func (c *syscall) read(off int64) (int64, []byte, error) {
@@ -152,8 +183,7 @@ func (c *syscall) read(off int64) (int64, []byte, error) {
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
 		f, ok := d.file.(*memfd.File)
 		if !ok {
-			// Neither /dev/liveupdate nor a session has a read op.
-			return 0, nil, unix.EINVAL
+			return 0, nil, noReadWrite(d, off >= 0, unix.O_RDONLY)
 		}
 		w := dataWriter{p: c.p}
 		n, err := f.ReadToAt(&w, count, off)
@@ -197,7 +227,7 @@ func (c *syscall) write(off int64) (int64, []byte, error) {
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
 		f, ok := d.file.(*memfd.File)
 		if !ok {
-			return 0, nil, unix.EINVAL
+			return 0, nil, noReadWrite(d, off >= 0, unix.O_WRONLY)
 		}
 		r := payloadReader{c: c}
 		n, err := f.WriteFromAt(&r, c.left, off)
@@ -212,13 +242,70 @@ func (c *syscall) write(off int64) (int64, []byte, error) {
 	})
 }
 
-// lseek is lseek(2); anything but a memfd cannot seek (ESPIPE).
+// lseek is lseek(2); anything but a memfd cannot seek (ESPIPE), but, as
+// ksys_lseek checks, an unknown whence is EINVAL first.
 func (c *syscall) lseek() (int64, []byte, error) {
 	a := c.h.Args
-	return c.onMemfd(unix.ESPIPE, func(f *memfd.File) (int64, []byte, error) {
-		off, err := f.Seek(int64(a[1]), int(int32(a[2])))
+	whence := uint32(a[2])
+	return c.withFile(func(d descriptor) (int64, []byte, error) {
+		if whence > unix.SEEK_MAX {
+			return 0, nil, unix.EINVAL
+		}
+		f, ok := d.file.(*memfd.File)
+		if !ok {
+			return 0, nil, unix.ESPIPE
+		}
+		off, err := f.Seek(int64(a[1]), int(whence))
 		return off, nil, err
 	})
+}
+
+// fallocate is fallocate(2). A memfd checks everything itself; any other
+// file goes through vfs_fallocate's argument, mode and access checks
+// before it is refused with ENODEV (not a regular file).
+func (c *syscall) fallocate() (int64, []byte, error) {
+	a := c.h.Args
+	mode, off, length := uint32(a[1]), int64(a[2]), int64(a[3])
+	return c.withFile(func(d descriptor) (int64, []byte, error) {
+		if f, ok := d.file.(*memfd.File); ok {
+			return 0, nil, f.Fallocate(mode, off, length)
+		}
+		if err := fallocateArgs(mode, off, length); err != nil {
+			return 0, nil, err
+		}
+		if d.statusFlags&unix.O_ACCMODE == unix.O_RDONLY {
+			return 0, nil, unix.EBADF
+		}
+		return 0, nil, unix.ENODEV
+	})
+}
+
+// fallocModeMask is FALLOC_FL_MODE_MASK.
+const fallocModeMask = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_COLLAPSE_RANGE | unix.FALLOC_FL_ZERO_RANGE |
+	unix.FALLOC_FL_INSERT_RANGE | unix.FALLOC_FL_UNSHARE_RANGE | unix.FALLOC_FL_WRITE_ZEROES
+
+// fallocateArgs are vfs_fallocate's checks of its arguments.
+func fallocateArgs(mode uint32, off, length int64) error {
+	if off < 0 || length <= 0 {
+		return unix.EINVAL
+	}
+	if mode&^(fallocModeMask|unix.FALLOC_FL_KEEP_SIZE) != 0 {
+		return unix.EOPNOTSUPP
+	}
+	switch mode & fallocModeMask {
+	case unix.FALLOC_FL_ALLOCATE_RANGE, unix.FALLOC_FL_UNSHARE_RANGE, unix.FALLOC_FL_ZERO_RANGE:
+	case unix.FALLOC_FL_PUNCH_HOLE:
+		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
+			return unix.EOPNOTSUPP
+		}
+	case unix.FALLOC_FL_COLLAPSE_RANGE, unix.FALLOC_FL_INSERT_RANGE, unix.FALLOC_FL_WRITE_ZEROES:
+		if mode&unix.FALLOC_FL_KEEP_SIZE != 0 {
+			return unix.EOPNOTSUPP
+		}
+	default:
+		return unix.EOPNOTSUPP
+	}
+	return nil
 }
 
 // fstat is fstat(2).
@@ -244,10 +331,16 @@ func (c *syscall) fstat() (int64, []byte, error) {
 
 // fcntl is fcntl(2) for the commands guests have: F_GETFD, F_SETFD,
 // F_GETFL, F_DUPFD, F_DUPFD_CLOEXEC, F_ADD_SEALS and F_GET_SEALS. Any other
-// command is EINVAL, as Linux answers a command it does not know.
+// command is EINVAL, as Linux answers a command it does not know; a bad fd
+// is EBADF whatever the command.
 func (c *syscall) fcntl() (int64, []byte, error) {
 	fdt := c.p.fdt
 	fd, cmd, arg := c.fd(0), int(int32(c.h.Args[1])), c.h.Args[2]
+	d, err := fdt.get(fd)
+	if err != nil {
+		return 0, nil, err
+	}
+	d.file.DecRef()
 	switch cmd {
 	case unix.F_GETFD:
 		ce, err := fdt.CloseOnExec(fd)
@@ -264,8 +357,9 @@ func (c *syscall) fcntl() (int64, []byte, error) {
 			return 0, nil, err
 		}
 		defer d.file.DecRef()
+		// f_dupfd takes the argument as an int: the high bits go.
 		min := int64(int32(arg))
-		if int64(arg) < 0 || arg >= MaxFDs || min < 0 {
+		if min < 0 || min >= MaxFDs {
 			return 0, nil, unix.EINVAL
 		}
 		nfd, err := fdt.install(d.file, d.statusFlags, cmd == unix.F_DUPFD_CLOEXEC, int(min))
@@ -314,12 +408,15 @@ func (c *syscall) open() (int64, []byte, error) {
 		return 0, nil, err
 	}
 	defer dev.DecRef()
-	fd, err := c.p.fdt.install(dev, flags&unix.O_ACCMODE|unix.O_LARGEFILE, flags&unix.O_CLOEXEC != 0, 0)
+	fd, err := c.p.fdt.install(dev, flags&unix.O_ACCMODE|oLargefile, flags&unix.O_CLOEXEC != 0, 0)
 	return int64(fd), nil, err
 }
 
-// ioctl is ioctl(2): /dev/liveupdate and session fds take the uapi structs
-// as bytes; a memfd has no ioctl (ENOTTY).
+// ioctl is ioctl(2): first the generic commands of do_vfs_ioctl (FIOCLEX,
+// FIONCLEX, FIONBIO, FIOASYNC; FIONREAD and FIOQSIZE on a memfd), whose
+// int or loff_t argument is the payload (shorter: EFAULT, as a bad
+// pointer); then /dev/liveupdate and session fds take the uapi structs as
+// bytes; a memfd has no other ioctl (ENOTTY).
 func (c *syscall) ioctl() (int64, []byte, error) {
 	arg, err := c.smallPayload()
 	if err != nil {
@@ -327,6 +424,9 @@ func (c *syscall) ioctl() (int64, []byte, error) {
 	}
 	cmd := uint32(c.h.Args[1])
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
+		if res, reply, err, ok := c.genericIoctl(d, cmd, arg); ok {
+			return res, reply, err
+		}
 		f, ok := d.file.(ioctlFile)
 		if !ok {
 			return 0, nil, unix.ENOTTY
@@ -340,4 +440,59 @@ func (c *syscall) ioctl() (int64, []byte, error) {
 		}
 		return 0, reply, nil
 	})
+}
+
+// genericIoctl runs the do_vfs_ioctl commands; ok is false for any other.
+func (c *syscall) genericIoctl(d descriptor, cmd uint32, arg []byte) (res int64, reply []byte, err error, ok bool) {
+	fdt, fd := c.p.fdt, c.fd(0)
+	intArg := func() (int32, error) {
+		if len(arg) < 4 {
+			return 0, unix.EFAULT
+		}
+		return int32(binary.LittleEndian.Uint32(arg)), nil
+	}
+	memf, isMemfd := d.file.(*memfd.File)
+	switch cmd {
+	case ioctlFIOCLEX:
+		return 0, nil, fdt.SetCloseOnExec(fd, true), true
+	case ioctlFIONCLEX:
+		return 0, nil, fdt.SetCloseOnExec(fd, false), true
+	case ioctlFIONBIO:
+		// O_NONBLOCK has no effect on these files.
+		_, err := intArg()
+		return 0, nil, err, true
+	case ioctlFIOASYNC:
+		// None of these files has fasync: turning it on is ENOTTY.
+		on, err := intArg()
+		if err == nil && on != 0 {
+			err = unix.ENOTTY
+		}
+		return 0, nil, err, true
+	case ioctlFIONREAD:
+		if !isMemfd {
+			// Not a regular file: the file's own ioctl decides.
+			return 0, nil, nil, false
+		}
+		if len(arg) < 4 {
+			return 0, nil, unix.EFAULT, true
+		}
+		pos, err := memf.Seek(0, unix.SEEK_CUR)
+		if err != nil {
+			return 0, nil, err, true
+		}
+		b := make([]byte, 4)
+		binary.LittleEndian.PutUint32(b, uint32(int32(memf.Size()-pos)))
+		return 0, b, nil, true
+	case ioctlFIOQSIZE:
+		if !isMemfd {
+			return 0, nil, unix.ENOTTY, true
+		}
+		if len(arg) < 8 {
+			return 0, nil, unix.EFAULT, true
+		}
+		b := make([]byte, 8)
+		binary.LittleEndian.PutUint64(b, uint64(memf.Stat().Blocks*512))
+		return 0, b, nil, true
+	}
+	return 0, nil, nil, false
 }
