@@ -59,7 +59,16 @@ func (b *bootCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcomma
 	d, files, ok, err := handover.DecodeEnv(knows)
 	switch {
 	case ok && err != nil:
-		return fatalf("exec-mode handover refused: %v", err)
+		// exec mode: there is no one to roll back to. Stop the old
+		// image's guests (our children now) and record the failure.
+		err = fmt.Errorf("exec-mode handover refused: %w", err)
+		var cfg config
+		if d != nil && json.Unmarshal(d.Sandbox, &cfg) == nil && checkID(cfg.ID) == nil {
+			failExec(&cfg, err, d.OldGuests)
+		} else if d != nil {
+			stopOldGuests(d.OldGuests)
+		}
+		return fatalf("%v", err)
 	case ok:
 		return runIncoming(d, files, nil, handover.Monotonic())
 	}
@@ -180,7 +189,7 @@ func runIncoming(d *handover.Descriptor, files []*os.File, ch *handover.Channel,
 		files[2].Close()
 		if ch == nil {
 			// exec mode: there is no one to roll back to.
-			failExec(&cfg, err)
+			failExec(&cfg, err, d.OldGuests)
 		}
 		return fatalf("%v", err)
 	}
@@ -217,9 +226,7 @@ func runIncoming(d *handover.Descriptor, files []*os.File, ch *handover.Channel,
 	s.last = RestartRecord{Generation: d.LiveupdateNumber + 1, Timing: t}
 	if d.Mode == handover.ModeExec {
 		// The old image's guests are our children now: stop them.
-		for _, pid := range d.OldGuests {
-			stopOldGuest(pid)
-		}
+		stopOldGuests(d.OldGuests)
 	}
 	if err := s.writeState(""); err != nil {
 		log.Warningf("%v", err)
@@ -231,8 +238,20 @@ func runIncoming(d *handover.Descriptor, files []*os.File, ch *handover.Channel,
 	return s.wait()
 }
 
-// failExec records an exec-mode restart that failed after execve.
-func failExec(cfg *config, err error) {
+// stopOldGuests kills and reaps the guests an exec-mode restart's old
+// image launched (they are this process's children).
+func stopOldGuests(pids []int) {
+	for _, pid := range pids {
+		if pid > 1 {
+			stopOldGuest(pid)
+		}
+	}
+}
+
+// failExec records an exec-mode restart that failed after execve: the old
+// image's guests are stopped, the sockets removed, the state stopped.
+func failExec(cfg *config, err error, oldGuests []int) {
+	stopOldGuests(oldGuests)
 	st := &state{ID: cfg.ID, Status: statusStopped, Root: cfg.Root, Created: cfg.Created, Version: version,
 		Error: "exec-mode restart failed after execve (no rollback possible): " + err.Error()}
 	writeState(st)

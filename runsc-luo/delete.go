@@ -34,6 +34,10 @@ func (d *deleteCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcom
 	if err != nil {
 		return fatalf("%v", err)
 	}
+	if st.gone {
+		// The sentry died without stopping its guests: stop them first.
+		cleanupGone(st)
+	}
 	if st.Status == statusRunning {
 		if !d.force {
 			return fatalf("sandbox %q is running; kill it first or use --force", id)

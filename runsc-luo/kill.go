@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -78,6 +79,14 @@ func killSandbox(id string, sig unix.Signal) error {
 	if err != nil {
 		return err
 	}
+	if st.gone {
+		// The sentry died without stopping the sandbox (say, an
+		// exec-mode restart into a binary that failed after execve): its
+		// guests may still run.
+		n := cleanupGone(st)
+		fmt.Fprintf(os.Stderr, "runsc-luo: the sentry of %q was gone; killed %d guest processes it left\n", id, n)
+		return nil
+	}
 	if st.Status != statusRunning {
 		return fmt.Errorf("sandbox %q is not running (%s)", id, st.Status)
 	}
@@ -105,9 +114,7 @@ func killSandbox(id string, sig unix.Signal) error {
 		// Last resort: the sentry is stuck. Its guests are in their own
 		// process groups and would outlive it.
 		unix.Kill(st.PID, unix.SIGKILL)
-		if st.EntrypointPID > 0 {
-			unix.Kill(st.EntrypointPID, unix.SIGKILL)
-		}
+		killGuestsOf(st)
 		return err
 	}
 	return nil

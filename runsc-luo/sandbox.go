@@ -1,12 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
@@ -78,6 +81,72 @@ type state struct {
 	// came out of, if any.
 	LastRestart *RestartRecord `json:"last_restart,omitempty"`
 	Error       string         `json:"error,omitempty"`
+	// Guests are the guest processes the sentry launched, so that kill
+	// and delete can stop them if the sentry died without doing so.
+	Guests []guestRecord `json:"guests,omitempty"`
+
+	// gone is set by readState: the file says running, but the sentry
+	// process is gone (it died without stopping its guests).
+	gone bool
+}
+
+// guestRecord names a guest process: its pid and, so that a reused pid
+// is never mistaken for it, its start time (/proc/PID/stat field 22).
+type guestRecord struct {
+	PID   int    `json:"pid"`
+	Start uint64 `json:"start"`
+}
+
+// procStart returns the start time of pid (clock ticks since boot), 0 if
+// there is no such process.
+func procStart(pid int) uint64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which ends at the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	fields := strings.Fields(string(b[i+1:]))
+	// fields[0] is field 3 (state); field 22 is starttime.
+	if len(fields) < 20 {
+		return 0
+	}
+	v, _ := strconv.ParseUint(fields[19], 10, 64)
+	return v
+}
+
+// killGuestsOf SIGKILLs the recorded guests of a sandbox whose sentry is
+// gone, each only if its pid still names the same process; it returns how
+// many it killed.
+func killGuestsOf(st *state) int {
+	n := 0
+	for _, g := range st.Guests {
+		if g.PID > 1 && g.Start != 0 && procStart(g.PID) == g.Start && alive(g.PID) {
+			if unix.Kill(g.PID, unix.SIGKILL) == nil {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// cleanupGone finishes a sandbox whose sentry died without stopping it:
+// its recorded guests are killed, its sockets removed, and its state file
+// says stopped.
+func cleanupGone(st *state) int {
+	n := killGuestsOf(st)
+	os.Remove(guestPath(st.Root, st.ID))
+	os.Remove(controlPath(st.Root, st.ID))
+	st.Status = statusStopped
+	st.Guests = nil
+	st.gone = false
+	if err := writeState(st); err != nil {
+		fmt.Fprintf(os.Stderr, "runsc-luo: %v\n", err)
+	}
+	return n
 }
 
 // writeState replaces the state file atomically.
@@ -117,6 +186,7 @@ func readState(root, id string) (*state, error) {
 	}
 	if s.Status == statusRunning && !alive(s.PID) {
 		s.Status = statusStopped
+		s.gone = true
 		if s.Error == "" {
 			s.Error = "the sentry process is gone"
 		}

@@ -48,7 +48,9 @@ func closeAll(files []*os.File) {
 
 // guestProc is a guest process the sentry launched.
 type guestProc struct {
-	pid   int
+	pid int
+	// start is the process's start time (procStart), its identity.
+	start uint64
 	entry bool
 	cmd   *exec.Cmd
 	done  chan struct{}
@@ -262,6 +264,7 @@ func (s *sentry) stateLocked() *state {
 		if p.entry {
 			st.EntrypointPID = p.pid
 		}
+		st.Guests = append(st.Guests, guestRecord{PID: p.pid, Start: p.start})
 	}
 	if s.last.Generation > 0 {
 		last := s.last
@@ -295,7 +298,7 @@ func (s *sentry) launch(argv, env []string, stdin, stdout, stderr *os.File, entr
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
 	}
-	p := &guestProc{pid: cmd.Process.Pid, entry: entry, cmd: cmd, done: make(chan struct{})}
+	p := &guestProc{pid: cmd.Process.Pid, start: procStart(cmd.Process.Pid), entry: entry, cmd: cmd, done: make(chan struct{})}
 	s.procs[p.pid] = p
 	go s.reap(p)
 	return p, nil
@@ -834,6 +837,13 @@ func (c *Sentry) Exec(a *ExecArgs, out *PIDResult) error {
 	p, err := c.s.launch(a.Argv, a.Env, stdio[0], stdio[1], stdio[2], false)
 	if err != nil {
 		return err
+	}
+	// Record it, so that kill can stop it even if this sentry dies.
+	c.s.mu.Lock()
+	st := c.s.stateLocked()
+	c.s.mu.Unlock()
+	if err := writeState(st); err != nil {
+		log.Warningf("%v", err)
 	}
 	out.PID = p.pid
 	return nil
