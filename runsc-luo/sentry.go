@@ -32,6 +32,10 @@ func nowUTC() time.Time { return time.Now().UTC() }
 // sentry's ack: it stands in for being descheduled near its deadline.
 var faultAckDelay string
 
+// exitGrace is how long the old sentry of a handoff waits for its control
+// connections to end before it closes them.
+const exitGrace = 2 * time.Second
+
 // defaultRestartTimeout is a restart's timeout when none is given.
 const defaultRestartTimeout = 10 * time.Second
 
@@ -81,14 +85,13 @@ type sentry struct {
 	// pendingStop is a stop asked for during a restart (the entrypoint
 	// exited, SIGTERM, a terminating Signal): applied after a rollback,
 	// dropped after a handoff (this process exits; the new sentry serves).
-	pendingStop  *stopRequest
-	handedOver   bool
-	stopped      bool
-	exitAfterRPC bool
-	last         RestartRecord
-	server       *urpc.Server
-	exitStatus   subcommands.ExitStatus
-	exited       chan struct{}
+	pendingStop *stopRequest
+	handedOver  bool
+	stopped     bool
+	last        RestartRecord
+	server      *urpc.Server
+	exitStatus  subcommands.ExitStatus
+	exited      chan struct{}
 }
 
 // stopRequest is a stop of the sandbox: its exit status and why.
@@ -148,7 +151,7 @@ func unixListener(f *os.File) (*net.UnixListener, error) {
 // start begins serving guests and control calls, and handles SIGTERM and
 // SIGINT.
 func (s *sentry) start() {
-	s.server = urpc.NewServerWithCallback(s.afterRPC)
+	s.server = urpc.NewServer()
 	s.server.Register(&Sentry{s: s})
 	if err := s.startAccepting(); err != nil {
 		log.Warningf("%v", err)
@@ -231,17 +234,16 @@ func (s *sentry) serveControl(l *net.UnixListener) {
 	}
 }
 
-// afterRPC runs after each control call has been answered: the old sentry
-// of a successful transfer-mode restart exits here, once the CLI has its
-// answer.
-func (s *sentry) afterRPC() {
-	s.mu.Lock()
-	exit := s.exitAfterRPC
-	s.mu.Unlock()
-	if exit {
-		log.Infof("handed over; exiting")
-		os.Exit(0)
-	}
+// exitAfterHandoff ends the old sentry of a successful transfer-mode
+// restart once its control calls have been answered: urpc's Stop waits
+// for every control connection to end (the CLI closes its own once it has
+// the Restart answer); connections still open after exitGrace are closed,
+// those in the middle of a call once it is answered. An exit after any
+// call (as before) could come before the Restart answer.
+func (s *sentry) exitAfterHandoff() {
+	s.server.Stop(exitGrace)
+	log.Infof("handed over; exiting")
+	os.Exit(0)
 }
 
 // writeState writes the state file for a running sandbox.
@@ -650,7 +652,6 @@ func (s *sentry) restartTransfer(binary string, timeout time.Duration) (handover
 	// the CLI has its answer.
 	s.mu.Lock()
 	s.handedOver = true
-	s.exitAfterRPC = true
 	s.mu.Unlock()
 	s.k.Handoff()
 	s.killGuests()
@@ -811,6 +812,7 @@ func (c *Sentry) Restart(a *RestartArgs, out *handover.Timing) error {
 			return fmt.Errorf("%w; the old sentry (pid %d) rolled back and is still serving", err, os.Getpid())
 		}
 		*out = t
+		go s.exitAfterHandoff()
 		return nil
 	case handover.ModeExec:
 		err := s.restartExec(binary, timeout)
