@@ -1,0 +1,108 @@
+package test
+
+import (
+	"encoding/binary"
+	"io"
+	"net"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+	"github.com/livesentry/livesentry/pkg/guest"
+	"gvisor.dev/gvisor/pkg/unet"
+	"gvisor.dev/gvisor/pkg/urpc"
+)
+
+// A guest stuck in the middle of a call holds the pause of a restart only
+// until the restart's timeout: then the restart fails and rolls back, and
+// every guest is served again.
+func TestAGuestStuckMidCallFailsTheRestartNotTheSandbox(t *testing.T) {
+	c := newCLI(t)
+	const id = "stuckcall"
+	c.must("run", "--detach", "--memory=64M", id, "--", "sleep", "600")
+	st := c.state(id)
+	raw, err := net.Dial("unix", st.GuestSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.Write(hello())
+	var hb [abiguest.HelloSize]byte
+	if _, err := io.ReadFull(raw, hb[:]); err != nil {
+		t.Fatal(err)
+	}
+	raw.Write(memfdCreate())
+	res := make([]byte, abiguest.ResponseHeaderSize)
+	if _, err := io.ReadFull(raw, res); err != nil {
+		t.Fatal(err)
+	}
+	// A write promising 1 MiB of which only 4 KiB come.
+	w := header(abiguest.OpWrite, 1<<20)
+	binary.LittleEndian.PutUint64(w[8:], 0)
+	raw.Write(append(w, make([]byte, 4096)...))
+	time.Sleep(50 * time.Millisecond)
+
+	start := time.Now()
+	_, errOut, code := c.run("restart", "--timeout=1s", id)
+	if code == 0 || !strings.Contains(errOut, "in progress") || !strings.Contains(errOut, "rolled back and is still serving") {
+		t.Fatalf("restart with a stuck call: exit %d, %q", code, errOut)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("the restart took %v to give up", el)
+	}
+	g, err := guest.Dial(st.GuestSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Disconnect()
+	if _, err := g.MemfdCreate("after", 0); err != nil {
+		t.Fatalf("a guest after the failed restart: %v", err)
+	}
+	// The stuck call can finish, and a restart then succeeds.
+	raw.Write(make([]byte, 1<<20-4096))
+	if _, err := io.ReadFull(raw, res); err != nil {
+		t.Fatal(err)
+	}
+	c.restart(id)
+	c.must("kill", id)
+}
+
+// No guest can be launched while a restart is in progress (it would
+// survive an exec-mode execve unnoticed): Exec on a control connection
+// opened before the restart is refused with EBUSY.
+func TestExecDuringARestartIsRefused(t *testing.T) {
+	c := newCLI(t)
+	const id = "execblackout"
+	if out, errOut, code := c.runBinary(runscSlowAck, "run", "--detach", "--memory=64M", id, "--", "sleep", "600"); code != 0 {
+		t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
+	}
+	st := c.state(id)
+	sock, err := unet.Connect(st.ControlSocket, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := urpc.NewClient(sock)
+	defer cl.Close()
+	restart := exec.Command(runsc, "--root="+c.root, "restart", "--binary="+runsc, id)
+	if err := restart.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Inside the old sentry's 1.5 s sleep before it reads the ack.
+	time.Sleep(500 * time.Millisecond)
+	var pid struct {
+		PID int `json:"pid"`
+	}
+	err = cl.Call("Sentry.Exec", &struct {
+		Argv []string `json:"argv"`
+		urpc.FilePayload
+	}{Argv: []string{"sleep", "600"}}, &pid)
+	if err == nil || !strings.Contains(err.Error(), "restarting") {
+		t.Errorf("Exec during a restart: pid %d, %v; want it refused", pid.PID, err)
+	}
+	if err := restart.Wait(); err != nil {
+		t.Fatalf("the restart: %v", err)
+	}
+	c.must("kill", id)
+}
