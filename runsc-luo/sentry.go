@@ -465,6 +465,12 @@ func (s *sentry) stop(exitStatus int, reason string) {
 		log.Warningf("%v", err)
 	}
 	log.Infof("sandbox %s stopped (exit status %d) %s", s.cfg.ID, exitStatus, reason)
+	if s.server != nil {
+		// Answer the calls in progress (the Signal that stopped the
+		// sandbox, the Restart whose rollback applied a deferred stop)
+		// before the process exits. stop never runs inside a call.
+		s.server.Stop(exitGrace)
+	}
 	close(s.exited)
 }
 
