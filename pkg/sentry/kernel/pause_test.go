@@ -249,3 +249,27 @@ func TestASlowReaderIsDroppedAtItsCallsDeadline(t *testing.T) {
 	}
 	s.k.Resume()
 }
+
+func TestASlowButSteadyWriteOutlivesTheBaseTimeout(t *testing.T) {
+	oldTimeout, oldRate := transferTimeout, minTransferRate
+	transferTimeout, minTransferRate = 200*time.Millisecond, 1<<20
+	t.Cleanup(func() { transferTimeout, minTransferRate = oldTimeout, oldRate })
+	s := newSandbox(t)
+	c := rawConn(t, s, true)
+	rawRequest(t, c, abiguest.OpMemfdCreate, 2, []byte("x\x00"), 0)
+	fd := uint64(rawResult(t, c).Result)
+	// 1 MiB in 8 pieces over ~700 ms: longer than the 200 ms base, well
+	// within the 1.2 s its size allows.
+	const size = 1 << 20
+	rawRequest(t, c, abiguest.OpWrite, size, nil, fd)
+	piece := make([]byte, size/8)
+	for i := 0; i < 8; i++ {
+		time.Sleep(90 * time.Millisecond)
+		if _, err := c.Write(piece); err != nil {
+			t.Fatalf("sending piece %d: %v", i, err)
+		}
+	}
+	if h := rawResult(t, c); h.Errno != 0 || h.Result != size {
+		t.Fatalf("the slow write: %+v", h)
+	}
+}
