@@ -246,8 +246,16 @@ func (s *sentry) exitAfterHandoff() {
 	os.Exit(0)
 }
 
-// writeState writes the state file for a running sandbox.
+// writeState writes the state file for a running sandbox, unless the
+// sandbox has stopped or been handed over: the file is written under s.mu
+// and stop marks the sandbox stopped under s.mu before it writes its own,
+// so a late write can never turn "stopped" back into "running".
 func (s *sentry) writeState(errStr string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped || s.handedOver {
+		return nil
+	}
 	st := s.stateLocked()
 	st.Error = errStr
 	return writeState(st)
@@ -350,15 +358,12 @@ func (s *sentry) launchEntrypoint() error {
 		return err
 	}
 	defer out.Close()
-	p, err := s.launch(s.cfg.Entrypoint, nil, nil, out, out, true)
-	if err != nil {
+	if _, err := s.launch(s.cfg.Entrypoint, nil, nil, out, out, true); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	st := s.stateLocked()
-	s.mu.Unlock()
-	st.EntrypointPID = p.pid
-	return writeState(st)
+	// The entrypoint's pid and start time (unless it has already exited
+	// and stopped the sandbox).
+	return s.writeState("")
 }
 
 // killGuests SIGKILLs every guest process the sentry launched and waits
@@ -457,7 +462,9 @@ func (s *sentry) stop(exitStatus int, reason string) {
 		s.k.Shutdown()
 	}
 	s.cleanupSockets()
+	s.mu.Lock()
 	st := s.stateLocked()
+	s.mu.Unlock()
 	st.Status = statusStopped
 	st.ExitStatus = &exitStatus
 	st.Error = reason
@@ -847,10 +854,7 @@ func (c *Sentry) Exec(a *ExecArgs, out *PIDResult) error {
 		return err
 	}
 	// Record it, so that kill can stop it even if this sentry dies.
-	c.s.mu.Lock()
-	st := c.s.stateLocked()
-	c.s.mu.Unlock()
-	if err := writeState(st); err != nil {
+	if err := c.s.writeState(""); err != nil {
 		log.Warningf("%v", err)
 	}
 	out.PID = p.pid

@@ -90,7 +90,7 @@ func TestExecDuringARestartIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Inside the old sentry's 1.5 s sleep before it reads the ack.
-	time.Sleep(500 * time.Millisecond)
+	waitRestartInProgress(t, c)
 	var pid struct {
 		PID int `json:"pid"`
 	}

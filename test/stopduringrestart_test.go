@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,16 +26,23 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 		sigterm    bool
 		rollback   bool
 	}{
-		{"SIGTERM during a restart that rolls back stops the sandbox afterwards", []string{"sleep", "600"}, true, true},
-		{"SIGTERM during a restart that hands over is dropped", []string{"sleep", "600"}, true, false},
-		{"the entrypoint exiting during a restart that rolls back stops the sandbox afterwards", []string{"sleep", "1"}, false, true},
-		{"the entrypoint exiting during a restart that hands over is dropped", []string{"sleep", "1"}, false, false},
+		{"SIGTERM during a restart that rolls back stops the sandbox afterwards", nil, true, true},
+		{"SIGTERM during a restart that hands over is dropped", nil, true, false},
+		{"the entrypoint exiting during a restart that rolls back stops the sandbox afterwards", []string{"exit"}, false, true},
+		{"the entrypoint exiting during a restart that hands over is dropped", []string{"exit"}, false, false},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newCLI(t)
 			id := fmt.Sprintf("stopdr%d", i)
-			if out, errOut, code := c.runBinary(runscSlowAck, append([]string{"run", "--detach", "--memory=64M", id, "--"}, tc.entrypoint...)...); code != 0 {
+			// The entrypoint runs until the file "go" exists (the
+			// relaunched one then exits at once).
+			goFile := filepath.Join(c.root, "go")
+			entry := []string{"sh", "-c", "while [ ! -e " + goFile + " ]; do sleep 0.02; done"}
+			if tc.entrypoint == nil {
+				entry = []string{"sleep", "600"}
+			}
+			if out, errOut, code := c.runBinary(runscSlowAck, append([]string{"run", "--detach", "--memory=64M", id, "--"}, entry...)...); code != 0 {
 				t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
 			}
 			before := c.state(id)
@@ -48,9 +56,11 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
+			waitRestartInProgress(t, c)
 			if tc.sigterm {
-				time.Sleep(500 * time.Millisecond)
 				syscall.Kill(before.PID, syscall.SIGTERM)
+			} else {
+				os.WriteFile(goFile, nil, 0o600)
 			}
 			err := cmd.Wait()
 			if tc.rollback {
@@ -109,5 +119,25 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 			}
 			c.must("delete", id)
 		})
+	}
+}
+
+// waitRestartInProgress waits until a restart of c's sandbox has started
+// its new sentry, then a little longer: with the slow-ack build as the old
+// sentry, that is inside the 1.5 s it sleeps in the middle of the
+// handover.
+func waitRestartInProgress(t *testing.T, c *cli) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		for _, pid := range processesMentioning("--handover-fd=3") {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			if strings.Contains(string(b), "--root="+c.root+"\x00") {
+				time.Sleep(200 * time.Millisecond)
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the restart did not start its new sentry within 10 s")
+		}
 	}
 }
