@@ -218,18 +218,23 @@ func runIncoming(d *handover.Descriptor, files []*os.File, ch *handover.Channel,
 	s.start()
 	// The blackout ends here: guests are served again.
 	ack.AcceptingAt = handover.Monotonic()
+	t := handover.MakeTiming(d, &ack, d.PID)
+	s.mu.Lock()
+	s.last = RestartRecord{Generation: d.LiveupdateNumber + 1, Timing: t}
+	s.mu.Unlock()
+	// The state file names this sentry before the old one answers the
+	// CLI (after Serving) and exits: until then it names the old one,
+	// which would look gone to kill and delete.
+	if err := s.writeState(""); err != nil {
+		log.Warningf("%v", err)
+	}
 	if ch != nil {
 		ch.Send(&handover.Serving{At: ack.AcceptingAt})
 		ch.Close()
 	}
-	t := handover.MakeTiming(d, &ack, d.PID)
-	s.last = RestartRecord{Generation: d.LiveupdateNumber + 1, Timing: t}
 	if d.Mode == handover.ModeExec {
 		// The old image's guests are our children now: stop them.
 		stopOldGuests(d.OldGuests)
-	}
-	if err := s.writeState(""); err != nil {
-		log.Warningf("%v", err)
 	}
 	log.Infof("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v", cfg.ID, d.Mode, d.Version, k.LUO().LiveupdateNumber(), t.Blackout)
 	if err := s.launchEntrypoint(); err != nil {

@@ -35,6 +35,11 @@ func (d *deleteCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcom
 		return fatalf("%v", err)
 	}
 	if st.gone {
+		if live, gone := stillGone(st); !gone {
+			st = live
+		}
+	}
+	if st.gone {
 		// The sentry died without stopping its guests: stop them first.
 		cleanupGone(st)
 	}

@@ -80,6 +80,11 @@ func killSandbox(id string, sig unix.Signal) error {
 		return err
 	}
 	if st.gone {
+		if live, gone := stillGone(st); !gone {
+			st = live
+		}
+	}
+	if st.gone {
 		// The sentry died without stopping the sandbox (say, an
 		// exec-mode restart into a binary that failed after execve): its
 		// guests may still run.

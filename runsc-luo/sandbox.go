@@ -133,6 +133,18 @@ func killGuestsOf(st *state) int {
 	return n
 }
 
+// stillGone re-checks a state whose sentry looked gone: a live restart
+// may have handed the sandbox to a new sentry that has not written the
+// state file yet. If a sentry answers on the control socket, its state
+// is returned and ok is false.
+func stillGone(st *state) (*state, bool) {
+	var live state
+	if err := callWithin(st.Root, st.ID, "State", &Empty{}, &live, time.Second); err == nil && alive(live.PID) {
+		return &live, false
+	}
+	return st, true
+}
+
 // cleanupGone finishes a sandbox whose sentry died without stopping it:
 // its recorded guests are killed, its sockets removed, and its state file
 // says stopped.

@@ -42,5 +42,8 @@ func TestRestartWithAnExecdGuestAnswersTheCLI(t *testing.T) {
 		}
 	}
 	c.must("kill", id)
-	c.must("delete", id)
+	if _, errOut, code := c.run("delete", id); code != 0 {
+		out, _, _ := c.run("state", id)
+		t.Fatalf("delete after kill: %s; state: %s; processes: %v", errOut, out, processesMentioning(c.root))
+	}
 }
