@@ -280,32 +280,10 @@ func (c *syscall) fallocate() (int64, []byte, error) {
 	})
 }
 
-// fallocModeMask is FALLOC_FL_MODE_MASK.
-const fallocModeMask = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_COLLAPSE_RANGE | unix.FALLOC_FL_ZERO_RANGE |
-	unix.FALLOC_FL_INSERT_RANGE | unix.FALLOC_FL_UNSHARE_RANGE | unix.FALLOC_FL_WRITE_ZEROES
-
-// fallocateArgs are vfs_fallocate's checks of its arguments.
+// fallocateArgs are vfs_fallocate's checks of its arguments, made before
+// the file type is looked at.
 func fallocateArgs(mode uint32, off, length int64) error {
-	if off < 0 || length <= 0 {
-		return unix.EINVAL
-	}
-	if mode&^(fallocModeMask|unix.FALLOC_FL_KEEP_SIZE) != 0 {
-		return unix.EOPNOTSUPP
-	}
-	switch mode & fallocModeMask {
-	case unix.FALLOC_FL_ALLOCATE_RANGE, unix.FALLOC_FL_UNSHARE_RANGE, unix.FALLOC_FL_ZERO_RANGE:
-	case unix.FALLOC_FL_PUNCH_HOLE:
-		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
-			return unix.EOPNOTSUPP
-		}
-	case unix.FALLOC_FL_COLLAPSE_RANGE, unix.FALLOC_FL_INSERT_RANGE, unix.FALLOC_FL_WRITE_ZEROES:
-		if mode&unix.FALLOC_FL_KEEP_SIZE != 0 {
-			return unix.EOPNOTSUPP
-		}
-	default:
-		return unix.EOPNOTSUPP
-	}
-	return nil
+	return memfd.FallocateArgs(mode, off, length)
 }
 
 // fstat is fstat(2).

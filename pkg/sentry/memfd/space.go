@@ -104,24 +104,8 @@ const fallocModeMask = unix.FALLOC_FL_ALLOCATE_RANGE | unix.FALLOC_FL_PUNCH_HOLE
 // freed again. An MFD_HUGETLB file has no huge page pool here: allocating
 // is ENOSPC, as on a host with no huge pages reserved.
 func (f *File) Fallocate(mode uint32, off, length int64) error {
-	if off < 0 || length <= 0 {
-		return unix.EINVAL
-	}
-	if mode&^(fallocModeMask|unix.FALLOC_FL_KEEP_SIZE) != 0 {
-		return unix.EOPNOTSUPP
-	}
-	switch mode & fallocModeMask {
-	case unix.FALLOC_FL_ALLOCATE_RANGE, unix.FALLOC_FL_UNSHARE_RANGE, unix.FALLOC_FL_ZERO_RANGE:
-	case unix.FALLOC_FL_PUNCH_HOLE:
-		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
-			return unix.EOPNOTSUPP
-		}
-	case unix.FALLOC_FL_COLLAPSE_RANGE, unix.FALLOC_FL_INSERT_RANGE, unix.FALLOC_FL_WRITE_ZEROES:
-		if mode&unix.FALLOC_FL_KEEP_SIZE != 0 {
-			return unix.EOPNOTSUPP
-		}
-	default:
-		return unix.EOPNOTSUPP
+	if err := FallocateArgs(mode, off, length); err != nil {
+		return err
 	}
 	if off+length < 0 {
 		return unix.EFBIG
@@ -213,5 +197,32 @@ func (f *File) allocateLocked(first, stop uint64) error {
 		}
 	}
 	f.releaseScratch(segs)
+	return nil
+}
+
+// FallocateArgs makes vfs_fallocate's checks of its arguments, which come
+// before any file-specific ones: EINVAL for a negative offset or a length
+// that is not positive, EOPNOTSUPP for an unknown mode bit or a mode that
+// does not combine with KEEP_SIZE as it must.
+func FallocateArgs(mode uint32, off, length int64) error {
+	if off < 0 || length <= 0 {
+		return unix.EINVAL
+	}
+	if mode&^(fallocModeMask|unix.FALLOC_FL_KEEP_SIZE) != 0 {
+		return unix.EOPNOTSUPP
+	}
+	switch mode & fallocModeMask {
+	case unix.FALLOC_FL_ALLOCATE_RANGE, unix.FALLOC_FL_UNSHARE_RANGE, unix.FALLOC_FL_ZERO_RANGE:
+	case unix.FALLOC_FL_PUNCH_HOLE:
+		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
+			return unix.EOPNOTSUPP
+		}
+	case unix.FALLOC_FL_COLLAPSE_RANGE, unix.FALLOC_FL_INSERT_RANGE, unix.FALLOC_FL_WRITE_ZEROES:
+		if mode&unix.FALLOC_FL_KEEP_SIZE != 0 {
+			return unix.EOPNOTSUPP
+		}
+	default:
+		return unix.EOPNOTSUPP
+	}
 	return nil
 }
