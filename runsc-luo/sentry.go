@@ -90,7 +90,6 @@ type sentry struct {
 	stopped     bool
 	last        RestartRecord
 	server      *urpc.Server
-	exitStatus  subcommands.ExitStatus
 	exited      chan struct{}
 }
 

@@ -152,8 +152,3 @@ func (s *extentSet) alloc(order int) (uint64, bool) {
 	}
 	return b, true
 }
-
-// ascend calls fn for every extent in address order until fn returns false.
-func (s *extentSet) ascend(fn func(start, end uint64) bool) {
-	s.byEnd.Ascend(func(e *extent) bool { return fn(e.start, e.end) })
-}

@@ -51,12 +51,6 @@ func (s pageSet) add(t *testing.T, fo Folio) {
 	}
 }
 
-func (s pageSet) remove(fo Folio) {
-	for p := fo.PFN; p < fo.PFN+fo.Pages(); p++ {
-		delete(s, p)
-	}
-}
-
 func TestAllocateAlignedUniqueAndNeverPFN0(t *testing.T) {
 	for order := 0; order <= MaxOrder; order++ {
 		t.Run(fmt.Sprintf("order %d", order), func(t *testing.T) {

@@ -53,9 +53,6 @@ type Files struct {
 	ControlListener int `json:"control_listener"`
 }
 
-// count is the number of files.
-const fileCount = 3
-
 // Descriptor is what the old sentry hands to the new one besides the files.
 type Descriptor struct {
 	// Protocol is ProtocolVersion of the sender.

@@ -93,6 +93,24 @@ func TestFreezeFailureRollsBackAndARetrySucceeds(t *testing.T) {
 	}
 }
 
+// bootRecordingSer boots a sentry whose memfd handler records, in *ser,
+// the address of the memfd_luo_ser block of the last file it preserved,
+// so that a test can corrupt the record the next sentry will read.
+func bootRecordingSer(t *testing.T) (*sentry, *uint64) {
+	ser := new(uint64)
+	s := bootWith(t, func(s *sentry) *luo.FileHandler {
+		return wrapped(s, "memfd-v1", func(ops *luo.FileOps) {
+			preserve := ops.Preserve
+			ops.Preserve = func(a *luo.FileOpArgs) error {
+				err := preserve(a)
+				*ser = a.SerializedData
+				return err
+			}
+		})
+	})
+	return s, ser
+}
+
 // allocatedAfterDrain returns the pages allocated once every free has been
 // released.
 func allocatedAfterDrain(s *sentry) uint64 {
@@ -151,24 +169,14 @@ func TestRetrievingTwiceReturnsTheSameFile(t *testing.T) {
 
 func TestAFailedRetrieveIsStickyAndNothingIsFreedTwice(t *testing.T) {
 	base := allocatedAfterDrain(coldBoot(t))
-	var serAddr uint64
-	s := bootWith(t, func(s *sentry) *luo.FileHandler {
-		return wrapped(s, "memfd-v1", func(ops *luo.FileOps) {
-			preserve := ops.Preserve
-			ops.Preserve = func(a *luo.FileOpArgs) error {
-				err := preserve(a)
-				serAddr = a.SerializedData
-				return err
-			}
-		})
-	})
+	s, ser := bootRecordingSer(t)
 	dev, _ := s.openDevice(t)
 	sfd := s.createSession(t, dev, "corrupt")
 	if err := s.preserveFD(sfd, s.memfdWith(t, make([]byte, 1<<20)), 9); err != nil {
 		t.Fatal(err)
 	}
 	// Corrupt memfd_luo_ser.size: beyond any file size.
-	rec, err := s.mf.Slice(serAddr>>pgalloc.PageShift, 1)
+	rec, err := s.mf.Slice(*ser>>pgalloc.PageShift, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -439,17 +447,7 @@ func TestASessionClosedWhileSerializedIsReleasedByAbort(t *testing.T) {
 
 func TestARetrieveThatFailsHalfwayFreesEveryFolio(t *testing.T) {
 	base := allocatedAfterDrain(coldBoot(t))
-	var serAddr uint64
-	s := bootWith(t, func(s *sentry) *luo.FileHandler {
-		return wrapped(s, "memfd-v1", func(ops *luo.FileOps) {
-			preserve := ops.Preserve
-			ops.Preserve = func(a *luo.FileOpArgs) error {
-				err := preserve(a)
-				serAddr = a.SerializedData
-				return err
-			}
-		})
-	})
+	s, ser := bootRecordingSer(t)
 	dev, _ := s.openDevice(t)
 	sfd := s.createSession(t, dev, "halfway")
 	fd := s.memfdWith(t, nil)
@@ -471,7 +469,7 @@ func TestARetrieveThatFailsHalfwayFreesEveryFolio(t *testing.T) {
 		return b
 	}
 	var rec abimemfd.Ser
-	if err := rec.Decode(page(serAddr)); err != nil {
+	if err := rec.Decode(page(*ser)); err != nil {
 		t.Fatal(err)
 	}
 	array := page(abikho.VmallocChunkPhys(page(rec.Folios.First), 0))
