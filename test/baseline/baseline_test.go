@@ -215,7 +215,6 @@ func BenchmarkLivesentryHandover(b *testing.B) {
 				if err := k.Finalize(); err != nil {
 					b.Fatal(err)
 				}
-				mf.HoldReleases()
 				file, err := mf.DupFile()
 				if err != nil {
 					b.Fatal(err)

@@ -160,8 +160,6 @@ func NewFromHandover(file *os.File, root uint64, opts Options) (*Kernel, BootTim
 		file.Close()
 		return nil, bt, fmt.Errorf("mapping the memory file: %w", err)
 	}
-	// Open starts held; say so here too, so that this never depends on it.
-	mf.HoldReleases()
 	t1 := time.Now()
 	bt.Map = t1.Sub(t0)
 	k, err := kho.Ingest(mf, root)
@@ -400,18 +398,19 @@ func (k *Kernel) PrepareHandover() (Handover, HandoverTiming, error) {
 		k.luo.Abort()
 		return Handover{}, ht, fmt.Errorf("KHO finalize: %w", err)
 	}
+	// Finalize has held the memory file's releases: from here on it is
+	// the next sentry's.
 	ht.Finalize = time.Since(t1)
-	k.mf.HoldReleases()
 	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber()}, ht, nil
 }
 
 // AbortHandover rolls back a successful PrepareHandover whose restart was
-// refused: it discards KHO's finalize output, unfreezes LUO's files and
-// lets the memory file release again. The kernel is still paused.
+// refused: it discards KHO's finalize output (which also lets the memory
+// file release again) and unfreezes LUO's files. The kernel is still
+// paused.
 func (k *Kernel) AbortHandover() error {
 	err := k.kho.Abort()
 	k.luo.Abort()
-	k.mf.ResumeReleases()
 	if err != nil {
 		return fmt.Errorf("KHO abort: %w", err)
 	}

@@ -27,6 +27,12 @@ import (
 // previous chunk list (kho_update_memory_map). It fails with ENOMEM if the
 // file has no room for the map, leaving the previous state. It mirrors
 // kho_finalize and kho_mem_serialize.
+//
+// From a successful Finalize on, the memory file belongs to the next
+// sentry, which regards every page this one did not preserve as stale and
+// may reuse it: Finalize holds the memory file's releases
+// (pgalloc.HoldReleases) so that nothing this sentry frees afterwards is
+// punched out, and Abort resumes them.
 func (k *KHO) Finalize() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -44,6 +50,7 @@ func (k *KHO) Finalize() error {
 	}
 	k.out.finalized = true
 	k.freePagesLocked(old)
+	k.mf.HoldReleases()
 	return nil
 }
 
@@ -63,6 +70,7 @@ func (k *KHO) Abort() error {
 		return err
 	}
 	k.freePagesLocked(old)
+	k.mf.ResumeReleases()
 	return nil
 }
 

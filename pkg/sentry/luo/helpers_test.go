@@ -125,9 +125,6 @@ func (s *sentry) handover(tb testing.TB) (*sentry, error) {
 	if err := s.k.Finalize(); err != nil {
 		tb.Fatalf("kho finalize: %v", err)
 	}
-	// From here on the file is the next sentry's: this one must punch
-	// nothing it freed, or it could zero pages the next one reuses.
-	s.mf.HoldReleases()
 	file, err := s.mf.DupFile()
 	if err != nil {
 		tb.Fatal(err)
