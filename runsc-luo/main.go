@@ -9,7 +9,10 @@
 //	runsc-luo [--root DIR] [--debug] [--log-format text|json] COMMAND [flags] ARGS
 //
 // Commands: run, exec, restart, state, list, kill, delete, kho dump,
-// luo status, demo. "boot", "abi" and "demo-guest" are internal.
+// luo status, demo, version. "boot", "abi" and "demo-guest" are internal.
+//
+// The commands live in package cmd (flags and output), the sentry process
+// in package boot, the client side in packages container and sandbox.
 package main
 
 import (
@@ -17,9 +20,10 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/google/subcommands"
+	"github.com/livesentry/livesentry/runsc-luo/cmd"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 	"gvisor.dev/gvisor/pkg/log"
 )
 
@@ -27,39 +31,19 @@ import (
 // -ldflags "-X main.version=...".
 var version = "livesentry-dev"
 
-// Global flags.
-var (
-	rootDir   = flag.String("root", defaultRoot(), "directory holding sandbox state and sockets")
-	debug     = flag.Bool("debug", false, "log debug messages")
-	logFormat = flag.String("log-format", "text", "log format: text or json")
-)
-
-// defaultRoot is $XDG_RUNTIME_DIR/runsc-luo, else /var/run/runsc-luo.
-func defaultRoot() string {
-	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
-		return filepath.Join(d, "runsc-luo")
-	}
-	return "/var/run/runsc-luo"
-}
-
-// globalArgs returns the global flags to pass to a child runsc-luo.
-func globalArgs() []string {
-	return []string{"--root=" + *rootDir, fmt.Sprintf("--debug=%t", *debug), "--log-format=" + *logFormat}
-}
-
-// setupLog directs gVisor's log (used by urpc) to stderr in the chosen
-// format, at Debug with --debug and at Warning otherwise.
-func setupLog() error {
+// setupLog directs gVisor's log (used by urpc and the sentry) to stderr in
+// the chosen format, at Debug with --debug and at Warning otherwise.
+func setupLog(g *sandbox.Globals) error {
 	w := &log.Writer{Next: os.Stderr}
-	switch *logFormat {
+	switch g.LogFormat {
 	case "text":
 		log.SetTarget(log.GoogleEmitter{Writer: w})
 	case "json":
 		log.SetTarget(log.JSONEmitter{Writer: w})
 	default:
-		return fmt.Errorf("--log-format %q: must be text or json", *logFormat)
+		return fmt.Errorf("--log-format %q: must be text or json", g.LogFormat)
 	}
-	if *debug {
+	if g.Debug {
 		log.SetLevel(log.Debug)
 	} else {
 		log.SetLevel(log.Warning)
@@ -68,44 +52,26 @@ func setupLog() error {
 }
 
 func main() {
+	c := &cmd.Config{Version: version}
+	flag.StringVar(&c.Root, "root", sandbox.DefaultRoot(), "directory holding sandbox state and sockets")
+	flag.BoolVar(&c.Debug, "debug", false, "log debug messages")
+	flag.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
+
 	subcommands.Register(subcommands.HelpCommand(), "")
 	subcommands.Register(subcommands.FlagsCommand(), "")
-	subcommands.Register(new(runCmd), "")
-	subcommands.Register(new(execCmd), "")
-	subcommands.Register(new(restartCmd), "")
-	subcommands.Register(new(stateCmd), "")
-	subcommands.Register(new(listCmd), "")
-	subcommands.Register(new(killCmd), "")
-	subcommands.Register(new(deleteCmd), "")
-	subcommands.Register(new(khoCmd), "")
-	subcommands.Register(new(luoCmd), "")
-	subcommands.Register(new(demoCmd), "")
-	subcommands.Register(new(versionCmd), "")
-	subcommands.Register(new(bootCmd), "internal")
-	subcommands.Register(new(abiCmd), "internal")
-	subcommands.Register(new(demoGuestCmd), "internal")
+	for _, sc := range []subcommands.Command{
+		new(cmd.Run), new(cmd.Exec), new(cmd.Restart), new(cmd.State), new(cmd.List),
+		new(cmd.Kill), new(cmd.Delete), new(cmd.KHO), new(cmd.LUO), new(cmd.Demo), new(cmd.Version),
+	} {
+		subcommands.Register(sc, "")
+	}
+	for _, sc := range []subcommands.Command{new(cmd.Boot), new(cmd.ABI), new(cmd.DemoGuest)} {
+		subcommands.Register(sc, "internal")
+	}
 	flag.Parse()
-	if err := setupLog(); err != nil {
+	if err := setupLog(&c.Globals); err != nil {
 		fmt.Fprintln(os.Stderr, "runsc-luo:", err)
 		os.Exit(int(subcommands.ExitUsageError))
 	}
-	os.Exit(int(subcommands.Execute(context.Background())))
-}
-
-// fatalf prints an error and returns the failure status.
-func fatalf(format string, args ...any) subcommands.ExitStatus {
-	fmt.Fprintf(os.Stderr, "runsc-luo: "+format+"\n", args...)
-	return subcommands.ExitFailure
-}
-
-// versionCmd prints the version.
-type versionCmd struct{}
-
-func (*versionCmd) Name() string           { return "version" }
-func (*versionCmd) Synopsis() string       { return "print the version string" }
-func (*versionCmd) Usage() string          { return "version\n" }
-func (*versionCmd) SetFlags(*flag.FlagSet) {}
-func (*versionCmd) Execute(context.Context, *flag.FlagSet, ...any) subcommands.ExitStatus {
-	fmt.Println(version)
-	return subcommands.ExitSuccess
+	os.Exit(int(subcommands.Execute(context.Background(), c)))
 }

@@ -11,6 +11,7 @@ import (
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/runsc-luo/boot"
 	"gvisor.dev/gvisor/pkg/unet"
 	"gvisor.dev/gvisor/pkg/urpc"
 )
@@ -75,7 +76,7 @@ func TestAGuestStuckMidCallFailsTheRestartNotTheSandbox(t *testing.T) {
 func TestExecDuringARestartIsRefused(t *testing.T) {
 	c := newCLI(t)
 	const id = "execblackout"
-	if out, errOut, code := c.runBinary(runscSlowAck, "run", "--detach", "--memory=64M", id, "--", "sleep", "600"); code != 0 {
+	if out, errOut, code := c.run("run", "--detach", "--memory=64M", id, "--", "sleep", "600"); code != 0 {
 		t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
 	}
 	st := c.state(id)
@@ -85,7 +86,7 @@ func TestExecDuringARestartIsRefused(t *testing.T) {
 	}
 	cl := urpc.NewClient(sock)
 	defer cl.Close()
-	restart := exec.Command(runsc, "--root="+c.root, "restart", "--binary="+runsc, id)
+	restart := exec.Command(runsc, "--root="+c.root, "restart", "--TESTONLY-ack-delay=1500ms", "--binary="+runsc, id)
 	if err := restart.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +95,7 @@ func TestExecDuringARestartIsRefused(t *testing.T) {
 	var pid struct {
 		PID int `json:"pid"`
 	}
-	err = cl.Call("Sentry.Exec", &struct {
+	err = cl.Call(boot.MethodExec, &struct {
 		Argv []string `json:"argv"`
 		urpc.FilePayload
 	}{Argv: []string{"sleep", "600"}}, &pid)

@@ -18,10 +18,10 @@ import (
 func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 	c := newCLI(t)
 	const id = "lateack"
-	// The old sentry is the build that sleeps 1.5 s before reading the ack.
+	// The restart makes the old sentry sleep 1.5 s before it reads the ack.
 	// The entrypoint's argument is unique, to count its copies.
 	nap := fmt.Sprintf("600.%09d", rand.IntN(1e9))
-	if out, errOut, code := c.runBinary(runscSlowAck, "run", "--detach", "--memory=64M", id, "--", "sleep", nap); code != 0 {
+	if out, errOut, code := c.run("run", "--detach", "--memory=64M", id, "--", "sleep", nap); code != 0 {
 		t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
 	}
 	before := c.state(id)
@@ -58,7 +58,7 @@ func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	out, errOut, code := c.run("restart", "--timeout=1s", "--binary="+runsc, id)
+	out, errOut, code := c.run("restart", "--timeout=1s", "--TESTONLY-ack-delay=1500ms", "--binary="+runsc, id)
 	if code == 0 {
 		t.Fatalf("restart succeeded although the old sentry read the ack after its deadline: %s", out)
 	}

@@ -4,7 +4,9 @@
 // TestMain builds the binaries the tests run into a temporary directory:
 // runsc-luo itself, a second build with another version string (a new
 // binary to restart into), and a build whose memfd file handler is
-// "memfd-v9" (a new binary that must refuse the handover).
+// "memfd-v9" (a new binary that must refuse the handover: the format
+// compatibility test). Faults are injected through the restart's options
+// (restart --TESTONLY-ack-delay), not through special builds.
 package test
 
 import (
@@ -20,15 +22,14 @@ import (
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/runsc-luo/demo"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 )
 
 var (
 	// runsc is the runsc-luo under test; runscV2 the same code with
 	// version "livesentry-v2"; runscV9 with memfd handler "memfd-v9".
 	runsc, runscV2, runscV9 string
-	// runscSlowAck is a build whose old sentry sleeps 1.5 s before it
-	// reads a transfer-mode restart's ack (fault injection).
-	runscSlowAck string
 	// binDir holds the binaries and helper scripts.
 	binDir string
 )
@@ -57,12 +58,10 @@ func TestMain(m *testing.M) {
 		runsc = filepath.Join(dir, "runsc-luo")
 		runscV2 = filepath.Join(dir, "runsc-luo-v2")
 		runscV9 = filepath.Join(dir, "runsc-luo-memfd-v9")
-		runscSlowAck = filepath.Join(dir, "runsc-luo-slow-ack")
 		for _, b := range []struct{ out, ldflags string }{
 			{runsc, ""},
 			{runscV2, "-X main.version=livesentry-v2"},
 			{runscV9, "-X main.version=livesentry-memfd-v9 -X github.com/livesentry/livesentry/pkg/sentry/memfd.compatible=memfd-v9"},
-			{runscSlowAck, "-X main.version=livesentry-slow-ack -X main.faultAckDelay=1500ms"},
 		} {
 			if err := build(b.out, b.ldflags); err != nil {
 				fmt.Fprintln(os.Stderr, err)
@@ -137,19 +136,8 @@ func (c *cli) must(args ...string) string {
 	return out
 }
 
-// sandboxState is the part of "runsc-luo state" the tests read.
-type sandboxState struct {
-	ID               string `json:"id"`
-	Status           string `json:"status"`
-	PID              int    `json:"pid"`
-	Version          string `json:"version"`
-	GuestSocket      string `json:"guest_socket"`
-	ControlSocket    string `json:"control_socket"`
-	EntrypointPID    int    `json:"entrypoint_pid"`
-	LiveupdateNumber uint64 `json:"liveupdate_number"`
-	ExitStatus       *int   `json:"exit_status"`
-	Error            string `json:"error"`
-}
+// sandboxState is what "runsc-luo state" prints.
+type sandboxState = sandbox.State
 
 func (c *cli) state(id string) sandboxState {
 	c.t.Helper()
@@ -176,15 +164,7 @@ func (c *cli) restart(id string, args ...string) timing {
 }
 
 // event is one JSON line of demo-guest.
-type event struct {
-	Event       string `json:"event"`
-	Generation  uint64 `json:"generation"`
-	Files       int    `json:"files"`
-	Sessions    int    `json:"sessions"`
-	Bytes       int64  `json:"bytes"`
-	DataReadyAt int64  `json:"data_ready_at"`
-	Error       string `json:"error"`
-}
+type event = demo.Event
 
 // waitEvent waits for demo-guest's line with event and generation.
 func (c *cli) waitEvent(id, ev string, gen uint64, timeout time.Duration) event {

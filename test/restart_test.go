@@ -13,6 +13,7 @@ import (
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/sentry/luo"
 )
 
 func TestRestartCarriesThreeMemfdsInTwoSessions(t *testing.T) {
@@ -92,19 +93,8 @@ func TestTwentyRestartsInARowAlternatingModes(t *testing.T) {
 	c.must("delete", id)
 }
 
-// luoStatus is the part of "luo status" the tests read.
-type luoStatus struct {
-	LiveupdateNumber uint64 `json:"liveupdate_number"`
-	Sessions         []struct {
-		Name      string `json:"name"`
-		Direction string `json:"direction"`
-		Files     []struct {
-			Token      uint64 `json:"token"`
-			Compatible string `json:"compatible"`
-			State      string `json:"state"`
-		} `json:"files"`
-	} `json:"sessions"`
-}
+// luoStatus is what "luo status" prints.
+type luoStatus = luo.Status
 
 func TestRefusedRestartsRollBackWithEverySessionIntact(t *testing.T) {
 	c := newCLI(t)

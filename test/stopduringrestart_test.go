@@ -15,8 +15,8 @@ import (
 
 // A stop asked for while a restart is in progress — the sentry gets
 // SIGTERM, or its entrypoint exits — waits for the restart's outcome: it
-// is applied after a rollback and dropped after a handoff. The old sentry
-// is the build that sleeps 1.5 s before reading the ack, which leaves a
+// is applied after a rollback and dropped after a handoff. The restart
+// makes the old sentry sleep 1.5 s before it reads the ack, which leaves a
 // window in the middle of the handover; --timeout=1s makes that restart
 // roll back, the default timeout lets it hand over.
 func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
@@ -42,11 +42,11 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 			if tc.entrypoint == nil {
 				entry = []string{"sleep", "600"}
 			}
-			if out, errOut, code := c.runBinary(runscSlowAck, append([]string{"run", "--detach", "--memory=64M", id, "--"}, entry...)...); code != 0 {
+			if out, errOut, code := c.runBinary(runsc, append([]string{"run", "--detach", "--memory=64M", id, "--"}, entry...)...); code != 0 {
 				t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
 			}
 			before := c.state(id)
-			args := []string{"--root=" + c.root, "restart", "--binary=" + runsc}
+			args := []string{"--root=" + c.root, "restart", "--TESTONLY-ack-delay=1500ms", "--binary=" + runsc}
 			if tc.rollback {
 				args = append(args, "--timeout=1s")
 			}
@@ -123,8 +123,7 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 }
 
 // waitRestartInProgress waits until a restart of c's sandbox has started
-// its new sentry, then a little longer: with the slow-ack build as the old
-// sentry, that is inside the 1.5 s it sleeps in the middle of the
+// its new sentry, then a little longer: with --TESTONLY-ack-delay, that is inside the 1.5 s it sleeps in the middle of the
 // handover.
 func waitRestartInProgress(t *testing.T, c *cli) {
 	t.Helper()

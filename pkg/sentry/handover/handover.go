@@ -1,8 +1,8 @@
 // Package handover carries a sentry's state to the next sentry process at
 // a live restart: the handover descriptor (what crosses besides the memory
 // file: the KHO root address, the liveupdate number, the ABI strings, the
-// sandbox's configuration and the outgoing side's timing) and the two
-// transports of DESIGN.md's "Live restart":
+// sandbox's configuration and the outgoing side's timing), the restart
+// protocol on both sides, and its two transports:
 //
 //   - transfer: the new sentry runs next to the old one, connected by a
 //     Unix socket pair. It says Ready; the old one sends the descriptor
@@ -20,6 +20,13 @@
 //     an environment variable and the files are inherited (FD_CLOEXEC
 //     cleared), their numbers named in the descriptor.
 //
+// Offer and Accept run the two sides of a transfer-mode restart, OfferExec
+// and AcceptExec those of an exec-mode one (protocol.go). They reach the
+// sentries only through the Source and Target interfaces, build the undo of
+// every step as they go (gvisor.dev/gvisor/pkg/cleanup), and take fault
+// points as options, so that every step of both sides is tested in one
+// process.
+//
 // Messages are length-prefixed JSON. Everything received is validated
 // field by field (Descriptor.Validate) before it is used, and a bad message
 // is an error naming the field, never a panic.
@@ -27,14 +34,14 @@ package handover
 
 import (
 	"fmt"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
 
 // ProtocolVersion is the version of the handover messages. A sentry
-// refuses a descriptor of another version. Version 2 added Commit.
-const ProtocolVersion = 2
+// refuses a descriptor of another version. Version 2 added Commit; version
+// 3 carries one Timing in the descriptor and the ack.
+const ProtocolVersion = 3
 
 // Modes of a live restart.
 const (
@@ -82,15 +89,9 @@ type Descriptor struct {
 	// launched that the new one must stop (exec mode: they are its
 	// children now).
 	OldGuests []int `json:"old_guests,omitempty"`
-	// PausedAt is the CLOCK_MONOTONIC time (ns) at which the old sentry
-	// paused guest dispatch: the start of the blackout.
-	PausedAt int64 `json:"paused_at"`
-	// Freeze and Finalize are how long LUO freeze and KHO finalize took.
-	Freeze   time.Duration `json:"freeze_ns"`
-	Finalize time.Duration `json:"finalize_ns"`
-	// SentAt is the CLOCK_MONOTONIC time (ns) just before the descriptor
-	// was sent (transfer) or execve was called (exec).
-	SentAt int64 `json:"sent_at"`
+	// Timing has the old sentry's half of the restart's timing: Mode,
+	// Freeze, Finalize, PausedAt, SentAt, OldPID, OldVersion.
+	Timing Timing `json:"timing"`
 }
 
 // Validate checks every field of a received descriptor; the error names the
@@ -102,6 +103,12 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 	}
 	if d.Mode != ModeTransfer && d.Mode != ModeExec {
 		return fmt.Errorf("handover descriptor: mode %q is neither %q nor %q", d.Mode, ModeTransfer, ModeExec)
+	}
+	if d.Timing.Mode != d.Mode {
+		return fmt.Errorf("handover descriptor: timing.mode %q differs from mode %q", d.Timing.Mode, d.Mode)
+	}
+	if d.PID <= 1 {
+		return fmt.Errorf("handover descriptor: pid %d is not a sentry's", d.PID)
 	}
 	if d.Root == 0 || d.Root%4096 != 0 {
 		return fmt.Errorf("handover descriptor: root %#x is not a non-zero page address", d.Root)
@@ -136,8 +143,8 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 			return fmt.Errorf("handover descriptor: old guest pid %d", pid)
 		}
 	}
-	if d.PausedAt <= 0 || d.SentAt < d.PausedAt {
-		return fmt.Errorf("handover descriptor: paused_at %d, sent_at %d: not increasing monotonic times", d.PausedAt, d.SentAt)
+	if d.Timing.PausedAt <= 0 || d.Timing.SentAt < d.Timing.PausedAt {
+		return fmt.Errorf("handover descriptor: timing.paused_at %d, timing.sent_at %d: not increasing monotonic times", d.Timing.PausedAt, d.Timing.SentAt)
 	}
 	return nil
 }
@@ -163,15 +170,10 @@ type Ack struct {
 	Version string `json:"version"`
 	// PID is the new sentry's pid.
 	PID int `json:"pid"`
-	// ReceivedAt is the CLOCK_MONOTONIC time (ns) the descriptor arrived.
-	ReceivedAt int64 `json:"received_at"`
-	// Map, Ingest and LUO are the new sentry's boot steps.
-	Map    time.Duration `json:"map_ns"`
-	Ingest time.Duration `json:"ingest_ns"`
-	LUO    time.Duration `json:"luo_ns"`
-	// AcceptingAt is the CLOCK_MONOTONIC time (ns) the Ack was sent; the
-	// old sentry replaces it with Serving.At, the end of the blackout.
-	AcceptingAt int64 `json:"accepting_at"`
+	// Timing is the descriptor's timing with the new sentry's half added:
+	// ReceivedAt, Map, Ingest, LUO, AcceptingAt (the time the ack was
+	// sent), NewPID and NewVersion.
+	Timing Timing `json:"timing"`
 }
 
 // Commit is the old sentry's answer to an accepted Ack: it read the Ack
@@ -183,9 +185,9 @@ type Commit struct {
 }
 
 // Serving is the new sentry's last message in transfer mode: after the
-// old sentry's Commit it commits (lets its allocator scrub what was not preserved), then
-// serves guests. At is the CLOCK_MONOTONIC time (ns) it started serving,
-// the end of the blackout.
+// old sentry's Commit it commits (lets its allocator scrub what was not
+// preserved), then serves guests. At is the CLOCK_MONOTONIC time (ns) it
+// started serving, the end of the blackout.
 type Serving struct {
 	At int64 `json:"at"`
 }
@@ -198,62 +200,4 @@ func Monotonic() int64 {
 		panic(fmt.Sprintf("clock_gettime(CLOCK_MONOTONIC): %v", err))
 	}
 	return ts.Nano()
-}
-
-// Timing is the breakdown of one live restart, as runsc-luo restart prints
-// it.
-type Timing struct {
-	Mode string `json:"mode"`
-	// Freeze is LUO serialize (freeze) in the old sentry.
-	Freeze time.Duration `json:"freeze_ns"`
-	// Finalize is KHO finalize in the old sentry.
-	Finalize time.Duration `json:"finalize_ns"`
-	// Send is from just before the send (or execve) until the new sentry
-	// had the descriptor.
-	Send time.Duration `json:"send_ns"`
-	// Map, Ingest (parse and adopt) and LUO are the new sentry's boot
-	// steps.
-	Map    time.Duration `json:"map_ns"`
-	Ingest time.Duration `json:"ingest_ns"`
-	LUO    time.Duration `json:"luo_ns"`
-	// Ready is from the end of LUO deserialize to accepting guests.
-	Ready time.Duration `json:"ready_ns"`
-	// Blackout is from guest dispatch paused in the old sentry to the new
-	// sentry accepting guests.
-	Blackout time.Duration `json:"blackout_ns"`
-	// OldPID and NewPID are the sentries' pids (equal in exec mode).
-	OldPID int `json:"old_pid"`
-	NewPID int `json:"new_pid"`
-	// OldVersion and NewVersion are their version strings.
-	OldVersion string `json:"old_version"`
-	NewVersion string `json:"new_version"`
-	// LiveupdateNumber is the new sentry's liveupdate number.
-	LiveupdateNumber uint64 `json:"liveupdate_number"`
-	// PausedAt and AcceptingAt are the CLOCK_MONOTONIC times (ns) of the
-	// blackout's start and end, to relate guest-side times to it.
-	PausedAt    int64 `json:"paused_at"`
-	AcceptingAt int64 `json:"accepting_at"`
-}
-
-// MakeTiming combines the old sentry's descriptor and the new one's ack.
-func MakeTiming(d *Descriptor, a *Ack, oldPID int) Timing {
-	t := Timing{
-		Mode:             d.Mode,
-		Freeze:           d.Freeze,
-		Finalize:         d.Finalize,
-		Send:             time.Duration(a.ReceivedAt - d.SentAt),
-		Map:              a.Map,
-		Ingest:           a.Ingest,
-		LUO:              a.LUO,
-		Blackout:         time.Duration(a.AcceptingAt - d.PausedAt),
-		OldPID:           oldPID,
-		NewPID:           a.PID,
-		OldVersion:       d.Version,
-		NewVersion:       a.Version,
-		LiveupdateNumber: d.LiveupdateNumber + 1,
-		PausedAt:         d.PausedAt,
-		AcceptingAt:      a.AcceptingAt,
-	}
-	t.Ready = time.Duration(a.AcceptingAt-a.ReceivedAt) - a.Map - a.Ingest - a.LUO
-	return t
 }

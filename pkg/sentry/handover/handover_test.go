@@ -14,8 +14,8 @@ func goodDescriptor() Descriptor {
 	return Descriptor{
 		Protocol: ProtocolVersion, Mode: ModeTransfer, Version: "v1", Root: 0x5000, LiveupdateNumber: 3,
 		MemorySize: 64 << 20, Compatibles: []string{"kho-v1", "memfd-v1"},
-		Files:    Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2},
-		PausedAt: 100, SentAt: 200,
+		PID: 42, Files: Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2},
+		Timing: Timing{Mode: ModeTransfer, PausedAt: 100, SentAt: 200},
 	}
 }
 
@@ -36,9 +36,11 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 		{"an unknown compatible is refused", func(d *Descriptor) { d.Compatibles = append(d.Compatibles, "memfd-v9") }, `unknown compatible "memfd-v9"`},
 		{"a file index beyond the files received is refused", func(d *Descriptor) { d.Files.ControlListener = 3 }, "files.control_listener = 3"},
 		{"two roles on one file are refused", func(d *Descriptor) { d.Files.GuestListener = 0 }, "files.memory_file and files.guest_listener"},
-		{"an exec descriptor naming stdio is refused", func(d *Descriptor) { d.Mode = ModeExec; d.Files = Files{2, 10, 11} }, "files.memory_file = 2"},
+		{"an exec descriptor naming stdio is refused", func(d *Descriptor) { d.Mode, d.Timing.Mode = ModeExec, ModeExec; d.Files = Files{2, 10, 11} }, "files.memory_file = 2"},
 		{"a pid 1 old guest is refused", func(d *Descriptor) { d.OldGuests = []int{1} }, "old guest pid 1"},
-		{"times going backwards are refused", func(d *Descriptor) { d.SentAt = 50 }, "monotonic"},
+		{"times going backwards are refused", func(d *Descriptor) { d.Timing.SentAt = 50 }, "monotonic"},
+		{"a timing of another mode is refused", func(d *Descriptor) { d.Timing.Mode = ModeExec }, "timing.mode"},
+		{"a pid that is no sentry's is refused", func(d *Descriptor) { d.PID = 1 }, "pid 1"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -30,7 +30,10 @@ import (
 	"sync"
 	"time"
 
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/memfd"
@@ -107,17 +110,6 @@ const (
 	pauseHeld
 )
 
-// BootTiming is how long each step of a live-update boot took.
-type BootTiming struct {
-	// Map is pgalloc.Open: mapping the memory file.
-	Map time.Duration
-	// Ingest is kho.Ingest: validating the KHO root and map and adopting
-	// the preserved folios (pgalloc.Adopt runs inside it).
-	Ingest time.Duration
-	// LUO is luo.New, registering the memfd handler and luo.Deserialize.
-	LUO time.Duration
-}
-
 // New boots a sentry cold: a fresh memory file of opts.MemorySize bytes,
 // a fresh KHO, and LUO with the memfd handler registered.
 func New(opts Options) (*Kernel, error) {
@@ -152,34 +144,40 @@ func New(opts Options) (*Kernel, error) {
 // is scrubbed, and allocations that would need scrubbing fail with ENOMEM.
 // The caller calls Commit once the previous sentry has been told the
 // handover is accepted, and serves guests only after that.
-func NewFromHandover(file *os.File, root uint64, opts Options) (*Kernel, BootTiming, error) {
-	var bt BootTiming
+//
+// t, if not nil, gets the boot's phases: Map (pgalloc.Open), Ingest
+// (kho.Ingest, which adopts the preserved folios) and LUO (registering the
+// memfd handler and luo.Deserialize).
+func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timing) (*Kernel, error) {
+	if t == nil {
+		t = new(handover.Timing)
+	}
 	t0 := time.Now()
 	mf, err := pgalloc.Open(file, pgalloc.Options{})
 	if err != nil {
 		file.Close()
-		return nil, bt, fmt.Errorf("mapping the memory file: %w", err)
+		return nil, fmt.Errorf("mapping the memory file: %w", err)
 	}
 	t1 := time.Now()
-	bt.Map = t1.Sub(t0)
+	t.Map = t1.Sub(t0)
 	k, err := kho.Ingest(mf, root)
 	if err != nil {
 		mf.Close()
-		return nil, bt, err
+		return nil, err
 	}
 	t2 := time.Now()
-	bt.Ingest = t2.Sub(t1)
+	t.Ingest = t2.Sub(t1)
 	l := luo.New(k)
 	if err := l.RegisterFileHandler(memfd.NewLUOHandler(mf, k)); err != nil {
 		mf.Close()
-		return nil, bt, fmt.Errorf("registering the memfd LUO handler: %w", err)
+		return nil, fmt.Errorf("registering the memfd LUO handler: %w", err)
 	}
 	if err := l.Deserialize(); err != nil {
 		mf.Close()
-		return nil, bt, fmt.Errorf("deserializing LUO: %w", err)
+		return nil, fmt.Errorf("deserializing LUO: %w", err)
 	}
-	bt.LUO = time.Since(t2)
-	return newKernel(mf, k, l, opts), bt, nil
+	t.LUO = time.Since(t2)
+	return newKernel(mf, k, l, opts), nil
 }
 
 func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Kernel {
@@ -356,15 +354,6 @@ func (k *Kernel) exit() {
 	k.mu.Unlock()
 }
 
-// HandoverTiming is how long each step of PrepareHandover took.
-type HandoverTiming struct {
-	// Freeze is luo.Serialize: freezing every preserved file and writing
-	// LUO's records.
-	Freeze time.Duration
-	// Finalize is kho.Finalize: writing the preserved-memory map.
-	Finalize time.Duration
-}
-
 // Handover is what the next sentry needs besides the memory file.
 type Handover struct {
 	// Root is the byte address of the KHO root in the memory file.
@@ -379,29 +368,32 @@ type Handover struct {
 // finalize. The kernel must be paused. It also holds the memory file's
 // background releases, so that nothing is punched out of the file once it
 // is handed over. On error everything is rolled back and the kernel can be
-// resumed.
-func (k *Kernel) PrepareHandover() (Handover, HandoverTiming, error) {
-	var ht HandoverTiming
+// resumed. t, if not nil, gets the phases Freeze (luo.Serialize) and
+// Finalize (kho.Finalize).
+func (k *Kernel) PrepareHandover(t *handover.Timing) (Handover, error) {
+	if t == nil {
+		t = new(handover.Timing)
+	}
 	k.mu.Lock()
 	paused := k.pause == pauseHeld && !k.handedOver
 	k.mu.Unlock()
 	if !paused {
-		return Handover{}, ht, fmt.Errorf("preparing a handover: the kernel is not paused")
+		return Handover{}, fmt.Errorf("preparing a handover: the kernel is not paused")
 	}
 	t0 := time.Now()
 	if err := k.luo.Serialize(); err != nil {
-		return Handover{}, ht, fmt.Errorf("LUO freeze: %w", err)
+		return Handover{}, fmt.Errorf("LUO freeze: %w", err)
 	}
 	t1 := time.Now()
-	ht.Freeze = t1.Sub(t0)
+	t.Freeze = t1.Sub(t0)
 	if err := k.kho.Finalize(); err != nil {
 		k.luo.Abort()
-		return Handover{}, ht, fmt.Errorf("KHO finalize: %w", err)
+		return Handover{}, fmt.Errorf("KHO finalize: %w", err)
 	}
 	// Finalize has held the memory file's releases: from here on it is
 	// the next sentry's.
-	ht.Finalize = time.Since(t1)
-	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber()}, ht, nil
+	t.Finalize = time.Since(t1)
+	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber()}, nil
 }
 
 // AbortHandover rolls back a successful PrepareHandover whose restart was
@@ -481,4 +473,29 @@ func (k *Kernel) Guests() int {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return len(k.procs)
+}
+
+// Compatibles returns the ABI strings a kernel of this build reads from a
+// handover: KHO's, LUO's and those of the file handlers it registers.
+func Compatibles() []string {
+	return []string{abikho.Compatible, abiluo.FDTCompatible, abiluo.FDTSessionCompatible, memfd.NewLUOHandler(nil, nil).Compatible}
+}
+
+// HandoverCompatibles returns the ABI strings the kernel's outgoing state
+// uses: KHO's, LUO's and the file handler of every preserved file.
+func (k *Kernel) HandoverCompatibles() []string {
+	cs := []string{abikho.Compatible, abiluo.FDTCompatible, abiluo.FDTSessionCompatible}
+	seen := map[string]bool{}
+	for _, ss := range k.luo.Status().Sessions {
+		if ss.Direction != "outgoing" {
+			continue
+		}
+		for _, f := range ss.Files {
+			if !seen[f.Compatible] {
+				seen[f.Compatible] = true
+				cs = append(cs, f.Compatible)
+			}
+		}
+	}
+	return cs
 }

@@ -33,7 +33,7 @@ func restartInProcess(t *testing.T, s *sandbox) *sandbox {
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	h, _, err := s.k.PrepareHandover()
+	h, err := s.k.PrepareHandover(nil)
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
 	}
@@ -41,7 +41,7 @@ func restartInProcess(t *testing.T, s *sandbox) *sandbox {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2, _, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf})
+	k2, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf}, nil)
 	if err != nil {
 		t.Fatalf("NewFromHandover: %v", err)
 	}
@@ -106,7 +106,7 @@ func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := s.k.PrepareHandover(); err != nil {
+	if _, err := s.k.PrepareHandover(nil); err != nil {
 		t.Fatal(err)
 	}
 	st := s.k.LUO().Status()

@@ -1,54 +1,45 @@
-package main
+// Package demo is runsc-luo's demo: the guest program of "demo" and of the
+// end-to-end tests (Guest), and the demo itself (Run), which starts a
+// sandbox running that guest, restarts it live and reports what happened.
+package demo
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"time"
 
-	"github.com/google/subcommands"
 	"github.com/livesentry/livesentry/pkg/guest"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"golang.org/x/sys/unix"
 )
 
-// demoGuestCmd is the guest program of "demo" and of the end-to-end tests
-// (internal). On a cold boot (liveupdate number 0) it fills memfds with a
-// pattern derived from --seed and the generation, preserves them in
-// sessions and holds the session fds until the restart stops it. After a
-// restart it retrieves every file, reads the last byte, verifies every
-// byte, finishes the sessions and exits 0 — or, with --cycle, writes the
-// next generation's contents into new memfds, preserves them and holds
-// again. Each step prints one JSON line.
-type demoGuestCmd struct {
-	size     string
-	files    int
-	sessions int
-	seed     uint64
-	cycle    bool
-	small    bool
+// Guest is the demo's guest program. On a cold boot (liveupdate number 0)
+// it fills memfds with a pattern derived from Seed and the generation,
+// preserves them in sessions and holds the session fds until the restart
+// stops it. After a restart it retrieves every file, reads the last byte,
+// verifies every byte, finishes the sessions and exits — or, with Cycle,
+// writes the next generation's contents into new memfds, preserves them and
+// holds again. Each step prints one JSON line (an Event) to stdout.
+type Guest struct {
+	// Size is the total bytes in the preserved memfds.
+	Size int64
+	// Files is the number of memfds, Sessions the number of sessions
+	// they are spread over.
+	Files, Sessions int
+	// Seed is the seed of the contents.
+	Seed uint64
+	// Cycle preserves new contents after verifying, and holds again.
+	Cycle bool
+	// SmallFolios makes the memfds' page cache 4 KiB folios only (every
+	// 2 MiB range is touched with a 1-byte write first).
+	SmallFolios bool
 }
 
-func (*demoGuestCmd) Name() string     { return "demo-guest" }
-func (*demoGuestCmd) Synopsis() string { return "the demo's guest program (internal)" }
-func (*demoGuestCmd) Usage() string {
-	return "demo-guest [--size SIZE] [--files N] [--sessions N] --seed S [--cycle]\n"
-}
-func (g *demoGuestCmd) SetFlags(f *flag.FlagSet) {
-	f.StringVar(&g.size, "size", "64M", "total bytes in the preserved memfds")
-	f.IntVar(&g.files, "files", 3, "number of memfds")
-	f.IntVar(&g.sessions, "sessions", 2, "number of sessions the memfds are spread over")
-	f.Uint64Var(&g.seed, "seed", 1, "seed of the contents")
-	f.BoolVar(&g.cycle, "cycle", false, "after verifying, preserve new contents and wait for the next restart")
-	f.BoolVar(&g.small, "small-folios", false, "make the memfds' page cache 4 KiB folios only (touch every 2 MiB range with a 1-byte write first)")
-}
-
-// guestEvent is one line of the guest's output.
-type guestEvent struct {
+// Event is one line of the guest's output (JSON).
+type Event struct {
 	Event      string `json:"event"`
 	Generation uint64 `json:"generation"`
 	Files      int    `json:"files"`
@@ -63,7 +54,7 @@ type guestEvent struct {
 	Error       string  `json:"error,omitempty"`
 }
 
-func emit(e guestEvent) {
+func emit(e Event) {
 	b, _ := json.Marshal(e)
 	fmt.Println(string(b))
 }
@@ -116,32 +107,34 @@ func fileSizes(total int64, n int) []int64 {
 
 const chunk = 4 << 20
 
-func (g *demoGuestCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcommands.ExitStatus {
-	size, err := parseSize(g.size)
-	if err != nil || g.files < 1 || g.sessions < 1 || g.sessions > g.files {
-		return fatalf("demo-guest: bad flags (size %q, %d files, %d sessions)", g.size, g.files, g.sessions)
+// Run runs the guest: on a cold boot it preserves and holds (forever, until
+// a restart stops it); after a restart it retrieves and verifies, then
+// exits (returns nil) or, with Cycle, preserves again and holds.
+func (g *Guest) Run() error {
+	if g.Size <= 0 || g.Files < 1 || g.Sessions < 1 || g.Sessions > g.Files {
+		return fmt.Errorf("demo-guest: bad arguments (size %d, %d files, %d sessions)", g.Size, g.Files, g.Sessions)
 	}
 	gen := guest.LiveupdateNumber()
 	c, err := guest.Dial("")
 	if err != nil {
-		return fatalf("demo-guest: %v", err)
+		return fmt.Errorf("demo-guest: %w", err)
 	}
 	dev, err := c.OpenLiveUpdate()
 	if err != nil {
-		return fatalf("demo-guest: open /dev/liveupdate: %v", err)
+		return fmt.Errorf("demo-guest: open /dev/liveupdate: %w", err)
 	}
 	if gen > 0 {
 		if err := g.retrieve(c, dev, gen); err != nil {
-			emit(guestEvent{Event: "failed", Generation: gen, Error: err.Error()})
-			return fatalf("demo-guest: %v", err)
+			emit(Event{Event: "failed", Generation: gen, Error: err.Error()})
+			return fmt.Errorf("demo-guest: %w", err)
 		}
-		if !g.cycle {
-			return subcommands.ExitSuccess
+		if !g.Cycle {
+			return nil
 		}
 	}
-	if err := g.preserve(c, dev, gen, int64(size)); err != nil {
-		emit(guestEvent{Event: "failed", Generation: gen, Error: err.Error()})
-		return fatalf("demo-guest: %v", err)
+	if err := g.preserve(c, dev, gen, g.Size); err != nil {
+		emit(Event{Event: "failed", Generation: gen, Error: err.Error()})
+		return fmt.Errorf("demo-guest: %w", err)
 	}
 	// Hold the session fds (and the connection) until the restart stops
 	// this process: closing them would unpreserve the files.
@@ -149,9 +142,9 @@ func (g *demoGuestCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) sub
 }
 
 // preserve writes generation gen's contents and preserves them.
-func (g *demoGuestCmd) preserve(c *guest.Conn, dev int, gen uint64, size int64) error {
+func (g *Guest) preserve(c *guest.Conn, dev int, gen uint64, size int64) error {
 	start := time.Now()
-	sess := make([]int, g.sessions)
+	sess := make([]int, g.Sessions)
 	for s := range sess {
 		fd, err := c.CreateSession(dev, sessionName(s))
 		if err != nil {
@@ -160,13 +153,13 @@ func (g *demoGuestCmd) preserve(c *guest.Conn, dev int, gen uint64, size int64) 
 		sess[s] = fd
 	}
 	buf := make([]byte, chunk)
-	for i, n := range fileSizes(size, g.files) {
+	for i, n := range fileSizes(size, g.Files) {
 		fd, err := c.MemfdCreate(fmt.Sprintf("demo-%d", i), 0)
 		if err != nil {
 			return fmt.Errorf("memfd_create: %w", err)
 		}
-		key := patternKey(g.seed, gen, i)
-		if g.small {
+		key := patternKey(g.Seed, gen, i)
+		if g.SmallFolios {
 			// A 1-byte write into an empty 2 MiB range caches a 4 KiB
 			// folio there, so later writes cannot use a 2 MiB one.
 			for off := int64(0); off < n; off += 2 << 20 {
@@ -186,21 +179,21 @@ func (g *demoGuestCmd) preserve(c *guest.Conn, dev int, gen uint64, size int64) 
 		if _, err := c.Seek(fd, n/2, unix.SEEK_SET); err != nil {
 			return err
 		}
-		if err := c.PreserveFD(sess[i%g.sessions], fd, uint64(i+1)); err != nil {
+		if err := c.PreserveFD(sess[i%g.Sessions], fd, uint64(i+1)); err != nil {
 			return fmt.Errorf("preserving file %d: %w", i, err)
 		}
 		if err := c.Close(fd); err != nil {
 			return err
 		}
 	}
-	emit(guestEvent{Event: "preserved", Generation: gen, Files: g.files, Sessions: g.sessions, Bytes: size, WriteMS: float64(time.Since(start)) / 1e6})
+	emit(Event{Event: "preserved", Generation: gen, Files: g.Files, Sessions: g.Sessions, Bytes: size, WriteMS: float64(time.Since(start)) / 1e6})
 	return nil
 }
 
 // retrieve retrieves, checks and finishes what generation gen-1 preserved.
-func (g *demoGuestCmd) retrieve(c *guest.Conn, dev int, gen uint64) error {
+func (g *Guest) retrieve(c *guest.Conn, dev int, gen uint64) error {
 	start := time.Now()
-	sess := make([]int, g.sessions)
+	sess := make([]int, g.Sessions)
 	for s := range sess {
 		fd, err := c.RetrieveSession(dev, sessionName(s))
 		if err != nil {
@@ -208,12 +201,12 @@ func (g *demoGuestCmd) retrieve(c *guest.Conn, dev int, gen uint64) error {
 		}
 		sess[s] = fd
 	}
-	fds := make([]int, g.files)
-	st := make([]guest.Stat, g.files)
+	fds := make([]int, g.Files)
+	st := make([]guest.Stat, g.Files)
 	var total int64
 	var last [1]byte
 	for i := range fds {
-		fd, err := c.RetrieveFD(sess[i%g.sessions], uint64(i+1))
+		fd, err := c.RetrieveFD(sess[i%g.Sessions], uint64(i+1))
 		if err != nil {
 			return fmt.Errorf("retrieving file %d: %w", i, err)
 		}
@@ -236,7 +229,7 @@ func (g *demoGuestCmd) retrieve(c *guest.Conn, dev int, gen uint64) error {
 		if pos, err := c.Seek(fd, 0, unix.SEEK_CUR); err != nil || pos != n/2 {
 			return fmt.Errorf("file %d: position %d after the restart, want %d (%v)", i, pos, n/2, err)
 		}
-		key := patternKey(g.seed, gen-1, i)
+		key := patternKey(g.Seed, gen-1, i)
 		for off := int64(0); off < n; off += chunk {
 			w, b := want[:min(chunk, n-off)], got[:min(chunk, n-off)]
 			fillPattern(w, key, off)
@@ -265,7 +258,7 @@ func (g *demoGuestCmd) retrieve(c *guest.Conn, dev int, gen uint64) error {
 	for _, fd := range fds {
 		c.Close(fd)
 	}
-	emit(guestEvent{Event: "verified", Generation: gen, Files: g.files, Sessions: g.sessions, Bytes: total,
+	emit(Event{Event: "verified", Generation: gen, Files: g.Files, Sessions: g.Sessions, Bytes: total,
 		DataReadyAt: ready, RetrieveMS: retrieveMS, VerifyMS: float64(time.Since(vstart)) / 1e6})
 	return nil
 }

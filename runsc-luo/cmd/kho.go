@@ -1,4 +1,4 @@
-package main
+package cmd
 
 import (
 	"context"
@@ -6,17 +6,19 @@ import (
 	"os"
 
 	"github.com/google/subcommands"
+	"github.com/livesentry/livesentry/runsc-luo/boot"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 )
 
-// khoCmd is "kho dump": the KHO root FDT of a sandbox.
-type khoCmd struct {
+// KHO is "kho dump": the KHO root FDT of a sandbox.
+type KHO struct {
 	in, out bool
 	output  string
 }
 
-func (*khoCmd) Name() string     { return "kho" }
-func (*khoCmd) Synopsis() string { return "dump a sandbox's KHO root FDT (kho dump)" }
-func (*khoCmd) Usage() string {
+func (*KHO) Name() string     { return "kho" }
+func (*KHO) Synopsis() string { return "dump a sandbox's KHO root FDT (kho dump)" }
+func (*KHO) Usage() string {
 	return `kho dump [--in|--out] [-o FILE] ID
 
 Writes the outgoing (default) or incoming KHO root as a flattened device tree
@@ -24,15 +26,16 @@ blob, decodable with "dtc -I dtb -O dts", to FILE or stdout. The outgoing
 root's preserved-memory-map is 0 except during a restart.
 `
 }
-func (k *khoCmd) SetFlags(f *flag.FlagSet) {
+func (k *KHO) SetFlags(f *flag.FlagSet) {
 	f.BoolVar(&k.in, "in", false, "the root this sentry received at its live-update boot")
 	f.BoolVar(&k.out, "out", false, "the root this sentry will hand over (default)")
 	f.StringVar(&k.output, "o", "", "write to FILE instead of stdout")
 }
 
-func (k *khoCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcommands.ExitStatus {
-	args := f.Args()
-	if len(args) < 1 || args[0] != "dump" {
+func (k *KHO) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
+	root := configOf(args).Root
+	a := f.Args()
+	if len(a) < 1 || a[0] != "dump" {
 		f.Usage()
 		return subcommands.ExitUsageError
 	}
@@ -40,7 +43,7 @@ func (k *khoCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcomman
 	sub := flag.NewFlagSet("kho dump", flag.ContinueOnError)
 	k.SetFlags(sub)
 	var ids []string
-	rest := args[1:]
+	rest := a[1:]
 	for len(rest) > 0 {
 		if err := sub.Parse(rest); err != nil {
 			f.Usage()
@@ -59,11 +62,11 @@ func (k *khoCmd) Execute(_ context.Context, f *flag.FlagSet, _ ...any) subcomman
 		return fatalf("--in and --out are exclusive")
 	}
 	id := ids[0]
-	if _, err := readState(*rootDir, id); err != nil {
+	if _, err := sandbox.ReadState(root, id); err != nil {
 		return fatalf("%v", err)
 	}
-	var res KHODumpResult
-	if err := call(*rootDir, id, "KHODump", &KHODumpArgs{In: k.in}, &res); err != nil {
+	var res boot.KHODumpResult
+	if err := sandbox.Call(root, id, boot.MethodKHODump, &boot.KHODumpArgs{In: k.in}, &res); err != nil {
 		return fatalf("kho dump of %q: %v", id, err)
 	}
 	if k.output == "" {

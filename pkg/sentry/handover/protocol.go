@@ -1,0 +1,514 @@
+package handover
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/cleanup"
+)
+
+// Source is the outgoing sentry as a restart drives it. Offer and OfferExec
+// call Pause, then Prepare, then either Handoff (the restart committed) or,
+// on any failure, Abort (if Prepare succeeded) and then Resume (if Pause
+// succeeded), always after the new sentry has been stopped for good.
+type Source interface {
+	// Pause stops serving guests: no guest connection is accepted and no
+	// guest call dispatched, waiting at most until deadline for the calls
+	// in progress. On error nothing stays paused.
+	Pause(deadline time.Time) error
+	// Prepare freezes what crosses the restart (LUO serialize, KHO
+	// finalize) and fills d's Root, LiveupdateNumber, MemorySize,
+	// Compatibles, Sandbox and OldGuests, and d.Timing's Freeze and
+	// Finalize. It returns the files that cross, in order: the memory
+	// file, the guest listener and the control listener; they stay the
+	// Source's. On error nothing stays prepared.
+	Prepare(d *Descriptor) ([]*os.File, error)
+	// Abort undoes a successful Prepare.
+	Abort()
+	// Resume undoes a successful Pause: the sentry serves again.
+	Resume()
+	// Handoff is called once the Commit is sent: the state is the new
+	// sentry's. The Source forgets its guests without releasing anything
+	// they hold and never serves again.
+	Handoff()
+}
+
+// Target is the incoming sentry as a restart drives it. Accept and
+// AcceptExec call Boot, then Commit and Serving once the old sentry has
+// committed (transfer) or at once (exec); Discard if the old sentry may
+// still take the state back.
+type Target interface {
+	// Boot builds the new sentry from the handover: it maps the memory
+	// file, ingests KHO and deserializes LUO, filling t's Map, Ingest and
+	// LUO. files are the memory file, the guest listener and the control
+	// listener; Boot owns them from now on, even when it fails. It must
+	// change nothing the old sentry could still need: nothing is
+	// scrubbed and no guest is served.
+	Boot(d *Descriptor, files []*os.File, t *Timing) error
+	// Commit is called once the old sentry can no longer roll back: the
+	// memory that was not preserved may be scrubbed, and guests are
+	// served.
+	Commit(d *Descriptor) error
+	// Serving is called with the finished timing once Commit returned,
+	// before the old sentry is told (a state file is written here).
+	Serving(t Timing)
+	// Discard drops what Boot built without touching the memory file's
+	// contents: the old sentry may be serving them again.
+	Discard()
+}
+
+// Point names a step of either side, where Options.Fault may inject a
+// failure or an abrupt end.
+type Point string
+
+// The points of the outgoing side, in order. Exec mode passes the first
+// three; its OfferSent is just before execve.
+const (
+	OfferReady      Point = "offer/ready"      // the new sentry said Ready; nothing is paused
+	OfferPaused     Point = "offer/paused"     // guests are paused
+	OfferPrepared   Point = "offer/prepared"   // LUO frozen, KHO finalized
+	OfferSent       Point = "offer/sent"       // the descriptor and files are sent; the ack is next
+	OfferAcked      Point = "offer/acked"      // an accepted ack was read; the Commit is next
+	OfferCommitted  Point = "offer/committed"  // the Commit is sent: no rollback from here on
+	OfferHandedOff  Point = "offer/handed-off" // Handoff done; waiting for Serving
+	OfferConfirmed  Point = "offer/confirmed"  // the new sentry said Serving
+	AcceptStart     Point = "accept/start"     // before Ready
+	AcceptReady     Point = "accept/ready"     // Ready sent; waiting for the descriptor
+	AcceptReceived  Point = "accept/received"  // the descriptor is received and valid; Boot is next
+	AcceptBooted    Point = "accept/booted"    // Boot done; the ack is next
+	AcceptAcked     Point = "accept/acked"     // the accepted ack is sent; waiting for the Commit
+	AcceptCommitted Point = "accept/committed" // the Commit arrived; Commit (scrub, serve) is next
+	AcceptServing   Point = "accept/serving"   // serving guests; Serving is next
+	AcceptDone      Point = "accept/done"      // Serving sent
+)
+
+// ErrCrash, returned by a Fault hook, ends that side at once, as SIGKILL
+// would: no undo runs and its end of the channel closes.
+var ErrCrash = errors.New("injected crash")
+
+// ErrNotServing is returned by Offer when the old sentry committed but the
+// new one never said it serves: the handover cannot be rolled back, and
+// the sandbox may be lost.
+var ErrNotServing = errors.New("the new sentry took the handover but never reported serving guests")
+
+// Timeouts of the steps after the ack, which Options.Deadline does not
+// bound.
+const (
+	// commitSendTimeout bounds sending the Commit (a few bytes into an
+	// empty socket buffer).
+	commitSendTimeout = 2 * time.Second
+	// defaultServingTimeout is how long the old sentry waits for Serving.
+	defaultServingTimeout = 5 * time.Second
+)
+
+// Options configures one side of a restart.
+type Options struct {
+	// Version is this sentry's version string.
+	Version string
+	// PID is this sentry's pid; 0 means os.Getpid().
+	PID int
+	// Deadline bounds the outgoing side until the ack is read: a new
+	// sentry that is not ready, or has not acknowledged, by then is
+	// stopped and the old one rolls back.
+	Deadline time.Time
+	// ServingTimeout bounds the outgoing side's wait for Serving after
+	// the Commit; 0 means 5 s.
+	ServingTimeout time.Duration
+	// StopPeer stops the new sentry for good (kills it and waits for it)
+	// before the outgoing side undoes anything, so that a late ack never
+	// finds two sentries serving. Outgoing side, transfer mode.
+	StopPeer func()
+	// Known reports whether this sentry reads an ABI string. Incoming
+	// side.
+	Known func(string) bool
+	// Exec replaces the process image with the new sentry, env being the
+	// descriptor's environment entry; it returns only on failure. Exec
+	// mode, outgoing side.
+	Exec func(env string) error
+	// Fault, if not nil, is called at every Point of this side: ErrCrash
+	// ends the side there; any other error makes the step that follows
+	// fail. Tests use it; nil in production.
+	Fault func(Point) error
+}
+
+func (o *Options) pid() int {
+	if o.PID != 0 {
+		return o.PID
+	}
+	return os.Getpid()
+}
+
+func (o *Options) fault(p Point) error {
+	if o.Fault == nil {
+		return nil
+	}
+	if err := o.Fault(p); err != nil {
+		return fmt.Errorf("at %s: %w", p, err)
+	}
+	return nil
+}
+
+// Offer is the outgoing side of a transfer-mode restart, over ch (which it
+// closes) to a new sentry that Accepts on the other end. It returns the
+// restart's timing once the new sentry serves. On any failure before the
+// Commit it stops the new sentry (StopPeer), undoes what it did in reverse
+// (Abort, Resume) and returns the error: the old sentry goes on serving.
+// After the Commit it never rolls back; an error then wraps ErrNotServing.
+func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
+	defer ch.Close()
+	t := Timing{Mode: ModeTransfer, OldPID: opts.pid(), OldVersion: opts.Version}
+	crashed, committed := false, false
+	// On failure: the new sentry first, so that it is gone before
+	// anything here resumes; then the undo stack, in reverse.
+	var cu cleanup.Cleanup
+	defer func() {
+		if crashed || committed {
+			return
+		}
+		if opts.StopPeer != nil {
+			opts.StopPeer()
+		}
+		cu.Clean()
+	}()
+	fail := func(err error) (Timing, error) {
+		crashed = errors.Is(err, ErrCrash)
+		return t, err
+	}
+
+	ch.SetDeadline(opts.Deadline)
+	var ready Ready
+	if err := recvNoFiles(ch, &ready); err != nil {
+		return fail(fmt.Errorf("the new sentry did not become ready: %w", err))
+	}
+	if ready.Protocol != ProtocolVersion {
+		return fail(fmt.Errorf("the new sentry %q speaks handover protocol %d, this one %d", ready.Version, ready.Protocol, ProtocolVersion))
+	}
+	if err := opts.fault(OfferReady); err != nil {
+		return fail(err)
+	}
+
+	// The blackout starts.
+	t.PausedAt = Monotonic()
+	if err := src.Pause(opts.Deadline); err != nil {
+		return fail(err)
+	}
+	cu.Add(src.Resume)
+	if err := opts.fault(OfferPaused); err != nil {
+		return fail(err)
+	}
+	d := &Descriptor{Protocol: ProtocolVersion, Mode: ModeTransfer, Version: opts.Version, PID: t.OldPID}
+	d.Timing = t
+	files, err := src.Prepare(d)
+	if err != nil {
+		return fail(err)
+	}
+	cu.Add(src.Abort)
+	if err := opts.fault(OfferPrepared); err != nil {
+		return fail(err)
+	}
+	if len(files) != 3 {
+		return fail(fmt.Errorf("the sentry gave %d files to hand over, want 3", len(files)))
+	}
+	d.Files = Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2}
+	d.Timing.SentAt = Monotonic()
+	if err := ch.Send(d, files...); err != nil {
+		return fail(fmt.Errorf("sending the handover: %w", err))
+	}
+	if err := opts.fault(OfferSent); err != nil {
+		return fail(err)
+	}
+	var ack Ack
+	if err := recvNoFiles(ch, &ack); err != nil {
+		return fail(fmt.Errorf("waiting for the new sentry's acknowledgement: %w", err))
+	}
+	if !ack.Accepted {
+		return fail(fmt.Errorf("the new sentry %q refused the handover: %s", ack.Version, ack.Error))
+	}
+	if ack.PID != ready.PID {
+		return fail(fmt.Errorf("an acknowledgement from pid %d, but the new sentry is pid %d", ack.PID, ready.PID))
+	}
+	if err := opts.fault(OfferAcked); err != nil {
+		return fail(err)
+	}
+	// The ack was read within the deadline: commit. The new sentry
+	// touches nothing before it has this message, so a failed send can
+	// still be rolled back (the new one is stopped before anything
+	// resumes here); once it is sent, this sentry never rolls back.
+	ch.SetDeadline(time.Now().Add(commitSendTimeout))
+	if err := ch.Send(&Commit{PID: t.OldPID}); err != nil {
+		return fail(fmt.Errorf("committing the handover: %w", err))
+	}
+	committed = true
+	t = ack.Timing
+	if err := opts.fault(OfferCommitted); errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	src.Handoff()
+	if err := opts.fault(OfferHandedOff); errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	timeout := opts.ServingTimeout
+	if timeout <= 0 {
+		timeout = defaultServingTimeout
+	}
+	ch.SetDeadline(time.Now().Add(timeout))
+	var serving Serving
+	if err := recvNoFiles(ch, &serving); err != nil {
+		return t, fmt.Errorf("%w: %v", ErrNotServing, err)
+	}
+	if serving.At < t.ReceivedAt {
+		return t, fmt.Errorf("%w: serving at %d, before the descriptor arrived at %d", ErrNotServing, serving.At, t.ReceivedAt)
+	}
+	t.AcceptingAt = serving.At
+	t.Finish()
+	if err := opts.fault(OfferConfirmed); errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	return t, nil
+}
+
+// Accept is the incoming side of a transfer-mode restart, over ch (which
+// it closes). It says Ready, receives and validates the descriptor, boots
+// dst from it and acknowledges; it commits dst and serves only after the
+// old sentry's Commit. A handover it refuses is answered with a refusal,
+// and dst is never committed; an error after the ack means the old sentry
+// may have rolled back, and dst is discarded untouched. It returns the
+// descriptor and the restart's timing.
+func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) {
+	defer ch.Close()
+	pid := opts.pid()
+	if err := opts.fault(AcceptStart); err != nil {
+		return nil, Timing{}, err
+	}
+	if err := ch.Send(&Ready{Protocol: ProtocolVersion, Version: opts.Version, PID: pid}); err != nil {
+		return nil, Timing{}, fmt.Errorf("saying ready: %w", err)
+	}
+	if err := opts.fault(AcceptReady); err != nil {
+		return nil, Timing{}, err
+	}
+	d := new(Descriptor)
+	files, err := ch.Recv(d)
+	received := Monotonic()
+	if err != nil {
+		// The old sentry went away or broke the protocol: nothing was
+		// handed over.
+		return nil, Timing{}, fmt.Errorf("receiving the handover: %w", err)
+	}
+	refuse := func(err error) (*Descriptor, Timing, error) {
+		if !errors.Is(err, ErrCrash) {
+			ch.Send(&Ack{Accepted: false, Error: err.Error(), Version: opts.Version, PID: pid})
+		}
+		return d, d.Timing, fmt.Errorf("handover refused: %w", err)
+	}
+	ordered, err := takeFiles(d, files, opts.Known)
+	if err != nil {
+		return refuse(err)
+	}
+	t := &d.Timing
+	t.ReceivedAt, t.NewPID, t.NewVersion = received, pid, opts.Version
+	t.LiveupdateNumber = d.LiveupdateNumber + 1
+	if err := opts.fault(AcceptReceived); err != nil {
+		closeFiles(ordered)
+		return refuse(err)
+	}
+	if err := dst.Boot(d, ordered, t); err != nil {
+		return refuse(err)
+	}
+	if err := opts.fault(AcceptBooted); err != nil {
+		if !errors.Is(err, ErrCrash) {
+			dst.Discard()
+		}
+		return refuse(err)
+	}
+	// Until the old sentry has read this, it may still time out and roll
+	// back: nothing may be scrubbed and no guest may run. A successful
+	// send says only that the ack is in the socket buffer, so wait for
+	// the old sentry's Commit, sent once it has read the ack and will
+	// never roll back. If the channel ends instead, the old sentry
+	// stopped this one too late, died, or rolled back: discard untouched.
+	t.AcceptingAt = Monotonic()
+	untouched := func(err error) (*Descriptor, Timing, error) {
+		if !errors.Is(err, ErrCrash) {
+			dst.Discard()
+		}
+		return d, *t, fmt.Errorf("%w (exiting untouched: the old sentry may have rolled back)", err)
+	}
+	if err := ch.Send(&Ack{Accepted: true, Version: opts.Version, PID: pid, Timing: *t}); err != nil {
+		return untouched(fmt.Errorf("acknowledging the handover: %w", err))
+	}
+	if err := opts.fault(AcceptAcked); err != nil {
+		return untouched(err)
+	}
+	if err := ch.AwaitCommit(d.PID); err != nil {
+		return untouched(err)
+	}
+	if err := opts.fault(AcceptCommitted); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	if err := serve(d, t, dst); err != nil {
+		return d, *t, err
+	}
+	if err := opts.fault(AcceptServing); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	ch.SetDeadline(time.Now().Add(commitSendTimeout))
+	if err := ch.Send(&Serving{At: t.AcceptingAt}); err != nil {
+		// The old sentry has handed off; it reports the restart as not
+		// confirmed, but this sentry serves.
+		return d, *t, nil
+	}
+	if err := opts.fault(AcceptDone); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	return d, *t, nil
+}
+
+// serve commits dst and records the finished timing.
+func serve(d *Descriptor, t *Timing, dst Target) error {
+	if err := dst.Commit(d); err != nil {
+		return fmt.Errorf("serving after the commit: %w", err)
+	}
+	t.AcceptingAt = Monotonic()
+	t.Finish()
+	dst.Serving(*t)
+	return nil
+}
+
+// takeFiles validates a transfer-mode descriptor and returns the memory
+// file, guest listener and control listener; the other files are closed.
+// On error every file is closed.
+func takeFiles(d *Descriptor, files []*os.File, known func(string) bool) ([]*os.File, error) {
+	if known == nil {
+		known = func(string) bool { return false }
+	}
+	if err := d.Validate(len(files), known); err != nil {
+		closeFiles(files)
+		return nil, err
+	}
+	if d.Mode != ModeTransfer {
+		closeFiles(files)
+		return nil, fmt.Errorf("handover descriptor: mode %q over a transfer channel", d.Mode)
+	}
+	ordered := []*os.File{files[d.Files.MemoryFile], files[d.Files.GuestListener], files[d.Files.ControlListener]}
+	for i, f := range files {
+		if i != d.Files.MemoryFile && i != d.Files.GuestListener && i != d.Files.ControlListener {
+			f.Close()
+		}
+	}
+	return ordered, nil
+}
+
+// recvNoFiles receives a message that must carry no files.
+func recvNoFiles(ch *Channel, msg any) error {
+	files, err := ch.Recv(msg)
+	if err != nil {
+		return err
+	}
+	if len(files) != 0 {
+		closeFiles(files)
+		return fmt.Errorf("%T came with %d files", msg, len(files))
+	}
+	return nil
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// OfferExec is the outgoing side of an exec-mode restart: it pauses and
+// prepares src, makes the files it gives inheritable and calls opts.Exec
+// with the descriptor in an environment entry. It returns only if that
+// failed, after undoing everything in reverse: the old image goes on
+// serving. The new binary must have been checked before (see the "abi"
+// command): after a successful execve there is no way back.
+func OfferExec(src Source, opts Options) error {
+	t := Timing{Mode: ModeExec, OldPID: opts.pid(), OldVersion: opts.Version}
+	crashed := false
+	var cu cleanup.Cleanup
+	defer func() {
+		if !crashed {
+			cu.Clean()
+		}
+	}()
+	fail := func(err error) error {
+		crashed = errors.Is(err, ErrCrash)
+		return err
+	}
+	t.PausedAt = Monotonic()
+	if err := src.Pause(opts.Deadline); err != nil {
+		return fail(err)
+	}
+	cu.Add(src.Resume)
+	if err := opts.fault(OfferPaused); err != nil {
+		return fail(err)
+	}
+	d := &Descriptor{Protocol: ProtocolVersion, Mode: ModeExec, Version: opts.Version, PID: t.OldPID, Timing: t}
+	files, err := src.Prepare(d)
+	if err != nil {
+		return fail(err)
+	}
+	cu.Add(src.Abort)
+	if err := opts.fault(OfferPrepared); err != nil {
+		return fail(err)
+	}
+	if len(files) != 3 {
+		return fail(fmt.Errorf("the sentry gave %d files to hand over, want 3", len(files)))
+	}
+	var fds []int
+	cu.Add(func() {
+		for _, fd := range fds {
+			unix.CloseOnExec(fd)
+		}
+	})
+	for _, f := range files {
+		fd, err := Inherit(f)
+		if err != nil {
+			return fail(err)
+		}
+		fds = append(fds, fd)
+	}
+	d.Files = Files{MemoryFile: fds[0], GuestListener: fds[1], ControlListener: fds[2]}
+	d.Timing.SentAt = Monotonic()
+	env, err := EncodeEnv(d)
+	if err != nil {
+		return fail(err)
+	}
+	if err := opts.fault(OfferSent); err != nil {
+		return fail(err)
+	}
+	if opts.Exec == nil {
+		return fail(fmt.Errorf("exec-mode restart: no exec function"))
+	}
+	// Still here after Exec: execve failed, and everything is undone.
+	return fail(fmt.Errorf("execve: %w", opts.Exec(env)))
+}
+
+// AcceptExec is the incoming side of an exec-mode restart: d and files come
+// from DecodeEnv. There is no old sentry to roll back to, so dst is booted,
+// committed and served at once; on error the caller must stop the old
+// image's guests and report the sandbox lost.
+func AcceptExec(d *Descriptor, files []*os.File, dst Target, opts Options) (Timing, error) {
+	t := &d.Timing
+	t.ReceivedAt, t.NewPID, t.NewVersion = Monotonic(), opts.pid(), opts.Version
+	t.LiveupdateNumber = d.LiveupdateNumber + 1
+	if err := opts.fault(AcceptReceived); err != nil {
+		closeFiles(files)
+		return *t, err
+	}
+	if err := dst.Boot(d, files, t); err != nil {
+		return *t, err
+	}
+	if err := opts.fault(AcceptBooted); err != nil {
+		dst.Discard()
+		return *t, err
+	}
+	if err := serve(d, t, dst); err != nil {
+		return *t, err
+	}
+	return *t, nil
+}

@@ -1,0 +1,525 @@
+package handover
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// world is the two sentries of one restart as the protocol sees them: each
+// method checks that the protocol calls it only when a real sentry could
+// take that call, and records the state the outcome is judged on.
+type world struct {
+	mu sync.Mutex
+
+	t *testing.T
+	// mem, guestLn and controlLn are the files the old sentry hands
+	// over. (One field a line: checklocks misplaces the annotations of
+	// later fields after a line that declares several.)
+	mem       *os.File
+	guestLn   *os.File
+	controlLn *os.File
+
+	// The old sentry's state: paused, prepared, handedOff, oldDead.
+	//
+	// +checklocks:mu
+	paused bool
+	// +checklocks:mu
+	prepared bool
+	// +checklocks:mu
+	handedOff bool
+	// +checklocks:mu
+	oldDead bool
+
+	// The new sentry's state: booted, committed, serving, discarded,
+	// newDead, and what it received.
+	//
+	// +checklocks:mu
+	booted bool
+	// +checklocks:mu
+	committed bool
+	// +checklocks:mu
+	serving bool
+	// +checklocks:mu
+	discarded bool
+	// +checklocks:mu
+	newDead bool
+	// +checklocks:mu
+	received []*os.File
+	// +checklocks:mu
+	timing Timing
+}
+
+// worldState is a world's state at one moment.
+type worldState struct {
+	paused, prepared, handedOff, serving bool
+	timing                               Timing
+}
+
+// snapshot returns the world's state, for the checks after a restart.
+func (w *world) snapshot() worldState {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return worldState{paused: w.paused, prepared: w.prepared, handedOff: w.handedOff, serving: w.serving, timing: w.timing}
+}
+
+const memContents = "preserved bytes"
+
+func newWorld(t *testing.T) *world {
+	fd, err := unix.MemfdCreate("memory-file", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := os.NewFile(uintptr(fd), "memory-file")
+	if _, err := mem.WriteString(memContents); err != nil {
+		t.Fatal(err)
+	}
+	g, c, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &world{t: t, mem: mem, guestLn: g, controlLn: c}
+	t.Cleanup(func() {
+		mem.Close()
+		g.Close()
+		c.Close()
+		w.mu.Lock()
+		closeFiles(w.received)
+		w.mu.Unlock()
+	})
+	return w
+}
+
+func (w *world) violate(format string, args ...any) {
+	w.t.Helper()
+	w.t.Errorf("protocol violation: "+format, args...)
+}
+
+// The old sentry: a Source.
+type oldSide struct{ *world }
+
+func (o oldSide) Pause(time.Time) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.paused || o.handedOff {
+		o.violate("Pause while paused=%v handedOff=%v", o.paused, o.handedOff)
+	}
+	o.paused = true
+	return nil
+}
+
+func (o oldSide) Prepare(d *Descriptor) ([]*os.File, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.paused || o.prepared {
+		o.violate("Prepare while paused=%v prepared=%v", o.paused, o.prepared)
+	}
+	o.prepared = true
+	d.Root, d.LiveupdateNumber, d.MemorySize = 0x1000, 7, 1<<20
+	d.Compatibles = []string{"kho-v1"}
+	d.Timing.Freeze, d.Timing.Finalize = time.Millisecond, time.Millisecond
+	return []*os.File{o.mem, o.guestLn, o.controlLn}, nil
+}
+
+func (o oldSide) Abort() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.prepared || o.handedOff {
+		o.violate("Abort while prepared=%v handedOff=%v", o.prepared, o.handedOff)
+	}
+	o.prepared = false
+}
+
+func (o oldSide) Resume() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.paused || o.prepared || o.handedOff {
+		o.violate("Resume while paused=%v prepared=%v (Abort must come first) handedOff=%v", o.paused, o.prepared, o.handedOff)
+	}
+	if o.booted && !o.discarded && !o.newDead {
+		o.violate("Resume while the new sentry is still alive with the state booted")
+	}
+	o.paused = false
+}
+
+func (o oldSide) Handoff() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.paused || !o.prepared || o.handedOff {
+		o.violate("Handoff while paused=%v prepared=%v handedOff=%v", o.paused, o.prepared, o.handedOff)
+	}
+	o.handedOff = true
+}
+
+// The new sentry: a Target.
+type newSide struct{ *world }
+
+func (n newSide) Boot(d *Descriptor, files []*os.File, t *Timing) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.received = files
+	buf := make([]byte, len(memContents))
+	if _, err := files[0].ReadAt(buf, 0); err != nil || string(buf) != memContents {
+		n.violate("the memory file received reads %q, %v", buf, err)
+	}
+	t.Map, t.Ingest, t.LUO = time.Microsecond, time.Microsecond, time.Microsecond
+	n.booted = true
+	return nil
+}
+
+func (n newSide) Commit(*Descriptor) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.booted || n.discarded || n.committed {
+		n.violate("Commit while booted=%v discarded=%v committed=%v", n.booted, n.discarded, n.committed)
+	}
+	if !n.handedOff && !n.oldDead {
+		// The Commit message is sent before Handoff runs; give it a
+		// moment rather than racing the old side's goroutine.
+		n.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+		n.mu.Lock()
+	}
+	if n.paused && !n.prepared {
+		n.violate("Commit while the old sentry has rolled back")
+	}
+	n.committed = true
+	return nil
+}
+
+func (n newSide) Serving(t Timing) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.committed {
+		n.violate("Serving before Commit")
+	}
+	n.serving, n.timing = true, t
+}
+
+func (n newSide) Discard() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.booted || n.committed || n.discarded {
+		n.violate("Discard while booted=%v committed=%v discarded=%v", n.booted, n.committed, n.discarded)
+	}
+	n.discarded = true
+}
+
+// outcome is how one restart ended.
+type outcome struct {
+	offerErr, acceptErr  error
+	oldServes, newServes bool
+	// holders is how many live sentries still hold the memory file.
+	holders int
+}
+
+// restart runs both sides in this process over a socket pair, with the
+// given fault hooks and the outgoing deadline.
+func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, deadline time.Duration) outcome {
+	oldCh, peer, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCh, err := NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A crash kills the process at the point itself.
+	crashing := func(f func(Point) error, old bool) func(Point) error {
+		if f == nil {
+			return nil
+		}
+		return func(p Point) error {
+			err := f(p)
+			if errors.Is(err, ErrCrash) {
+				w.mu.Lock()
+				if old {
+					w.oldDead = true
+				} else {
+					w.newDead = true
+				}
+				w.mu.Unlock()
+			}
+			return err
+		}
+	}
+	offerFault, acceptFault = crashing(offerFault, true), crashing(acceptFault, false)
+	acceptDone := make(chan error, 1)
+	go func() {
+		_, _, err := Accept(newCh, newSide{w}, Options{Version: "new", PID: 200, Known: func(c string) bool { return c == "kho-v1" }, Fault: acceptFault})
+		acceptDone <- err
+	}()
+	var acceptErr error
+	acceptFinished := false
+	waitAccept := func() {
+		if acceptFinished {
+			return
+		}
+		select {
+		case acceptErr = <-acceptDone:
+			acceptFinished = true
+		case <-time.After(10 * time.Second):
+			t.Fatal("the incoming side hangs")
+		}
+	}
+	stopPeer := func() {
+		// SIGKILL: the process is gone, and its end of the channel
+		// with it.
+		w.mu.Lock()
+		w.newDead = true
+		w.mu.Unlock()
+		newCh.Close()
+		waitAccept()
+	}
+	_, offerErr := Offer(oldCh, oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(deadline), ServingTimeout: time.Second, StopPeer: stopPeer, Fault: offerFault})
+	waitAccept()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	o := outcome{offerErr: offerErr, acceptErr: acceptErr}
+	o.oldServes = !w.oldDead && !w.paused && !w.handedOff
+	o.newServes = !w.newDead && w.serving && !w.discarded
+	if !w.oldDead && !w.handedOff {
+		o.holders++
+	}
+	if !w.newDead && w.booted && !w.discarded {
+		o.holders++
+	}
+	return o
+}
+
+// at returns a fault hook that returns err at point p.
+func at(p Point, err error) func(Point) error {
+	return func(q Point) error {
+		if q == p {
+			return err
+		}
+		return nil
+	}
+}
+
+var errInjected = errors.New("injected failure")
+
+func TestRestartOutcomeAtEveryFaultPoint(t *testing.T) {
+	type want int
+	const (
+		oldServes    want = iota // rolled back: the old sentry serves, the restart failed
+		newServes                // handed over: the new sentry serves, the restart succeeded
+		lostReported             // neither serves, nobody holds the memory file, and Offer said so
+		eitherOldOrLost
+		newDiesAfter // the new sentry died after the restart completed
+	)
+	tests := []struct {
+		name          string
+		offer, accept func(Point) error
+		// slowAck: the old sentry is descheduled past its deadline
+		// right before it reads the ack.
+		slowAck bool
+		want    want
+	}{
+		{name: "a restart without faults hands over", want: newServes},
+		{name: "a failure after ready rolls back", offer: at(OfferReady, errInjected), want: oldServes},
+		{name: "a failure after pause rolls back", offer: at(OfferPaused, errInjected), want: oldServes},
+		{name: "a failure after prepare rolls back", offer: at(OfferPrepared, errInjected), want: oldServes},
+		{name: "a failure after the send rolls back", offer: at(OfferSent, errInjected), want: oldServes},
+		{name: "a failure after the ack rolls back", offer: at(OfferAcked, errInjected), want: oldServes},
+		{name: "a failure after the commit changes nothing", offer: at(OfferCommitted, errInjected), want: newServes},
+		{name: "a failure after the handoff changes nothing", offer: at(OfferHandedOff, errInjected), want: newServes},
+		{name: "the old sentry dying after ready loses the sandbox, reported", offer: at(OfferReady, ErrCrash), want: lostReported},
+		{name: "the old sentry dying paused loses the sandbox, reported", offer: at(OfferPaused, ErrCrash), want: lostReported},
+		{name: "the old sentry dying prepared loses the sandbox, reported", offer: at(OfferPrepared, ErrCrash), want: lostReported},
+		{name: "the old sentry dying after the send: the new one exits untouched", offer: at(OfferSent, ErrCrash), want: lostReported},
+		{name: "the old sentry dying after the ack: the new one exits untouched", offer: at(OfferAcked, ErrCrash), want: lostReported},
+		{name: "the old sentry dying after the commit: the new one serves", offer: at(OfferCommitted, ErrCrash), want: newServes},
+		{name: "the old sentry dying after the handoff: the new one serves", offer: at(OfferHandedOff, ErrCrash), want: newServes},
+		{name: "the old sentry dying after the confirmation: the new one serves", offer: at(OfferConfirmed, ErrCrash), want: newServes},
+		{name: "the new sentry failing at start rolls back", accept: at(AcceptStart, errInjected), want: oldServes},
+		{name: "the new sentry failing after ready rolls back", accept: at(AcceptReady, errInjected), want: oldServes},
+		{name: "the new sentry refusing the descriptor rolls back", accept: at(AcceptReceived, errInjected), want: oldServes},
+		{name: "the new sentry failing after boot rolls back", accept: at(AcceptBooted, errInjected), want: oldServes},
+		{name: "the new sentry dying at start rolls back", accept: at(AcceptStart, ErrCrash), want: oldServes},
+		{name: "the new sentry dying after ready rolls back", accept: at(AcceptReady, ErrCrash), want: oldServes},
+		{name: "the new sentry dying with the descriptor rolls back", accept: at(AcceptReceived, ErrCrash), want: oldServes},
+		{name: "the new sentry dying booted rolls back", accept: at(AcceptBooted, ErrCrash), want: oldServes},
+		{name: "the new sentry dying after its ack: rolled back or lost, never silently", accept: at(AcceptAcked, ErrCrash), want: eitherOldOrLost},
+		{name: "the new sentry dying after the commit is reported lost", accept: at(AcceptCommitted, ErrCrash), want: lostReported},
+		{name: "the new sentry dying serving, before saying so, is reported lost", accept: at(AcceptServing, ErrCrash), want: lostReported},
+		{name: "the new sentry dying after saying it serves is a later crash", accept: at(AcceptDone, ErrCrash), want: newDiesAfter},
+		{
+			name:    "an ack read after the deadline rolls back and the new sentry never serves",
+			slowAck: true,
+			want:    oldServes,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld(t)
+			deadline := 5 * time.Second
+			offer := tc.offer
+			if tc.slowAck {
+				deadline = 200 * time.Millisecond
+				offer = func(p Point) error {
+					if p == OfferSent {
+						time.Sleep(400 * time.Millisecond)
+					}
+					return nil
+				}
+			}
+			o := restart(t, w, offer, tc.accept, deadline)
+			if o.oldServes && o.newServes {
+				t.Fatalf("both sentries serve: %+v", o)
+			}
+			if !o.oldServes && !o.newServes && o.holders > 0 {
+				t.Fatalf("neither sentry serves while %d holds the memory file: %+v", o.holders, o)
+			}
+			switch tc.want {
+			case oldServes:
+				if !o.oldServes || o.offerErr == nil || errors.Is(o.offerErr, ErrNotServing) {
+					t.Fatalf("want a rollback with the old sentry serving and an error: %+v", o)
+				}
+			case newServes:
+				if !o.newServes {
+					t.Fatalf("want the new sentry serving: %+v", o)
+				}
+				if o.offerErr != nil && !errors.Is(o.offerErr, ErrCrash) {
+					t.Fatalf("the restart handed over but Offer says %v", o.offerErr)
+				}
+				if o.acceptErr != nil {
+					t.Fatalf("Accept: %v", o.acceptErr)
+				}
+				if tm := w.snapshot().timing; tm.Blackout <= 0 || tm.NewPID != 200 || tm.OldPID != 100 || tm.LiveupdateNumber != 8 {
+					t.Fatalf("timing %+v", tm)
+				}
+			case lostReported:
+				if o.oldServes || o.newServes || o.offerErr == nil {
+					t.Fatalf("want neither serving and an error: %+v", o)
+				}
+			case eitherOldOrLost:
+				if o.newServes || o.offerErr == nil {
+					t.Fatalf("want a rollback or a reported loss: %+v", o)
+				}
+			case newDiesAfter:
+				if o.offerErr != nil || !w.snapshot().serving {
+					t.Fatalf("want a completed restart: %+v", o)
+				}
+			}
+		})
+	}
+}
+
+func TestExecRestartRollsBackAtEveryFaultPoint(t *testing.T) {
+	for _, p := range []Point{OfferPaused, OfferPrepared, OfferSent, ""} {
+		for _, crash := range []bool{false, true} {
+			if p == "" && crash {
+				continue
+			}
+			name := fmt.Sprintf("a failure at %s", p)
+			if p == "" {
+				name = "a failed execve"
+			}
+			if crash {
+				name = fmt.Sprintf("a crash at %s", p)
+			}
+			t.Run(name, func(t *testing.T) {
+				w := newWorld(t)
+				fault := func(Point) error { return nil }
+				if p != "" {
+					e := errInjected
+					if crash {
+						e = ErrCrash
+					}
+					fault = at(p, e)
+				}
+				var env string
+				err := OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), Fault: fault, Exec: func(e string) error {
+					env = e
+					return unix.ENOENT
+				}})
+				if err == nil {
+					t.Fatal("OfferExec returned nil")
+				}
+				if crash {
+					return
+				}
+				if st := w.snapshot(); st.paused || st.prepared || st.handedOff {
+					t.Fatalf("not rolled back: paused=%v prepared=%v handedOff=%v", st.paused, st.prepared, st.handedOff)
+				}
+				for _, f := range []*os.File{w.mem, w.guestLn, w.controlLn} {
+					if fl, _ := unix.FcntlInt(f.Fd(), unix.F_GETFD, 0); fl&unix.FD_CLOEXEC == 0 {
+						t.Errorf("fd %d lost FD_CLOEXEC after the rollback", f.Fd())
+					}
+				}
+				if p == "" {
+					if !errors.Is(err, unix.ENOENT) || !strings.HasPrefix(env, EnvDescriptor+"=") {
+						t.Fatalf("err %v, env %q", err, env)
+					}
+				}
+			})
+		}
+	}
+}
+
+func TestExecRestartHandsOverThroughTheEnvironment(t *testing.T) {
+	w := newWorld(t)
+	var env string
+	OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), Exec: func(e string) error {
+		env = e
+		return unix.ENOENT
+	}})
+	// Replay what the new image would see: the variable and the fds
+	// (still open here, as execve would have kept them).
+	name, value, _ := strings.Cut(env, "=")
+	t.Setenv(name, value)
+	d, files, ok, err := DecodeEnv(func(c string) bool { return c == "kho-v1" })
+	if !ok || err != nil {
+		t.Fatalf("DecodeEnv: ok %v, %v", ok, err)
+	}
+	if _, set := os.LookupEnv(EnvDescriptor); set {
+		t.Errorf("DecodeEnv left %s in the environment", EnvDescriptor)
+	}
+	// DecodeEnv wraps the inherited fds; they are the world's own here.
+	files = files[:0]
+	for _, f := range []*os.File{w.mem, w.guestLn, w.controlLn} {
+		g, err := unix.Dup(int(f.Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, os.NewFile(uintptr(g), "dup"))
+	}
+	tm, err := AcceptExec(d, files, newSide{w}, Options{Version: "new", PID: 100})
+	if err != nil {
+		t.Fatalf("AcceptExec: %v", err)
+	}
+	if !w.snapshot().serving || tm.Mode != ModeExec || tm.LiveupdateNumber != 8 || tm.Blackout <= 0 {
+		t.Fatalf("serving %v, timing %+v", w.snapshot().serving, tm)
+	}
+}
+
+func TestOfferRefusesAPeerOfAnotherProtocol(t *testing.T) {
+	w := newWorld(t)
+	oldCh, peer, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCh, err := NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer newCh.Close()
+	go newCh.Send(&Ready{Protocol: ProtocolVersion + 1, Version: "future", PID: 9})
+	stopped := false
+	_, err = Offer(oldCh, oldSide{w}, Options{Deadline: time.Now().Add(time.Second), StopPeer: func() { stopped = true }})
+	if err == nil || !strings.Contains(err.Error(), "protocol") || !stopped || w.snapshot().paused {
+		t.Fatalf("Offer: %v, peer stopped %v, paused %v", err, stopped, w.snapshot().paused)
+	}
+	var d Descriptor
+	if _, err := newCh.Recv(&d); !errors.Is(err, io.EOF) {
+		t.Fatalf("the peer received %v, want EOF", err)
+	}
+}

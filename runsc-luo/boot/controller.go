@@ -1,0 +1,220 @@
+package boot
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/pkg/sentry/luo"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/log"
+	"gvisor.dev/gvisor/pkg/urpc"
+)
+
+// The control methods a sentry serves (urpc), by name.
+const (
+	// MethodState returns the sandbox's state (sandbox.State).
+	MethodState = "controller.State"
+	// MethodRestart restarts the sentry live (RestartArgs, handover.Timing).
+	MethodRestart = "controller.Restart"
+	// MethodLastRestart returns the outcome of the restart this sentry
+	// came out of (sandbox.RestartRecord).
+	MethodLastRestart = "controller.LastRestart"
+	// MethodExec starts another guest (ExecArgs, PIDResult).
+	MethodExec = "controller.Exec"
+	// MethodWaitPID waits for a guest (PIDResult, WaitResult).
+	MethodWaitPID = "controller.WaitPID"
+	// MethodSignal signals every guest (SignalArgs).
+	MethodSignal = "controller.Signal"
+	// MethodKHODump returns a KHO root FDT (KHODumpArgs, KHODumpResult).
+	MethodKHODump = "controller.KHODump"
+	// MethodLUOStatus returns LUO's sessions and files (LUOStatusResult).
+	MethodLUOStatus = "controller.LUOStatus"
+)
+
+// RestartArgs are the arguments of MethodRestart.
+type RestartArgs struct {
+	// Mode is handover.ModeTransfer or handover.ModeExec.
+	Mode string `json:"mode"`
+	// Binary is the sentry binary to restart into; empty: this one.
+	Binary string `json:"binary"`
+	// Timeout bounds the restart until the new sentry acknowledged;
+	// 0 means DefaultRestartTimeout.
+	Timeout time.Duration `json:"timeout"`
+	// TestOnlyAckDelay makes the old sentry of a transfer-mode restart
+	// sleep this long before it reads the new sentry's ack, as if it
+	// were descheduled there (handover.OfferSent): a window in the middle
+	// of a restart, for tests.
+	TestOnlyAckDelay time.Duration `json:"testonly_ack_delay,omitempty"`
+}
+
+// DefaultRestartTimeout is a restart's timeout when none is given.
+const DefaultRestartTimeout = 10 * time.Second
+
+// ExecArgs are the arguments of MethodExec: argv, extra environment, and
+// stdin, stdout, stderr as files.
+type ExecArgs struct {
+	Argv []string `json:"argv"`
+	Env  []string `json:"env"`
+	urpc.FilePayload
+}
+
+// PIDResult is a host pid.
+type PIDResult struct {
+	PID int `json:"pid"`
+}
+
+// WaitResult is how a guest process ended.
+type WaitResult struct {
+	ExitStatus int    `json:"exit_status"`
+	Signal     string `json:"signal,omitempty"`
+}
+
+// SignalArgs are the arguments of MethodSignal.
+type SignalArgs struct {
+	Signal int `json:"signal"`
+}
+
+// KHODumpArgs are the arguments of MethodKHODump.
+type KHODumpArgs struct {
+	// In asks for the root this sentry received instead of the one it
+	// will hand over.
+	In bool `json:"in"`
+}
+
+// KHODumpResult is a KHO root FDT blob.
+type KHODumpResult struct {
+	Blob []byte `json:"blob"`
+}
+
+// LUOStatusResult is LUO's status.
+type LUOStatusResult struct {
+	luo.Status
+}
+
+// Empty is an empty argument or result.
+type Empty struct{}
+
+// controller is the control interface of a sandbox: its methods are the
+// Method* names.
+type controller struct {
+	s *Sentry
+}
+
+// State returns the sandbox's state.
+func (c *controller) State(_ *Empty, out *sandbox.State) error {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	*out = *c.s.stateLocked()
+	return nil
+}
+
+// Restart restarts the sentry live. In transfer mode it returns the timing
+// once the new sentry took over, or an error after rolling back. In exec
+// mode it returns only on failure (rolled back); on success the connection
+// ends with the execve and LastRestart has the outcome.
+func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
+	s := c.s
+	if !s.beginRestart() {
+		return fmt.Errorf("the sandbox is already restarting or stopping: %w", unix.EBUSY)
+	}
+	defer s.endRestart()
+	binary := a.Binary
+	if binary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		binary = exe
+	}
+	timeout := a.Timeout
+	if timeout <= 0 {
+		timeout = DefaultRestartTimeout
+	}
+	switch a.Mode {
+	case "", handover.ModeTransfer:
+		t, err := s.restartTransfer(binary, timeout, a.TestOnlyAckDelay)
+		if err != nil && !s.isHandedOver() {
+			log.Warningf("transfer-mode restart failed, still serving: %v", err)
+			return fmt.Errorf("%w; the old sentry (pid %d) rolled back and is still serving", err, os.Getpid())
+		}
+		go s.exitAfterHandoff()
+		if err != nil {
+			log.Warningf("transfer-mode restart: %v", err)
+			return err
+		}
+		*out = t
+		return nil
+	case handover.ModeExec:
+		err := s.restartExec(binary, timeout)
+		log.Warningf("exec-mode restart failed, still serving: %v", err)
+		return fmt.Errorf("%w; the old sentry (pid %d) rolled back and is still serving", err, os.Getpid())
+	}
+	return fmt.Errorf("restart mode %q: must be %q or %q", a.Mode, handover.ModeTransfer, handover.ModeExec)
+}
+
+// LastRestart returns the outcome of the restart this sentry came out of.
+func (c *controller) LastRestart(_ *Empty, out *sandbox.RestartRecord) error {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	*out = c.s.last
+	return nil
+}
+
+// Exec starts a host program as another guest, with the given stdio.
+func (c *controller) Exec(a *ExecArgs, out *PIDResult) error {
+	var stdio [3]*os.File
+	copy(stdio[:], a.Files)
+	// urpc closes the received files after the call; the child has its
+	// own copies by then.
+	p, err := c.s.launch(a.Argv, a.Env, stdio, false)
+	if err != nil {
+		return err
+	}
+	// Record it, so that kill can stop it even if this sentry dies.
+	if err := c.s.writeState(""); err != nil {
+		log.Warningf("%v", err)
+	}
+	out.PID = p.pid
+	return nil
+}
+
+// WaitPID waits for a guest process the sentry launched to exit.
+func (c *controller) WaitPID(a *PIDResult, out *WaitResult) error {
+	res, err := c.s.waitGuest(a.PID)
+	if err != nil {
+		return err
+	}
+	*out = res
+	return nil
+}
+
+// Signal sends a signal to every guest process; SIGTERM, SIGINT and
+// SIGKILL also stop the sandbox.
+func (c *controller) Signal(a *SignalArgs, _ *Empty) error {
+	if a.Signal <= 0 || a.Signal > 64 {
+		return fmt.Errorf("signal %d: %w", a.Signal, unix.EINVAL)
+	}
+	return c.s.signal(unix.Signal(a.Signal))
+}
+
+// KHODump returns the outgoing (or incoming) KHO root FDT.
+func (c *controller) KHODump(a *KHODumpArgs, out *KHODumpResult) error {
+	o, i := c.s.k.KHO().Dump()
+	out.Blob = o
+	if a.In {
+		if i == nil {
+			return fmt.Errorf("no incoming KHO root: the sandbox booted cold: %w", unix.ENOENT)
+		}
+		out.Blob = i
+	}
+	return nil
+}
+
+// LUOStatus returns LUO's sessions and files.
+func (c *controller) LUOStatus(_ *Empty, out *LUOStatusResult) error {
+	out.Status = c.s.k.LUO().Status()
+	return nil
+}

@@ -1,0 +1,166 @@
+package boot
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/log"
+)
+
+// guestProc is a guest process the sentry launched.
+type guestProc struct {
+	pid int
+	// start is the process's start time, its identity with pid.
+	start uint64
+	entry bool
+	cmd   *exec.Cmd
+	// done is closed once the process is reaped; res is set then.
+	done chan struct{}
+	res  WaitResult
+}
+
+// launch starts a guest program with the guest socket in its environment.
+func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*guestProc, error) {
+	if len(argv) == 0 {
+		return nil, fmt.Errorf("no program given")
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(append(os.Environ(), env...),
+		abiguest.EnvSocket+"="+sandbox.GuestPath(s.cfg.Root, s.cfg.ID),
+		abiguest.EnvLiveupdateNumber+"="+strconv.FormatUint(s.k.LUO().LiveupdateNumber(), 10))
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
+	// A guest must not die with the CLI's terminal session.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped || s.handedOver {
+		return nil, fmt.Errorf("the sandbox is stopping")
+	}
+	if s.restarting {
+		// A guest started now would outlive an exec-mode restart's
+		// execve unnoticed, or be killed by a transfer-mode handoff.
+		return nil, fmt.Errorf("the sandbox is restarting, try again: %w", unix.EBUSY)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
+	}
+	p := &guestProc{pid: cmd.Process.Pid, start: sandbox.StartTime(cmd.Process.Pid), entry: entry, cmd: cmd, done: make(chan struct{})}
+	s.procs[p.pid] = p
+	go s.reap(p)
+	return p, nil
+}
+
+// reap waits for a guest process; the entrypoint's exit stops the sandbox
+// unless a restart stopped it.
+func (s *Sentry) reap(p *guestProc) {
+	err := p.cmd.Wait()
+	p.res = waitResult(p.cmd.ProcessState, err)
+	close(p.done)
+	s.mu.Lock()
+	delete(s.procs, p.pid)
+	if !p.entry {
+		if s.finished == nil {
+			s.finished = make(map[int]WaitResult)
+		}
+		s.finished[p.pid] = p.res
+	}
+	quiet := s.handedOver || s.stopped
+	s.mu.Unlock()
+	if p.entry && !quiet {
+		log.Infof("entrypoint (pid %d) exited: %+v", p.pid, p.res)
+		s.Stop(p.res.ExitStatus, "")
+	}
+}
+
+func waitResult(ps *os.ProcessState, err error) WaitResult {
+	if ps == nil {
+		return WaitResult{ExitStatus: 127, Signal: fmt.Sprint(err)}
+	}
+	ws, _ := ps.Sys().(syscall.WaitStatus)
+	if ws.Signaled() {
+		return WaitResult{ExitStatus: 128 + int(ws.Signal()), Signal: ws.Signal().String()}
+	}
+	return WaitResult{ExitStatus: ws.ExitStatus()}
+}
+
+// waitGuest waits for a guest process the sentry launched to exit.
+func (s *Sentry) waitGuest(pid int) (WaitResult, error) {
+	s.mu.Lock()
+	p, ok := s.procs[pid]
+	res, done := s.finished[pid]
+	delete(s.finished, pid)
+	s.mu.Unlock()
+	if done {
+		return res, nil
+	}
+	if !ok {
+		return WaitResult{}, fmt.Errorf("no guest process %d: %w", pid, unix.ESRCH)
+	}
+	<-p.done
+	return p.res, nil
+}
+
+// launchEntrypoint starts (or, after a restart, relaunches) the
+// entrypoint, its output appended to entrypoint.log.
+func (s *Sentry) launchEntrypoint() error {
+	if len(s.cfg.Entrypoint) == 0 {
+		return nil
+	}
+	out, err := os.OpenFile(sandbox.EntrypointLogPath(s.cfg.Root, s.cfg.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	if _, err := s.launch(s.cfg.Entrypoint, nil, [3]*os.File{nil, out, out}, true); err != nil {
+		return err
+	}
+	// The entrypoint's pid and start time (unless it has already exited
+	// and stopped the sandbox).
+	return s.writeState("")
+}
+
+// killGuests SIGKILLs every guest process the sentry launched and waits
+// for them.
+func (s *Sentry) killGuests() {
+	s.mu.Lock()
+	procs := make([]*guestProc, 0, len(s.procs))
+	for _, p := range s.procs {
+		procs = append(procs, p)
+	}
+	s.mu.Unlock()
+	for _, p := range procs {
+		unix.Kill(p.pid, unix.SIGKILL)
+	}
+	for _, p := range procs {
+		<-p.done
+	}
+}
+
+// guestPIDs returns the pids of the guests the sentry launched.
+func (s *Sentry) guestPIDs() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pids := make([]int, 0, len(s.procs))
+	for pid := range s.procs {
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// stopOldGuests kills and reaps the guests an exec-mode restart's old
+// image launched (this process's children now).
+func stopOldGuests(pids []int) {
+	for _, pid := range pids {
+		if pid > 1 {
+			unix.Kill(pid, unix.SIGKILL)
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, 0, nil)
+		}
+	}
+}

@@ -1,0 +1,289 @@
+package boot
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"syscall"
+	"time"
+
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/pkg/sentry/kernel"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/log"
+)
+
+// outgoing is the sentry as the outgoing side of a restart drives it: a
+// handover.Source.
+type outgoing struct {
+	s    *Sentry
+	mode string
+	// mem is the dup of the memory file handed over, between Prepare and
+	// Abort or Handoff.
+	mem *os.File
+}
+
+var _ handover.Source = (*outgoing)(nil)
+
+// Pause stops accepting guests and control calls and pauses guest
+// dispatch.
+func (o *outgoing) Pause(deadline time.Time) error {
+	o.s.stopAccepting()
+	if err := o.s.k.Pause(deadline); err != nil {
+		o.resumeAccepting()
+		return err
+	}
+	return nil
+}
+
+// Prepare freezes LUO and finalizes KHO and describes the result.
+func (o *outgoing) Prepare(d *handover.Descriptor) ([]*os.File, error) {
+	s := o.s
+	h, err := s.k.PrepareHandover(&d.Timing)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) ([]*os.File, error) {
+		o.Abort()
+		return nil, err
+	}
+	cfg, err := json.Marshal(&s.cfg)
+	if err != nil {
+		return fail(err)
+	}
+	if o.mem, err = s.k.MemoryFile().DupFile(); err != nil {
+		return fail(err)
+	}
+	d.Root, d.LiveupdateNumber, d.MemorySize = h.Root, h.LiveupdateNumber, s.k.MemoryFile().Size()
+	d.Compatibles, d.Sandbox = s.k.HandoverCompatibles(), cfg
+	if o.mode == handover.ModeExec {
+		// The guests become the new image's children: it stops them.
+		d.OldGuests = s.guestPIDs()
+	}
+	return []*os.File{o.mem, s.guestFile, s.controlFile}, nil
+}
+
+// Abort discards the finalize output and unfreezes LUO.
+func (o *outgoing) Abort() {
+	if err := o.s.k.AbortHandover(); err != nil {
+		log.Warningf("rollback: %v", err)
+	}
+	o.closeMem()
+}
+
+// Resume resumes guest dispatch and accepting.
+func (o *outgoing) Resume() {
+	o.s.k.Resume()
+	o.resumeAccepting()
+}
+
+func (o *outgoing) resumeAccepting() {
+	if err := o.s.startAccepting(); err != nil {
+		log.Warningf("rollback: %v", err)
+	}
+}
+
+// Handoff forgets every guest without releasing anything and stops the
+// guest processes: the state is the new sentry's.
+func (o *outgoing) Handoff() {
+	o.s.mu.Lock()
+	o.s.handedOver = true
+	o.s.mu.Unlock()
+	o.s.k.Handoff()
+	o.s.killGuests()
+	o.closeMem()
+}
+
+func (o *outgoing) closeMem() {
+	if o.mem != nil {
+		o.mem.Close()
+		o.mem = nil
+	}
+}
+
+// beginRestart marks a restart in progress; false if one is, or the
+// sandbox is stopping.
+func (s *Sentry) beginRestart() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.restarting || s.stopped || s.handedOver {
+		return false
+	}
+	s.restarting = true
+	s.restartDone = make(chan struct{})
+	return true
+}
+
+// endRestart ends the restart in progress and applies a stop requested
+// during it: after a rollback the sandbox stops now; after a handoff the
+// request is dropped (the new sentry serves the sandbox).
+func (s *Sentry) endRestart() {
+	s.mu.Lock()
+	s.restarting = false
+	pending := s.pendingStop
+	s.pendingStop = nil
+	done := s.restartDone
+	s.restartDone = nil
+	handedOver := s.handedOver
+	s.mu.Unlock()
+	close(done)
+	if pending == nil {
+		return
+	}
+	if handedOver {
+		log.Infof("stop (%q) requested during the restart dropped: the sandbox was handed over", pending.reason)
+		return
+	}
+	log.Infof("applying the stop (%q) requested during the rolled-back restart", pending.reason)
+	go s.stop(pending.exitStatus, pending.reason)
+}
+
+func (s *Sentry) isHandedOver() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.handedOver
+}
+
+// exitAfterHandoff ends the old sentry of a transfer-mode restart once its
+// control calls have been answered: urpc's Stop waits for every control
+// connection to end (the CLI closes its own once it has the Restart
+// answer); connections still open after exitGrace are closed.
+func (s *Sentry) exitAfterHandoff() {
+	s.server.Stop(exitGrace)
+	log.Infof("handed over; exiting")
+	os.Exit(0)
+}
+
+// restartTransfer is a transfer-mode restart: a new sentry process takes
+// over; on any failure before the commit this one rolls back and goes on
+// serving.
+func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration) (handover.Timing, error) {
+	ch, peer, err := handover.Pair()
+	if err != nil {
+		return handover.Timing{}, err
+	}
+	logf, err := os.OpenFile(sandbox.SentryLogPath(s.cfg.Root, s.cfg.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		ch.Close()
+		peer.Close()
+		return handover.Timing{}, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3")...)
+	cmd.ExtraFiles = []*os.File{peer}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	peer.Close()
+	if err != nil {
+		ch.Close()
+		return handover.Timing{}, fmt.Errorf("starting the new sentry %s: %w", binary, err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer}, handover.Options{
+		Version:  s.opts.Version,
+		Deadline: time.Now().Add(timeout),
+		StopPeer: func() {
+			cmd.Process.Kill()
+			<-exited
+		},
+		Fault: func(p handover.Point) error {
+			if p == handover.OfferSent && ackDelay > 0 {
+				time.Sleep(ackDelay)
+			}
+			return nil
+		},
+	})
+	if err != nil {
+		return t, fmt.Errorf("new sentry %s: %w", binary, err)
+	}
+	return t, nil
+}
+
+// restartExec is an exec-mode restart: this process execve's binary. It
+// returns only on failure, after rolling back.
+func (s *Sentry) restartExec(binary string, timeout time.Duration) error {
+	// Check the new binary outside the blackout: after execve there is no
+	// way back.
+	info, err := ProbeABI(binary, timeout)
+	if err != nil {
+		return err
+	}
+	if info.Protocol != handover.ProtocolVersion {
+		return fmt.Errorf("%s speaks handover protocol %d, this sentry %d", binary, info.Protocol, handover.ProtocolVersion)
+	}
+	if unknown := info.unknown(s.k.HandoverCompatibles()); len(unknown) > 0 {
+		return fmt.Errorf("%s (%q) cannot read %q, which this sandbox's preserved state uses", binary, info.Version, unknown)
+	}
+	argv := append([]string{binary}, append(s.opts.Globals.Args(), "boot")...)
+	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec}, handover.Options{
+		Version:  s.opts.Version,
+		Deadline: time.Now().Add(timeout),
+		Exec: func(env string) error {
+			return unix.Exec(binary, argv, append(os.Environ(), env))
+		},
+	})
+}
+
+// ABIInfo is what "runsc-luo abi" prints: what a build speaks and reads.
+type ABIInfo struct {
+	Version       string   `json:"version"`
+	Protocol      int      `json:"protocol"`
+	GuestProtocol int      `json:"guest_protocol"`
+	Compatibles   []string `json:"compatibles"`
+}
+
+// ThisABI returns this build's ABIInfo.
+func ThisABI(version string) ABIInfo {
+	return ABIInfo{Version: version, Protocol: handover.ProtocolVersion, GuestProtocol: abiguest.Version, Compatibles: kernel.Compatibles()}
+}
+
+// unknown returns the strings of want the build does not read.
+func (a *ABIInfo) unknown(want []string) []string {
+	var out []string
+	for _, w := range want {
+		if !a.reads(w) {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+func (a *ABIInfo) reads(c string) bool {
+	for _, k := range a.Compatibles {
+		if k == c {
+			return true
+		}
+	}
+	return false
+}
+
+// ProbeABI runs "binary abi" within timeout.
+func ProbeABI(binary string, timeout time.Duration) (*ABIInfo, error) {
+	cmd := exec.Command(binary, "abi")
+	done := make(chan struct{})
+	timer := time.AfterFunc(timeout, func() {
+		select {
+		case <-done:
+		default:
+			if cmd.Process != nil {
+				cmd.Process.Kill()
+			}
+		}
+	})
+	defer timer.Stop()
+	out, err := cmd.Output()
+	close(done)
+	if err != nil {
+		return nil, fmt.Errorf("checking %s (\"%s abi\"): %w", binary, binary, err)
+	}
+	var info ABIInfo
+	if err := json.Unmarshal(out, &info); err != nil {
+		return nil, fmt.Errorf("checking %s: its \"abi\" output %q: %w", binary, out, err)
+	}
+	return &info, nil
+}

@@ -1,0 +1,203 @@
+package boot
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+)
+
+// sandboxWithData boots a sentry cold in a new root and gives it, through
+// a guest connection, 8 MiB in a memfd that is not preserved and one
+// preserved memfd in session "keep".
+func sandboxWithData(t *testing.T) (*Sentry, *guest.Conn, int, []byte) {
+	t.Helper()
+	// A short root: Unix socket paths are limited to 108 bytes.
+	root, err := os.MkdirTemp("", "boot-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	s, err := New(sandbox.Config{ID: "b", Root: root, MemorySize: 64 << 20}, Options{Version: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Run(); err != nil {
+		t.Fatal(err)
+	}
+	g, err := guest.Dial(sandbox.GuestPath(root, "b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Disconnect() })
+	unpreserved, err := g.MemfdCreate("unpreserved", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pat := bytes.Repeat([]byte{0xAB}, 8<<20)
+	if n, err := g.Write(unpreserved, pat); err != nil || n != len(pat) {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	dev, err := g.OpenLiveUpdate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := g.CreateSession(dev, "keep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := g.MemfdCreate("p", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Write(p, []byte("preserved")); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.PreserveFD(sess, p, 1); err != nil {
+		t.Fatal(err)
+	}
+	return s, g, unpreserved, pat
+}
+
+// restartInProcess runs both sides of a transfer-mode restart of s in this
+// process: the real Source and Target over a socket pair.
+func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFault func(handover.Point) error) (*incoming, handover.Timing, error) {
+	t.Helper()
+	ch, peer, err := handover.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCh, err := handover.NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &incoming{opts: Options{Version: "new"}}
+	accepted := make(chan error, 1)
+	go func() {
+		_, _, err := handover.Accept(newCh, in, handover.Options{Version: "new", Known: reads})
+		accepted <- err
+	}()
+	var acceptErr error
+	waited := false
+	wait := func() {
+		if !waited {
+			acceptErr, waited = <-accepted, true
+		}
+	}
+	tm, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer}, handover.Options{
+		Version: "old", Deadline: time.Now().Add(deadline), Fault: offerFault,
+		StopPeer: func() {
+			newCh.Close()
+			wait()
+		},
+	})
+	wait()
+	if err == nil && acceptErr != nil {
+		t.Fatalf("Offer succeeded, Accept: %v", acceptErr)
+	}
+	return in, tm, err
+}
+
+// An old sentry that reads the new sentry's ack only after its deadline
+// rolls back; the new sentry must not have committed (scrubbed what was
+// not preserved) or served before the old one confirmed it read the ack.
+// Then a restart without the delay hands the preserved memfd over.
+func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
+	s, g, unpreserved, pat := sandboxWithData(t)
+	in, _, err := restartInProcess(t, s, 300*time.Millisecond, func(p handover.Point) error {
+		if p == handover.OfferSent {
+			time.Sleep(600 * time.Millisecond)
+		}
+		return nil
+	})
+	if err == nil {
+		t.Fatal("the restart succeeded although the ack was read after the deadline")
+	}
+	if in.s == nil {
+		t.Fatalf("the new sentry never booted: %v", err)
+	}
+	// The rolled-back sentry serves the same guest connection, with its
+	// unpreserved memory intact.
+	got := make([]byte, len(pat))
+	if n, err := g.Pread(unpreserved, got, 0); err != nil || n != len(pat) {
+		t.Fatalf("pread after the rollback: %d, %v", n, err)
+	}
+	if !bytes.Equal(got, pat) {
+		t.Fatalf("the unpreserved memfd changed across the rolled-back restart: %d of %d bytes are zero", bytes.Count(got, []byte{0}), len(got))
+	}
+	if s.isHandedOver() {
+		t.Fatal("the old sentry handed over")
+	}
+
+	in, tm, err := restartInProcess(t, s, 5*time.Second, nil)
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	defer in.s.Stop(0, "test done")
+	if !s.isHandedOver() || tm.LiveupdateNumber != 1 || tm.Blackout <= 0 || tm.OldVersion != "old" || tm.NewVersion != "new" {
+		t.Fatalf("handed over %v, timing %+v", s.isHandedOver(), tm)
+	}
+	// The old sentry dropped its guests; a new guest reaches the new
+	// sentry on the same socket and retrieves the preserved memfd.
+	if _, err := g.Fstat(unpreserved); err == nil {
+		t.Error("the old sentry still serves its guest after the handoff")
+	}
+	g2, err := guest.Dial(sandbox.GuestPath(s.cfg.Root, s.cfg.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g2.Disconnect()
+	dev, err := g2.OpenLiveUpdate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := g2.RetrieveSession(dev, "keep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := g2.RetrieveFD(sess, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 9)
+	if n, err := g2.Pread(fd, buf, 0); err != nil || string(buf[:n]) != "preserved" {
+		t.Fatalf("the preserved memfd reads %q, %v", buf[:n], err)
+	}
+	st, err := sandbox.ReadState(s.cfg.Root, s.cfg.ID)
+	if err != nil || st.PID != os.Getpid() || st.LastRestart == nil || st.LastRestart.Generation != 1 {
+		t.Fatalf("state after the restart: %+v, %v", st, err)
+	}
+}
+
+// A failure injected at each step of the old side rolls back onto a
+// serving sentry whose preserved and unpreserved data are intact, and a
+// later restart still hands over.
+func TestEveryOutgoingFailureRollsBackOntoIntactData(t *testing.T) {
+	s, g, unpreserved, pat := sandboxWithData(t)
+	injected := errors.New("injected")
+	for _, p := range []handover.Point{handover.OfferReady, handover.OfferPaused, handover.OfferPrepared, handover.OfferSent, handover.OfferAcked} {
+		_, _, err := restartInProcess(t, s, 5*time.Second, func(q handover.Point) error {
+			if q == p {
+				return injected
+			}
+			return nil
+		})
+		if !errors.Is(err, injected) {
+			t.Fatalf("a failure at %s: %v", p, err)
+		}
+		got := make([]byte, len(pat))
+		if n, err := g.Pread(unpreserved, got, 0); err != nil || n != len(pat) || !bytes.Equal(got, pat) {
+			t.Fatalf("after a failure at %s: pread %d, %v, equal %v", p, n, err, bytes.Equal(got, pat))
+		}
+	}
+	in, _, err := restartInProcess(t, s, 5*time.Second, nil)
+	if err != nil {
+		t.Fatalf("restart after the rollbacks: %v", err)
+	}
+	in.s.Stop(0, "test done")
+}

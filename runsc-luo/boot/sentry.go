@@ -1,0 +1,294 @@
+// Package boot is the sentry process of a sandbox: the kernel (memory
+// file, KHO, LUO, guest dispatch), the sandbox's two listening sockets, the
+// guest processes it launches, the control server the CLI calls, and both
+// sides of a live restart (driven by pkg/sentry/handover through the
+// Source and Target this package implements).
+//
+// A Sentry is made by New (a cold boot) or NewFromHandover (the incoming
+// side of a live restart), then Run (serve and launch the entrypoint) and
+// Wait (until it stops). Stop stops it; during a restart a stop waits for
+// the restart's outcome.
+//
+// Lock order: Sentry.mu → kernel locks. Sentry.mu is never held across a
+// call into the kernel that waits (Pause, Shutdown) or a process wait.
+package boot
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/sentry/kernel"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/log"
+	"gvisor.dev/gvisor/pkg/urpc"
+)
+
+// Options configures a sentry process.
+type Options struct {
+	// Globals are the global flags to hand to a new sentry at a restart.
+	Globals sandbox.Globals
+	// Version is this build's version string.
+	Version string
+}
+
+// exitGrace is how long a stopping sentry waits for its control
+// connections to end before it closes them.
+const exitGrace = 2 * time.Second
+
+// stopRequest is a stop of the sandbox: its exit status and why.
+type stopRequest struct {
+	exitStatus int
+	reason     string
+}
+
+// Sentry is one sandbox's sentry process.
+type Sentry struct {
+	opts Options
+	cfg  sandbox.Config
+	k    *kernel.Kernel
+
+	// guestFile and controlFile are the listening sockets; they cross a
+	// restart. The listeners this process accepts on are dups of them,
+	// closed to stop accepting.
+	guestFile   *os.File
+	controlFile *os.File
+	server      *urpc.Server
+	exited      chan struct{}
+	exitStatus  int
+
+	mu sync.Mutex
+	// +checklocks:mu
+	guestLn *net.UnixListener
+	// +checklocks:mu
+	controlLn *net.UnixListener
+	// +checklocks:mu
+	started bool
+	// +checklocks:mu
+	procs map[int]*guestProc
+	// +checklocks:mu
+	finished map[int]WaitResult
+	// +checklocks:mu
+	restarting bool
+	// restartDone is closed when the restart in progress has its outcome;
+	// nil when none is.
+	//
+	// +checklocks:mu
+	restartDone chan struct{}
+	// pendingStop is a stop asked for during a restart (the entrypoint
+	// exited, SIGTERM, a terminating Signal): applied after a rollback,
+	// dropped after a handoff (this process exits; the new sentry serves).
+	//
+	// +checklocks:mu
+	pendingStop *stopRequest
+	// +checklocks:mu
+	handedOver bool
+	// +checklocks:mu
+	stopped bool
+	// last is the outcome of the restart this sentry came out of.
+	//
+	// +checklocks:mu
+	last sandbox.RestartRecord
+}
+
+func newSentry(cfg sandbox.Config, opts Options) *Sentry {
+	s := &Sentry{cfg: cfg, opts: opts, exited: make(chan struct{}), procs: make(map[int]*guestProc)}
+	s.server = urpc.NewServer()
+	s.server.Register(&controller{s: s})
+	return s
+}
+
+// New boots a sandbox cold: its directory, its sockets and a fresh kernel
+// with a memory file of cfg.MemorySize bytes.
+func New(cfg sandbox.Config, opts Options) (*Sentry, error) {
+	if err := sandbox.CheckID(cfg.ID); err != nil {
+		return nil, err
+	}
+	dir := sandbox.Dir(cfg.Root, cfg.ID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", dir, err)
+	}
+	s := newSentry(cfg, opts)
+	var err error
+	if s.guestFile, err = listen(sandbox.GuestPath(cfg.Root, cfg.ID)); err != nil {
+		return nil, err
+	}
+	if s.controlFile, err = listen(sandbox.ControlPath(cfg.Root, cfg.ID)); err != nil {
+		s.removeSockets()
+		return nil, err
+	}
+	s.k, err = kernel.New(kernel.Options{MemorySize: cfg.MemorySize, Logf: log.Infof})
+	if err != nil {
+		s.removeSockets()
+		return nil, fmt.Errorf("cold boot: %w", err)
+	}
+	s.cfg.Created = time.Now().UTC()
+	s.cfg.MemorySize = s.k.MemoryFile().Size()
+	log.Infof("sandbox %s: cold boot, pid %d, %d-byte memory file", cfg.ID, os.Getpid(), s.cfg.MemorySize)
+	return s, nil
+}
+
+// Run serves the sandbox: guests and control calls are accepted (unless a
+// restart's commit started that already), the state file names this
+// process, and the entrypoint is launched (or relaunched after a restart).
+func (s *Sentry) Run() error {
+	if err := s.serve(); err != nil {
+		return err
+	}
+	if err := s.writeState(""); err != nil {
+		return err
+	}
+	return s.launchEntrypoint()
+}
+
+// Wait blocks until the sandbox stops and returns the entrypoint's exit
+// status (128+signal if a signal stopped it).
+func (s *Sentry) Wait() int {
+	<-s.exited
+	return s.exitStatus
+}
+
+// Stop stops the sandbox with the given exit status, or, while a restart
+// is in progress, once the restart has its outcome: after a rollback the
+// sandbox stops, after a handoff the new sentry serves it and the request
+// is dropped.
+func (s *Sentry) Stop(exitStatus int, reason string) {
+	s.mu.Lock()
+	if s.restarting {
+		if s.pendingStop == nil {
+			s.pendingStop = &stopRequest{exitStatus, reason}
+		}
+		s.mu.Unlock()
+		log.Infof("stop (exit status %d, %q) during a restart: deferred until its outcome", exitStatus, reason)
+		return
+	}
+	s.mu.Unlock()
+	s.stop(exitStatus, reason)
+}
+
+// serve starts accepting guests and control calls and handling SIGTERM and
+// SIGINT, once.
+func (s *Sentry) serve() error {
+	s.mu.Lock()
+	started := s.started
+	s.started = true
+	s.mu.Unlock()
+	if started {
+		return nil
+	}
+	if err := s.startAccepting(); err != nil {
+		return err
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT)
+	go func() {
+		for sig := range sigs {
+			s.Stop(128+int(unix.SIGKILL), fmt.Sprintf("sentry killed by %v", sig))
+		}
+	}()
+	return nil
+}
+
+// writeState writes the state file for a running sandbox, unless the
+// sandbox has stopped or been handed over: the file is written under s.mu
+// and stop marks the sandbox stopped under s.mu before it writes its own,
+// so a late write can never turn "stopped" back into "running".
+func (s *Sentry) writeState(errStr string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped || s.handedOver {
+		return nil
+	}
+	st := s.stateLocked()
+	st.Error = errStr
+	return sandbox.WriteState(st)
+}
+
+// +checklocks:s.mu
+func (s *Sentry) stateLocked() *sandbox.State {
+	c := &s.cfg
+	st := &sandbox.State{
+		ID: c.ID, Status: sandbox.StatusRunning, PID: os.Getpid(), Version: s.opts.Version, Created: c.Created,
+		Root: c.Root, GuestSocket: sandbox.GuestPath(c.Root, c.ID), ControlSocket: sandbox.ControlPath(c.Root, c.ID),
+		MemorySize: c.MemorySize, Entrypoint: c.Entrypoint,
+	}
+	if s.k != nil {
+		st.LiveupdateNumber = s.k.LUO().LiveupdateNumber()
+	}
+	for _, p := range s.procs {
+		if p.entry {
+			st.EntrypointPID = p.pid
+		}
+		st.Guests = append(st.Guests, sandbox.GuestRecord{PID: p.pid, Start: p.start})
+	}
+	if s.last.Generation > 0 {
+		last := s.last
+		st.LastRestart = &last
+	}
+	return st
+}
+
+// stop ends the sandbox: guests killed, kernel shut down (every guest fd
+// closed), sockets removed, state "stopped" with the entrypoint's exit
+// status. It must not run during a restart (Stop defers it).
+func (s *Sentry) stop(exitStatus int, reason string) {
+	s.mu.Lock()
+	if s.stopped || s.handedOver {
+		s.mu.Unlock()
+		return
+	}
+	s.stopped = true
+	s.mu.Unlock()
+	s.stopAccepting()
+	s.killGuests()
+	if s.k != nil {
+		s.k.Shutdown()
+	}
+	s.removeSockets()
+	s.mu.Lock()
+	st := s.stateLocked()
+	s.mu.Unlock()
+	st.Status = sandbox.StatusStopped
+	st.ExitStatus = &exitStatus
+	st.Error = reason
+	if err := sandbox.WriteState(st); err != nil {
+		log.Warningf("%v", err)
+	}
+	log.Infof("sandbox %s stopped (exit status %d) %s", s.cfg.ID, exitStatus, reason)
+	// Answer the calls in progress (the Signal that stopped the sandbox,
+	// the Restart whose rollback applied a deferred stop) before the
+	// process exits. stop never runs inside a call.
+	s.server.Stop(exitGrace)
+	s.exitStatus = exitStatus
+	close(s.exited)
+}
+
+// signal sends sig to every guest process; SIGTERM, SIGINT and SIGKILL
+// also stop the sandbox, after the outcome of a restart in progress.
+func (s *Sentry) signal(sig unix.Signal) error {
+	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+	s.mu.Lock()
+	if done := s.restartDone; stops && done != nil {
+		// A stop must not run alongside a restart: wait for its outcome
+		// (bounded by the restart's timeout).
+		s.mu.Unlock()
+		<-done
+		s.mu.Lock()
+	}
+	if s.handedOver {
+		s.mu.Unlock()
+		return fmt.Errorf("the sandbox was handed over to a new sentry, signal it there: %w", unix.EAGAIN)
+	}
+	for pid := range s.procs {
+		unix.Kill(pid, sig)
+	}
+	s.mu.Unlock()
+	if stops {
+		go s.Stop(128+int(sig), "killed by "+sig.String())
+	}
+	return nil
+}

@@ -1,0 +1,27 @@
+package cmd
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+
+	"github.com/google/subcommands"
+	"github.com/livesentry/livesentry/runsc-luo/boot"
+)
+
+// ABI prints the ABI strings and versions of this build (an exec-mode
+// restart checks the new binary with it before freezing).
+type ABI struct{}
+
+func (*ABI) Name() string { return "abi" }
+func (*ABI) Synopsis() string {
+	return "print the handover protocol and ABI strings this build reads, as JSON"
+}
+func (*ABI) Usage() string          { return "abi\n" }
+func (*ABI) SetFlags(*flag.FlagSet) {}
+func (*ABI) Execute(_ context.Context, _ *flag.FlagSet, args ...any) subcommands.ExitStatus {
+	b, _ := json.Marshal(boot.ThisABI(configOf(args).Version))
+	fmt.Println(string(b))
+	return subcommands.ExitSuccess
+}

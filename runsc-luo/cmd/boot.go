@@ -1,0 +1,88 @@
+package cmd
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/google/subcommands"
+	"github.com/livesentry/livesentry/runsc-luo/boot"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+)
+
+// Boot is the sentry process (internal): a cold boot for "run", or the
+// incoming side of a live restart.
+type Boot struct {
+	id         string
+	memory     uint64
+	readyFD    int
+	handoverFD int
+}
+
+func (*Boot) Name() string     { return "boot" }
+func (*Boot) Synopsis() string { return "run a sentry (internal)" }
+func (*Boot) Usage() string {
+	return "boot --id ID [--memory BYTES] [--ready-fd FD] [-- ENTRYPOINT ARGS] | boot --handover-fd FD\n"
+}
+func (b *Boot) SetFlags(f *flag.FlagSet) {
+	f.StringVar(&b.id, "id", "", "sandbox ID (cold boot)")
+	f.Uint64Var(&b.memory, "memory", 0, "memory file size in bytes (cold boot)")
+	f.IntVar(&b.readyFD, "ready-fd", -1, "fd to report readiness on (cold boot)")
+	f.IntVar(&b.handoverFD, "handover-fd", -1, "fd of the transfer-mode handover socket")
+}
+
+func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
+	cfg := configOf(args)
+	opts := boot.Options{Globals: cfg.Globals, Version: cfg.Version}
+	// An exec-mode restart re-enters here with the descriptor in the
+	// environment.
+	if b.handoverFD >= 0 || boot.HandoverInEnv() {
+		s, err := boot.NewFromHandover(b.handoverFD, opts)
+		if err != nil {
+			return fatalf("%v", err)
+		}
+		if err := s.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "runsc-luo: relaunching the entrypoint: %v\n", err)
+		}
+		s.Wait()
+		return subcommands.ExitSuccess
+	}
+	return b.coldBoot(sandbox.Config{ID: b.id, Root: cfg.Root, MemorySize: b.memory, Entrypoint: f.Args()}, opts)
+}
+
+// coldBoot starts a new sandbox and reports on the ready fd whether it
+// serves.
+func (b *Boot) coldBoot(c sandbox.Config, opts boot.Options) subcommands.ExitStatus {
+	var ready *os.File
+	if b.readyFD >= 0 {
+		// Guests must not inherit it: "run" waits for its last writer.
+		unix.CloseOnExec(b.readyFD)
+		ready = os.NewFile(uintptr(b.readyFD), "ready")
+	}
+	report := func(err error) {
+		if ready == nil {
+			return
+		}
+		if err != nil {
+			fmt.Fprintf(ready, "error: %v", err)
+		} else {
+			fmt.Fprint(ready, "ok")
+		}
+		ready.Close()
+	}
+	s, err := boot.New(c, opts)
+	if err != nil {
+		report(err)
+		return fatalf("%v", err)
+	}
+	if err := s.Run(); err != nil {
+		s.Stop(127, err.Error())
+		report(err)
+		return fatalf("%v", err)
+	}
+	report(nil)
+	s.Wait()
+	return subcommands.ExitSuccess
+}

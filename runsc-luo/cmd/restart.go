@@ -1,0 +1,95 @@
+package cmd
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/google/subcommands"
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/runsc-luo/boot"
+	"github.com/livesentry/livesentry/runsc-luo/container"
+)
+
+// Restart restarts a sandbox's sentry live.
+type Restart struct {
+	mode    string
+	binary  string
+	timeout time.Duration
+	format  string
+	// ackDelay is --TESTONLY-ack-delay (see boot.RestartArgs).
+	ackDelay time.Duration
+}
+
+func (*Restart) Name() string { return "restart" }
+func (*Restart) Synopsis() string {
+	return "restart a sandbox's sentry live, guest memory preserved"
+}
+func (*Restart) Usage() string {
+	return `restart [--mode transfer|exec] [--binary PATH] [--timeout DURATION] [--format table|json] ID
+
+transfer (default): a new sentry process (PATH, default this binary) starts
+next to the old one, takes the memory file over and acknowledges; if it
+fails, the old sentry rolls back and keeps serving. exec: the sentry execve's
+PATH with the memory file inherited; rollback is possible only until execve.
+
+Prints the timing breakdown, one phase a line:
+  freeze     LUO serialize in the old sentry: preserved files frozen, records written
+  finalize   KHO finalize in the old sentry: the preserved-memory map written
+  send       the memory file and descriptor crossing to the new sentry (or execve)
+  map        the new sentry mapping the memory file
+  ingest     the new sentry reading the KHO map and adopting the preserved memory
+  luo        the new sentry reading LUO's sessions and files
+  ready      the rest until the new sentry serves guests (ack and commit)
+  blackout   all of the above: guests paused until the new sentry serves them
+Exits non-zero if the restart was refused or did not complete.
+`
+}
+func (r *Restart) SetFlags(f *flag.FlagSet) {
+	f.StringVar(&r.mode, "mode", handover.ModeTransfer, "transfer or exec")
+	f.StringVar(&r.binary, "binary", "", "sentry binary to restart into (default: the running one)")
+	f.DurationVar(&r.timeout, "timeout", boot.DefaultRestartTimeout, "how long the new sentry may take")
+	f.StringVar(&r.format, "format", "table", "output format: table or json")
+	f.DurationVar(&r.ackDelay, "TESTONLY-ack-delay", 0, "for tests: the old sentry sleeps this long before it reads the new sentry's ack")
+}
+
+func (r *Restart) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
+	cfg := configOf(args)
+	if f.NArg() != 1 {
+		f.Usage()
+		return subcommands.ExitUsageError
+	}
+	if r.mode != handover.ModeTransfer && r.mode != handover.ModeExec {
+		return fatalf("--mode %q: must be %s or %s", r.mode, handover.ModeTransfer, handover.ModeExec)
+	}
+	if r.format != "table" && r.format != "json" {
+		return fatalf("--format %q: must be table or json", r.format)
+	}
+	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, TestOnlyAckDelay: r.ackDelay})
+	if err != nil {
+		return fatalf("restart of %q failed: %v", f.Arg(0), err)
+	}
+	if r.format == "json" {
+		b, _ := json.MarshalIndent(t, "", "  ")
+		fmt.Println(string(b))
+		return subcommands.ExitSuccess
+	}
+	PrintTiming(os.Stdout, &t)
+	return subcommands.ExitSuccess
+}
+
+// PrintTiming prints a restart's timing breakdown as a table.
+func PrintTiming(w io.Writer, t *handover.Timing) {
+	fmt.Fprintf(w, "restart (%s mode): sentry pid %d (%s) -> pid %d (%s), liveupdate number %d\n", t.Mode, t.OldPID, t.OldVersion, t.NewPID, t.NewVersion, t.LiveupdateNumber)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "phase\tms\t")
+	for _, p := range t.Phases() {
+		fmt.Fprintf(tw, "%s\t%.3f\t\n", p.Name, float64(p.Duration)/1e6)
+	}
+	tw.Flush()
+}

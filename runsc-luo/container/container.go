@@ -1,0 +1,188 @@
+// Package container is the client side of runsc-luo's commands: it starts
+// a sandbox's sentry, asks it to restart, signal, exec and report, and
+// cleans up after a sentry that died, using package sandbox for the state
+// file and control calls and package boot's method names and argument
+// types. It holds no sentry logic.
+package container
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/runsc-luo/boot"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/urpc"
+)
+
+// Start creates sandbox id under g.Root, starts its sentry (this binary's
+// "boot" command) as a daemon with a memory file of size bytes and entry as
+// its entrypoint, and returns once the sentry serves.
+func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
+	if err := sandbox.CheckID(id); err != nil {
+		return err
+	}
+	dir := sandbox.Dir(g.Root, id)
+	if err := os.MkdirAll(g.Root, 0o711); err != nil {
+		return fmt.Errorf("creating root %s: %w", g.Root, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if os.IsExist(err) {
+			return fmt.Errorf("sandbox %q already exists in %s", id, g.Root)
+		}
+		return err
+	}
+	fail := func(err error) error {
+		os.RemoveAll(dir)
+		return err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fail(err)
+	}
+	logf, err := os.OpenFile(sandbox.SentryLogPath(g.Root, id), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fail(err)
+	}
+	defer logf.Close()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return fail(err)
+	}
+	defer pr.Close()
+	args := append(g.Args(), "boot", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", "--")
+	cmd := exec.Command(exe, append(args, entry...)...)
+	cmd.ExtraFiles = []*os.File{pw}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		pw.Close()
+		return fail(fmt.Errorf("starting the sentry: %w", err))
+	}
+	pw.Close()
+	msg, _ := io.ReadAll(pr)
+	if string(msg) != "ok" {
+		cmd.Wait()
+		log, _ := os.ReadFile(sandbox.SentryLogPath(g.Root, id))
+		return fail(fmt.Errorf("the sentry of %q failed to start: %s\n%s", id, strings.TrimPrefix(string(msg), "error: "), log))
+	}
+	// The sentry is a daemon now; do not wait for it.
+	cmd.Process.Release()
+	return nil
+}
+
+// WaitStopped polls the state of sandbox id until it is stopped, for at
+// most timeout (0: forever).
+func WaitStopped(root, id string, timeout time.Duration) (*sandbox.State, error) {
+	start := time.Now()
+	for {
+		st, err := sandbox.ReadState(root, id)
+		if err != nil {
+			return nil, err
+		}
+		if st.Status == sandbox.StatusStopped && !sandbox.Alive(st.PID) {
+			return st, nil
+		}
+		if timeout > 0 && time.Since(start) > timeout {
+			return st, fmt.Errorf("sandbox %q did not stop within %v", id, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Restart restarts sandbox id live and returns the timing.
+func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
+	var t handover.Timing
+	if a.Binary != "" {
+		if _, err := os.Stat(a.Binary); err != nil {
+			return t, fmt.Errorf("--binary: %w", err)
+		}
+	}
+	st, err := sandbox.ReadState(root, id)
+	if err != nil {
+		return t, err
+	}
+	if st.Status != sandbox.StatusRunning {
+		return t, fmt.Errorf("sandbox %q is %s", id, st.Status)
+	}
+	timeout := a.Timeout
+	if timeout <= 0 {
+		timeout = boot.DefaultRestartTimeout
+	}
+	err = sandbox.CallWithin(root, id, boot.MethodRestart, &a, &t, timeout+sandbox.ControlTimeout)
+	var re urpc.RemoteError
+	switch {
+	case err == nil:
+		return t, nil
+	case errors.As(err, &re):
+		return t, errors.New(re.Message)
+	case a.Mode != handover.ModeExec:
+		return t, err
+	}
+	// exec mode: the connection ended with the execve; the new image
+	// reports through LastRestart.
+	want := st.LiveupdateNumber + 1
+	deadline := time.Now().Add(timeout + 5*time.Second)
+	for time.Now().Before(deadline) {
+		var rec sandbox.RestartRecord
+		if err := sandbox.Call(root, id, boot.MethodLastRestart, &boot.Empty{}, &rec); err == nil && rec.Generation >= want {
+			if rec.Error != "" {
+				return rec.Timing, errors.New(rec.Error)
+			}
+			return rec.Timing, nil
+		}
+		if st, err := sandbox.ReadState(root, id); err == nil {
+			// The relaunched entrypoint may already have finished and
+			// stopped the sandbox: the state file keeps the outcome.
+			if rec := st.LastRestart; rec != nil && rec.Generation >= want {
+				return rec.Timing, nil
+			}
+			if st.Status == sandbox.StatusStopped {
+				return t, fmt.Errorf("the sandbox stopped during the exec-mode restart: %s", st.Error)
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return t, fmt.Errorf("no answer from the exec'd sentry within %v", timeout+5*time.Second)
+}
+
+// Exec runs argv as another guest of sandbox id with this process's stdio
+// and returns its wait status. A guest stopped by a restart or kill of the
+// sentry gives 137.
+func Exec(root, id string, argv []string) (int, error) {
+	if _, err := sandbox.ReadState(root, id); err != nil {
+		return 0, err
+	}
+	var pid boot.PIDResult
+	arg := boot.ExecArgs{Argv: argv, FilePayload: urpc.FilePayload{Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}}}
+	if err := sandbox.Call(root, id, boot.MethodExec, &arg, &pid); err != nil {
+		return 0, fmt.Errorf("exec in %q: %w", id, err)
+	}
+	var res boot.WaitResult
+	if err := sandbox.CallWithin(root, id, boot.MethodWaitPID, &pid, &res, 0); err != nil {
+		var re urpc.RemoteError
+		if errors.As(err, &re) {
+			return 0, fmt.Errorf("waiting for guest %d: %w", pid.PID, err)
+		}
+		// The sentry that launched it is gone: a restart or a kill
+		// stopped every guest.
+		fmt.Fprintf(os.Stderr, "runsc-luo: guest %d was stopped by a restart or kill of the sentry\n", pid.PID)
+		return 137, nil
+	}
+	return res.ExitStatus, nil
+}
+
+// checkSignal refuses a signal number outside 1-64.
+func checkSignal(sig unix.Signal) error {
+	if sig <= 0 || sig > 64 {
+		return fmt.Errorf("signal %d out of range", int(sig))
+	}
+	return nil
+}

@@ -1,0 +1,145 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/livesentry/livesentry/runsc-luo/boot"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/urpc"
+)
+
+// signalTimeout bounds the Signal call: past it, Kill signals the sentry
+// process itself and, if it does not stop either, SIGKILLs it.
+const signalTimeout = 5 * time.Second
+
+// killGuestsOf SIGKILLs the recorded guests of a sandbox whose sentry is
+// gone, each only if its pid still names the same process; it returns how
+// many it killed.
+func killGuestsOf(st *sandbox.State) int {
+	n := 0
+	for _, g := range st.Guests {
+		if g.PID > 1 && sandbox.Is(g.PID, g.Start) {
+			if unix.Kill(g.PID, unix.SIGKILL) == nil {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// stillGone re-checks a state whose sentry looked gone: a live restart may
+// have handed the sandbox to a new sentry that has not written the state
+// file yet. If a sentry answers on the control socket, its state is
+// returned and gone is false.
+func stillGone(st *sandbox.State) (_ *sandbox.State, gone bool) {
+	var live sandbox.State
+	if err := sandbox.CallWithin(st.Root, st.ID, boot.MethodState, &boot.Empty{}, &live, time.Second); err == nil && sandbox.Alive(live.PID) {
+		return &live, false
+	}
+	return st, true
+}
+
+// cleanupGone finishes a sandbox whose sentry died without stopping it:
+// its recorded guests are killed, its sockets removed, and its state file
+// says stopped. It returns how many guests it killed.
+func cleanupGone(st *sandbox.State) int {
+	n := killGuestsOf(st)
+	os.Remove(sandbox.GuestPath(st.Root, st.ID))
+	os.Remove(sandbox.ControlPath(st.Root, st.ID))
+	st.Status = sandbox.StatusStopped
+	st.Guests = nil
+	st.Gone = false
+	if err := sandbox.WriteState(st); err != nil {
+		fmt.Fprintf(os.Stderr, "runsc-luo: %v\n", err)
+	}
+	return n
+}
+
+// readLive reads a sandbox's state; a sentry that looks gone is re-checked
+// and, if it is gone indeed, the sandbox is cleaned up (n guests killed).
+func readLive(root, id string) (st *sandbox.State, cleaned bool, n int, err error) {
+	if st, err = sandbox.ReadState(root, id); err != nil {
+		return nil, false, 0, err
+	}
+	if st.Gone {
+		if live, gone := stillGone(st); !gone {
+			return live, false, 0, nil
+		}
+		// The sentry died without stopping its guests: stop them.
+		return st, true, cleanupGone(st), nil
+	}
+	return st, false, 0, nil
+}
+
+// Kill signals sandbox id's guests and, for a terminating signal, waits
+// until its sentry has exited.
+func Kill(root, id string, sig unix.Signal) error {
+	if err := checkSignal(sig); err != nil {
+		return err
+	}
+	st, cleaned, n, err := readLive(root, id)
+	if err != nil {
+		return err
+	}
+	if cleaned {
+		fmt.Fprintf(os.Stderr, "runsc-luo: the sentry of %q was gone; killed %d guest processes it left\n", id, n)
+		return nil
+	}
+	if st.Status != sandbox.StatusRunning {
+		return fmt.Errorf("sandbox %q is not running (%s)", id, st.Status)
+	}
+	err = sandbox.CallWithin(root, id, boot.MethodSignal, &boot.SignalArgs{Signal: int(sig)}, &boot.Empty{}, signalTimeout)
+	var re urpc.RemoteError
+	if errors.As(err, &re) && strings.Contains(re.Message, "handed over") {
+		// A restart handed the sandbox to a new sentry while the call
+		// waited: signal that one.
+		if st, err = sandbox.ReadState(root, id); err != nil {
+			return err
+		}
+		err = sandbox.CallWithin(root, id, boot.MethodSignal, &boot.SignalArgs{Signal: int(sig)}, &boot.Empty{}, signalTimeout)
+	}
+	if err != nil {
+		// The sentry does not answer: signal it directly (a terminating
+		// signal during a restart is applied after its outcome).
+		if kerr := unix.Kill(st.PID, sig); kerr != nil {
+			return fmt.Errorf("signalling sandbox %q: %v; and its sentry (pid %d): %v", id, err, st.PID, kerr)
+		}
+	}
+	if sig != unix.SIGTERM && sig != unix.SIGINT && sig != unix.SIGKILL {
+		return nil
+	}
+	if _, err := WaitStopped(root, id, 10*time.Second); err != nil {
+		// Last resort: the sentry is stuck. Its guests are in their own
+		// process groups and would outlive it.
+		unix.Kill(st.PID, unix.SIGKILL)
+		killGuestsOf(st)
+		return err
+	}
+	return nil
+}
+
+// Delete removes sandbox id's state, sockets and logs; a running sandbox
+// needs force, which kills it first.
+func Delete(root, id string, force bool) error {
+	st, _, _, err := readLive(root, id)
+	if err != nil {
+		return err
+	}
+	if st.Status == sandbox.StatusRunning {
+		if !force {
+			return fmt.Errorf("sandbox %q is running; kill it first or use --force", id)
+		}
+		if err := Kill(root, id, unix.SIGKILL); err != nil {
+			return err
+		}
+	}
+	if err := os.RemoveAll(sandbox.Dir(root, id)); err != nil {
+		return fmt.Errorf("removing %q: %w", id, err)
+	}
+	return nil
+}

@@ -1,0 +1,67 @@
+package sandbox
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Proc is what /proc/PID/stat says of a host process, read once.
+type Proc struct {
+	// PID is the process id.
+	PID int
+	// State is the one-letter state (R, S, D, Z, X, ...).
+	State byte
+	// Start is the start time in clock ticks since boot (field 22): with
+	// the pid, the process's identity, since a pid may be reused.
+	Start uint64
+}
+
+// ReadProc parses /proc/PID/stat; ok is false if there is no such process.
+func ReadProc(pid int) (p Proc, ok bool) {
+	if pid <= 0 {
+		return p, false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return p, false
+	}
+	// The fields after the command name, which ends at the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return p, false
+	}
+	fields := strings.Fields(string(b[i+1:]))
+	// fields[0] is field 3 (state); field 22 is starttime.
+	if len(fields) < 20 || len(fields[0]) != 1 {
+		return p, false
+	}
+	start, err := strconv.ParseUint(fields[19], 10, 64)
+	if err != nil {
+		return p, false
+	}
+	return Proc{PID: pid, State: fields[0][0], Start: start}, true
+}
+
+// Alive reports whether the process exists and is not a zombie.
+func (p Proc) Alive() bool { return p.PID > 0 && p.State != 'Z' && p.State != 'X' }
+
+// Alive reports whether pid exists and is not a zombie.
+func Alive(pid int) bool {
+	p, ok := ReadProc(pid)
+	return ok && p.Alive()
+}
+
+// StartTime returns pid's start time, 0 if there is no such process.
+func StartTime(pid int) uint64 {
+	p, _ := ReadProc(pid)
+	return p.Start
+}
+
+// Is reports whether pid is still the live process that started at start.
+func Is(pid int, start uint64) bool {
+	p, ok := ReadProc(pid)
+	return ok && start != 0 && p.Start == start && p.Alive()
+}
