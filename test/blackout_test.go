@@ -92,13 +92,8 @@ func TestExecDuringARestartIsRefused(t *testing.T) {
 	}
 	// Inside the old sentry's 1.5 s sleep before it reads the ack.
 	waitRestartInProgress(t, c)
-	var pid struct {
-		PID int `json:"pid"`
-	}
-	err = cl.Call(boot.MethodExec, &struct {
-		Argv []string `json:"argv"`
-		urpc.FilePayload
-	}{Argv: []string{"sleep", "600"}}, &pid)
+	var pid boot.PIDResult
+	err = cl.Call(boot.MethodExec, &boot.ExecArgs{Argv: []string{"sleep", "600"}}, &pid)
 	if err == nil || !strings.Contains(err.Error(), "restarting") {
 		t.Errorf("Exec during a restart: pid %d, %v; want it refused", pid.PID, err)
 	}
