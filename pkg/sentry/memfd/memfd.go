@@ -34,6 +34,7 @@ import (
 	"sync/atomic"
 
 	"github.com/google/btree"
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
@@ -127,28 +128,6 @@ type File struct {
 	//
 	// +checklocks:mu
 	scratch []seg
-}
-
-// Stat is what fstat(2) shows of a memfd.
-type Stat struct {
-	// Size is the file size in bytes (st_size).
-	Size int64
-	// Blocks is the memory the page cache holds, in 512-byte units
-	// (st_blocks), including pages beyond the end of the file that
-	// fallocate(FALLOC_FL_KEEP_SIZE) allocated.
-	Blocks int64
-	// Blksize is the preferred I/O size (st_blksize): the page size, or the
-	// huge page size of an MFD_HUGETLB file.
-	Blksize int64
-	// Mode is the file type and permissions (st_mode): S_IFREG|0777, or
-	// S_IFREG|0666 for a file created with MFD_NOEXEC_SEAL.
-	Mode uint32
-	// Nlink is the number of links (st_nlink): always 0, a memfd is
-	// unlinked.
-	Nlink uint32
-	// Ino is the inode number (st_ino), unique among memfds of this
-	// process.
-	Ino uint64
 }
 
 // Create creates a memfd, like memfd_create(2), and returns it holding one
@@ -271,11 +250,17 @@ func (f *File) StatusFlags() int { return unix.O_RDWR | oLargefile }
 // preserve such files.
 func (f *File) IsHugetlb() bool { return f.hugetlb }
 
-// Stat returns what fstat(2) shows of f.
-func (f *File) Stat() Stat {
+// Stat returns what fstat(2) shows of f: its size; st_blocks, the memory
+// the page cache holds in 512-byte units, including pages beyond the end of
+// the file that fallocate(FALLOC_FL_KEEP_SIZE) allocated; st_blksize, the
+// page size or the huge page size of an MFD_HUGETLB file; st_mode,
+// S_IFREG|0777 or S_IFREG|0666 for a file created with MFD_NOEXEC_SEAL;
+// st_nlink 0, as a memfd is unlinked; and st_ino, unique among memfds of
+// this process.
+func (f *File) Stat() abiguest.Stat {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	st := Stat{
+	st := abiguest.Stat{
 		Size:    f.size.Load(),
 		Blocks:  int64(f.nrPages) * blocksPerPage,
 		Blksize: pageSize,
