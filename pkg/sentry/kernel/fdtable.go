@@ -28,8 +28,7 @@ type descriptor struct {
 // FDTable is a guest process's fd table (struct files_struct): fd numbers
 // to file descriptions, each fd with its own FD_CLOEXEC. It implements
 // vfs.FDTable, so that LUO's ioctls install session and retrieved fds in
-// it. It is safe for
-// concurrent use.
+// it. It is safe for concurrent use.
 type FDTable struct {
 	mu sync.Mutex
 

@@ -124,7 +124,7 @@ func (c *syscall) memfdCreate() (int64, []byte, error) {
 		return 0, nil, err
 	}
 	defer f.DecRef()
-	fd, err := c.p.fdt.install(f, f.StatusFlags(), uint32(flags)&unix.MFD_CLOEXEC != 0, 0)
+	fd, err := c.p.fdt.InstallFD(f, uint32(flags)&unix.MFD_CLOEXEC != 0)
 	return int64(fd), nil, err
 }
 

@@ -36,6 +36,7 @@ import (
 	"github.com/google/btree"
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -237,14 +238,9 @@ func (f *File) DecRef() {
 // /proc/PID/fd shows it.
 func (f *File) Name() string { return NamePrefix + f.name }
 
-// oLargefile is O_LARGEFILE as F_GETFL reports it on x86-64 (0100000).
-// Go's unix.O_LARGEFILE is 0 there, because 64-bit opens imply it, but
-// the kernel still sets the bit in f_flags (force_o_largefile).
-const oLargefile = 0x8000
-
 // StatusFlags returns the file status flags (F_GETFL): O_RDWR|O_LARGEFILE,
 // as for every memfd.
-func (f *File) StatusFlags() int { return unix.O_RDWR | oLargefile }
+func (f *File) StatusFlags() int { return unix.O_RDWR | vfs.OLargefile }
 
 // IsHugetlb reports whether f was created with MFD_HUGETLB. LUO does not
 // preserve such files.
