@@ -3,8 +3,7 @@ package kernel
 import (
 	"sync"
 
-	"github.com/livesentry/livesentry/pkg/sentry/luo"
-	"github.com/livesentry/livesentry/pkg/sentry/memfd"
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -16,7 +15,7 @@ const MaxFDs = 1024
 // descriptor is one entry of an fd table: the file and the fd's flags.
 type descriptor struct {
 	// file holds one reference for this fd.
-	file luo.File
+	file vfs.FileDescription
 	// statusFlags are the file status flags F_GETFL shows (O_RDWR, ...).
 	// Linux keeps them in the open file description, which dup'ed fds
 	// share; they never change after open here, so a copy per fd is the
@@ -27,9 +26,9 @@ type descriptor struct {
 }
 
 // FDTable is a guest process's fd table (struct files_struct): fd numbers
-// to files, each fd with its own FD_CLOEXEC. It implements luo.FDTable, so
-// that LUO's ioctls install session and retrieved fds in it. It is safe for
-// concurrent use.
+// to file descriptions, each fd with its own FD_CLOEXEC. It implements
+// vfs.FDTable, so that LUO's ioctls install session and retrieved fds in
+// it. It is safe for concurrent use.
 type FDTable struct {
 	mu sync.Mutex
 
@@ -44,19 +43,9 @@ type FDTable struct {
 	dropped bool
 }
 
-// statusFlagsOf returns the status flags a newly installed fd of f has.
-func statusFlagsOf(f luo.File) int {
-	if m, ok := f.(*memfd.File); ok {
-		return m.StatusFlags()
-	}
-	// A LUO session fd is an anonymous inode: O_RDWR, no O_LARGEFILE
-	// (anon_inode_getfile does not add it; an epoll fd shows the same).
-	return unix.O_RDWR
-}
-
 // lowestFreeLocked returns the lowest free fd at or above min, or -1.
 //
-// Preconditions: t.mu is locked.
+// +checklocks:t.mu
 func (t *FDTable) lowestFreeLocked(min int) int {
 	for fd := min; fd < len(t.fds); fd++ {
 		if t.fds[fd].file == nil {
@@ -71,7 +60,9 @@ func (t *FDTable) lowestFreeLocked(min int) int {
 
 // setLocked puts d at fd and returns what was there.
 //
-// Preconditions: t.mu is locked; 0 <= fd < MaxFDs.
+// Preconditions: 0 <= fd < MaxFDs.
+//
+// +checklocks:t.mu
 func (t *FDTable) setLocked(fd int, d descriptor) descriptor {
 	for fd >= len(t.fds) {
 		t.fds = append(t.fds, descriptor{})
@@ -84,7 +75,7 @@ func (t *FDTable) setLocked(fd int, d descriptor) descriptor {
 // install puts f at the lowest free fd at or above min with the given
 // flags, taking a new reference on f (alloc_fd + fd_install). It fails with
 // EMFILE when no fd is free.
-func (t *FDTable) install(f luo.File, statusFlags int, cloexec bool, min int) (int32, error) {
+func (t *FDTable) install(f vfs.FileDescription, statusFlags int, cloexec bool, min int) (int32, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.dropped {
@@ -99,16 +90,17 @@ func (t *FDTable) install(f luo.File, statusFlags int, cloexec bool, min int) (i
 	return int32(fd), nil
 }
 
-// InstallFD installs f at the lowest free fd, taking a new reference on f,
-// with FD_CLOEXEC set if cloexec. It implements luo.FDTable.
-func (t *FDTable) InstallFD(f luo.File, cloexec bool) (int32, error) {
-	return t.install(f, statusFlagsOf(f), cloexec, 0)
+// InstallFD installs f at the lowest free fd with f's StatusFlags, taking a
+// new reference on f, with FD_CLOEXEC set if cloexec. It implements
+// vfs.FDTable.
+func (t *FDTable) InstallFD(f vfs.FileDescription, cloexec bool) (int32, error) {
+	return t.install(f, f.StatusFlags(), cloexec, 0)
 }
 
 // FileFromFD returns the file behind fd with a new reference, which the
-// caller drops with DecRef (fget). It implements luo.FDTable. A bad fd is
+// caller drops with DecRef (fget). It implements vfs.FDTable. A bad fd is
 // EBADF.
-func (t *FDTable) FileFromFD(fd int32) (luo.File, error) {
+func (t *FDTable) FileFromFD(fd int32) (vfs.FileDescription, error) {
 	d, err := t.get(fd)
 	if err != nil {
 		return nil, err

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -123,29 +124,29 @@ func TestErrnosMatchTheHost(t *testing.T) {
 			func() (int64, error) { return 0, g.Fallocate(sess, 0, 0, 10) }},
 		{"fallocate of /dev/liveupdate", func() (int64, error) { return 0, unix.Fallocate(hnull, 0, 0, 10) },
 			func() (int64, error) { return 0, g.Fallocate(dev, 0, 0, 10) }},
-		{"FIOCLEX on a memfd", func() (int64, error) { var v int64; return 0, hostIoctl(hm, ioctlFIOCLEX, &v) },
-			func() (int64, error) { _, err := g.Ioctl(mfd, ioctlFIOCLEX, nil); return 0, err }},
-		{"FIONCLEX on a memfd", func() (int64, error) { var v int64; return 0, hostIoctl(hm, ioctlFIONCLEX, &v) },
-			func() (int64, error) { _, err := g.Ioctl(mfd, ioctlFIONCLEX, nil); return 0, err }},
-		{"FIOCLEX on a session fd", func() (int64, error) { var v int64; return 0, hostIoctl(hep, ioctlFIOCLEX, &v) },
-			func() (int64, error) { _, err := g.Ioctl(sess, ioctlFIOCLEX, nil); return 0, err }},
-		{"FIONBIO on a memfd", func() (int64, error) { v := int64(1); return 0, hostIoctl(hm, ioctlFIONBIO, &v) },
-			func() (int64, error) { _, err := g.Ioctl(mfd, ioctlFIONBIO, []byte{1, 0, 0, 0}); return 0, err }},
-		{"FIOASYNC on on a memfd", func() (int64, error) { v := int64(1); return 0, hostIoctl(hm, ioctlFIOASYNC, &v) },
-			func() (int64, error) { _, err := g.Ioctl(mfd, ioctlFIOASYNC, []byte{1, 0, 0, 0}); return 0, err }},
-		{"FIOASYNC off on a memfd", func() (int64, error) { v := int64(0); return 0, hostIoctl(hm, ioctlFIOASYNC, &v) },
-			func() (int64, error) { _, err := g.Ioctl(mfd, ioctlFIOASYNC, []byte{0, 0, 0, 0}); return 0, err }},
-		{"FIONREAD on a memfd", func() (int64, error) { var v int64; err := hostIoctl(hm, ioctlFIONREAD, &v); return v, err },
+		{"FIOCLEX on a memfd", func() (int64, error) { var v int64; return 0, hostIoctl(hm, vfs.FIOCLEX, &v) },
+			func() (int64, error) { _, err := g.Ioctl(mfd, vfs.FIOCLEX, nil); return 0, err }},
+		{"FIONCLEX on a memfd", func() (int64, error) { var v int64; return 0, hostIoctl(hm, vfs.FIONCLEX, &v) },
+			func() (int64, error) { _, err := g.Ioctl(mfd, vfs.FIONCLEX, nil); return 0, err }},
+		{"FIOCLEX on a session fd", func() (int64, error) { var v int64; return 0, hostIoctl(hep, vfs.FIOCLEX, &v) },
+			func() (int64, error) { _, err := g.Ioctl(sess, vfs.FIOCLEX, nil); return 0, err }},
+		{"FIONBIO on a memfd", func() (int64, error) { v := int64(1); return 0, hostIoctl(hm, vfs.FIONBIO, &v) },
+			func() (int64, error) { _, err := g.Ioctl(mfd, vfs.FIONBIO, []byte{1, 0, 0, 0}); return 0, err }},
+		{"FIOASYNC on on a memfd", func() (int64, error) { v := int64(1); return 0, hostIoctl(hm, vfs.FIOASYNC, &v) },
+			func() (int64, error) { _, err := g.Ioctl(mfd, vfs.FIOASYNC, []byte{1, 0, 0, 0}); return 0, err }},
+		{"FIOASYNC off on a memfd", func() (int64, error) { v := int64(0); return 0, hostIoctl(hm, vfs.FIOASYNC, &v) },
+			func() (int64, error) { _, err := g.Ioctl(mfd, vfs.FIOASYNC, []byte{0, 0, 0, 0}); return 0, err }},
+		{"FIONREAD on a memfd", func() (int64, error) { var v int64; err := hostIoctl(hm, vfs.FIONREAD, &v); return v, err },
 			func() (int64, error) {
-				r, err := g.Ioctl(mfd, ioctlFIONREAD, make([]byte, 4))
+				r, err := g.Ioctl(mfd, vfs.FIONREAD, make([]byte, 4))
 				if err != nil || len(r) != 4 {
 					return -1, err
 				}
 				return int64(int32(binary.LittleEndian.Uint32(r))), nil
 			}},
-		{"FIOQSIZE on a memfd", func() (int64, error) { var v int64; err := hostIoctl(hm, ioctlFIOQSIZE, &v); return v, err },
+		{"FIOQSIZE on a memfd", func() (int64, error) { var v int64; err := hostIoctl(hm, vfs.FIOQSIZE, &v); return v, err },
 			func() (int64, error) {
-				r, err := g.Ioctl(mfd, ioctlFIOQSIZE, make([]byte, 8))
+				r, err := g.Ioctl(mfd, vfs.FIOQSIZE, make([]byte, 8))
 				if err != nil || len(r) != 8 {
 					return -1, err
 				}
@@ -167,13 +168,13 @@ func TestErrnosMatchTheHost(t *testing.T) {
 		t.Errorf("lseek of a session fd: %v, want ESPIPE", err)
 	}
 	// FIOCLEX really sets FD_CLOEXEC.
-	if _, err := g.Ioctl(mfd, ioctlFIOCLEX, nil); err != nil {
+	if _, err := g.Ioctl(mfd, vfs.FIOCLEX, nil); err != nil {
 		t.Fatal(err)
 	}
 	if v, err := g.Fcntl(mfd, unix.F_GETFD, 0); err != nil || v != unix.FD_CLOEXEC {
 		t.Errorf("F_GETFD after FIOCLEX: %d, %v", v, err)
 	}
-	if _, err := g.Ioctl(mfd, ioctlFIONREAD, []byte{0}); !errors.Is(err, unix.EFAULT) {
+	if _, err := g.Ioctl(mfd, vfs.FIONREAD, []byte{0}); !errors.Is(err, unix.EFAULT) {
 		t.Errorf("FIONREAD with a 1-byte argument: %v, want EFAULT", err)
 	}
 }

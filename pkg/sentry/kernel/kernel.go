@@ -61,6 +61,8 @@ type Kernel struct {
 
 	// cond is signalled (L is &mu) whenever active, pause, handedOver or
 	// shutdown changes.
+	//
+	// +checklocks:mu
 	cond sync.Cond
 
 	// procs are the connected guest processes.

@@ -2,39 +2,18 @@ package kernel
 
 import (
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
-	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/memfd"
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
 )
 
 // DevLiveupdate is the one path a guest can open.
 const DevLiveupdate = "/dev/liveupdate"
-
-// oLargefile is O_LARGEFILE as x86-64 Linux reports it in F_GETFL: open(2)
-// adds it on 64-bit kernels. (Go's unix.O_LARGEFILE is 0 on amd64.)
-const oLargefile = 0x8000
-
-// The generic ioctls of do_vfs_ioctl that guests can meet.
-const (
-	ioctlFIONCLEX = 0x5450
-	ioctlFIOCLEX  = 0x5451
-	ioctlFIONBIO  = 0x5421
-	ioctlFIOASYNC = 0x5452
-	ioctlFIONREAD = 0x541B
-	ioctlFIOQSIZE = 0x5460
-)
-
-// ioctlFile is a file that answers ioctls: /dev/liveupdate and LUO
-// session fds.
-type ioctlFile interface {
-	Ioctl(fdt luo.FDTable, cmd uint32, arg []byte) ([]byte, error)
-}
 
 // syscall is one guest call in progress.
 type syscall struct {
@@ -106,8 +85,8 @@ func (c *syscall) dispatch() (int64, []byte, error) {
 		if int64(a[1]) < 0 {
 			return 0, nil, unix.EINVAL
 		}
-		return c.onMemfd(unix.EINVAL, func(f *memfd.File) (int64, []byte, error) {
-			return 0, nil, f.Truncate(int64(a[1]))
+		return c.withFile(func(d descriptor) (int64, []byte, error) {
+			return 0, nil, vfs.Truncate(d.file, d.statusFlags, int64(a[1]))
 		})
 	case abiguest.OpFallocate:
 		return c.fallocate()
@@ -133,18 +112,6 @@ func (c *syscall) withFile(fn func(d descriptor) (int64, []byte, error)) (int64,
 	return fn(d)
 }
 
-// onMemfd runs fn if argument 0 is a memfd, and fails with notMemfd if it
-// is another file.
-func (c *syscall) onMemfd(notMemfd unix.Errno, fn func(f *memfd.File) (int64, []byte, error)) (int64, []byte, error) {
-	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		f, ok := d.file.(*memfd.File)
-		if !ok {
-			return 0, nil, notMemfd
-		}
-		return fn(f)
-	})
-}
-
 // memfdCreate is memfd_create(2).
 func (c *syscall) memfdCreate() (int64, []byte, error) {
 	name, err := c.smallPayload()
@@ -157,23 +124,8 @@ func (c *syscall) memfdCreate() (int64, []byte, error) {
 		return 0, nil, err
 	}
 	defer f.DecRef()
-	fd, err := c.p.fdt.install(f, f.StatusFlags(), uint32(flags)&unix.MFD_CLOEXEC != 0, 0)
+	fd, err := c.p.fdt.InstallFD(f, uint32(flags)&unix.MFD_CLOEXEC != 0)
 	return int64(fd), nil, err
-}
-
-// noReadWrite is the errno of read(2), write(2), pread64(2) or
-// pwrite64(2) on a file other than a memfd: a session fd (an anonymous
-// inode) cannot pread/pwrite (ESPIPE, no FMODE_PREAD); then, as vfs_read
-// and vfs_write check, an fd without the access mode is EBADF, and a file
-// without the op (/dev/liveupdate, a session) EINVAL.
-func noReadWrite(d descriptor, positional bool, access int) error {
-	if _, ok := d.file.(*luo.Device); !ok && positional {
-		return unix.ESPIPE
-	}
-	if acc := d.statusFlags & unix.O_ACCMODE; acc != unix.O_RDWR && acc != access {
-		return unix.EBADF
-	}
-	return unix.EINVAL
 }
 
 // read is read(2) (off -1) and pread64(2): the bytes go out as data frames
@@ -181,12 +133,14 @@ func noReadWrite(d descriptor, positional bool, access int) error {
 func (c *syscall) read(off int64) (int64, []byte, error) {
 	count := int64(min(c.h.Args[1], abiguest.MaxReadCount))
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		f, ok := d.file.(*memfd.File)
-		if !ok {
-			return 0, nil, noReadWrite(d, off >= 0, unix.O_RDONLY)
-		}
 		w := dataWriter{p: c.p}
-		n, err := f.ReadToAt(&w, count, off)
+		var n int64
+		var err error
+		if off < 0 {
+			n, err = vfs.Read(d.file, d.statusFlags, &w, count)
+		} else {
+			n, err = vfs.PRead(d.file, d.statusFlags, &w, count, off)
+		}
 		if w.err != nil {
 			c.broken = fmt.Errorf("sending file data: %w", w.err)
 			return 0, nil, c.broken
@@ -222,15 +176,17 @@ func (r *payloadReader) Read(b []byte) (int, error) {
 }
 
 // write is write(2) (off -1) and pwrite64(2): the payload streams from the
-// connection into the memfd's page cache.
+// connection into the file (a memfd's page cache).
 func (c *syscall) write(off int64) (int64, []byte, error) {
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		f, ok := d.file.(*memfd.File)
-		if !ok {
-			return 0, nil, noReadWrite(d, off >= 0, unix.O_WRONLY)
-		}
 		r := payloadReader{c: c}
-		n, err := f.WriteFromAt(&r, c.left, off)
+		var n int64
+		var err error
+		if off < 0 {
+			n, err = vfs.Write(d.file, d.statusFlags, &r, c.left)
+		} else {
+			n, err = vfs.PWrite(d.file, d.statusFlags, &r, c.left, off)
+		}
 		if r.err != nil {
 			c.broken = fmt.Errorf("receiving data to write: %w", r.err)
 			return 0, nil, c.broken
@@ -242,121 +198,64 @@ func (c *syscall) write(off int64) (int64, []byte, error) {
 	})
 }
 
-// lseek is lseek(2); anything but a memfd cannot seek (ESPIPE), but, as
-// ksys_lseek checks, an unknown whence is EINVAL first.
+// lseek is lseek(2).
 func (c *syscall) lseek() (int64, []byte, error) {
 	a := c.h.Args
-	whence := uint32(a[2])
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		if whence > unix.SEEK_MAX {
-			return 0, nil, unix.EINVAL
-		}
-		f, ok := d.file.(*memfd.File)
-		if !ok {
-			return 0, nil, unix.ESPIPE
-		}
-		off, err := f.Seek(int64(a[1]), int(whence))
+		off, err := vfs.Seek(d.file, int64(a[1]), uint32(a[2]))
 		return off, nil, err
 	})
 }
 
-// fallocate is fallocate(2). A memfd checks everything itself; any other
-// file goes through vfs_fallocate's argument, mode and access checks
-// before it is refused with ENODEV (not a regular file).
+// fallocate is fallocate(2).
 func (c *syscall) fallocate() (int64, []byte, error) {
 	a := c.h.Args
-	mode, off, length := uint32(a[1]), int64(a[2]), int64(a[3])
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		if f, ok := d.file.(*memfd.File); ok {
-			return 0, nil, f.Fallocate(mode, off, length)
-		}
-		if err := fallocateArgs(mode, off, length); err != nil {
-			return 0, nil, err
-		}
-		if d.statusFlags&unix.O_ACCMODE == unix.O_RDONLY {
-			return 0, nil, unix.EBADF
-		}
-		return 0, nil, unix.ENODEV
+		return 0, nil, vfs.Fallocate(d.file, d.statusFlags, uint32(a[1]), int64(a[2]), int64(a[3]))
 	})
-}
-
-// fallocateArgs are vfs_fallocate's checks of its arguments, made before
-// the file type is looked at.
-func fallocateArgs(mode uint32, off, length int64) error {
-	return memfd.FallocateArgs(mode, off, length)
 }
 
 // fstat is fstat(2).
 func (c *syscall) fstat() (int64, []byte, error) {
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		var s abiguest.Stat
-		switch f := d.file.(type) {
-		case *memfd.File:
-			ms := f.Stat()
-			s = abiguest.Stat{Size: ms.Size, Blocks: ms.Blocks, Blksize: ms.Blksize, Mode: ms.Mode, Nlink: ms.Nlink, Ino: ms.Ino}
-		case *luo.Device:
-			// A misc character device node, crw------- (10, dynamic).
-			s = abiguest.Stat{Blksize: 4096, Mode: unix.S_IFCHR | 0o600, Nlink: 1}
-		default:
-			// An anonymous inode: no file type bits, mode 0600.
-			s = abiguest.Stat{Blksize: 4096, Mode: 0o600, Nlink: 1}
-		}
+		s := d.file.Stat()
 		b := make([]byte, abiguest.StatSize)
 		s.Encode(b)
 		return 0, b, nil
 	})
 }
 
-// fcntl is fcntl(2) for the commands guests have: F_GETFD, F_SETFD,
-// F_GETFL, F_DUPFD, F_DUPFD_CLOEXEC, F_ADD_SEALS and F_GET_SEALS. Any other
-// command is EINVAL, as Linux answers a command it does not know; a bad fd
-// is EBADF whatever the command.
+// fcntl is fcntl(2): F_GETFD, F_SETFD, F_GETFL, F_DUPFD and
+// F_DUPFD_CLOEXEC here; any other command is the file's (F_ADD_SEALS and
+// F_GET_SEALS on a memfd; EINVAL for a command no file knows). A bad fd is
+// EBADF whatever the command.
 func (c *syscall) fcntl() (int64, []byte, error) {
 	fdt := c.p.fdt
 	fd, cmd, arg := c.fd(0), int(int32(c.h.Args[1])), c.h.Args[2]
-	d, err := fdt.get(fd)
-	if err != nil {
-		return 0, nil, err
-	}
-	d.file.DecRef()
-	switch cmd {
-	case unix.F_GETFD:
-		ce, err := fdt.CloseOnExec(fd)
-		if ce {
-			return unix.FD_CLOEXEC, nil, err
-		}
-		return 0, nil, err
-	case unix.F_SETFD:
-		return 0, nil, fdt.SetCloseOnExec(fd, arg&unix.FD_CLOEXEC != 0)
-	case unix.F_DUPFD, unix.F_DUPFD_CLOEXEC:
-		// f_dupfd: a bad fd is EBADF before the bound is checked.
-		d, err := fdt.get(fd)
-		if err != nil {
+	return c.withFile(func(d descriptor) (int64, []byte, error) {
+		switch cmd {
+		case unix.F_GETFD:
+			ce, err := fdt.CloseOnExec(fd)
+			if ce {
+				return unix.FD_CLOEXEC, nil, err
+			}
 			return 0, nil, err
-		}
-		defer d.file.DecRef()
-		// f_dupfd takes the argument as an int: the high bits go.
-		min := int64(int32(arg))
-		if min < 0 || min >= MaxFDs {
-			return 0, nil, unix.EINVAL
-		}
-		nfd, err := fdt.install(d.file, d.statusFlags, cmd == unix.F_DUPFD_CLOEXEC, int(min))
-		return int64(nfd), nil, err
-	case unix.F_GETFL:
-		return c.withFile(func(d descriptor) (int64, []byte, error) {
+		case unix.F_SETFD:
+			return 0, nil, fdt.SetCloseOnExec(fd, arg&unix.FD_CLOEXEC != 0)
+		case unix.F_DUPFD, unix.F_DUPFD_CLOEXEC:
+			// f_dupfd takes the argument as an int: the high bits go.
+			min := int64(int32(arg))
+			if min < 0 || min >= MaxFDs {
+				return 0, nil, unix.EINVAL
+			}
+			nfd, err := fdt.install(d.file, d.statusFlags, cmd == unix.F_DUPFD_CLOEXEC, int(min))
+			return int64(nfd), nil, err
+		case unix.F_GETFL:
 			return int64(d.statusFlags), nil, nil
-		})
-	case unix.F_ADD_SEALS:
-		return c.onMemfd(unix.EINVAL, func(f *memfd.File) (int64, []byte, error) {
-			return 0, nil, f.AddSeals(uint32(arg))
-		})
-	case unix.F_GET_SEALS:
-		return c.onMemfd(unix.EINVAL, func(f *memfd.File) (int64, []byte, error) {
-			s, err := f.GetSeals()
-			return int64(s), nil, err
-		})
-	}
-	return 0, nil, unix.EINVAL
+		}
+		res, err := d.file.Fcntl(cmd, arg)
+		return res, nil, err
+	})
 }
 
 // open is open(2). The guest's filesystem holds only /dev/liveupdate.
@@ -386,30 +285,28 @@ func (c *syscall) open() (int64, []byte, error) {
 		return 0, nil, err
 	}
 	defer dev.DecRef()
-	fd, err := c.p.fdt.install(dev, flags&unix.O_ACCMODE|oLargefile, flags&unix.O_CLOEXEC != 0, 0)
+	fd, err := c.p.fdt.install(dev, flags&unix.O_ACCMODE|vfs.OLargefile, flags&unix.O_CLOEXEC != 0, 0)
 	return int64(fd), nil, err
 }
 
-// ioctl is ioctl(2): first the generic commands of do_vfs_ioctl (FIOCLEX,
-// FIONCLEX, FIONBIO, FIOASYNC; FIONREAD and FIOQSIZE on a memfd), whose
-// int or loff_t argument is the payload (shorter: EFAULT, as a bad
-// pointer); then /dev/liveupdate and session fds take the uapi structs as
-// bytes; a memfd has no other ioctl (ENOTTY).
+// ioctl is ioctl(2): FIOCLEX and FIONCLEX change the fd; every other
+// command goes to vfs.Ioctl (the rest of do_vfs_ioctl, then the file's own
+// ioctls: LUO's uapi structs on /dev/liveupdate and session fds). The
+// argument struct is the payload.
 func (c *syscall) ioctl() (int64, []byte, error) {
 	arg, err := c.smallPayload()
 	if err != nil {
 		return 0, nil, err
 	}
-	cmd := uint32(c.h.Args[1])
+	fdt, fd, cmd := c.p.fdt, c.fd(0), uint32(c.h.Args[1])
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		if res, reply, err, ok := c.genericIoctl(d, cmd, arg); ok {
-			return res, reply, err
+		switch cmd {
+		case vfs.FIOCLEX:
+			return 0, nil, fdt.SetCloseOnExec(fd, true)
+		case vfs.FIONCLEX:
+			return 0, nil, fdt.SetCloseOnExec(fd, false)
 		}
-		f, ok := d.file.(ioctlFile)
-		if !ok {
-			return 0, nil, unix.ENOTTY
-		}
-		reply, err := f.Ioctl(c.p.fdt, cmd, arg)
+		reply, err := vfs.Ioctl(d.file, fdt, cmd, arg)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -418,59 +315,4 @@ func (c *syscall) ioctl() (int64, []byte, error) {
 		}
 		return 0, reply, nil
 	})
-}
-
-// genericIoctl runs the do_vfs_ioctl commands; ok is false for any other.
-func (c *syscall) genericIoctl(d descriptor, cmd uint32, arg []byte) (res int64, reply []byte, err error, ok bool) {
-	fdt, fd := c.p.fdt, c.fd(0)
-	intArg := func() (int32, error) {
-		if len(arg) < 4 {
-			return 0, unix.EFAULT
-		}
-		return int32(binary.LittleEndian.Uint32(arg)), nil
-	}
-	memf, isMemfd := d.file.(*memfd.File)
-	switch cmd {
-	case ioctlFIOCLEX:
-		return 0, nil, fdt.SetCloseOnExec(fd, true), true
-	case ioctlFIONCLEX:
-		return 0, nil, fdt.SetCloseOnExec(fd, false), true
-	case ioctlFIONBIO:
-		// O_NONBLOCK has no effect on these files.
-		_, err := intArg()
-		return 0, nil, err, true
-	case ioctlFIOASYNC:
-		// None of these files has fasync: turning it on is ENOTTY.
-		on, err := intArg()
-		if err == nil && on != 0 {
-			err = unix.ENOTTY
-		}
-		return 0, nil, err, true
-	case ioctlFIONREAD:
-		if !isMemfd {
-			// Not a regular file: the file's own ioctl decides.
-			return 0, nil, nil, false
-		}
-		if len(arg) < 4 {
-			return 0, nil, unix.EFAULT, true
-		}
-		pos, err := memf.Seek(0, unix.SEEK_CUR)
-		if err != nil {
-			return 0, nil, err, true
-		}
-		b := make([]byte, 4)
-		binary.LittleEndian.PutUint32(b, uint32(int32(memf.Size()-pos)))
-		return 0, b, nil, true
-	case ioctlFIOQSIZE:
-		if !isMemfd {
-			return 0, nil, unix.ENOTTY, true
-		}
-		if len(arg) < 8 {
-			return 0, nil, unix.EFAULT, true
-		}
-		b := make([]byte, 8)
-		binary.LittleEndian.PutUint64(b, uint64(memf.Stat().Blocks*512))
-		return 0, b, nil, true
-	}
-	return 0, nil, nil, false
 }

@@ -10,6 +10,7 @@ import (
 
 // Device is an open /dev/liveupdate (luo_fops in luo_core.c).
 type Device struct {
+	vfsDefaults
 	luo  *LUO
 	refs atomic.Int64
 }

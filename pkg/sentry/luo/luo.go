@@ -38,26 +38,18 @@ import (
 
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
 )
 
-// File is anything a file descriptor can refer to. LUO holds its own
-// reference on a preserved file from preserve until unpreserve or finish,
-// as Linux holds an fget reference.
-type File interface {
-	IncRef()
-	DecRef()
-}
+// File is an open file description (vfs.FileDescription): what LUO
+// preserves and what its ioctls install. LUO itself uses only its
+// references: it holds one on a preserved file from preserve until
+// unpreserve or finish, as Linux holds an fget reference.
+type File = vfs.FileDescription
 
 // FDTable is the calling guest's file descriptor table.
-type FDTable interface {
-	// InstallFD installs f at the lowest free descriptor, taking a new
-	// reference, with FD_CLOEXEC if cloexec is set.
-	InstallFD(f File, cloexec bool) (int32, error)
-	// FileFromFD returns the file behind fd with a new reference, or
-	// EBADF.
-	FileFromFD(fd int32) (File, error)
-}
+type FDTable = vfs.FDTable
 
 // FileOpArgs is struct liveupdate_file_op_args: what a handler's ops see.
 type FileOpArgs struct {

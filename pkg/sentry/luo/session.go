@@ -12,6 +12,7 @@ import (
 // Session is a named container of preserved files (struct luo_session),
 // reached by guests through a session fd.
 type Session struct {
+	vfsDefaults
 	luo  *LUO
 	name string
 

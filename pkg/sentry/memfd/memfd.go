@@ -34,7 +34,9 @@ import (
 	"sync/atomic"
 
 	"github.com/google/btree"
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -127,28 +129,6 @@ type File struct {
 	//
 	// +checklocks:mu
 	scratch []seg
-}
-
-// Stat is what fstat(2) shows of a memfd.
-type Stat struct {
-	// Size is the file size in bytes (st_size).
-	Size int64
-	// Blocks is the memory the page cache holds, in 512-byte units
-	// (st_blocks), including pages beyond the end of the file that
-	// fallocate(FALLOC_FL_KEEP_SIZE) allocated.
-	Blocks int64
-	// Blksize is the preferred I/O size (st_blksize): the page size, or the
-	// huge page size of an MFD_HUGETLB file.
-	Blksize int64
-	// Mode is the file type and permissions (st_mode): S_IFREG|0777, or
-	// S_IFREG|0666 for a file created with MFD_NOEXEC_SEAL.
-	Mode uint32
-	// Nlink is the number of links (st_nlink): always 0, a memfd is
-	// unlinked.
-	Nlink uint32
-	// Ino is the inode number (st_ino), unique among memfds of this
-	// process.
-	Ino uint64
 }
 
 // Create creates a memfd, like memfd_create(2), and returns it holding one
@@ -258,24 +238,25 @@ func (f *File) DecRef() {
 // /proc/PID/fd shows it.
 func (f *File) Name() string { return NamePrefix + f.name }
 
-// oLargefile is O_LARGEFILE as F_GETFL reports it on x86-64 (0100000).
-// Go's unix.O_LARGEFILE is 0 there, because 64-bit opens imply it, but
-// the kernel still sets the bit in f_flags (force_o_largefile).
-const oLargefile = 0x8000
-
 // StatusFlags returns the file status flags (F_GETFL): O_RDWR|O_LARGEFILE,
 // as for every memfd.
-func (f *File) StatusFlags() int { return unix.O_RDWR | oLargefile }
+func (f *File) StatusFlags() int { return unix.O_RDWR | vfs.OLargefile }
 
 // IsHugetlb reports whether f was created with MFD_HUGETLB. LUO does not
 // preserve such files.
 func (f *File) IsHugetlb() bool { return f.hugetlb }
 
-// Stat returns what fstat(2) shows of f.
-func (f *File) Stat() Stat {
+// Stat returns what fstat(2) shows of f: its size; st_blocks, the memory
+// the page cache holds in 512-byte units, including pages beyond the end of
+// the file that fallocate(FALLOC_FL_KEEP_SIZE) allocated; st_blksize, the
+// page size or the huge page size of an MFD_HUGETLB file; st_mode,
+// S_IFREG|0777 or S_IFREG|0666 for a file created with MFD_NOEXEC_SEAL;
+// st_nlink 0, as a memfd is unlinked; and st_ino, unique among memfds of
+// this process.
+func (f *File) Stat() abiguest.Stat {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	st := Stat{
+	st := abiguest.Stat{
 		Size:    f.size.Load(),
 		Blocks:  int64(f.nrPages) * blocksPerPage,
 		Blksize: pageSize,

@@ -1,6 +1,9 @@
 package memfd
 
-import "golang.org/x/sys/unix"
+import (
+	"github.com/livesentry/livesentry/pkg/sentry/vfs"
+	"golang.org/x/sys/unix"
+)
 
 // Truncate sets the file size, like ftruncate(2) (shmem_setattr). Shrinking
 // frees the folios beyond the new end and zeroes the rest of the last page;
@@ -81,10 +84,6 @@ func (f *File) truncateRangeLocked(start, end uint64) {
 	f.releaseScratch(segs)
 }
 
-// falloc modes that vfs_fallocate knows (FALLOC_FL_MODE_MASK).
-const fallocModeMask = unix.FALLOC_FL_ALLOCATE_RANGE | unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_COLLAPSE_RANGE |
-	unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_INSERT_RANGE | unix.FALLOC_FL_UNSHARE_RANGE | unix.FALLOC_FL_WRITE_ZEROES
-
 // Fallocate allocates or punches out file space, like fallocate(2)
 // (vfs_fallocate, shmem_fallocate). Mode 0 allocates the pages of [off,
 // off+length) and grows the file to cover them; FALLOC_FL_KEEP_SIZE
@@ -104,7 +103,7 @@ const fallocModeMask = unix.FALLOC_FL_ALLOCATE_RANGE | unix.FALLOC_FL_PUNCH_HOLE
 // freed again. An MFD_HUGETLB file has no huge page pool here: allocating
 // is ENOSPC, as on a host with no huge pages reserved.
 func (f *File) Fallocate(mode uint32, off, length int64) error {
-	if err := FallocateArgs(mode, off, length); err != nil {
+	if err := vfs.FallocateArgs(mode, off, length); err != nil {
 		return err
 	}
 	if off+length < 0 {
@@ -197,32 +196,5 @@ func (f *File) allocateLocked(first, stop uint64) error {
 		}
 	}
 	f.releaseScratch(segs)
-	return nil
-}
-
-// FallocateArgs makes vfs_fallocate's checks of its arguments, which come
-// before any file-specific ones: EINVAL for a negative offset or a length
-// that is not positive, EOPNOTSUPP for an unknown mode bit or a mode that
-// does not combine with KEEP_SIZE as it must.
-func FallocateArgs(mode uint32, off, length int64) error {
-	if off < 0 || length <= 0 {
-		return unix.EINVAL
-	}
-	if mode&^(fallocModeMask|unix.FALLOC_FL_KEEP_SIZE) != 0 {
-		return unix.EOPNOTSUPP
-	}
-	switch mode & fallocModeMask {
-	case unix.FALLOC_FL_ALLOCATE_RANGE, unix.FALLOC_FL_UNSHARE_RANGE, unix.FALLOC_FL_ZERO_RANGE:
-	case unix.FALLOC_FL_PUNCH_HOLE:
-		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
-			return unix.EOPNOTSUPP
-		}
-	case unix.FALLOC_FL_COLLAPSE_RANGE, unix.FALLOC_FL_INSERT_RANGE, unix.FALLOC_FL_WRITE_ZEROES:
-		if mode&unix.FALLOC_FL_KEEP_SIZE != 0 {
-			return unix.EOPNOTSUPP
-		}
-	default:
-		return unix.EOPNOTSUPP
-	}
 	return nil
 }
