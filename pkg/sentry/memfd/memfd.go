@@ -171,12 +171,13 @@ func Create(mf *pgalloc.MemoryFile, name string, flags uint) (*File, error) {
 	}
 	f := newFile(mf, name)
 	if fl&unix.MFD_HUGETLB != 0 {
-		// hugetlb_file_setup: an unknown huge page size is ENODEV.
-		switch log := fl >> unix.MFD_HUGE_SHIFT & unix.MFD_HUGE_MASK; log {
-		case 0, 21:
-			f.hpageShift = 21
-		case 30:
-			f.hpageShift = 30
+		// hugetlb_file_setup: a huge page size the host has no hstate
+		// for is ENODEV.
+		switch log := uint(fl >> unix.MFD_HUGE_SHIFT & unix.MFD_HUGE_MASK); {
+		case log == 0:
+			f.hpageShift = defaultHugePageShift()
+		case hugePageShifts()[log]:
+			f.hpageShift = log
 		default:
 			return nil, unix.ENODEV
 		}

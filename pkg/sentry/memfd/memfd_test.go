@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -50,6 +52,12 @@ func readAll(t testing.TB, f *File, off, n int64) []byte {
 
 func TestCreate(t *testing.T) {
 	mf := newTestMemoryFile(t, 64<<20)
+	// 1 GiB huge pages exist only where the host has that hstate, as in
+	// Linux.
+	var gigantic error
+	if !hugePageShifts()[30] {
+		gigantic = unix.ENODEV
+	}
 	for _, tc := range []struct {
 		name      string
 		memfdName string
@@ -73,7 +81,7 @@ func TestCreate(t *testing.T) {
 		{name: "a name of 250 bytes is EINVAL", memfdName: strings.Repeat("x", 250), wantErr: unix.EINVAL},
 		{name: "a name is cut at its first NUL", memfdName: "ab\x00" + strings.Repeat("x", 300), wantSeals: unix.F_SEAL_SEAL, wantMode: unix.S_IFREG | 0777, wantName: "memfd:ab", blksize: 4096},
 		{name: "MFD_HUGETLB with the default size is a 2 MiB hugetlb file", memfdName: "h", flags: unix.MFD_HUGETLB, wantSeals: unix.F_SEAL_SEAL, wantMode: unix.S_IFREG | 0777, wantName: "memfd:h", hugetlb: true, blksize: 2 << 20},
-		{name: "MFD_HUGETLB with MFD_HUGE_1GB is a 1 GiB hugetlb file", memfdName: "g", flags: unix.MFD_HUGETLB | unix.MFD_HUGE_1GB | unix.MFD_ALLOW_SEALING, wantMode: unix.S_IFREG | 0777, wantName: "memfd:g", hugetlb: true, blksize: 1 << 30},
+		{name: "MFD_HUGETLB with MFD_HUGE_1GB is a 1 GiB hugetlb file where the host has 1 GiB pages, else ENODEV", memfdName: "g", flags: unix.MFD_HUGETLB | unix.MFD_HUGE_1GB | unix.MFD_ALLOW_SEALING, wantMode: unix.S_IFREG | 0777, wantName: "memfd:g", hugetlb: true, blksize: 1 << 30, wantErr: gigantic},
 		{name: "MFD_HUGETLB with a size the platform lacks is ENODEV", flags: unix.MFD_HUGETLB | unix.MFD_HUGE_8MB, wantErr: unix.ENODEV},
 		{name: "a long name is EINVAL before a bad huge page size", memfdName: strings.Repeat("x", 250), flags: unix.MFD_HUGETLB | unix.MFD_HUGE_8MB, wantErr: unix.EINVAL},
 	} {
@@ -930,4 +938,24 @@ func hostStatusFlags(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return fl
+}
+
+func TestHugePageSizesAreTheHosts(t *testing.T) {
+	ents, err := os.ReadDir("/sys/kernel/mm/hugepages")
+	if err != nil {
+		t.Skipf("the host lists no huge page sizes: %v", err)
+	}
+	for _, e := range ents {
+		var kb uint64
+		if _, err := fmt.Sscanf(e.Name(), "hugepages-%dkB", &kb); err != nil {
+			continue
+		}
+		shift := uint(bits.TrailingZeros64(kb)) + 10
+		if !hugePageShifts()[shift] {
+			t.Errorf("the host has %s, but MFD_HUGETLB of size 1<<%d is refused", e.Name(), shift)
+		}
+	}
+	if len(hugePageShifts()) != len(ents) {
+		t.Errorf("huge page sizes %v, host %d entries", hugePageShifts(), len(ents))
+	}
 }
