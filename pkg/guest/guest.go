@@ -39,6 +39,8 @@ type Conn struct {
 	broken error
 	hdr    [abiguest.RequestHeaderSize]byte
 	rhdr   [abiguest.ResponseHeaderSize]byte
+	// maps are the process's mappings of sentry files.
+	maps mappings
 }
 
 // SocketPath returns the guest socket path the sentry gave this program,

@@ -20,6 +20,14 @@
 // A frame the sentry cannot parse gets a KindFatal frame (Len bytes of
 // message) and the connection is closed; the sentry and other guests go on.
 //
+// Version 2 adds memory mappings and process life cycle: mmap answers with
+// a KindFile frame whose bytes carry the memory file as SCM_RIGHTS (the
+// guest maps the runs of folios it is told straight from it, then closes
+// it), KindData frames holding MmapRuns, and the result (the mapping's id);
+// munmap unpins; fork, attach and execve keep the fd table and the mappings
+// as Linux does across fork and exec. The sentry accepts versions
+// MinVersion to Version.
+//
 // Everything is little-endian.
 package guest
 
@@ -32,7 +40,9 @@ const (
 	// Magic opens every Hello.
 	Magic = "LSGUEST\x00"
 	// Version is the protocol version this package describes.
-	Version = 1
+	Version = 2
+	// MinVersion is the oldest version the sentry still accepts.
+	MinVersion = 1
 
 	// HelloSize is the size of a Hello.
 	HelloSize = 16
@@ -42,6 +52,19 @@ const (
 	ResponseHeaderSize = 24
 	// StatSize is the size of an encoded Stat.
 	StatSize = 40
+	// MmapRunSize is the size of an encoded MmapRun.
+	MmapRunSize = 24
+	// MmapReplySize is the size of mmap's reply payload: MmapFlags as a
+	// little-endian uint64.
+	MmapReplySize = 8
+	// MmapMayWrite, in mmap's reply, says the mapping may be made
+	// writable later (VM_MAYWRITE): unset for a shared mapping of a
+	// write-sealed file, whose mprotect(PROT_WRITE) must fail with EACCES.
+	MmapMayWrite = 1
+
+	// ForkTimeoutSeconds is how long the sentry keeps a forked child's copy of
+	// the fd table and mappings waiting for the child to attach.
+	ForkTimeoutSeconds = 30
 
 	// MaxSmallPayload is the largest payload of a request that is not a
 	// write: a name, a path or ioctl argument bytes.
@@ -103,6 +126,32 @@ const (
 	// OpIoctl is ioctl(fd, cmd, arg): (fd, cmd; the argument struct's bytes)
 	// → the call's result, with the bytes to copy back as reply payload.
 	OpIoctl
+	// OpMmap is mmap(addr, length, prot, flags, fd, off): (fd, off,
+	// length, prot, flags) → the mapping's id. The response is a KindFile
+	// frame carrying the memory file, KindData frames holding the
+	// mapping's MmapRuns (pages past the end of the file have none), and
+	// the result, whose reply payload is MmapReplySize bytes of MmapFlags.
+	// Mapped folios stay pinned until unmapped, or until the process execs
+	// or disconnects. Version 2.
+	OpMmap
+	// OpMunmap is munmap of part of a mapping: (id, page offset in the
+	// mapping, pages) → 0. A folio is unpinned once none of its pages in
+	// the mapping is mapped. Version 2.
+	OpMunmap
+	// OpFork is the parent's half of fork: () → a token. The sentry copies
+	// the process's fd table (every fd with its file and FD_CLOEXEC) and
+	// its mappings into a child that waits, at most ForkTimeoutSeconds,
+	// for a connection to attach it. Version 2.
+	OpFork
+	// OpAttach is the child's half of fork, the first call on its new
+	// connection: (token) → 0; the connection becomes the forked child.
+	// EINVAL for an unknown or expired token, EBUSY on a connection that
+	// has fds already. Version 2.
+	OpAttach
+	// OpExecve tells the sentry that the process has exec'd: () → 0.
+	// Every FD_CLOEXEC fd is closed and every mapping dropped, as a
+	// successful execve does. Version 2.
+	OpExecve
 
 	// opEnd is one past the last op.
 	opEnd
@@ -124,6 +173,11 @@ var opNames = [...]string{
 	OpFcntl:       "fcntl",
 	OpOpen:        "open",
 	OpIoctl:       "ioctl",
+	OpMmap:        "mmap",
+	OpMunmap:      "munmap",
+	OpFork:        "fork",
+	OpAttach:      "attach",
+	OpExecve:      "execve",
 }
 
 // String returns the name of the system call op mirrors.
@@ -230,6 +284,10 @@ const (
 	// KindFatal carries Len bytes of message saying why the sentry closes
 	// the connection.
 	KindFatal Kind = 3
+	// KindFile has no bytes after the header (Len 0); the header's bytes
+	// carry one file as SCM_RIGHTS (close-on-exec on receipt with
+	// MSG_CMSG_CLOEXEC). Version 2.
+	KindFile Kind = 4
 )
 
 // ResponseHeader starts a response frame.
@@ -269,6 +327,10 @@ func DecodeResponseHeader(b []byte) (ResponseHeader, error) {
 	}
 	switch h.Kind {
 	case KindData:
+	case KindFile:
+		if h.Len != 0 {
+			return h, fmt.Errorf("response header: a file frame with %d payload bytes", h.Len)
+		}
 	case KindResult, KindFatal:
 		if h.Len > MaxReplyPayload {
 			return h, fmt.Errorf("response header: kind %d with %d payload bytes (at most %d)", h.Kind, h.Len, MaxReplyPayload)
@@ -318,4 +380,41 @@ func DecodeStat(b []byte) (Stat, error) {
 		Nlink:   binary.LittleEndian.Uint32(b[28:]),
 		Ino:     binary.LittleEndian.Uint64(b[32:]),
 	}, nil
+}
+
+// MmapRun is one run of a mapping: Length bytes at MapOffset in the mapping
+// are the same bytes at FileOffset in the memory file. All three are
+// multiples of the page size.
+type MmapRun struct {
+	MapOffset  uint64
+	FileOffset uint64
+	Length     uint64
+}
+
+// Encode writes r into b, which must be MmapRunSize bytes long.
+func (r *MmapRun) Encode(b []byte) {
+	binary.LittleEndian.PutUint64(b[0:], r.MapOffset)
+	binary.LittleEndian.PutUint64(b[8:], r.FileOffset)
+	binary.LittleEndian.PutUint64(b[16:], r.Length)
+}
+
+// DecodeMmapRun decodes a MmapRun from b and checks that it describes
+// whole pages of a mapping length bytes long.
+func DecodeMmapRun(b []byte, length uint64) (MmapRun, error) {
+	if len(b) != MmapRunSize {
+		return MmapRun{}, fmt.Errorf("mmap run: %d bytes, want %d", len(b), MmapRunSize)
+	}
+	r := MmapRun{
+		MapOffset:  binary.LittleEndian.Uint64(b[0:]),
+		FileOffset: binary.LittleEndian.Uint64(b[8:]),
+		Length:     binary.LittleEndian.Uint64(b[16:]),
+	}
+	const page = 4096
+	if r.MapOffset%page != 0 || r.FileOffset%page != 0 || r.Length%page != 0 || r.Length == 0 {
+		return r, fmt.Errorf("mmap run %+v: not whole pages", r)
+	}
+	if r.MapOffset >= length || r.Length > length-r.MapOffset {
+		return r, fmt.Errorf("mmap run %+v: outside a mapping of %d bytes", r, length)
+	}
+	return r, nil
 }

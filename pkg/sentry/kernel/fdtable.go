@@ -233,3 +233,46 @@ func (t *FDTable) drop() {
 	t.fds, t.dropped = nil, true
 	t.mu.Unlock()
 }
+
+// Fork returns a copy of the table with a reference of its own on every
+// file, each fd keeping its FD_CLOEXEC (dup_fd).
+func (t *FDTable) Fork() *FDTable {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c := &FDTable{fds: append([]descriptor(nil), t.fds...)}
+	for _, d := range c.fds {
+		if d.file != nil {
+			d.file.IncRef()
+		}
+	}
+	return c
+}
+
+// CloseOnExecFDs closes every fd with FD_CLOEXEC, as a successful execve
+// does (do_close_on_exec).
+func (t *FDTable) CloseOnExecFDs() {
+	t.mu.Lock()
+	var closed []vfs.FileDescription
+	for i := range t.fds {
+		if d := &t.fds[i]; d.file != nil && d.cloexec {
+			closed = append(closed, d.file)
+			*d = descriptor{}
+		}
+	}
+	t.mu.Unlock()
+	for _, f := range closed {
+		f.DecRef()
+	}
+}
+
+// adopt takes over the fds of from, which must not be used again. The
+// table must be empty.
+func (t *FDTable) adopt(from *FDTable) {
+	from.mu.Lock()
+	fds := from.fds
+	from.fds, from.dropped = nil, true
+	from.mu.Unlock()
+	t.mu.Lock()
+	t.fds = fds
+	t.mu.Unlock()
+}

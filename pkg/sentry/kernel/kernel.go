@@ -97,6 +97,12 @@ type Kernel struct {
 	//
 	// +checklocks:mu
 	lastID uint64
+
+	// forks are the forked children waiting for their connection to
+	// attach them, by token.
+	//
+	// +checklocks:mu
+	forks map[uint64]*forkedChild
 }
 
 // pauseState is a Kernel's state in Pause/Resume.
@@ -423,11 +429,19 @@ func (k *Kernel) Handoff() {
 	for p := range k.procs {
 		procs = append(procs, p)
 	}
+	forks := k.forks
+	k.forks = nil
 	k.cond.Broadcast()
 	k.mu.Unlock()
 	for _, p := range procs {
 		p.fdt.drop()
+		p.mm.drop()
 		p.conn.Close()
+	}
+	for _, ch := range forks {
+		ch.timer.Stop()
+		ch.fdt.drop()
+		ch.mm.drop()
 	}
 }
 
@@ -453,8 +467,14 @@ func (k *Kernel) Shutdown() {
 		procs = append(procs, p)
 	}
 	handedOver := k.handedOver
+	forks := k.forks
+	k.forks = nil
 	k.cond.Broadcast()
 	k.mu.Unlock()
+	for _, ch := range forks {
+		ch.timer.Stop()
+		ch.release()
+	}
 	if handedOver {
 		// Calls held by the pause never run; the memory file is the next
 		// sentry's, so it is only unmapped.

@@ -42,6 +42,8 @@ type Process struct {
 	conn *net.UnixConn
 	r    *bufio.Reader
 	fdt  *FDTable
+	// mm is the process's mappings of sentry files.
+	mm *memoryMap
 	// pid is the host pid of the peer (SO_PEERCRED), 0 if unknown.
 	pid int32
 	// done is closed when serve has returned.
@@ -71,6 +73,7 @@ func (k *Kernel) newProcess(c *net.UnixConn) (p *Process, full bool) {
 		// than the buffer bypass it.
 		r:    bufio.NewReaderSize(c, readBufferSize),
 		fdt:  &FDTable{},
+		mm:   &memoryMap{},
 		done: make(chan struct{}),
 	}
 	if raw, err := c.SyscallConn(); err == nil {
@@ -125,10 +128,12 @@ func (p *Process) serve() {
 		handedOver := k.handedOver
 		k.mu.Unlock()
 		if !handedOver {
-			// The guest process is gone: close its fds as exit does.
-			// It stays in k.procs until then, so that Shutdown waits
-			// for this before it unmaps the memory file.
+			// The guest process is gone: close its fds and unpin its
+			// mappings as exit does. It stays in k.procs until then,
+			// so that Shutdown waits for this before it unmaps the
+			// memory file.
 			p.fdt.CloseAll()
+			p.mm.releaseAll()
 		}
 		p.conn.Close()
 		k.mu.Lock()
@@ -179,7 +184,7 @@ func (p *Process) handshake() error {
 		return err
 	}
 	reply := abiguest.Hello{Version: abiguest.Version}
-	if h.Version != abiguest.Version {
+	if h.Version < abiguest.MinVersion || h.Version > abiguest.Version {
 		reply.Errno = uint32(unix.EPROTONOSUPPORT)
 	}
 	reply.Encode(b[:])

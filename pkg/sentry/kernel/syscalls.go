@@ -98,6 +98,16 @@ func (c *syscall) dispatch() (int64, []byte, error) {
 		return c.open()
 	case abiguest.OpIoctl:
 		return c.ioctl()
+	case abiguest.OpMmap:
+		return c.mmap()
+	case abiguest.OpMunmap:
+		return 0, nil, c.p.mm.unmap(a[0], a[1], a[2])
+	case abiguest.OpFork:
+		return c.fork()
+	case abiguest.OpAttach:
+		return c.attach()
+	case abiguest.OpExecve:
+		return c.execve()
 	}
 	return 0, nil, unix.ENOSYS
 }

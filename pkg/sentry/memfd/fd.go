@@ -13,8 +13,8 @@ import (
 var _ vfs.FileDescription = (*File)(nil)
 
 // FMode implements vfs.FileDescription.FMode: a memfd allows pread64 and
-// pwrite64.
-func (f *File) FMode() vfs.FMode { return vfs.FModePRead | vfs.FModePWrite }
+// pwrite64, and can be mapped.
+func (f *File) FMode() vfs.FMode { return vfs.FModePRead | vfs.FModePWrite | vfs.FModeMmap }
 
 // ReadTo implements vfs.FileDescription.ReadTo (ReadToAt at the file
 // position).

@@ -99,6 +99,11 @@ type File struct {
 	// pins counts PinFolios calls not yet undone by UnpinFolios.
 	pins atomic.Int32
 
+	// writableMaps counts the shared writable mappings of the file
+	// (mapping_writably_mapped): F_SEAL_WRITE cannot be added while there
+	// are any.
+	writableMaps atomic.Int32
+
 	// mu is the inode lock (i_rwsem). Reads take it shared; everything that
 	// changes the size, the page cache or the seals takes it exclusively.
 	mu sync.RWMutex

@@ -19,7 +19,7 @@ func (f *File) AddSeals(seals uint32) error {
 	if f.seals&unix.F_SEAL_SEAL != 0 {
 		return unix.EPERM
 	}
-	if seals&unix.F_SEAL_WRITE != 0 && f.seals&unix.F_SEAL_WRITE == 0 && f.pins.Load() > 0 {
+	if seals&unix.F_SEAL_WRITE != 0 && f.seals&unix.F_SEAL_WRITE == 0 && (f.pins.Load() > 0 || f.writableMaps.Load() > 0) {
 		return unix.EBUSY
 	}
 	if seals&unix.F_SEAL_EXEC != 0 && f.mode&0111 != 0 {

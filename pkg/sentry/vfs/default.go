@@ -72,3 +72,7 @@ func (FileDescriptionDefaultImpl) Ioctl(FDTable, uint32, []byte) ([]byte, error)
 // is EINVAL, as do_fcntl answers (the seal commands on a file that is not
 // a memfd included).
 func (FileDescriptionDefaultImpl) Fcntl(int, uint64) (int64, error) { return 0, unix.EINVAL }
+
+// Mmap implements FileDescription.Mmap: a file without an mmap op is
+// ENODEV (do_mmap).
+func (FileDescriptionDefaultImpl) Mmap(MmapOpts) (Mapping, error) { return nil, unix.ENODEV }

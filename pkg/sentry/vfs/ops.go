@@ -195,3 +195,65 @@ func Ioctl(f FileDescription, fdt FDTable, cmd uint32, arg []byte) ([]byte, erro
 	}
 	return f.Ioctl(fdt, cmd, arg)
 }
+
+// legacyMapMask is LEGACY_MAP_MASK: the flags MAP_SHARED ignores unknown
+// bits beyond and MAP_SHARED_VALIDATE refuses bits beyond (EOPNOTSUPP).
+const legacyMapMask = unix.MAP_SHARED | unix.MAP_PRIVATE | unix.MAP_FIXED | unix.MAP_ANONYMOUS |
+	unix.MAP_DENYWRITE | unix.MAP_EXECUTABLE | 0x4000000 /* MAP_UNINITIALIZED */ | unix.MAP_GROWSDOWN |
+	unix.MAP_LOCKED | unix.MAP_NORESERVE | unix.MAP_POPULATE | unix.MAP_NONBLOCK | unix.MAP_STACK | unix.MAP_HUGETLB
+
+// taskSize is TASK_SIZE of x86-64 with 4-level page tables: no mapping is
+// larger.
+const taskSize = 1<<47 - 4096
+
+// Mmap is mmap(2) of an fd of f with status flags flags, after the
+// checks of sys_mmap and do_mmap in their order: an offset that is not a
+// multiple of the page size or a zero length is EINVAL; a length that does
+// not fit in the address space ENOMEM; a range whose last page overflows or
+// ends beyond the largest file offset EOVERFLOW; a mapping type other than MAP_SHARED, MAP_SHARED_VALIDATE or
+// MAP_PRIVATE EINVAL; unknown flags with MAP_SHARED_VALIDATE EOPNOTSUPP; a
+// shared writable mapping of an fd not open for writing, or any mapping of
+// // an fd not open for reading, EACCES; a file without FModeMmap ENODEV;
+// MAP_GROWSDOWN EINVAL. Then f's Mmap with the length rounded up to pages.
+func Mmap(f FileDescription, flags int, opts MmapOpts) (Mapping, error) {
+	const page = 4096
+	if opts.Offset%page != 0 || opts.Length == 0 {
+		return nil, unix.EINVAL
+	}
+	if opts.Length > taskSize {
+		return nil, unix.ENOMEM
+	}
+	opts.Length = (opts.Length + page - 1) &^ (page - 1)
+	pgoff := opts.Offset / page
+	if pgoff+opts.Length/page < pgoff {
+		return nil, unix.EOVERFLOW
+	}
+	// file_mmap_ok: the mapping must end within MAX_LFS_FILESIZE.
+	const maxPages = (1<<63 - 1) / page
+	if opts.Length/page > maxPages || pgoff > maxPages-opts.Length/page {
+		return nil, unix.EOVERFLOW
+	}
+	switch opts.Flags & unix.MAP_TYPE {
+	case unix.MAP_SHARED, unix.MAP_SHARED_VALIDATE:
+		if opts.Flags&unix.MAP_TYPE == unix.MAP_SHARED_VALIDATE && opts.Flags&^legacyMapMask&^unix.MAP_TYPE != 0 {
+			return nil, unix.EOPNOTSUPP
+		}
+		if opts.Prot&unix.PROT_WRITE != 0 && !canAccess(flags, unix.O_WRONLY) {
+			return nil, unix.EACCES
+		}
+		fallthrough
+	case unix.MAP_PRIVATE:
+		if !canAccess(flags, unix.O_RDONLY) {
+			return nil, unix.EACCES
+		}
+	default:
+		return nil, unix.EINVAL
+	}
+	if f.FMode()&FModeMmap == 0 {
+		return nil, unix.ENODEV
+	}
+	if opts.Flags&unix.MAP_GROWSDOWN != 0 {
+		return nil, unix.EINVAL
+	}
+	return f.Mmap(opts)
+}

@@ -23,8 +23,9 @@
 //     and argument checks made before the fd is looked up (a negative
 //     offset) belong to the system calls, not here.
 //
-// A new op, such as mmap, is one method on FileDescription and its default
-// on FileDescriptionDefaultImpl (ENODEV, as for a file without f_op->mmap).
+// A new op is one method on FileDescription and its default on
+// FileDescriptionDefaultImpl, as mmap was (ENODEV, as for a file without
+// f_op->mmap).
 //
 // The package holds no locks of its own: a file description's ops take the
 // file's locks, and the functions here are called with none held.
@@ -94,6 +95,38 @@ type FileDescription interface {
 	// (F_GETFD, F_SETFD, F_DUPFD, F_DUPFD_CLOEXEC) or the status flags
 	// (F_GETFL).
 	Fcntl(cmd int, arg uint64) (int64, error)
+	// Mmap is the file's mmap (f_op->mmap) after do_mmap's generic checks
+	// (see Mmap): it returns what the guest maps.
+	Mmap(opts MmapOpts) (Mapping, error)
+}
+
+// MmapOpts is an mmap(2) request for a file: Length bytes (a positive
+// multiple of the page size) from Offset (a multiple of the page size),
+// with PROT_* Prot and MAP_* Flags. The address is the guest's own.
+type MmapOpts struct {
+	Offset, Length uint64
+	Prot, Flags    int
+}
+
+// Mapping is what a guest maps of a file: runs of the memory file, pinned
+// until unmapped. Implementations must be safe for concurrent use.
+type Mapping interface {
+	// Pages returns the mapping's length in pages.
+	Pages() uint64
+	// Runs returns the runs of the memory file that back the mapping, in
+	// mapping order. Pages without a run are not mapped (past the end of
+	// the file).
+	Runs() []abiguest.MmapRun
+	// MayWrite reports whether the mapping may be made writable later
+	// (mprotect): false for a shared mapping of a write-sealed file.
+	MayWrite() bool
+	// Unmap unpins pages [first, first+n) of the mapping (munmap of part
+	// of it); EINVAL outside the mapping.
+	Unmap(first, n uint64) error
+	// Release unpins every page left (munmap of the rest, exit, exec).
+	Release()
+	// Clone returns a copy with pins of its own (fork).
+	Clone() Mapping
 }
 
 // FMode are the f_mode bits of a description that do not come from the
@@ -107,6 +140,9 @@ const (
 	FModePRead FMode = 1 << iota
 	// FModePWrite is FMODE_PWRITE, the same for pwrite64(2).
 	FModePWrite
+	// FModeMmap says the file has an mmap op (f_op->mmap): do_mmap answers
+	// ENODEV for one without it before its last flag checks.
+	FModeMmap
 )
 
 // FDTable is the calling guest's fd table, for ioctls that install or look
