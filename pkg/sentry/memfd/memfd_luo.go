@@ -32,7 +32,9 @@ package memfd
 // family was chosen. Converting a memfd-v2 file to memfd-v1 fails with
 // EOPNOTSUPP if the file has a seal other than F_SEAL_SEAL: the guest was
 // promised its seals, and memfd-v1 cannot carry them (this follows the rule
-// memfd-v2 applies to seals it does not know). Unfreeze converts it back.
+// memfd-v2 applies to seals it does not know). Like Linux, there is no
+// unfreeze: the record stays in the format it was last written in, which
+// preservedFile tracks, and the next freeze converts from there.
 //
 // Fixes of the seed's known bugs (shared/spec/linux-luo.md §4.4), each
 // marked "seed fix" below:
@@ -96,8 +98,8 @@ type preservedFile struct {
 	// seals are the file's seals at preserve.
 	seals uint32
 	// preservedAs is the format of the handler that preserved the file;
-	// written is the format the record is in now (another one between a
-	// converting freeze and its unfreeze).
+	// written is the format the record is in now (another one after a
+	// converting freeze).
 	preservedAs, written format
 }
 
@@ -168,7 +170,6 @@ func (h *luoHandler) handler(ft format) *luo.FileHandler {
 			Preserve:    func(args *luo.FileOpArgs) error { return h.preserve(args, ft) },
 			Unpreserve:  h.unpreserve,
 			Freeze:      func(args *luo.FileOpArgs) error { return h.freeze(args, ft) },
-			Unfreeze:    h.unfreeze,
 			Retrieve:    func(args *luo.FileOpArgs) error { return h.retrieve(args, ft) },
 			Finish:      func(args *luo.FileOpArgs) { h.finish(args, ft) },
 		},
@@ -356,18 +357,6 @@ func (h *luoHandler) freeze(args *luo.FileOpArgs, ft format) error {
 		return fmt.Errorf("memfd with seals %#x, preserved as %s: %s carries no seals: %w", pf.seals, formatV2, ft, unix.EOPNOTSUPP)
 	}
 	return h.rewrite(pf, args.File.(*File), ft)
-}
-
-// unfreeze undoes a converting freeze: the record goes back to the format
-// of the handler that preserved the file.
-func (h *luoHandler) unfreeze(args *luo.FileOpArgs) {
-	pf, ok := args.PrivateData.(*preservedFile)
-	if !ok || args.SerializedData == 0 {
-		panic("memfd: unfreeze of a file that preserve did not set up")
-	}
-	if err := h.rewrite(pf, args.File.(*File), pf.preservedAs); err != nil {
-		panic(fmt.Sprintf("memfd: rewriting the record of a preserved file: %v", err))
-	}
 }
 
 // rewrite updates the record's position and converts it to format ft.
