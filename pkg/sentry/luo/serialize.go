@@ -209,6 +209,9 @@ func (s *Session) unfreezeFilesLocked(hs []*FileHandler, n int) {
 // the file is written in: the handler that preserved it, or another of its
 // family.
 func freezeFile(lf *luoFile, h *FileHandler) error {
+	if h == lf.handler {
+		return lf.freeze()
+	}
 	if h.Ops.Freeze != nil {
 		args := lf.args()
 		args.Handler = h
@@ -224,6 +227,10 @@ func freezeFile(lf *luoFile, h *FileHandler) error {
 // unfreezeFile mirrors luo_file_unfreeze_one with the handler that froze
 // the file.
 func unfreezeFile(lf *luoFile, h *FileHandler) {
+	if h == lf.handler {
+		lf.unfreeze()
+		return
+	}
 	if h.Ops.Unfreeze != nil {
 		args := lf.args()
 		args.Handler = h

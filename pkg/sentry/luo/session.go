@@ -166,8 +166,9 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// Serialize sets frozen while it holds every session's mu, so this
-	// check cannot race it.
+	// Serialize sets frozen before it takes any session's mu to freeze
+	// it: a preserve that passed this check finishes before its session
+	// is frozen, and one that comes later fails.
 	if l.frozen.Load() {
 		return unix.EBUSY
 	}
