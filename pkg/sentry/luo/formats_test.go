@@ -557,3 +557,34 @@ func TestAMemfdV2RecordWithUnknownSealsOrFlagsIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Without the next sentry's formats, a memfd-v2 sentry writes memfd-v2,
+// and a memfd-v1 sentry refuses the handover naming what it lacks; the
+// outgoing sentry rolls back and can then write memfd-v1 for it.
+func TestAMemfdV1SentryRefusesMemfdV2UnlessAskedFor(t *testing.T) {
+	s := coldBootBuild(t, v2Build)
+	dev, _ := s.openDevice(t)
+	sfd := s.createSession(t, dev, "down")
+	files := []restartFile{{token: 5, data: []byte("downgrade"), pos: 2, wantSeals: unix.F_SEAL_SEAL}}
+	s.preserveFiles(t, sfd, files)
+	n, err := s.nextSentry(t, v1Build, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = n.l.Deserialize()
+	if !errors.Is(err, unix.ENOENT) || !strings.Contains(err.Error(), `"memfd-v2"`) || !strings.Contains(err.Error(), `["memfd-v1"]`) {
+		t.Fatalf("Deserialize of memfd-v2 by a memfd-v1 sentry = %v", err)
+	}
+	s.l.Abort()
+	if err := s.k.Abort(); err != nil {
+		t.Fatal(err)
+	}
+	n, err = s.nextSentry(t, v1Build, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRecord(t, n.peek(t)[0], "memfd-v1", 2, uint64(len(files[0].data)), 0)
+	n.deserialize(t)
+	dev2, _ := n.openDevice(t)
+	n.checkFiles(t, n.retrieveSession(t, dev2, "down"), files)
+}

@@ -141,7 +141,10 @@ func (s *Session) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
 		if a.Reserved != 0 {
 			return nil, unix.EINVAL
 		}
-		abiluo.StrScpy(a.Name[:], s.name)
+		// strscpy, not strscpy_pad: the bytes after the NUL keep what
+		// the user passed in.
+		n := copy(a.Name[:abiluo.SessionNameLength-1], s.name)
+		a.Name[n] = 0
 		if err := a.Encode(k); err != nil {
 			return nil, err
 		}

@@ -1,6 +1,7 @@
 package luo_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"strings"
 	"testing"
@@ -126,7 +127,7 @@ func TestGetNameAndFinishArgumentChecks(t *testing.T) {
 		{"a non-zero reserved is EINVAL", getNameStruct(72, 1), unix.EINVAL, 0},
 		{"a larger struct with a zero tail gets 72 bytes back", getNameStruct(80, 0), nil, 72},
 		{"a larger struct with a non-zero tail is E2BIG", append(getNameStruct(80, 0)[:79], 1), unix.E2BIG, 0},
-		{"a name in the input is overwritten", append(getNameStruct(72, 0)[:8], []byte(strings.Repeat("z", 64))...), nil, 72},
+		{"a name in the input is overwritten up to the NUL, the rest kept (strscpy)", append(getNameStruct(72, 0)[:8], []byte(strings.Repeat("z", 64))...), nil, 72},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			reply, err := ss.Ioctl(s.fdt, abiluo.IoctlSessionGetName, tc.arg)
@@ -136,6 +137,9 @@ func TestGetNameAndFinishArgumentChecks(t *testing.T) {
 			}
 			if err != nil || len(reply) != tc.replySize || abiluo.CString(reply[8:]) != "args" || reply[8+len("args")] != 0 {
 				t.Fatalf("GET_NAME = %q, %v; want %d bytes naming %q", reply, err, tc.replySize, "args")
+			}
+			if rest := reply[8+len("args")+1 : 72]; !bytes.Equal(rest, tc.arg[8+len("args")+1:72]) {
+				t.Fatalf("GET_NAME changed the bytes after the name's NUL: % x", rest)
 			}
 		})
 	}
