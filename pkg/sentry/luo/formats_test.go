@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
@@ -587,4 +589,67 @@ func TestAMemfdV1SentryRefusesMemfdV2UnlessAskedFor(t *testing.T) {
 	n.deserialize(t)
 	dev2, _ := n.openDevice(t)
 	n.checkFiles(t, n.retrieveSession(t, dev2, "down"), files)
+}
+
+// PRESERVE_FD racing a serialization either lands before its session is
+// frozen, and is in the records, or fails with EBUSY: no file is added to
+// a session after it was frozen.
+func TestPreservesRacingASerializationAreAllInTheRecordsOrEBUSY(t *testing.T) {
+	s := coldBootBuild(t, v2Build)
+	dev, _ := s.openDevice(t)
+	const sessions, perSession = 4, 40
+	sfds := make([]int32, sessions)
+	fds := make([][]int32, sessions)
+	for i := range sfds {
+		sfds[i] = s.createSession(t, dev, fmt.Sprintf("race-%d", i))
+		for j := 0; j < perSession; j++ {
+			fds[i] = append(fds[i], s.memfdWith(t, []byte{byte(i), byte(j)}))
+		}
+	}
+	ok := make([][]uint64, sessions)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range sfds {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			ss := s.session(t, sfds[i])
+			for j, fd := range fds[i] {
+				token := uint64(i<<8 | j)
+				_, err := ss.Ioctl(s.fdt, abiluo.IoctlSessionPreserve, fdStruct(fd, token))
+				switch {
+				case err == nil:
+					ok[i] = append(ok[i], token)
+				case errors.Is(err, unix.EBUSY):
+				default:
+					t.Errorf("PRESERVE_FD(%#x) = %v", token, err)
+				}
+			}
+		}()
+	}
+	close(start)
+	n, err := s.nextSentry(t, v2Build, true)
+	wg.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ss := range s.l.Status().Sessions {
+		for _, f := range ss.Files {
+			if f.State != "frozen" {
+				t.Fatalf("file %#x of %q is %q after the serialization, want frozen", f.Token, ss.Name, f.State)
+			}
+		}
+	}
+	got := make([][]uint64, sessions)
+	for _, r := range n.peek(t) {
+		var i int
+		fmt.Sscanf(r.session, "race-%d", &i)
+		got[i] = append(got[i], r.ser.Token)
+	}
+	for i := range ok {
+		if !reflect.DeepEqual(got[i], ok[i]) && (len(got[i]) != 0 || len(ok[i]) != 0) {
+			t.Fatalf("session %d: records hold tokens %#x, the successful preserves were %#x", i, got[i], ok[i])
+		}
+	}
 }
