@@ -29,11 +29,11 @@ const (
 	// followed by 80-byte luo_session_ser records, each pointing at an
 	// array of 64-byte luo_file_ser records.
 	FDTSessionCompatible = "luo-session-v2"
-	// FDTSessionCompatibleV1 is the compatible the session node had before
-	// files were added to sessions. It names no single layout: torvalds/linux
+	// FDTSessionCompatibleV1 is the session node's compatible before
+	// luo-session-v2. It names no single layout: torvalds/linux
 	// at 0153094d03df has an 8-byte header and 64-byte records without
-	// files under "luo-session-header", while the linux-next tree of late
-	// 2025 (include/linux/liveupdate/abi/luo.h) has a 16-byte header
+	// files under "luo-session-header", while a linux-next tree
+	// (07e09e137986, include/linux/liveupdate/abi/luo.h) has a 16-byte header
 	// {pgcnt, count} and 88-byte records {name, files, pgcnt, count}, and
 	// earlier postings call the property "luo-session-head". A reader cannot
 	// tell them apart, so none is read.
