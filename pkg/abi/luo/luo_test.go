@@ -9,9 +9,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The constants of include/uapi/linux/liveupdate.h and
-// include/linux/kho/abi/luo.h as shared/spec/linux-luo.md §3.1 and §3.7
-// give them.
+// The constants of include/uapi/linux/liveupdate.h (torvalds/linux
+// 16cec0d26521, GET_NAME from d6b3d47bdaf8) and include/linux/kho/abi/luo.h
+// (torvalds/linux cc4adab164b7).
 func TestConstantsMatchTheSpec(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -22,12 +22,14 @@ func TestConstantsMatchTheSpec(t *testing.T) {
 		{"LIVEUPDATE_SESSION_PRESERVE_FD is _IO(0xBA, 0x40)", IoctlSessionPreserve, 0xBA40},
 		{"LIVEUPDATE_SESSION_RETRIEVE_FD is _IO(0xBA, 0x41)", IoctlSessionRetrieve, 0xBA41},
 		{"LIVEUPDATE_SESSION_FINISH is _IO(0xBA, 0x42)", IoctlSessionFinish, 0xBA42},
+		{"LIVEUPDATE_SESSION_GET_NAME is _IO(0xBA, 0x43)", IoctlSessionGetName, 0xBA43},
 		{"LIVEUPDATE_SESSION_NAME_LENGTH is 64", SessionNameLength, 64},
 		{"liveupdate_ioctl_create_session is 72 bytes", CreateSessionSize, 72},
 		{"liveupdate_ioctl_retrieve_session is 72 bytes", RetrieveSessionSize, 72},
 		{"liveupdate_session_preserve_fd is 16 bytes", SessionPreserveFDSize, 16},
 		{"liveupdate_session_retrieve_fd is 16 bytes", SessionRetrieveFDSize, 16},
 		{"liveupdate_session_finish is 8 bytes", SessionFinishSize, 8},
+		{"liveupdate_session_get_name is 72 bytes", SessionGetNameSize, 72},
 		{"LIVEUPDATE_HNDL_COMPAT_LENGTH is 48", HandlerCompatLength, 48},
 		{"luo_session_header_ser is 8 bytes", SessionHeaderSerSize, 8},
 		{"luo_session_ser is 80 bytes", SessionSerSize, 80},
@@ -37,8 +39,17 @@ func TestConstantsMatchTheSpec(t *testing.T) {
 			t.Errorf("%s: got %#x, want %#x", tc.name, tc.got, tc.want)
 		}
 	}
-	if FDTCompatible != "luo-v1" || FDTSessionCompatible != "luo-session-v1" || FDTName != "LUO" {
-		t.Errorf("compatible strings %q, %q, subtree %q", FDTCompatible, FDTSessionCompatible, FDTName)
+	for _, tc := range []struct{ name, got, want string }{
+		{"LUO_FDT_KHO_ENTRY_NAME", FDTName, "LUO"},
+		{"LUO_FDT_COMPATIBLE", FDTCompatible, "luo-v1"},
+		{"LUO_FDT_SESSION_NODE_NAME", FDTSessionNode, "luo-session"},
+		{"LUO_FDT_SESSION_COMPATIBLE of the 80-byte records", FDTSessionCompatible, "luo-session-v2"},
+		{"LUO_FDT_SESSION_HEADER", FDTSessionHeader, "luo-session-header"},
+		{"LUO_FDT_LIVEUPDATE_NUM", FDTLiveupdateNum, "liveupdate-number"},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s is %q, want %q", tc.name, tc.got, tc.want)
+		}
 	}
 }
 
@@ -80,6 +91,44 @@ func TestStructLayouts(t *testing.T) {
 	var ss2 SessionSer
 	if err := ss2.Decode(b); err != nil || ss2 != ss || binary.LittleEndian.Uint64(b[64:]) != 0x5000 {
 		t.Fatalf("luo_session_ser round trip = %+v, %v", ss2, err)
+	}
+}
+
+// struct liveupdate_session_get_name: size at 0, reserved at 4, name at 8.
+func TestGetNameLayout(t *testing.T) {
+	g := SessionGetName{Size: 72, Reserved: 0x01020304}
+	StrScpy(g.Name[:], "get-name-test-session")
+	b := make([]byte, SessionGetNameSize)
+	if err := g.Encode(b); err != nil {
+		t.Fatal(err)
+	}
+	want := append([]byte{72, 0, 0, 0, 4, 3, 2, 1}, []byte("get-name-test-session")...)
+	want = append(want, make([]byte, 64-len("get-name-test-session"))...)
+	if !bytes.Equal(b, want) {
+		t.Fatalf("liveupdate_session_get_name encodes as % x", b)
+	}
+	var back SessionGetName
+	if err := back.Decode(b); err != nil || back != g {
+		t.Fatalf("decode = %+v, %v", back, err)
+	}
+	if err := back.Decode(b[:71]); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("decoding 71 bytes = %v, want EINVAL", err)
+	}
+}
+
+func TestStrNLen(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want int
+	}{
+		{"an empty string is 0", []byte{0, 'a'}, 0},
+		{"the length stops at the first NUL", []byte("ab\x00c"), 2},
+		{"no NUL gives the whole buffer", []byte("abc"), 3},
+	} {
+		if got := StrNLen(tc.b); got != tc.want {
+			t.Errorf("%s: StrNLen(%q) = %d, want %d", tc.name, tc.b, got, tc.want)
+		}
 	}
 }
 

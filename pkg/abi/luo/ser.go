@@ -7,8 +7,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Compatible strings and names of LUO's KHO subtree (v6.19, "luo-v1").
-// Any change to the layouts below must change these strings.
+// Compatible strings and names of LUO's KHO subtree, as
+// include/linux/kho/abi/luo.h defines them in torvalds/linux at
+// cc4adab164b7 (v6.19): the FDT is "luo-v1" and its session node
+// "luo-session-v2". Any change to the layouts below must change these
+// strings.
 const (
 	// FDTName is the name of LUO's subtree in the KHO root
 	// (LUO_FDT_KHO_ENTRY_NAME).
@@ -22,8 +25,19 @@ const (
 	// (LUO_FDT_SESSION_NODE_NAME).
 	FDTSessionNode = "luo-session"
 	// FDTSessionCompatible is that node's compatible
-	// (LUO_FDT_SESSION_COMPATIBLE).
-	FDTSessionCompatible = "luo-session-v1"
+	// (LUO_FDT_SESSION_COMPATIBLE): an 8-byte luo_session_header_ser
+	// followed by 80-byte luo_session_ser records, each pointing at an
+	// array of 64-byte luo_file_ser records.
+	FDTSessionCompatible = "luo-session-v2"
+	// FDTSessionCompatibleV1 is the session node's compatible before
+	// luo-session-v2. It names no single layout: torvalds/linux
+	// at 0153094d03df has an 8-byte header and 64-byte records without
+	// files under "luo-session-header", while a linux-next tree
+	// (07e09e137986, include/linux/liveupdate/abi/luo.h) has a 16-byte header
+	// {pgcnt, count} and 88-byte records {name, files, pgcnt, count}, and
+	// earlier postings call the property "luo-session-head". A reader cannot
+	// tell them apart, so none is read.
+	FDTSessionCompatibleV1 = "luo-session-v1"
 	// FDTSessionHeader names the u64 address of the session header
 	// (LUO_FDT_SESSION_HEADER).
 	FDTSessionHeader = "luo-session-header"

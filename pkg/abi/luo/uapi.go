@@ -1,8 +1,9 @@
 // Package luo holds the byte layouts of Linux's Live Update Orchestrator:
 // the /dev/liveupdate ioctl structures (include/uapi/linux/liveupdate.h,
-// v6.19) and the records LUO hands to the next kernel
-// (include/linux/kho/abi/luo.h, "luo-v1"). It has no behaviour beyond
-// encoding and decoding with size checks.
+// v6.19 plus LIVEUPDATE_SESSION_GET_NAME of 2026) and the records LUO hands
+// to the next kernel (include/linux/kho/abi/luo.h, "luo-v1" with
+// "luo-session-v2"). It has no behaviour beyond encoding and decoding with
+// size checks.
 package luo
 
 import (
@@ -25,12 +26,19 @@ const (
 	IoctlSessionPreserve  = IoctlType<<8 | 0x40 // LIVEUPDATE_SESSION_PRESERVE_FD
 	IoctlSessionRetrieve  = IoctlType<<8 | 0x41 // LIVEUPDATE_SESSION_RETRIEVE_FD
 	IoctlSessionFinish    = IoctlType<<8 | 0x42 // LIVEUPDATE_SESSION_FINISH
+	IoctlSessionGetName   = IoctlType<<8 | 0x43 // LIVEUPDATE_SESSION_GET_NAME
 	SessionNameLength     = 64                  // LIVEUPDATE_SESSION_NAME_LENGTH, with the NUL
 	CreateSessionSize     = 72                  // sizeof(struct liveupdate_ioctl_create_session)
 	RetrieveSessionSize   = 72                  // sizeof(struct liveupdate_ioctl_retrieve_session)
 	SessionPreserveFDSize = 16                  // sizeof(struct liveupdate_session_preserve_fd)
 	SessionRetrieveFDSize = 16                  // sizeof(struct liveupdate_session_retrieve_fd)
 	SessionFinishSize     = 8                   // sizeof(struct liveupdate_session_finish)
+	// SessionGetNameSize is sizeof(struct liveupdate_session_get_name)
+	// {size, reserved, name[64]} as merged ("liveupdate: add
+	// LIVEUPDATE_SESSION_GET_NAME ioctl", d6b3d47bdaf8 in the liveupdate
+	// tree, pulled into linux-next). A first version without reserved (68
+	// bytes) sat in the mm tree for a while and was replaced.
+	SessionGetNameSize = 72
 )
 
 // IocNr returns _IOC_NR(cmd), the low 8 bits of an ioctl number.
@@ -143,7 +151,7 @@ func (s *SessionFD) Encode(b []byte) error {
 // SessionFinish is struct liveupdate_session_finish.
 type SessionFinish struct {
 	Size     uint32
-	Reserved uint32 // documented "must be zero"; v6.19 does not check it
+	Reserved uint32 // documented "must be zero"; LUO answers EINVAL otherwise
 }
 
 // Decode reads s from an 8-byte kernel copy.
@@ -166,6 +174,46 @@ func (s *SessionFinish) Encode(b []byte) error {
 	return nil
 }
 
+// SessionGetName is struct liveupdate_session_get_name.
+type SessionGetName struct {
+	Size     uint32
+	Reserved uint32 // must be zero, else EINVAL
+	Name     [SessionNameLength]byte
+}
+
+// Decode reads s from a 72-byte kernel copy.
+func (s *SessionGetName) Decode(b []byte) error {
+	if len(b) < SessionGetNameSize {
+		return short("liveupdate_session_get_name", len(b), SessionGetNameSize)
+	}
+	s.Size = binary.LittleEndian.Uint32(b[0:])
+	s.Reserved = binary.LittleEndian.Uint32(b[4:])
+	copy(s.Name[:], b[8:72])
+	return nil
+}
+
+// Encode writes s into the first 72 bytes of b.
+func (s *SessionGetName) Encode(b []byte) error {
+	if len(b) < SessionGetNameSize {
+		return short("liveupdate_session_get_name", len(b), SessionGetNameSize)
+	}
+	binary.LittleEndian.PutUint32(b[0:], s.Size)
+	binary.LittleEndian.PutUint32(b[4:], s.Reserved)
+	copy(b[8:72], s.Name[:])
+	return nil
+}
+
+// StrNLen mirrors strnlen(b, len(b)): the length of the C string in b, or
+// len(b) if b holds no NUL.
+func StrNLen(b []byte) int {
+	for i, c := range b {
+		if c == 0 {
+			return i
+		}
+	}
+	return len(b)
+}
+
 // CString returns the bytes of b up to its first NUL, or all of b.
 func CString(b []byte) string {
 	for i, c := range b {
@@ -178,7 +226,7 @@ func CString(b []byte) string {
 
 // StrScpy mirrors strscpy(dst, src, len(dst)): it copies at most
 // len(dst)-1 bytes of the C string src and NUL-terminates dst, truncating
-// silently as LUO does for session names.
+// silently.
 func StrScpy(dst []byte, src string) {
 	n := copy(dst[:len(dst)-1], src)
 	clear(dst[n:])

@@ -1,6 +1,14 @@
 // Package memfd holds the byte layouts of memfd preservation
-// (include/linux/kho/abi/memfd.h, v6.19, "memfd-v1"): the record that
-// describes a preserved memfd and the array of its folios.
+// (include/linux/kho/abi/memfd.h): the record that describes a preserved
+// memfd and the array of its folios, in both formats Linux has had:
+//
+//   - "memfd-v1" (torvalds/linux 32cb2729, v6.19): a 40-byte memfd_luo_ser
+//     {pos, size, nr_folios, folios}; seals are not carried.
+//   - "memfd-v2" (linux-mm 873e8b59c82f, "mm: memfd_luo: preserve file
+//     seals", 2026): a 48-byte memfd_luo_ser {pos, size, seals, flags,
+//     nr_folios, folios}.
+//
+// Both share memfd_luo_folio_ser and the kho_vmalloc descriptor.
 package memfd
 
 import (
@@ -12,9 +20,18 @@ import (
 )
 
 const (
-	// Compatible is MEMFD_LUO_FH_COMPATIBLE. Any change to the layouts
-	// below must change it.
+	// Compatible is MEMFD_LUO_FH_COMPATIBLE of the v1 layout (Ser). Any
+	// change to a layout must change its string.
 	Compatible = "memfd-v1"
+	// CompatibleV2 is MEMFD_LUO_FH_COMPATIBLE of the v2 layout (SerV2).
+	CompatibleV2 = "memfd-v2"
+
+	// AllSeals is MEMFD_LUO_ALL_SEALS, the seals "memfd-v2" can carry:
+	// F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE,
+	// F_SEAL_FUTURE_WRITE and F_SEAL_EXEC. A file with any other seal is
+	// refused with EOPNOTSUPP.
+	AllSeals = unix.F_SEAL_SEAL | unix.F_SEAL_SHRINK | unix.F_SEAL_GROW |
+		unix.F_SEAL_WRITE | unix.F_SEAL_FUTURE_WRITE | unix.F_SEAL_EXEC
 
 	// FolioDirty is MEMFD_LUO_FOLIO_DIRTY: the folio holds user data.
 	FolioDirty = 1 << 0
@@ -30,8 +47,10 @@ const (
 
 	// FolioSerSize is sizeof(struct memfd_luo_folio_ser).
 	FolioSerSize = 16
-	// SerSize is sizeof(struct memfd_luo_ser).
+	// SerSize is sizeof(struct memfd_luo_ser) in "memfd-v1".
 	SerSize = 40
+	// SerV2Size is sizeof(struct memfd_luo_ser) in "memfd-v2".
+	SerV2Size = 48
 )
 
 // FolioSer is struct memfd_luo_folio_ser: word 0 holds the PFN in bits
@@ -88,4 +107,42 @@ func (s *Ser) Decode(b []byte) error {
 	s.Size = binary.LittleEndian.Uint64(b[8:])
 	s.NrFolios = binary.LittleEndian.Uint64(b[16:])
 	return s.Folios.Decode(b[24:])
+}
+
+// SerV2 is struct memfd_luo_ser of "memfd-v2": Ser with the file's seals
+// (uapi F_SEAL_* bits, stored as they are) and a flags word whose bits are
+// all unused and must be zero.
+type SerV2 struct {
+	Pos      uint64
+	Size     uint64
+	Seals    uint32
+	Flags    uint32
+	NrFolios uint64
+	Folios   abikho.Vmalloc
+}
+
+// Encode writes s into the first SerV2Size bytes of b.
+func (s *SerV2) Encode(b []byte) error {
+	if len(b) < SerV2Size {
+		return fmt.Errorf("memfd_luo_ser (memfd-v2): %d bytes, want %d: %w", len(b), SerV2Size, unix.EINVAL)
+	}
+	binary.LittleEndian.PutUint64(b[0:], s.Pos)
+	binary.LittleEndian.PutUint64(b[8:], s.Size)
+	binary.LittleEndian.PutUint32(b[16:], s.Seals)
+	binary.LittleEndian.PutUint32(b[20:], s.Flags)
+	binary.LittleEndian.PutUint64(b[24:], s.NrFolios)
+	return s.Folios.Encode(b[32:])
+}
+
+// Decode reads s from b.
+func (s *SerV2) Decode(b []byte) error {
+	if len(b) < SerV2Size {
+		return fmt.Errorf("memfd_luo_ser (memfd-v2): %d bytes, want %d: %w", len(b), SerV2Size, unix.EINVAL)
+	}
+	s.Pos = binary.LittleEndian.Uint64(b[0:])
+	s.Size = binary.LittleEndian.Uint64(b[8:])
+	s.Seals = binary.LittleEndian.Uint32(b[16:])
+	s.Flags = binary.LittleEndian.Uint32(b[20:])
+	s.NrFolios = binary.LittleEndian.Uint64(b[24:])
+	return s.Folios.Decode(b[32:])
 }

@@ -1,10 +1,19 @@
 // Package luo is the Live Update Orchestrator: /dev/liveupdate, sessions of
 // preserved files, and the file-handler state machine (preserve, freeze,
 // unfreeze, retrieve, finish, unpreserve), mirroring Linux v6.19
-// kernel/liveupdate/luo_{core,session,file}.c on top of pkg/sentry/kho.
+// kernel/liveupdate/luo_{core,session,file}.c, with the 2026 uapi
+// (LIVEUPDATE_SESSION_GET_NAME, session name checks, session types), on top
+// of pkg/sentry/kho.
 //
 // LUO core never knows what a memfd is: file types register a FileHandler,
 // an ops table keyed by a compatible string, as in Linux.
+//
+// Formats. Every record is named by a compatible string. Formats lists the
+// strings this build reads and writes, per subsystem: the LUO FDT
+// ("luo-v1"), its session node ("luo-session-v2") and each family of file
+// handlers (memfd: "memfd-v2", "memfd-v1"). Deserialize reads every format
+// a registered handler reads; SerializeWith writes, per subsystem, the
+// newest format the next sentry reads.
 //
 // A sentry's LUO goes through these phases:
 //
@@ -90,6 +99,22 @@ type FileOps struct {
 type FileHandler struct {
 	Compatible string
 	Ops        *FileOps
+	// Family names the file type when several handlers serve it in
+	// different formats (memfd: "memfd-v2" and "memfd-v1"). Handlers of one
+	// family share their private data: any of them may freeze, unfreeze
+	// and unpreserve a file another preserved, and its Freeze (required)
+	// writes the file's record in its own format. Registration order is
+	// preference order, newest format first. Empty means a family of one,
+	// named by the compatible string.
+	Family string
+}
+
+// familyName returns the name of h's family.
+func familyName(h *FileHandler) string {
+	if h.Family == "" {
+		return h.Compatible
+	}
+	return h.Family
 }
 
 const (
@@ -136,9 +161,11 @@ type LUO struct {
 	//
 	// +checklocks:mu
 	serialized *serialized
-	// frozen mirrors serialized != nil for readers that hold a session's
-	// mu rather than mu: it only changes while every outgoing session's
-	// mu is held.
+	// frozen is set from the start of a serialization until it fails or
+	// Abort undoes it, for readers that hold a session's mu rather than
+	// mu: PRESERVE_FD checks it under the session's mu, and Serialize
+	// takes each session's mu after setting it, so no file is added to a
+	// session once it has been frozen.
 	frozen atomic.Bool
 	// closedWhileSerialized holds outgoing sessions whose last fd went
 	// while serialized: released by Abort, dropped with the sentry
@@ -177,6 +204,9 @@ func (l *LUO) RegisterFileHandler(h *FileHandler) error {
 	if h.Compatible == "" || len(h.Compatible) >= abiluo.HandlerCompatLength {
 		return fmt.Errorf("registering file handler %q: compatible must be 1 to %d bytes: %w", h.Compatible, abiluo.HandlerCompatLength-1, unix.EINVAL)
 	}
+	if h.Family != "" && h.Ops.Freeze == nil {
+		return fmt.Errorf("registering file handler %q of family %q without Freeze, which writes its format: %w", h.Compatible, h.Family, unix.EINVAL)
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.outgoing) > 0 || len(l.incoming) > 0 {
@@ -212,10 +242,10 @@ func (l *LUO) UnregisterFileHandler(h *FileHandler) error {
 	return fmt.Errorf("unregistering file handler %q, which is not registered: %w", h.Compatible, unix.ENOENT)
 }
 
-// handlerFor returns the first registered handler that can preserve f.
+// handlerForLocked returns the first registered handler that can preserve
+// f.
 //
-// Preconditions:
-//   - l.filesMu is locked.
+// +checklocks:l.filesMu
 func (l *LUO) handlerForLocked(f File) *FileHandler {
 	for _, h := range l.handlers {
 		if h.Ops.CanPreserve(h, f) {
@@ -235,6 +265,59 @@ func (l *LUO) handlerByCompatible(compatible string) *FileHandler {
 		}
 	}
 	return nil
+}
+
+// family returns the registered handlers of h's family, in registration
+// order.
+func (l *LUO) family(h *FileHandler) []*FileHandler {
+	l.filesMu.Lock()
+	defer l.filesMu.Unlock()
+	var hs []*FileHandler
+	for _, o := range l.handlers {
+		if familyName(o) == familyName(h) {
+			hs = append(hs, o)
+		}
+	}
+	return hs
+}
+
+// Format lists the compatible strings of one subsystem that this build
+// reads and writes.
+type Format struct {
+	// Subsystem is "luo" (the LUO FDT), "luo-session" (its session node)
+	// or the family of a file handler ("memfd").
+	Subsystem string `json:"subsystem"`
+	// Reads are the compatible strings Deserialize accepts.
+	Reads []string `json:"reads"`
+	// Writes are the compatible strings SerializeWith can write, newest
+	// (preferred) first.
+	Writes []string `json:"writes"`
+}
+
+// Formats returns the formats of this build: the LUO FDT, the session node,
+// then one entry per family of registered file handlers, in registration
+// order. The next step of a restart gives the next sentry's Reads, all
+// together, to SerializeWith.
+func (l *LUO) Formats() []Format {
+	fs := []Format{
+		{Subsystem: "luo", Reads: []string{abiluo.FDTCompatible}, Writes: []string{abiluo.FDTCompatible}},
+		{Subsystem: abiluo.FDTSessionNode, Reads: []string{abiluo.FDTSessionCompatible}, Writes: []string{abiluo.FDTSessionCompatible}},
+	}
+	l.filesMu.Lock()
+	defer l.filesMu.Unlock()
+	index := map[string]int{}
+	for _, h := range l.handlers {
+		name := familyName(h)
+		i, ok := index[name]
+		if !ok {
+			i = len(fs)
+			index[name] = i
+			fs = append(fs, Format{Subsystem: name})
+		}
+		fs[i].Reads = append(fs[i].Reads, h.Compatible)
+		fs[i].Writes = append(fs[i].Writes, h.Compatible)
+	}
+	return fs
 }
 
 // compatibles returns the registered compatible strings, for errors.
@@ -306,21 +389,23 @@ func (l *LUO) Status() Status {
 		DeviceOpen:       l.deviceOpen,
 		Handlers:         l.compatibles(),
 	}
-	add := func(s *Session, dir string) {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		ss := SessionStatus{Name: s.name, Direction: dir, Retrieved: s.retrieved, Files: []FileStatus{}}
-		for _, f := range s.files {
-			ss.Files = append(ss.Files, FileStatus{Token: f.token, Compatible: f.compatible(), State: f.state()})
-		}
-		sort.Slice(ss.Files, func(i, j int) bool { return ss.Files[i].Token < ss.Files[j].Token })
-		st.Sessions = append(st.Sessions, ss)
-	}
 	for _, s := range l.incoming {
-		add(s, "incoming")
+		st.Sessions = append(st.Sessions, s.status("incoming"))
 	}
 	for _, s := range l.outgoing {
-		add(s, "outgoing")
+		st.Sessions = append(st.Sessions, s.status("outgoing"))
 	}
 	return st
+}
+
+// status describes s, a session in the dir list.
+func (s *Session) status(dir string) SessionStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ss := SessionStatus{Name: s.name, Direction: dir, Retrieved: s.retrieved, Files: []FileStatus{}}
+	for _, f := range s.files {
+		ss.Files = append(ss.Files, FileStatus{Token: f.token, Compatible: f.compatible(), State: f.state()})
+	}
+	sort.Slice(ss.Files, func(i, j int) bool { return ss.Files[i].Token < ss.Files[j].Token })
+	return ss
 }

@@ -217,7 +217,7 @@ func TestIoctlStructSizeRules(t *testing.T) {
 		{"a larger struct with a zero tail works and gets our size back", 0xBA00, append(nameStruct(80, []byte("bigger")), make([]byte, 8)...), nil, 72},
 		{"a larger struct with a non-zero tail is E2BIG", 0xBA00, append(nameStruct(80, []byte("tail")), 0, 0, 0, 1, 0, 0, 0, 0), unix.E2BIG, 0},
 		{"a 63-byte name works", 0xBA00, nameStruct(72, []byte(long[:63])), nil, 72},
-		{"a 64-byte name without NUL is cut to 63 bytes, which exist", 0xBA00, nameStruct(72, []byte(long)), unix.EEXIST, 0},
+		{"a 64-byte name without NUL is EINVAL", 0xBA00, nameStruct(72, []byte(long)), unix.EINVAL, 0},
 		{"an nr past the device's table is EINVAL", 0xBA02, nameStruct(72, nil), unix.EINVAL, 0},
 		{"a session ioctl on the device is EINVAL", 0xBA40, nameStruct(72, nil), unix.EINVAL, 0},
 		{"a known nr with another type is ENOTTY", 0xBB00, nameStruct(72, []byte("x")), unix.ENOTTY, 0},
@@ -237,8 +237,8 @@ func TestIoctlStructSizeRules(t *testing.T) {
 			}
 		})
 	}
-	// FINISH on a session this sentry created is refused (Linux would run
-	// the handlers' finish on outgoing state; see docs/luo.md).
+	// FINISH on a session this sentry created is refused, as Linux does
+	// since "liveupdate: validate session type before performing operation".
 	sfd := s.createSession(t, dev, "reply")
 	_, err := s.session(t, sfd).Ioctl(s.fdt, 0xBA42, []byte{8, 0, 0, 0, 0, 0, 0, 0})
 	wantErrno(t, "FINISH on an outgoing session", err, unix.EINVAL)
@@ -254,7 +254,7 @@ func TestSessionIoctlNumbers(t *testing.T) {
 		want unix.Errno
 	}{
 		{"an nr below the session base is EINVAL", 0xBA3F, unix.EINVAL},
-		{"an nr past the session table is EINVAL", 0xBA43, unix.EINVAL},
+		{"an nr past the session table is EINVAL", 0xBA44, unix.EINVAL},
 		{"a device ioctl on a session is EINVAL", 0xBA00, unix.EINVAL},
 		{"a known nr with another type is ENOTTY", 0xBB41, unix.ENOTTY},
 	} {

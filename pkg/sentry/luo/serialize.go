@@ -8,6 +8,7 @@ import (
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"golang.org/x/sys/unix"
 )
 
@@ -17,123 +18,258 @@ type serialized struct {
 	// arrays), freed again by Abort.
 	blocks  []pgalloc.Folio
 	fdtAddr uint64
+	// plan is the handler that froze and wrote each file.
+	plan serializePlan
 }
 
-// Serialize mirrors liveupdate_reboot's luo_session_serialize: it freezes
-// every preserved file, in session order and then preservation order, and
-// writes the session and file records and the "LUO" KHO subtree. If a
-// freeze fails, every file already frozen is unfrozen, last first, and the
-// error is returned: the restart must not go on. On success LUO refuses
-// changes (EBUSY) until Abort.
+// serializePlan holds, for every outgoing session (in order) and every file
+// of it (in preservation order), the handler whose format the file's record
+// is written in.
+type serializePlan [][]*FileHandler
+
+// SerializeOptions choose the formats the outgoing sentry writes.
+type SerializeOptions struct {
+	// PeerReads are the compatible strings the next sentry reads (its
+	// Formats' Reads, all subsystems together). Each subsystem then writes
+	// the newest format both sentries know: the LUO FDT and its session
+	// node must be readable as they are, and each file is written by the
+	// first registered handler of its family whose compatible string is in
+	// PeerReads. A subsystem with no such format fails the serialization
+	// with ErrNoCommonFormat; a file the chosen format cannot carry fails it
+	// with the handler's error (memfd: EOPNOTSUPP for seals under
+	// memfd-v1).
+	//
+	// Nil means no constraint: every file is written in the format of the
+	// handler that preserved it.
+	PeerReads []string
+}
+
+// ErrNoCommonFormat is the error of a serialization for a next sentry that
+// reads none of the formats this one writes for some subsystem.
+var ErrNoCommonFormat = errors.New("no format both sentries know")
+
+// Serialize is SerializeWith(SerializeOptions{}).
 func (l *LUO) Serialize() error {
+	return l.SerializeWith(SerializeOptions{})
+}
+
+// SerializeWith mirrors liveupdate_reboot's luo_session_serialize: it
+// chooses each file's format (see SerializeOptions), freezes every
+// preserved file, in session order and then preservation order, and writes
+// the session and file records and the "LUO" KHO subtree. If a freeze
+// fails, every file already frozen is unfrozen, last first, and the error
+// is returned: the restart must not go on. From the start of the call, and
+// after a success until Abort, LUO refuses changes with EBUSY.
+func (l *LUO) SerializeWith(opts SerializeOptions) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.serialized != nil {
 		return fmt.Errorf("serializing LUO twice: %w", unix.EBUSY)
 	}
-	for _, s := range l.outgoing {
-		s.mu.Lock()
-	}
-	defer func() {
-		for _, s := range l.outgoing {
-			s.mu.Unlock()
-		}
-	}()
-	if err := l.freezeAllLocked(); err != nil {
+	// From here PRESERVE_FD fails with EBUSY; one running now finishes
+	// before this sentry takes its session's mu below. Sessions cannot go
+	// away: releasing one takes l.mu.
+	l.frozen.Store(true)
+	plan, err := l.planLocked(opts)
+	if err != nil {
+		l.frozen.Store(false)
 		return err
 	}
-	ser, err := l.writeRecordsLocked()
-	if err != nil {
-		l.unfreezeAllLocked()
+	if err := l.freezeAllLocked(plan); err != nil {
+		l.frozen.Store(false)
+		return err
+	}
+	ser := &serialized{plan: plan}
+	if err := l.writeRecordsLocked(ser); err != nil {
+		l.freeSerialized(ser)
+		l.unfreezeAllLocked(plan, len(l.outgoing))
+		l.frozen.Store(false)
 		return err
 	}
 	l.serialized = ser
-	l.frozen.Store(true)
 	return nil
+}
+
+// planLocked chooses the handler that writes each outgoing file.
+//
+// +checklocks:l.mu
+func (l *LUO) planLocked(opts SerializeOptions) (serializePlan, error) {
+	if opts.PeerReads != nil {
+		for _, f := range l.Formats()[:2] {
+			if !contains(opts.PeerReads, f.Writes[0]) {
+				return nil, fmt.Errorf("%w: %s: this sentry writes %q, the next one reads %q", ErrNoCommonFormat, f.Subsystem, f.Writes, opts.PeerReads)
+			}
+		}
+	}
+	plan := make(serializePlan, len(l.outgoing))
+	for i, s := range l.outgoing {
+		s.mu.Lock()
+		hs, err := l.planSessionLocked(s, opts)
+		s.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		plan[i] = hs
+	}
+	return plan, nil
+}
+
+// planSessionLocked chooses the handler that writes each file of s.
+//
+// +checklocks:s.mu
+func (l *LUO) planSessionLocked(s *Session, opts SerializeOptions) ([]*FileHandler, error) {
+	hs := make([]*FileHandler, len(s.files))
+	for j, lf := range s.files {
+		if opts.PeerReads == nil {
+			hs[j] = lf.handler
+			continue
+		}
+		family := l.family(lf.handler)
+		for _, h := range family {
+			if contains(opts.PeerReads, h.Compatible) {
+				hs[j] = h
+				break
+			}
+		}
+		if hs[j] == nil {
+			var writes []string
+			for _, h := range family {
+				writes = append(writes, h.Compatible)
+			}
+			return nil, fmt.Errorf("%w: file %#x of session %q (%s): this sentry writes %q, the next one reads %q", ErrNoCommonFormat, lf.token, s.name, familyName(lf.handler), writes, opts.PeerReads)
+		}
+	}
+	return hs, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, o := range list {
+		if o == s {
+			return true
+		}
+	}
+	return false
 }
 
 // freezeAllLocked mirrors luo_session_serialize's freeze loop with its
 // rollback (luo_file_freeze / __luo_file_unfreeze).
 //
-// Preconditions:
-//   - l.mu and every outgoing session's mu are locked.
-func (l *LUO) freezeAllLocked() error {
+// +checklocks:l.mu
+func (l *LUO) freezeAllLocked(plan serializePlan) error {
 	for si, s := range l.outgoing {
-		for fi, lf := range s.files {
-			if err := lf.freeze(); err != nil {
-				for j := fi - 1; j >= 0; j-- {
-					s.files[j].unfreeze()
-				}
-				for k := si - 1; k >= 0; k-- {
-					prev := l.outgoing[k]
-					for j := len(prev.files) - 1; j >= 0; j-- {
-						prev.files[j].unfreeze()
-					}
-				}
-				return fmt.Errorf("freezing file %#x (%s) of session %q: %w", lf.token, lf.handler.Compatible, s.name, err)
-			}
+		s.mu.Lock()
+		err := s.freezeFilesLocked(plan[si])
+		s.mu.Unlock()
+		if err != nil {
+			l.unfreezeAllLocked(plan, si)
+			return err
 		}
 	}
 	return nil
 }
 
-// unfreezeAllLocked unfreezes every outgoing file, last first.
+// unfreezeAllLocked unfreezes every file of the first n outgoing sessions,
+// last first.
 //
-// Preconditions:
-//   - l.mu and every outgoing session's mu are locked.
-func (l *LUO) unfreezeAllLocked() {
-	for k := len(l.outgoing) - 1; k >= 0; k-- {
+// +checklocks:l.mu
+func (l *LUO) unfreezeAllLocked(plan serializePlan, n int) {
+	for k := n - 1; k >= 0; k-- {
 		s := l.outgoing[k]
-		for j := len(s.files) - 1; j >= 0; j-- {
-			s.files[j].unfreeze()
-		}
+		s.mu.Lock()
+		s.unfreezeFilesLocked(plan[k], len(s.files))
+		s.mu.Unlock()
 	}
 }
 
-// writeRecordsLocked writes luo_session_header_ser, the luo_session_ser
-// array, one luo_file_ser array per session with files, and the LUO FDT,
-// all in preserved memory, and adds the FDT as KHO subtree "LUO". On error
-// it frees what it allocated.
+// freezeFilesLocked freezes every file of s with the handler the plan chose
+// for it (luo_file_freeze). On failure it unfreezes the files it froze, last
+// first, and returns the error.
 //
-// Preconditions:
-//   - l.mu and every outgoing session's mu are locked.
-func (l *LUO) writeRecordsLocked() (_ *serialized, err error) {
-	ser := &serialized{}
-	defer func() {
-		if err != nil {
-			l.freeSerialized(ser)
+// +checklocks:s.mu
+func (s *Session) freezeFilesLocked(hs []*FileHandler) error {
+	for fi, lf := range s.files {
+		if err := freezeFile(lf, hs[fi]); err != nil {
+			s.unfreezeFilesLocked(hs, fi)
+			return fmt.Errorf("freezing file %#x (%s, written as %s) of session %q: %w", lf.token, lf.handler.Compatible, hs[fi].Compatible, s.name, err)
 		}
-	}()
-	alloc := func(size uint64) (pgalloc.Folio, []byte, error) {
-		fo, err := l.kho.AllocPreserve(size)
-		if err != nil {
-			return pgalloc.Folio{}, nil, err
-		}
-		ser.blocks = append(ser.blocks, fo)
-		b, err := l.kho.MemoryFile().Slice(fo.PFN, fo.Pages())
-		return fo, b, err
 	}
+	return nil
+}
 
-	hdr, hb, err := alloc(abiluo.SessionHeaderSerSize + uint64(len(l.outgoing))*abiluo.SessionSerSize)
+// unfreezeFilesLocked unfreezes the first n files of s, last first.
+//
+// +checklocks:s.mu
+func (s *Session) unfreezeFilesLocked(hs []*FileHandler, n int) {
+	for j := n - 1; j >= 0; j-- {
+		unfreezeFile(s.files[j], hs[j])
+	}
+}
+
+// freezeFile mirrors luo_file_freeze_one with the handler h whose format
+// the file is written in: the handler that preserved it, or another of its
+// family.
+func freezeFile(lf *luoFile, h *FileHandler) error {
+	if h == lf.handler {
+		return lf.freeze()
+	}
+	if h.Ops.Freeze != nil {
+		args := lf.args()
+		args.Handler = h
+		if err := h.Ops.Freeze(&args); err != nil {
+			return err
+		}
+		lf.serializedData = args.SerializedData
+	}
+	lf.frozen = true
+	return nil
+}
+
+// unfreezeFile mirrors luo_file_unfreeze_one with the handler that froze
+// the file.
+func unfreezeFile(lf *luoFile, h *FileHandler) {
+	if h == lf.handler {
+		lf.unfreeze()
+		return
+	}
+	if h.Ops.Unfreeze != nil {
+		args := lf.args()
+		args.Handler = h
+		h.Ops.Unfreeze(&args)
+	}
+	lf.frozen = false
+}
+
+// alloc allocates and preserves a block of at least size bytes for ser and
+// returns it with its bytes.
+func (ser *serialized) alloc(k *kho.KHO, size uint64) (pgalloc.Folio, []byte, error) {
+	fo, err := k.AllocPreserve(size)
 	if err != nil {
-		return nil, fmt.Errorf("allocating the session array for %d sessions: %w", len(l.outgoing), err)
+		return pgalloc.Folio{}, nil, err
+	}
+	ser.blocks = append(ser.blocks, fo)
+	b, err := k.MemoryFile().Slice(fo.PFN, fo.Pages())
+	return fo, b, err
+}
+
+// writeRecordsLocked writes luo_session_header_ser, the luo_session_ser
+// array, one luo_file_ser array per session with files (each record naming
+// the handler ser.plan chose), and the LUO FDT, all in preserved memory,
+// and adds the FDT as KHO subtree "LUO". On error the caller frees what
+// ser holds.
+//
+// +checklocks:l.mu
+func (l *LUO) writeRecordsLocked(ser *serialized) error {
+	hdr, hb, err := ser.alloc(l.kho, abiluo.SessionHeaderSerSize+uint64(len(l.outgoing))*abiluo.SessionSerSize)
+	if err != nil {
+		return fmt.Errorf("allocating the session array for %d sessions: %w", len(l.outgoing), err)
 	}
 	binary.LittleEndian.PutUint64(hb, uint64(len(l.outgoing)))
 	for i, s := range l.outgoing {
-		var ss abiluo.SessionSer
-		abiluo.StrScpy(ss.Name[:], s.name)
-		if n := len(s.files); n > 0 {
-			fa, fb, err := alloc(uint64(n) * abiluo.FileSerSize)
-			if err != nil {
-				return nil, fmt.Errorf("allocating the file array of session %q (%d files): %w", s.name, n, err)
-			}
-			for j, lf := range s.files {
-				var fs abiluo.FileSer
-				abiluo.StrScpy(fs.Compatible[:], lf.handler.Compatible)
-				fs.Data, fs.Token = lf.serializedData, lf.token
-				fs.Encode(fb[j*abiluo.FileSerSize:])
-			}
-			ss.Files, ss.Count = fa.Addr(), uint64(n)
+		s.mu.Lock()
+		ss, err := s.writeFilesLocked(ser, i, l.kho)
+		s.mu.Unlock()
+		if err != nil {
+			return err
 		}
 		ss.Encode(hb[abiluo.SessionHeaderSerSize+i*abiluo.SessionSerSize:])
 	}
@@ -146,18 +282,45 @@ func (l *LUO) writeRecordsLocked() (_ *serialized, err error) {
 	sn.SetU64(abiluo.FDTSessionHeader, hdr.Addr())
 	blob, err := fdt.Build(root)
 	if err != nil {
-		return nil, fmt.Errorf("building the LUO FDT: %w", err)
+		return fmt.Errorf("building the LUO FDT: %w", err)
 	}
-	fo, fb, err := alloc(uint64(len(blob)))
+	fo, fb, err := ser.alloc(l.kho, uint64(len(blob)))
 	if err != nil {
-		return nil, fmt.Errorf("allocating the LUO FDT: %w", err)
+		return fmt.Errorf("allocating the LUO FDT: %w", err)
 	}
 	copy(fb, blob)
 	if err := l.kho.AddSubtree(abiluo.FDTName, fo.Addr()); err != nil {
-		return nil, fmt.Errorf("adding the LUO subtree to KHO: %w", err)
+		return fmt.Errorf("adding the LUO subtree to KHO: %w", err)
 	}
 	ser.fdtAddr = fo.Addr()
-	return ser, nil
+	return nil
+}
+
+// writeFilesLocked writes the luo_file_ser array of s, the si-th outgoing
+// session, if it has files, into a block of ser and returns the session's
+// luo_session_ser.
+//
+// +checklocks:s.mu
+func (s *Session) writeFilesLocked(ser *serialized, si int, k *kho.KHO) (abiluo.SessionSer, error) {
+	var ss abiluo.SessionSer
+	abiluo.StrScpy(ss.Name[:], s.name)
+	n := len(s.files)
+	if n == 0 {
+		return ss, nil
+	}
+	hs := ser.plan[si]
+	fa, fb, err := ser.alloc(k, uint64(n)*abiluo.FileSerSize)
+	if err != nil {
+		return ss, fmt.Errorf("allocating the file array of session %q (%d files): %w", s.name, n, err)
+	}
+	for j, lf := range s.files {
+		var fs abiluo.FileSer
+		abiluo.StrScpy(fs.Compatible[:], hs[j].Compatible)
+		fs.Data, fs.Token = lf.serializedData, lf.token
+		fs.Encode(fb[j*abiluo.FileSerSize:])
+	}
+	ss.Files, ss.Count = fa.Addr(), uint64(n)
+	return ss, nil
 }
 
 // freeSerialized unpreserves and frees everything ser holds.
@@ -181,14 +344,8 @@ func (l *LUO) Abort() {
 	if l.serialized == nil {
 		return
 	}
-	for _, s := range l.outgoing {
-		s.mu.Lock()
-	}
-	l.unfreezeAllLocked()
+	l.unfreezeAllLocked(l.serialized.plan, len(l.outgoing))
 	l.frozen.Store(false)
-	for _, s := range l.outgoing {
-		s.mu.Unlock()
-	}
 	l.freeSerialized(l.serialized)
 	l.serialized = nil
 	closed := l.closedWhileSerialized
@@ -197,7 +354,7 @@ func (l *LUO) Abort() {
 		s.mu.Lock()
 		s.unpreserveFilesLocked()
 		s.mu.Unlock()
-		l.removeLocked(&l.outgoing, s)
+		l.removeOutgoingLocked(s)
 	}
 }
 
@@ -268,7 +425,7 @@ func (in *incomingState) read(addr uint64) ([]*Session, uint64, error) {
 		return nil, 0, fmt.Errorf("LUO FDT at %#x: %w", addr, err)
 	}
 	if c, err := root.String("compatible"); err != nil || c != abiluo.FDTCompatible {
-		return nil, 0, fmt.Errorf("LUO FDT at %#x: compatible %q (%v), this sentry understands %q: %w", addr, c, err, abiluo.FDTCompatible, unix.EINVAL)
+		return nil, 0, fmt.Errorf("LUO FDT at %#x: compatible %q (%v), this sentry reads %q: %w", addr, c, err, []string{abiluo.FDTCompatible}, unix.EINVAL)
 	}
 	num, err := root.U64(abiluo.FDTLiveupdateNum)
 	if err != nil {
@@ -278,8 +435,12 @@ func (in *incomingState) read(addr uint64) ([]*Session, uint64, error) {
 	if sn == nil {
 		return nil, 0, fmt.Errorf("LUO FDT at %#x: no %q node: %w", addr, abiluo.FDTSessionNode, unix.EINVAL)
 	}
-	if c, err := sn.String("compatible"); err != nil || c != abiluo.FDTSessionCompatible {
-		return nil, 0, fmt.Errorf("LUO FDT at %#x: %s compatible %q (%v), this sentry understands %q: %w", addr, abiluo.FDTSessionNode, c, err, abiluo.FDTSessionCompatible, unix.EINVAL)
+	c, err := sn.String("compatible")
+	switch {
+	case err == nil && c == abiluo.FDTSessionCompatibleV1:
+		return nil, 0, fmt.Errorf("LUO FDT at %#x: %s compatible %q names several pre-release layouts that cannot be told apart (8-byte header and 64-byte records without files in torvalds/linux 0153094d03df; 16-byte header and 88-byte records in linux-next), so this sentry reads only %q: %w", addr, abiluo.FDTSessionNode, c, abiluo.FDTSessionCompatible, unix.EINVAL)
+	case err != nil || c != abiluo.FDTSessionCompatible:
+		return nil, 0, fmt.Errorf("LUO FDT at %#x: %s compatible %q (%v), this sentry reads %q: %w", addr, abiluo.FDTSessionNode, c, err, []string{abiluo.FDTSessionCompatible}, unix.EINVAL)
 	}
 	hdrAddr, err := sn.U64(abiluo.FDTSessionHeader)
 	if err != nil {
@@ -309,13 +470,11 @@ func (in *incomingState) read(addr uint64) ([]*Session, uint64, error) {
 			return nil, 0, fmt.Errorf("luo_session_ser[%d].name %q at %#x: duplicate session name: %w", i, name, recAddr, unix.EINVAL)
 		}
 		names[name] = true
-		s := &Session{luo: in.luo, name: name, incoming: true}
 		files, err := in.readFiles(i, name, ss)
 		if err != nil {
 			return nil, 0, err
 		}
-		s.files = files
-		sessions = append(sessions, s)
+		sessions = append(sessions, &Session{luo: in.luo, name: name, incoming: true, files: files})
 	}
 	return sessions, num, nil
 }

@@ -66,7 +66,7 @@ func (s *Session) release() {
 		if err != nil {
 			return
 		}
-		l.removeLocked(&l.incoming, s)
+		l.removeIncomingLocked(s)
 		if len(l.incoming) == 0 {
 			// Nothing handed over is reachable any more: whatever
 			// the previous sentry preserved and nobody restored is
@@ -85,12 +85,16 @@ func (s *Session) release() {
 	s.mu.Lock()
 	s.unpreserveFilesLocked()
 	s.mu.Unlock()
-	l.removeLocked(&l.outgoing, s)
+	l.removeOutgoingLocked(s)
 }
 
-// Ioctl runs an ioctl on the session fd (luo_session_ioctl).
+// Ioctl runs an ioctl on the session fd (luo_session_ioctl). PRESERVE_FD
+// works only on a session created in this sentry, RETRIEVE_FD and FINISH
+// only on a retrieved incoming one (EINVAL otherwise, before the size is
+// looked at), GET_NAME on both. FINISH and GET_NAME refuse a non-zero
+// reserved field with EINVAL.
 func (s *Session) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
-	i, k, usize, err := decodeIoctl(sessionOps[:], abiluo.CmdSessionBase, cmd, arg)
+	i, k, usize, err := decodeIoctl(sessionOps[:], abiluo.CmdSessionBase, cmd, arg, s.incoming)
 	if err != nil {
 		return nil, err
 	}
@@ -118,8 +122,31 @@ func (s *Session) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
 			return nil, err
 		}
 		return abiluo.Respond(k, usize), nil
-	default:
+	case 2:
+		var a abiluo.SessionFinish
+		if err := a.Decode(k); err != nil {
+			return nil, err
+		}
+		if a.Reserved != 0 {
+			return nil, unix.EINVAL
+		}
 		if err := s.Finish(); err != nil {
+			return nil, err
+		}
+		return abiluo.Respond(k, usize), nil
+	default:
+		var a abiluo.SessionGetName
+		if err := a.Decode(k); err != nil {
+			return nil, err
+		}
+		if a.Reserved != 0 {
+			return nil, unix.EINVAL
+		}
+		// strscpy, not strscpy_pad: the bytes after the NUL keep what
+		// the user passed in.
+		n := copy(a.Name[:abiluo.SessionNameLength-1], s.name)
+		a.Name[n] = 0
+		if err := a.Encode(k); err != nil {
 			return nil, err
 		}
 		return abiluo.Respond(k, usize), nil
@@ -130,7 +157,7 @@ func (s *Session) Ioctl(fdt FDTable, cmd uint32, arg []byte) ([]byte, error) {
 // for a token in use in this session, ENOSPC for a full session, EBADF for
 // a bad fd, ENOENT if no handler can preserve the file, EBUSY if the file
 // is already preserved (in any session), or the handler's error. Preserving
-// into an incoming session is EINVAL (see docs/luo.md).
+// into an incoming session is EINVAL.
 func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 	l := s.luo
 	// A reference dropped here may be the file's last, and releasing a
@@ -143,8 +170,9 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// Serialize sets frozen while it holds every session's mu, so this
-	// check cannot race it.
+	// Serialize sets frozen before it takes any session's mu to freeze
+	// it: a preserve that passed this check finishes before its session
+	// is frozen, and one that comes later fails.
 	if l.frozen.Load() {
 		return unix.EBUSY
 	}
@@ -195,8 +223,7 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 // unpreserveFilesLocked mirrors luo_file_unpreserve_files: every file is
 // unpreserved, last preserved first, and LUO drops its reference.
 //
-// Preconditions:
-//   - s.mu is locked.
+// +checklocks:s.mu
 func (s *Session) unpreserveFilesLocked() {
 	for len(s.files) > 0 {
 		lf := s.files[len(s.files)-1]
@@ -219,7 +246,7 @@ func (l *LUO) dropFile(f File) {
 // for an unknown token; a file retrieved before is returned again (a new
 // fd to the same file); a retrieve that failed before fails again with the
 // same error without being retried. Retrieving from an outgoing session is
-// EINVAL (see docs/luo.md).
+// EINVAL.
 func (s *Session) retrieveFD(fdt FDTable, token uint64) (int32, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -269,7 +296,7 @@ func errnoOf(err error) int {
 // EBUSY, changing nothing; then every file is finished, last first,
 // including files never retrieved (their handler frees what they held),
 // and LUO drops its references. Finishing an empty session succeeds.
-// Finishing an outgoing session is EINVAL (see docs/luo.md).
+// Finishing an outgoing session is EINVAL.
 func (s *Session) Finish() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -279,8 +306,9 @@ func (s *Session) Finish() error {
 	return s.finishLocked()
 }
 
-// Preconditions:
-//   - s.mu is locked.
+// finishLocked mirrors luo_file_finish.
+//
+// +checklocks:s.mu
 func (s *Session) finishLocked() error {
 	for _, lf := range s.files {
 		if lf.handler.Ops.CanFinish == nil {

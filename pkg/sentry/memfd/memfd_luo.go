@@ -1,20 +1,40 @@
 package memfd
 
-// This file mirrors mm/memfd_luo.c (Linux v6.19, "memfd-v1"; the copy in
-// shared/seed/memfd_luo.c) function by function: memfd preservation via
-// LUO.
+// This file mirrors mm/memfd_luo.c function by function: memfd preservation
+// via LUO, in both formats Linux has had. One implementation serves two
+// handlers of the family "memfd":
+//
+//   - "memfd-v2" (linux-mm 873e8b59c82f / fb2257f1798a, "mm: memfd_luo:
+//     preserve file seals"): the 48-byte record carries the seals. Preserve
+//     refuses a file with a seal outside MEMFD_LUO_ALL_SEALS (EOPNOTSUPP);
+//     retrieve re-checks them (EOPNOTSUPP), creates the file sealable and
+//     adds them back.
+//   - "memfd-v1" (torvalds/linux v6.19, the copy in shared/seed/memfd_luo.c):
+//     the 40-byte record has no seals; the retrieved file is unsealed and
+//     cannot be sealed, like memfd_alloc_file("", 0).
 //
 // Preserved across a restart: the file's contents (every folio of
 // [0, size); holes are filled with zeroed folios at preserve), its size,
-// its position, and its status flags (O_RDWR|O_LARGEFILE, which every
-// memfd has). Not preserved, reset to defaults: FD_CLOEXEC (retrieved fds
-// are O_CLOEXEC, like every LUO fd) and seals (the retrieved file is
-// unsealed and cannot be sealed, like memfd_alloc_file("", 0)); also the
-// name. MFD_HUGETLB memfds are rejected.
+// its position, its status flags (O_RDWR|O_LARGEFILE, which every memfd
+// has) and, with memfd-v2, its seals as they were at preserve. Not
+// preserved, reset to defaults: FD_CLOEXEC (retrieved fds are O_CLOEXEC,
+// like every LUO fd), the name, and with memfd-v1 the seals. MFD_HUGETLB
+// memfds are rejected, and so is a file of more than UINT_MAX pages (EFBIG,
+// the limit of memfd_pin_folios).
 //
 // While preserved, the file is frozen (shmem_freeze): its size cannot
 // change, writes past its end and every fallocate fail with EPERM, until
 // it is unpreserved.
+//
+// Format choice. The record is written at preserve in the format of the
+// handler that preserved it, and freeze (which LUO calls with the handler
+// chosen for the next sentry) converts it when another format of the
+// family was chosen. Converting a memfd-v2 file to memfd-v1 fails with
+// EOPNOTSUPP if the file has a seal other than F_SEAL_SEAL: the guest was
+// promised its seals, and memfd-v1 cannot carry them (this follows the rule
+// memfd-v2 applies to seals it does not know). Like Linux, there is no
+// unfreeze: the record stays in the format it was last written in, which
+// preservedFile tracks, and the next freeze converts from there.
 //
 // Fixes of the seed's known bugs (shared/spec/linux-luo.md §4.4), each
 // marked "seed fix" below:
@@ -27,6 +47,7 @@ package memfd
 
 import (
 	"fmt"
+	"math"
 
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	abimemfd "github.com/livesentry/livesentry/pkg/abi/memfd"
@@ -36,11 +57,29 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// compatible is the handler's compatible string. It is a variable only so
-// that compatibility tests can build a sentry that speaks another format
-// (go build -ldflags "-X ...memfd.compatible=memfd-v9"); it is always
+// compatible is the memfd-v1 handler's compatible string. It is a variable
+// only so that compatibility tests can build a sentry that speaks another
+// format (go build -ldflags "-X ...memfd.compatible=memfd-v9"); it is always
 // abimemfd.Compatible otherwise.
 var compatible = abimemfd.Compatible
+
+// family is the LUO handler family of both memfd formats.
+const family = "memfd"
+
+// format is a memfd_luo_ser layout.
+type format int
+
+const (
+	formatV1 format = iota + 1 // "memfd-v1", abimemfd.Ser
+	formatV2                   // "memfd-v2", abimemfd.SerV2
+)
+
+func (ft format) String() string {
+	if ft == formatV2 {
+		return abimemfd.CompatibleV2
+	}
+	return compatible
+}
 
 // luoHandler holds what memfd_luo.c reaches through globals: the memory
 // file and KHO.
@@ -56,21 +95,83 @@ type preservedFile struct {
 	array  *kho.Vmalloc
 	desc   abikho.Vmalloc
 	ser    pgalloc.Folio
+	// seals are the file's seals at preserve.
+	seals uint32
+	// preservedAs is the format of the handler that preserved the file;
+	// written is the format the record is in now (another one after a
+	// converting freeze).
+	preservedAs, written format
 }
 
-// NewLUOHandler returns the memfd file handler (memfd_luo_handler) for a
-// sentry's memory file and KHO, to register with LUO.
+// record is memfd_luo_ser in either format.
+type record struct {
+	pos, size uint64
+	seals     uint32 // memfd-v2 only
+	flags     uint32 // memfd-v2 only
+	nrFolios  uint64
+	folios    abikho.Vmalloc
+}
+
+// encode writes r in format ft into b, zeroing the rest of the longer
+// record so that the block never holds a stale tail.
+func (r *record) encode(ft format, b []byte) error {
+	if len(b) < abimemfd.SerV2Size {
+		return fmt.Errorf("memfd_luo_ser: %d-byte block: %w", len(b), unix.EINVAL)
+	}
+	clear(b[:abimemfd.SerV2Size])
+	if ft == formatV2 {
+		s := abimemfd.SerV2{Pos: r.pos, Size: r.size, Seals: r.seals, Flags: r.flags, NrFolios: r.nrFolios, Folios: r.folios}
+		return s.Encode(b)
+	}
+	s := abimemfd.Ser{Pos: r.pos, Size: r.size, NrFolios: r.nrFolios, Folios: r.folios}
+	return s.Encode(b)
+}
+
+// decode reads r in format ft from b.
+func (r *record) decode(ft format, b []byte) error {
+	if ft == formatV2 {
+		var s abimemfd.SerV2
+		if err := s.Decode(b); err != nil {
+			return err
+		}
+		*r = record{pos: s.Pos, size: s.Size, seals: s.Seals, flags: s.Flags, nrFolios: s.NrFolios, folios: s.Folios}
+		return nil
+	}
+	var s abimemfd.Ser
+	if err := s.Decode(b); err != nil {
+		return err
+	}
+	*r = record{pos: s.Pos, size: s.Size, nrFolios: s.NrFolios, folios: s.Folios}
+	return nil
+}
+
+// NewLUOHandler returns the memfd-v1 file handler (memfd_luo_handler of
+// v6.19) for a sentry's memory file and KHO, to register with LUO.
 func NewLUOHandler(mf *pgalloc.MemoryFile, k *kho.KHO) *luo.FileHandler {
+	return (&luoHandler{mf: mf, kho: k}).handler(formatV1)
+}
+
+// NewLUOHandlers returns both memfd file handlers, memfd-v2 first, sharing
+// one implementation, to register with LUO in this order: memfd-v2
+// preserves every memfd and either may write it at the restart (see
+// luo.SerializeOptions).
+func NewLUOHandlers(mf *pgalloc.MemoryFile, k *kho.KHO) []*luo.FileHandler {
 	h := &luoHandler{mf: mf, kho: k}
+	return []*luo.FileHandler{h.handler(formatV2), h.handler(formatV1)}
+}
+
+// handler returns the LUO handler of format ft.
+func (h *luoHandler) handler(ft format) *luo.FileHandler {
 	return &luo.FileHandler{
-		Compatible: compatible,
+		Compatible: ft.String(),
+		Family:     family,
 		Ops: &luo.FileOps{
 			CanPreserve: h.canPreserve,
-			Preserve:    h.preserve,
+			Preserve:    func(args *luo.FileOpArgs) error { return h.preserve(args, ft) },
 			Unpreserve:  h.unpreserve,
-			Freeze:      h.freeze,
-			Retrieve:    h.retrieve,
-			Finish:      h.finish,
+			Freeze:      func(args *luo.FileOpArgs) error { return h.freeze(args, ft) },
+			Retrieve:    func(args *luo.FileOpArgs) error { return h.retrieve(args, ft) },
+			Finish:      func(args *luo.FileOpArgs) { h.finish(args, ft) },
 		},
 	}
 }
@@ -88,8 +189,7 @@ func (h *luoHandler) canPreserve(_ *luo.FileHandler, file luo.File) bool {
 // vmalloc-style area. On error it undoes everything, in reverse. A file of
 // size 0 has no array.
 //
-// Preconditions:
-//   - f.Lock is held.
+// +checklocks:f.mu
 func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64, err error) {
 	if f.Size() == 0 {
 		pf.desc = abikho.Vmalloc{}
@@ -147,8 +247,9 @@ func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64
 // preserved and then written would come back not uptodate, and read as
 // zeros (the luo_memfd selftest fallocate_memfd).
 //
-// Preconditions:
-//   - f.Lock is held and folios were returned by f.PinFolios.
+// folios were returned by f.PinFolios.
+//
+// +checklocks:f.mu
 func (h *luoHandler) makeUptodateDirtyLocked(f *File, folios []CacheFolio) {
 	for i := range folios {
 		c := &folios[i]
@@ -169,8 +270,7 @@ func (h *luoHandler) makeUptodateDirtyLocked(f *File, folios []CacheFolio) {
 
 // unpreserveFolios mirrors memfd_luo_unpreserve_folios.
 //
-// Preconditions:
-//   - f.Lock is held.
+// +checklocks:f.mu
 func (h *luoHandler) unpreserveFolios(f *File, pf *preservedFile) {
 	if pf.array == nil {
 		return
@@ -185,52 +285,99 @@ func (h *luoHandler) unpreserveFolios(f *File, pf *preservedFile) {
 }
 
 // preserve mirrors memfd_luo_preserve: freeze the file, allocate the
-// memfd_luo_ser record in preserved memory, record position and size,
-// preserve the folios. On error everything is undone and the file is
+// memfd_luo_ser record in preserved memory, check the seals (memfd-v2:
+// EOPNOTSUPP for a seal it cannot carry) and the size (EFBIG beyond UINT_MAX
+// pages), record position, size and seals, preserve the folios, and write
+// the record in format ft. On error everything is undone and the file is
 // unfrozen.
-func (h *luoHandler) preserve(args *luo.FileOpArgs) error {
+func (h *luoHandler) preserve(args *luo.FileOpArgs, ft format) error {
 	f := args.File.(*File)
-	f.Lock()
-	defer f.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.SetFrozen(true)
 
-	ser, err := h.kho.AllocPreserve(abimemfd.SerSize)
+	// Room for either format: the block is one page.
+	ser, err := h.kho.AllocPreserve(abimemfd.SerV2Size)
 	if err != nil {
 		f.SetFrozen(false)
 		return err
 	}
-	pf := &preservedFile{ser: ser}
-	rec := abimemfd.Ser{Pos: uint64(f.Pos()), Size: uint64(f.Size())}
-	nr, err := h.preserveFolios(f, pf)
+	pf, rec, err := h.preserveLocked(f, ser, ft)
 	if err != nil {
 		_ = h.kho.UnpreserveFree(ser)
 		f.SetFrozen(false)
 		return err
 	}
-	rec.NrFolios, rec.Folios = nr, pf.desc
-	if err := rec.Encode(h.mf.Bytes(ser)); err != nil {
-		panic(fmt.Sprintf("memfd: %d-byte record does not fit %v: %v", abimemfd.SerSize, ser, err))
+	if err := rec.encode(ft, h.mf.Bytes(ser)); err != nil {
+		panic(fmt.Sprintf("memfd: record does not fit %v: %v", ser, err))
 	}
 	args.PrivateData = pf
 	args.SerializedData = ser.Addr()
 	return nil
 }
 
+// preserveLocked is the part of memfd_luo_preserve between the allocation
+// of the record and its publication.
+//
+// +checklocks:f.mu
+func (h *luoHandler) preserveLocked(f *File, ser pgalloc.Folio, ft format) (*preservedFile, record, error) {
+	seals := f.seals
+	if ft == formatV2 && seals&^abimemfd.AllSeals != 0 {
+		return nil, record{}, fmt.Errorf("memfd seals %#x: %s carries only %#x: %w", seals, ft, abimemfd.AllSeals, unix.EOPNOTSUPP)
+	}
+	size := uint64(f.Size())
+	// memfd_pin_folios takes an unsigned int count: refuse rather than
+	// preserve a prefix.
+	if pages := (size + pgalloc.PageSize - 1) / pgalloc.PageSize; pages > math.MaxUint32 {
+		return nil, record{}, fmt.Errorf("memfd of %d bytes: %d pages, more than %d: %w", size, pages, uint64(math.MaxUint32), unix.EFBIG)
+	}
+	pf := &preservedFile{ser: ser, seals: seals, preservedAs: ft, written: ft}
+	nr, err := h.preserveFolios(f, pf)
+	if err != nil {
+		return nil, record{}, err
+	}
+	rec := record{pos: uint64(f.Pos()), size: size, nrFolios: nr, folios: pf.desc}
+	if ft == formatV2 {
+		rec.seals = seals
+	}
+	return pf, rec, nil
+}
+
 // freeze mirrors memfd_luo_freeze: only the position may have changed
-// since preserve.
-func (h *luoHandler) freeze(args *luo.FileOpArgs) error {
+// since preserve. ft is the format LUO chose for the next sentry: if the
+// record is in another one, it is converted. A file preserved as memfd-v2
+// with a seal other than F_SEAL_SEAL cannot be written as memfd-v1
+// (EOPNOTSUPP): it would come back without its seals.
+func (h *luoHandler) freeze(args *luo.FileOpArgs, ft format) error {
 	pf, ok := args.PrivateData.(*preservedFile)
 	if !ok || args.SerializedData == 0 {
 		return unix.EINVAL
 	}
-	f := args.File.(*File)
-	var rec abimemfd.Ser
+	if ft == formatV1 && pf.preservedAs == formatV2 && pf.seals&^unix.F_SEAL_SEAL != 0 {
+		return fmt.Errorf("memfd with seals %#x, preserved as %s: %s carries no seals: %w", pf.seals, formatV2, ft, unix.EOPNOTSUPP)
+	}
+	return h.rewrite(pf, args.File.(*File), ft)
+}
+
+// rewrite updates the record's position and converts it to format ft.
+func (h *luoHandler) rewrite(pf *preservedFile, f *File, ft format) error {
 	b := h.mf.Bytes(pf.ser)
-	if err := rec.Decode(b); err != nil {
+	var rec record
+	if err := rec.decode(pf.written, b); err != nil {
 		return err
 	}
-	rec.Pos = uint64(f.Pos())
-	return rec.Encode(b)
+	rec.pos = uint64(f.Pos())
+	if ft != pf.written {
+		rec.seals, rec.flags = 0, 0
+		if ft == formatV2 {
+			rec.seals = pf.seals
+		}
+	}
+	if err := rec.encode(ft, b); err != nil {
+		return err
+	}
+	pf.written = ft
+	return nil
 }
 
 // unpreserve mirrors memfd_luo_unpreserve.
@@ -240,17 +387,17 @@ func (h *luoHandler) unpreserve(args *luo.FileOpArgs) {
 		panic("memfd: unpreserve of a file that preserve did not set up")
 	}
 	f := args.File.(*File)
-	f.Lock()
-	defer f.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.SetFrozen(false)
 	h.unpreserveFolios(f, pf)
 	_ = h.kho.UnpreserveFree(pf.ser)
 }
 
 // readRecord restores the memfd_luo_ser block at addr (one-shot) and
-// decodes it.
-func (h *luoHandler) readRecord(addr uint64) (pgalloc.Folio, abimemfd.Ser, error) {
-	var rec abimemfd.Ser
+// decodes it in format ft.
+func (h *luoHandler) readRecord(addr uint64, ft format) (pgalloc.Folio, record, error) {
+	var rec record
 	if addr == 0 {
 		return pgalloc.Folio{}, rec, fmt.Errorf("memfd_luo_ser address 0: %w", unix.EINVAL)
 	}
@@ -258,7 +405,7 @@ func (h *luoHandler) readRecord(addr uint64) (pgalloc.Folio, abimemfd.Ser, error
 	if err != nil {
 		return pgalloc.Folio{}, rec, fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err)
 	}
-	if err := rec.Decode(h.mf.Bytes(fo)); err != nil {
+	if err := rec.decode(ft, h.mf.Bytes(fo)); err != nil {
 		h.mf.DecRef(fo)
 		return pgalloc.Folio{}, rec, fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err)
 	}
@@ -267,17 +414,17 @@ func (h *luoHandler) readRecord(addr uint64) (pgalloc.Folio, abimemfd.Ser, error
 
 // folioRecords restores the folio array of rec and decodes its
 // nr_folios records.
-func (h *luoHandler) folioRecords(addr uint64, rec abimemfd.Ser) ([]abimemfd.FolioSer, error) {
-	array, err := h.kho.RestoreVmalloc(rec.Folios)
+func (h *luoHandler) folioRecords(addr uint64, rec record) ([]abimemfd.FolioSer, error) {
+	array, err := h.kho.RestoreVmalloc(rec.folios)
 	if err != nil {
 		return nil, fmt.Errorf("memfd_luo_ser at %#x: folio array: %w", addr, err)
 	}
 	defer array.Free()
-	if rec.NrFolios > array.Len()/abimemfd.FolioSerSize {
-		return nil, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.NrFolios, array.Len(), unix.EINVAL)
+	if rec.nrFolios > array.Len()/abimemfd.FolioSerSize {
+		return nil, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.nrFolios, array.Len(), unix.EINVAL)
 	}
 	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
-	recs := make([]abimemfd.FolioSer, rec.NrFolios)
+	recs := make([]abimemfd.FolioSer, rec.nrFolios)
 	for i := range recs {
 		recs[i] = abimemfd.DecodeFolioSer(array.Page(i / perPage)[(i%perPage)*abimemfd.FolioSerSize:])
 	}
@@ -308,20 +455,29 @@ func (h *luoHandler) discardAddrs(addrs []uint64) {
 
 // retrieve mirrors memfd_luo_retrieve and memfd_luo_retrieve_folios: a
 // fresh memfd with the preserved size and position whose page cache holds
-// the preserved folios at their indices, with their flags.
-func (h *luoHandler) retrieve(args *luo.FileOpArgs) error {
+// the preserved folios at their indices, with their flags. With memfd-v2 the
+// file is created sealable and gets the preserved seals; a seal outside
+// MEMFD_LUO_ALL_SEALS is EOPNOTSUPP, non-zero flags (unused, must be 0) are
+// EINVAL.
+func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	addr := args.SerializedData
-	serFolio, rec, err := h.readRecord(addr)
+	serFolio, rec, err := h.readRecord(addr, ft)
 	if err != nil {
 		return err
 	}
 	// Seed fix 1: the record is freed on every path.
 	defer h.mf.DecRef(serFolio)
-	if rec.Size > MaxFileSize || rec.Pos > MaxFileSize {
-		return fmt.Errorf("memfd_luo_ser at %#x: size %d or pos %d beyond the maximum file size: %w", addr, rec.Size, rec.Pos, unix.EINVAL)
+	if rec.seals&^abimemfd.AllSeals != 0 {
+		return fmt.Errorf("memfd_luo_ser at %#x: seals %#x: %s carries only %#x: %w", addr, rec.seals, ft, abimemfd.AllSeals, unix.EOPNOTSUPP)
+	}
+	if rec.flags != 0 {
+		return fmt.Errorf("memfd_luo_ser at %#x: flags %#x, none is defined: %w", addr, rec.flags, unix.EINVAL)
+	}
+	if rec.size > MaxFileSize || rec.pos > MaxFileSize {
+		return fmt.Errorf("memfd_luo_ser at %#x: size %d or pos %d beyond the maximum file size: %w", addr, rec.size, rec.pos, unix.EINVAL)
 	}
 	var recs []abimemfd.FolioSer
-	if rec.NrFolios > 0 {
+	if rec.nrFolios > 0 {
 		if recs, err = h.folioRecords(addr, rec); err != nil {
 			return err
 		}
@@ -369,9 +525,16 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs) error {
 		})
 		j++
 	}
-	f, err := NewFromFolios(h.mf, int64(rec.Size), int64(rec.Pos), folios)
+	f, err := NewFromFolios(h.mf, int64(rec.size), int64(rec.pos), folios)
 	if err != nil {
 		return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
+	}
+	if ft == formatV2 {
+		// memfd_alloc_file("", MFD_ALLOW_SEALING), then memfd_add_seals.
+		if err := f.allowSealingAndAdd(rec.seals); err != nil {
+			f.DecRef()
+			return fmt.Errorf("memfd_luo_ser at %#x: adding seals %#x: %w", addr, rec.seals, err)
+		}
 	}
 	args.File = f
 	return nil
@@ -380,18 +543,18 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs) error {
 // finish mirrors memfd_luo_finish: a file that was never retrieved has its
 // folios discarded and its record freed; after a retrieve (successful or
 // not) there is nothing left to do.
-func (h *luoHandler) finish(args *luo.FileOpArgs) {
+func (h *luoHandler) finish(args *luo.FileOpArgs, ft format) {
 	// Seed fix 3: retrieve_status, so a failed retrieve, which already
 	// freed what it restored, is not cleaned up twice.
 	if args.RetrieveStatus != 0 {
 		return
 	}
-	serFolio, rec, err := h.readRecord(args.SerializedData)
+	serFolio, rec, err := h.readRecord(args.SerializedData, ft)
 	if err != nil {
 		return
 	}
 	defer h.mf.DecRef(serFolio)
-	if rec.NrFolios == 0 {
+	if rec.nrFolios == 0 {
 		return
 	}
 	recs, err := h.folioRecords(args.SerializedData, rec)
