@@ -97,3 +97,17 @@ func page(tb testing.TB, mf *pgalloc.MemoryFile, addr uint64) []byte {
 	}
 	return b
 }
+
+// treeRoot returns the address of k's outgoing radix tree root, 0 if none.
+func treeRoot(k *KHO) uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.out.tree.root.Addr()
+}
+
+// forEachFormat runs fn as a subtest for each format KHO writes.
+func forEachFormat(t *testing.T, fn func(t *testing.T, format string)) {
+	for _, f := range WriteFormats() {
+		t.Run(f, func(t *testing.T) { fn(t, f) })
+	}
+}

@@ -72,20 +72,28 @@ type KHO struct {
 
 // outgoing is what this sentry will hand over.
 type outgoing struct {
-	// mem tracks every preserved block.
-	mem memTracker
+	// tree tracks every preserved block: the kho-v2 radix tree, current at
+	// every preserve and unpreserve. After a live-update boot it is made
+	// at the first preserve (or handover), because Ingest must not
+	// allocate.
+	tree radixTree
 	// root is the preserved page that holds the root FDT.
 	root pgalloc.Folio
+	// format is the compatible string the root FDT is written in:
+	// kho-v2 (the tree, always current) except between a kho-v1
+	// Finalize and Abort.
+	format string
 	// subtrees are the root's subnodes, in the order they were added.
 	subtrees []subtree
 	// finalized is set by Finalize and cleared by Abort; while it is set
 	// the map must not change.
 	finalized bool
-	// memMap is the address of the first map chunk, 0 before Finalize.
-	memMap uint64
-	// mapPages are the chunk and bitmap pages written by the last
-	// Finalize: ordinary allocated folios, not preserved.
-	mapPages []pgalloc.Folio
+	// v1Map is the address of the first kho-v1 map chunk written by the
+	// last kho-v1 Finalize, 0 if none.
+	v1Map uint64
+	// v1Pages are the chunk and bitmap pages of v1Map: ordinary allocated
+	// folios, not preserved.
+	v1Pages []pgalloc.Folio
 }
 
 type subtree struct {
@@ -99,6 +107,8 @@ type incoming struct {
 	root []byte
 	// tree is root, parsed.
 	tree *fdt.Node
+	// format is the compatible string of the incoming root.
+	format string
 	// mem holds the preserved blocks not yet restored or released.
 	mem memTracker
 }
@@ -118,25 +128,65 @@ func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 
 // initOutLocked sets up an empty outgoing side whose root FDT is in root, a
 // preserved page, or in a new one (kho_init: kho_alloc_preserve(PAGE_SIZE))
-// if root is the zero Folio.
+// if root is the zero Folio. With a new root it also makes the radix tree
+// (kho_init's kzalloc of tree->root); with a given root (Ingest) the tree
+// and the root page's bit in it wait for the first preserve, because the
+// allocator may not have free memory yet (see Ingest).
 //
 // Preconditions: k.mu is locked.
 func (k *KHO) initOutLocked(root pgalloc.Folio) error {
-	k.out = outgoing{mem: newMemTracker(k.mf.Pages())}
+	k.out = outgoing{tree: newRadixTree(k.mf), format: abikho.CompatibleV2}
 	if root == (pgalloc.Folio{}) {
 		var err error
 		if root, err = k.allocPreserveLocked(abikho.PageSize); err != nil {
+			k.out.tree.free()
 			return fmt.Errorf("kho: allocating the root FDT page: %w", err)
 		}
-	} else {
-		k.out.mem.set(root.PFN, root.Order)
 	}
 	k.out.root = root
 	if err := k.writeRootLocked(); err != nil {
 		k.unpreserveFreeLocked(root)
+		k.out.tree.free()
 		return err
 	}
 	return nil
+}
+
+// treeLocked returns the outgoing tree, making its root node first if it
+// has none: then it also marks the root FDT page preserved and rewrites
+// the root FDT with the tree's address.
+//
+// Preconditions: k.mu is locked.
+func (k *KHO) treeLocked() (*radixTree, error) {
+	t := &k.out.tree
+	if t.root != (pgalloc.Folio{}) {
+		return t, nil
+	}
+	if err := t.init(); err != nil {
+		return nil, err
+	}
+	if k.out.root != (pgalloc.Folio{}) {
+		if err := t.set(k.out.root.PFN, k.out.root.Order); err != nil {
+			t.free()
+			*t = newRadixTree(k.mf)
+			return nil, err
+		}
+		if err := k.writeRootLocked(); err != nil {
+			panic(fmt.Sprintf("kho: rewriting a root FDT that fitted before: %v", err))
+		}
+	}
+	return t, nil
+}
+
+// setLocked marks (pfn, order) preserved in the outgoing tree.
+//
+// Preconditions: k.mu is locked; (pfn, order) lies inside the file.
+func (k *KHO) setLocked(pfn uint64, order int) error {
+	t, err := k.treeLocked()
+	if err != nil {
+		return err
+	}
+	return t.set(pfn, order)
 }
 
 // Ingest reads the handover that the previous sentry left in mf, a memory
@@ -164,9 +214,10 @@ func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	if err := mf.AdoptRuns(runs); err != nil {
 		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
 	}
-	k := &KHO{mf: mf, in: in}
+	k := &KHO{mf: mf}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.in = in
 	// The old root page was checked to be a preserved order-0 page, so it
 	// is an adopted folio now. It has been parsed (in.root keeps a copy):
 	// restore it and reuse it as the outgoing root. Linux allocates a

@@ -19,7 +19,7 @@ func marked(k *KHO) []pgalloc.Folio {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	var fs []pgalloc.Folio
-	k.out.mem.forEach(func(pfn uint64, order int) { fs = append(fs, pgalloc.Folio{PFN: pfn, Order: order}) })
+	k.out.tree.forEach(func(pfn uint64, order int) { fs = append(fs, pgalloc.Folio{PFN: pfn, Order: order}) })
 	return fs
 }
 
@@ -205,8 +205,8 @@ func TestFinalizeAbort(t *testing.T) {
 	if got := mf.Stats().AllocatedPages; got != base {
 		t.Errorf("after Abort %d pages are allocated, want %d", got, base)
 	}
-	if m := memMapAddr(t, k); m != 0 {
-		t.Errorf("preserved-memory-map = %#x after Abort, want 0", m)
+	if m, root := memMapAddr(t, k), treeRoot(k); m != root || root == 0 || k.Format() != abikho.CompatibleV2 {
+		t.Errorf("after Abort the root is %s with preserved-memory-map %#x, want kho-v2 naming the radix tree at %#x", k.Format(), m, root)
 	}
 	if err := k.PreserveFolio(pgalloc.Folio{PFN: 2, Order: 0}); err != nil {
 		t.Errorf("PreserveFolio after Abort: %v", err)
@@ -272,8 +272,8 @@ func TestSubtrees(t *testing.T) {
 			}
 		})
 	}
-	if v, err := rootTree(t, k).Child("LUO").U64("fdt"); err != nil || v != 0x6000 {
-		t.Errorf("root LUO/fdt = %#x, %v; want 0x6000", v, err)
+	if v, err := rootTree(t, k).Child("LUO").U64("preserved-data"); err != nil || v != 0x6000 {
+		t.Errorf("root LUO/preserved-data = %#x, %v; want 0x6000", v, err)
 	}
 	// Fill the root page: the subtree that does not fit fails with ENOMEM
 	// and the root stays valid with all the others.

@@ -73,8 +73,9 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 	}
 	var folios []pgalloc.Folio
 	var bad error
+	mem := &k.in.mem
 	splitBlocks(pfn, n, func(p uint64, o int) bool {
-		if !k.in.mem.clear(p, o) {
+		if !mem.clear(p, o) {
 			bad = fmt.Errorf("kho: restoring pages [%#x, +%d): block at %#x of order %d is not preserved with that order, or already restored: %w", addr, n, p<<abikho.PageShift, o, unix.EINVAL)
 			return false
 		}
@@ -135,8 +136,9 @@ func (k *KHO) ReleaseUnrestored() (pages uint64) {
 	if k.in == nil {
 		return 0
 	}
+	mf := k.mf
 	k.in.mem.forEach(func(pfn uint64, order int) {
-		k.mf.DecRef(pgalloc.Folio{PFN: pfn, Order: order})
+		mf.DecRef(pgalloc.Folio{PFN: pfn, Order: order})
 		pages += 1 << order
 	})
 	k.in.mem = memTracker{}
