@@ -133,7 +133,7 @@ func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 // and the root page's bit in it wait for the first preserve, because the
 // allocator may not have free memory yet (see Ingest).
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) initOutLocked(root pgalloc.Folio) error {
 	k.out = outgoing{tree: newRadixTree(k.mf), format: abikho.CompatibleV2}
 	if root == (pgalloc.Folio{}) {
@@ -156,7 +156,7 @@ func (k *KHO) initOutLocked(root pgalloc.Folio) error {
 // has none: then it also marks the root FDT page preserved and rewrites
 // the root FDT with the tree's address.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) treeLocked() (*radixTree, error) {
 	t := &k.out.tree
 	if t.root != (pgalloc.Folio{}) {
@@ -171,8 +171,13 @@ func (k *KHO) treeLocked() (*radixTree, error) {
 			*t = newRadixTree(k.mf)
 			return nil, err
 		}
+		// The root FDT now names the tree. (It fitted with address 0,
+		// and the address has the same size, but a failure leaves the
+		// page as it was, so undo rather than assume.)
 		if err := k.writeRootLocked(); err != nil {
-			panic(fmt.Sprintf("kho: rewriting a root FDT that fitted before: %v", err))
+			t.free()
+			*t = newRadixTree(k.mf)
+			return nil, err
 		}
 	}
 	return t, nil
@@ -180,7 +185,9 @@ func (k *KHO) treeLocked() (*radixTree, error) {
 
 // setLocked marks (pfn, order) preserved in the outgoing tree.
 //
-// Preconditions: k.mu is locked; (pfn, order) lies inside the file.
+// Preconditions: (pfn, order) lies inside the file.
+//
+// +checklocks:k.mu
 func (k *KHO) setLocked(pfn uint64, order int) error {
 	t, err := k.treeLocked()
 	if err != nil {

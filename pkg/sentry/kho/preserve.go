@@ -13,7 +13,7 @@ import (
 // serialized map would no longer describe the tracker. Abort makes the map
 // mutable again.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) checkMutableLocked() error {
 	if k.out.finalized {
 		return fmt.Errorf("kho: the preserved-memory map is finalized (abort first): %w", unix.EBUSY)
@@ -102,17 +102,19 @@ func (k *KHO) PreservePages(pfn, n uint64) error {
 	// A block fails only when a tree node cannot be allocated; then the
 	// blocks marked before it are unmarked (__kho_unpreserve up to
 	// failed_pfn).
-	var err error
+	t, err := k.treeLocked()
+	if err != nil {
+		return fmt.Errorf("kho: preserving pages [%#x, +%d): %w", pfn, n, err)
+	}
 	failed := pfn + n
 	splitBlocks(pfn, n, func(p uint64, o int) bool {
-		if err = k.setLocked(p, o); err != nil {
+		if err = t.set(p, o); err != nil {
 			failed = p
 			return false
 		}
 		return true
 	})
 	if err != nil {
-		t := &k.out.tree
 		splitBlocks(pfn, failed-pfn, func(p uint64, o int) bool {
 			t.clear(p, o)
 			return true
@@ -172,7 +174,7 @@ func (k *KHO) AllocPreserve(size uint64) (pgalloc.Folio, error) {
 	return k.allocPreserveLocked(size)
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) allocPreserveLocked(size uint64) (pgalloc.Folio, error) {
 	if size == 0 {
 		return pgalloc.Folio{}, fmt.Errorf("kho: allocating a preserved block of 0 bytes: %w", unix.EINVAL)
@@ -223,7 +225,9 @@ func (k *KHO) UnpreserveFree(f pgalloc.Folio) error {
 
 // unpreserveFreeLocked is UnpreserveFree for a folio k preserved itself.
 //
-// Preconditions: k.mu is locked; f is preserved and allocated.
+// Preconditions: f is preserved and allocated.
+//
+// +checklocks:k.mu
 func (k *KHO) unpreserveFreeLocked(f pgalloc.Folio) {
 	k.out.tree.clear(f.PFN, f.Order)
 	k.mf.DecRef(f)

@@ -41,7 +41,7 @@ func (k *KHO) RestoreFolios(addrs []uint64, out []pgalloc.Folio) (int, error) {
 	return len(addrs), nil
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
 	if k.in == nil {
 		return pgalloc.Folio{}, fmt.Errorf("kho: restoring the folio at %#x: no incoming handover: %w", addr, unix.EINVAL)
@@ -89,11 +89,19 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 		return nil, bad
 	}
 	pages := make([]pgalloc.Folio, 0, n)
-	for _, f := range folios {
-		// An adopted folio holds exactly one reference, so Split cannot
-		// fail with EBUSY.
+	for i, f := range folios {
+		// An adopted, unrestored folio holds exactly the one reference
+		// Adopt gave it, so Split cannot fail with EBUSY unless someone
+		// took a reference without restoring it: then give back what is
+		// not split yet and fail.
 		if err := k.mf.Split(f); err != nil {
-			panic(fmt.Sprintf("kho: splitting restored %v: %v", f, err))
+			for _, g := range folios[i:] {
+				k.in.mem.set(g.PFN, g.Order)
+			}
+			for _, p := range pages {
+				k.mf.DecRef(p)
+			}
+			return nil, fmt.Errorf("kho: restoring pages [%#x, +%d): splitting %v: %w", addr, n, f, err)
 		}
 		for p := f.PFN; p < f.PFN+f.Pages(); p++ {
 			pages = append(pages, pgalloc.Folio{PFN: p})
@@ -114,7 +122,7 @@ func (k *KHO) RestoreFree(addr uint64) error {
 	return k.restoreFreeLocked(addr)
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) restoreFreeLocked(addr uint64) error {
 	f, err := k.restoreFolioLocked(addr)
 	if err != nil {

@@ -126,7 +126,7 @@ func (k *KHO) IncomingFormat() string {
 	return k.in.format
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) freePagesLocked(pages []pgalloc.Folio) {
 	for _, p := range pages {
 		k.mf.DecRef(p)
@@ -136,51 +136,72 @@ func (k *KHO) freePagesLocked(pages []pgalloc.Folio) {
 // serializeLocked writes the map (kho_mem_serialize) and returns the pages
 // it allocated and the address of the first chunk.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) serializeLocked() (pages []pgalloc.Folio, first uint64, err error) {
-	alloc := func() ([]byte, uint64, error) {
-		f, err := k.mf.Allocate(0)
-		if err != nil {
-			return nil, 0, fmt.Errorf("kho: allocating a page for the preserved-memory map: %w", err)
-		}
-		pages = append(pages, f)
-		return k.mf.Bytes(f), f.Addr(), nil
+	w := v1Writer{mf: k.mf}
+	if err := w.write(&k.out.tree.leaves); err != nil {
+		w.free()
+		return nil, 0, err
 	}
-	var chunk []byte
-	var hdr abikho.MemChunkHdr
-	// newChunk starts a chunk for order and links it after the current one
-	// (new_chunk).
-	newChunk := func(order int) error {
-		c, addr, err := alloc()
-		if err != nil {
-			return err
-		}
-		if chunk == nil {
-			first = addr
-		} else {
-			hdr.Next = addr
-			hdr.Encode(chunk)
-		}
-		chunk, hdr = c, abikho.MemChunkHdr{Order: uint32(order)}
-		return nil
+	return w.pages, w.first, nil
+}
+
+// v1Writer writes a kho-v1 map (kho_mem_serialize).
+type v1Writer struct {
+	mf *pgalloc.MemoryFile
+	// pages are the pages allocated so far.
+	pages []pgalloc.Folio
+	// first is the address of the first chunk.
+	first uint64
+	// chunk and hdr are the current chunk page and its header.
+	chunk []byte
+	hdr   abikho.MemChunkHdr
+}
+
+// alloc allocates a page for the map.
+func (w *v1Writer) alloc() ([]byte, uint64, error) {
+	f, err := w.mf.Allocate(0)
+	if err != nil {
+		return nil, 0, fmt.Errorf("kho: allocating a page for the preserved-memory map: %w", err)
 	}
-	for o, leaves := range k.out.tree.leaves {
+	w.pages = append(w.pages, f)
+	return w.mf.Bytes(f), f.Addr(), nil
+}
+
+// newChunk starts a chunk for order and links it after the current one
+// (new_chunk).
+func (w *v1Writer) newChunk(order int) error {
+	c, addr, err := w.alloc()
+	if err != nil {
+		return err
+	}
+	if w.chunk == nil {
+		w.first = addr
+	} else {
+		w.hdr.Next = addr
+		w.hdr.Encode(w.chunk)
+	}
+	w.chunk, w.hdr = c, abikho.MemChunkHdr{Order: uint32(order)}
+	return nil
+}
+
+// write copies every non-empty leaf into a bitmap page and lists it.
+func (w *v1Writer) write(leaves *[pgalloc.MaxOrder + 1][][]byte) error {
+	for o, ls := range leaves {
 		orderStarted := false
-		for idx, b := range leaves {
+		for idx, b := range ls {
 			if b == nil || bytes.Equal(b, zeroPage[:]) {
 				continue
 			}
-			if !orderStarted || hdr.NumElms == abikho.MemChunkCapacity {
-				if err := newChunk(o); err != nil {
-					k.freePagesLocked(pages)
-					return nil, 0, err
+			if !orderStarted || w.hdr.NumElms == abikho.MemChunkCapacity {
+				if err := w.newChunk(o); err != nil {
+					return err
 				}
 				orderStarted = true
 			}
-			page, addr, err := alloc()
+			page, addr, err := w.alloc()
 			if err != nil {
-				k.freePagesLocked(pages)
-				return nil, 0, err
+				return err
 			}
 			// A leaf is a kho-v1 bitmap, bit for bit.
 			copy(page, b)
@@ -188,14 +209,22 @@ func (k *KHO) serializeLocked() (pages []pgalloc.Folio, first uint64, err error)
 				PhysStart: uint64(idx) * abikho.PreserveBits << (o + abikho.PageShift),
 				Bitmap:    addr,
 			}
-			ptr.Encode(chunk[abikho.MemChunkBitmapOffset(int(hdr.NumElms)):])
-			hdr.NumElms++
+			ptr.Encode(w.chunk[abikho.MemChunkBitmapOffset(int(w.hdr.NumElms)):])
+			w.hdr.NumElms++
 		}
 	}
-	if chunk != nil {
-		hdr.Encode(chunk)
+	if w.chunk != nil {
+		w.hdr.Encode(w.chunk)
 	}
-	return pages, first, nil
+	return nil
+}
+
+// free frees every page allocated so far.
+func (w *v1Writer) free() {
+	for _, p := range w.pages {
+		w.mf.DecRef(p)
+	}
+	w.pages = nil
 }
 
 // deserialize reads and validates the handover at root in mf

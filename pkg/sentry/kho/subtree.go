@@ -19,11 +19,12 @@ func subtreeProp(compat string) string {
 }
 
 // writeRootLocked rewrites the outgoing root FDT page from k.out, in the
-// format k.out.format. Linux
+// format k.out.format. If the FDT does not fit, it fails with ENOMEM and
+// leaves the page as it was. Linux
 // edits the page in place with libfdt; rebuilding one page is as cheap and
 // keeps the blob packed.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) writeRootLocked() error {
 	root := &fdt.Node{}
 	root.SetString(abikho.PropCompatible, k.out.format)
@@ -70,11 +71,9 @@ func (k *KHO) AddSubtree(name string, addr uint64) error {
 		}
 	}
 	k.out.subtrees = append(k.out.subtrees, subtree{name: name, addr: addr})
+	// A failed write leaves the page as it was.
 	if err := k.writeRootLocked(); err != nil {
 		k.out.subtrees = k.out.subtrees[:len(k.out.subtrees)-1]
-		if rerr := k.writeRootLocked(); rerr != nil {
-			panic(fmt.Sprintf("kho: rewriting a root FDT that fitted before: %v", rerr))
-		}
 		return fmt.Errorf("kho: adding subtree %q: %w", name, err)
 	}
 	return nil

@@ -152,22 +152,13 @@ func (k *KHO) PreserveVmalloc(v *Vmalloc) (abikho.Vmalloc, error) {
 		desc.Flags |= abikho.VmallocHugeVmap
 	}
 	var chunks []pgalloc.Folio
-	t := &k.out.tree
-	undo := func(blocks int) {
-		for _, f := range v.blocks[:blocks] {
-			t.clear(f.PFN, f.Order)
-		}
-		for _, c := range chunks {
-			k.unpreserveFreeLocked(c)
-		}
-	}
 	var chunk []byte
 	slot := abikho.VmallocChunkSlots
 	for i, f := range v.blocks {
 		if slot == abikho.VmallocChunkSlots {
 			c, err := k.allocPreserveLocked(abikho.PageSize)
 			if err != nil {
-				undo(i)
+				k.undoPreserveVmallocLocked(v.blocks[:i], chunks)
 				return abikho.Vmalloc{}, fmt.Errorf("kho: allocating a vmalloc chunk page: %w", err)
 			}
 			if chunk == nil {
@@ -179,13 +170,26 @@ func (k *KHO) PreserveVmalloc(v *Vmalloc) (abikho.Vmalloc, error) {
 			chunk, slot = k.mf.Bytes(c), 0
 		}
 		if err := k.setLocked(f.PFN, f.Order); err != nil {
-			undo(i)
+			k.undoPreserveVmallocLocked(v.blocks[:i], chunks)
 			return abikho.Vmalloc{}, fmt.Errorf("kho: preserving vmalloc block %d: %w", i, err)
 		}
 		abikho.SetVmallocChunkPhys(chunk, slot, f.Addr())
 		slot++
 	}
 	return desc, nil
+}
+
+// undoPreserveVmallocLocked unpreserves blocks and unpreserves and frees
+// chunks, for a PreserveVmalloc that failed.
+//
+// +checklocks:k.mu
+func (k *KHO) undoPreserveVmallocLocked(blocks, chunks []pgalloc.Folio) {
+	for _, f := range blocks {
+		k.out.tree.clear(f.PFN, f.Order)
+	}
+	for _, c := range chunks {
+		k.unpreserveFreeLocked(c)
+	}
 }
 
 // walkVmalloc visits the chunk chain of desc: fn gets each chunk's address
@@ -304,14 +308,6 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 	mem := &k.in.mem
 	// Bits are cleared as the walk goes, so that a block or chunk listed
 	// twice fails; on error they are set again.
-	undo := func() {
-		for _, f := range blocks {
-			mem.set(f.PFN, f.Order)
-		}
-		for _, f := range chunks {
-			mem.set(f.PFN, f.Order)
-		}
-	}
 	var count uint64
 	err := walkVmalloc(k.mf, desc, func(c uint64, phys []uint64) error {
 		if !mem.clear(c>>abikho.PageShift, 0) {
@@ -334,7 +330,9 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 		err = fmt.Errorf("kho_vmalloc at %#x: chunks list %d pages, total_pages is %d: %w", desc.First, count, desc.TotalPages, unix.EINVAL)
 	}
 	if err != nil {
-		undo()
+		for _, f := range append(blocks, chunks...) {
+			mem.set(f.PFN, f.Order)
+		}
 		return nil, fmt.Errorf("kho: restoring vmalloc: %w", err)
 	}
 	for _, c := range chunks {
