@@ -294,53 +294,55 @@ func TestSubtrees(t *testing.T) {
 }
 
 func TestDtcDecodesRoot(t *testing.T) {
-	dtc, err := exec.LookPath("dtc")
-	if err != nil {
-		t.Skip("dtc not installed (apt-get install device-tree-compiler); .ci/run installs it")
-	}
-	k, mf := newKHO(t, 64<<20)
-	luo, _ := k.AllocPreserve(1)
-	mem, _ := k.AllocPreserve(1)
-	if err := k.AddSubtree("LUO", luo.Addr()); err != nil {
-		t.Fatal(err)
-	}
-	if err := k.AddSubtree("memblock", mem.Addr()); err != nil {
-		t.Fatal(err)
-	}
-	if err := k.Finalize(); err != nil {
-		t.Fatal(err)
-	}
-	out, _ := k.Dump()
-	// dtc reads the page as it sits in the file, trailing zeros and all.
-	cmd := exec.Command(dtc, "-I", "dtb", "-O", "dts")
-	cmd.Stdin = bytes.NewReader(page(t, mf, k.RootAddr()))
-	dts, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("dtc: %v\n%s", err, dts)
-	}
-	cell := func(v uint64) string { // a little-endian u64 as dtc prints it
-		b := make([]byte, 8)
-		for i := range b {
-			b[i] = byte(v >> (8 * i))
+	forEachFormat(t, func(t *testing.T, format string) {
+		dtc, err := exec.LookPath("dtc")
+		if err != nil {
+			t.Skip("dtc not installed (apt-get install device-tree-compiler); .ci/run installs it")
 		}
-		be := func(x []byte) uint32 { return uint32(x[0])<<24 | uint32(x[1])<<16 | uint32(x[2])<<8 | uint32(x[3]) }
-		return fmt.Sprintf("<%#x %#x>", be(b[:4]), be(b[4:]))
-	}
-	for _, want := range []string{
-		`compatible = "kho-v1";`,
-		"preserved-memory-map = " + fixZero(cell(memMapAddr(t, k))) + ";",
-		"LUO {",
-		"fdt = " + fixZero(cell(luo.Addr())) + ";",
-		"memblock {",
-		"fdt = " + fixZero(cell(mem.Addr())) + ";",
-	} {
-		if !strings.Contains(string(dts), want) {
-			t.Errorf("dtc output lacks %q:\n%s", want, dts)
+		k, mf := newKHO(t, 64<<20)
+		luo, _ := k.AllocPreserve(1)
+		mem, _ := k.AllocPreserve(1)
+		if err := k.AddSubtree("LUO", luo.Addr()); err != nil {
+			t.Fatal(err)
 		}
-	}
-	if n, err := fdt.Parse(out, len(out)); err != nil || len(n.Children) != 2 {
-		t.Errorf("Dump's outgoing root: %v, %v", n, err)
-	}
+		if err := k.AddSubtree("memblock", mem.Addr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := k.FinalizeFormat(format); err != nil {
+			t.Fatal(err)
+		}
+		out, _ := k.Dump()
+		// dtc reads the page as it sits in the file, trailing zeros and all.
+		cmd := exec.Command(dtc, "-I", "dtb", "-O", "dts")
+		cmd.Stdin = bytes.NewReader(page(t, mf, k.RootAddr()))
+		dts, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("dtc: %v\n%s", err, dts)
+		}
+		cell := func(v uint64) string { // a little-endian u64 as dtc prints it
+			b := make([]byte, 8)
+			for i := range b {
+				b[i] = byte(v >> (8 * i))
+			}
+			be := func(x []byte) uint32 { return uint32(x[0])<<24 | uint32(x[1])<<16 | uint32(x[2])<<8 | uint32(x[3]) }
+			return fmt.Sprintf("<%#x %#x>", be(b[:4]), be(b[4:]))
+		}
+		for _, want := range []string{
+			`compatible = "` + format + `";`,
+			"preserved-memory-map = " + fixZero(cell(memMapAddr(t, k))) + ";",
+			"LUO {",
+			subtreeProp(format) + " = " + fixZero(cell(luo.Addr())) + ";",
+			"memblock {",
+			subtreeProp(format) + " = " + fixZero(cell(mem.Addr())) + ";",
+		} {
+			if !strings.Contains(string(dts), want) {
+				t.Errorf("dtc output lacks %q:\n%s", want, dts)
+			}
+		}
+		if n, err := fdt.Parse(out, len(out)); err != nil || len(n.Children) != 2 {
+			t.Errorf("Dump's outgoing root: %v, %v", n, err)
+		}
+	})
 }
 
 // fixZero spells a zero cell the way dtc does (0x00).
