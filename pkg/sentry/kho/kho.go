@@ -1,27 +1,37 @@
-// Package kho is Kexec HandOver (Linux v6.19, kernel/liveupdate/kexec_handover.c,
-// "kho-v1") over the memory file: it marks folios of the memory file as
-// preserved and hands a description of them to the next sentry, which adopts
-// exactly those folios and lets everything else go.
+// Package kho is Kexec HandOver over the memory file, in both formats of
+// Linux's KHO ABI: "kho-v1" (v6.19, kernel/liveupdate/kexec_handover.c,
+// per-order bitmaps serialized at finalize) and "kho-v2" (torvalds/linux
+// 3f2ad900, one radix tree kept current at every preserve). It marks folios
+// of the memory file as preserved and hands a description of them to the
+// next sentry, which adopts exactly those folios and lets everything else
+// go.
 //
 // What crosses a restart is only the memory file's fd and one address, the
 // root: a preserved page holding a flattened device tree
 //
 //	/ {
-//		compatible = "kho-v1";
-//		preserved-memory-map = <u64: address of the first map chunk>;
-//		<subsystem> { fdt = <u64: address of the subsystem's own blob>; };
+//		compatible = "kho-v2";  /* or "kho-v1" */
+//		preserved-memory-map = <u64: the radix tree's root node (v2),
+//		                             the first map chunk (v1)>;
+//		<subsystem> { preserved-data = <u64: the subsystem's blob>; };  /* v1: fdt */
 //	};
 //
 // The outgoing side (the sentry about to restart) tracks preserved blocks in
-// per-order bitmaps (PreserveFolio, PreservePages, AllocPreserve,
-// PreserveVmalloc), names subsystem blobs in the root (AddSubtree), and at
-// Finalize writes the bitmaps and the khoser_mem_chunk list that points at
-// them into ordinary, unpreserved pages of the memory file. The incoming
-// side (Ingest) validates the root and the map field by field, reads them
-// before the allocator starts, hands every preserved block to
-// pgalloc.MemoryFile.Adopt, and then lets subsystems restore what they
-// preserved (RetrieveSubtree, RestoreFolio, RestorePages, RestoreVmalloc);
-// ReleaseUnrestored frees whatever nobody claimed.
+// the kho-v2 radix tree, whose one-page nodes are ordinary allocated pages of
+// the memory file, updated in place by PreserveFolio, PreservePages,
+// AllocPreserve, PreserveVmalloc and their undoing counterparts; it names
+// subsystem blobs in the root (AddSubtree). The root FDT is kho-v2 and
+// current at every moment. At a restart, FinalizeFormat chooses the format
+// the next sentry reads (ReadFormats and WriteFormats list them): kho-v2
+// needs no work at all, kho-v1 copies the tree's leaves (which are kho-v1
+// bitmaps, bit for bit) into bitmap pages listed by a khoser_mem_chunk
+// chain, and rewrites the root as kho-v1. The incoming side (Ingest) reads
+// the format from the root's compatible, validates the root and the map or
+// tree field by field, reads them before the allocator starts, hands every
+// preserved block to pgalloc.MemoryFile.AdoptRuns, and then lets subsystems
+// restore what they preserved (RetrieveSubtree, RestoreFolio, RestorePages,
+// RestoreVmalloc), the same way whichever format crossed; ReleaseUnrestored
+// frees whatever nobody claimed.
 //
 // Guarantees: a preserved folio keeps its address, order and contents across
 // the restart; restore is one-shot and takes the order from the map, never
@@ -198,21 +208,27 @@ func (k *KHO) setLocked(pfn uint64, order int) error {
 
 // Ingest reads the handover that the previous sentry left in mf, a memory
 // file opened with pgalloc.Open and not yet adopted, with its root FDT at
-// the byte address root. It mirrors kho_populate and kho_mem_deserialize:
-// it validates the root (FDT header, compatible "kho-v1", an 8-byte,
-// non-zero, in-range preserved-memory-map) and every map chunk and bitmap
-// (bounds, alignment, order, element count, chain cycles), copies what it
-// needs out of them, and only then calls mf.AdoptRuns with every preserved
-// block in address order, as runs of consecutive equal-order blocks (so a
-// contiguous preserved area costs nothing per folio). On any error nothing is adopted and the error names the
-// field and the address; the caller may fall back to a cold boot.
+// the byte address root. It mirrors kho_populate and kho_mem_deserialize
+// (kho-v1) or kho_mem_retrieve (kho-v2): it validates the root (FDT header,
+// a compatible it reads, an 8-byte, non-zero, in-range
+// preserved-memory-map), then every map chunk and bitmap (bounds,
+// alignment, order, element count, chain cycles) or every tree node and
+// leaf (bounds, alignment, cycles and shared nodes, key ranges, orders, no
+// node inside a preserved block), copies what it needs out of them, and
+// only then calls mf.AdoptRuns with every preserved block in address order,
+// as runs of consecutive equal-order blocks (so a contiguous preserved area
+// costs nothing per folio). On any error nothing is adopted and the error
+// names the field and the address; the caller may fall back to a cold boot.
 //
-// The chunk and bitmap pages are not preserved: Adopt makes them stale like
-// every other page that was not preserved. The old root page is preserved;
-// once parsed (Dump keeps a copy) Ingest restores it and reuses it for the
-// fresh, empty outgoing root of the next restart. Ingest allocates nothing
-// from mf and so scrubs none of the previous sentry's unpreserved pages: with
-// mf's releases held, the previous sentry can still roll back.
+// The chunk, bitmap and tree pages are not preserved: Adopt makes them
+// stale like every other page that was not preserved. The old root page is
+// preserved; once parsed (Dump keeps a copy) Ingest restores it and reuses
+// it for the fresh, empty outgoing root of the next restart. Ingest
+// allocates nothing from mf and so scrubs none of the previous sentry's
+// unpreserved pages: with mf's releases held, the previous sentry can still
+// roll back. So the new outgoing radix tree is made at the first preserve
+// (or FinalizeFormat); until then the outgoing root says
+// preserved-memory-map = 0.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	in, runs, err := deserialize(mf, root)
 	if err != nil {
