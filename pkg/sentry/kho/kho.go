@@ -124,8 +124,9 @@ type incoming struct {
 }
 
 // New returns the handover state of a cold-booted sentry over mf: nothing
-// incoming, and a fresh outgoing root (a preserved page holding the root FDT
-// with no map and no subtrees). It mirrors kho_init.
+// incoming, and a fresh outgoing root (a page holding the kho-v2 root FDT
+// with no subtrees; it and the radix tree are preserved and made at the
+// first preserve, see initOutLocked). It mirrors kho_init.
 func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 	k := &KHO{mf: mf}
 	k.mu.Lock()
@@ -136,27 +137,27 @@ func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 	return k, nil
 }
 
-// initOutLocked sets up an empty outgoing side whose root FDT is in root, a
-// preserved page, or in a new one (kho_init: kho_alloc_preserve(PAGE_SIZE))
-// if root is the zero Folio. With a new root it also makes the radix tree
-// (kho_init's kzalloc of tree->root); with a given root (Ingest) the tree
-// and the root page's bit in it wait for the first preserve, because the
-// allocator may not have free memory yet (see Ingest).
+// initOutLocked sets up an empty outgoing side whose root FDT is in root,
+// an allocated page, or in a new one (kho_init's
+// kho_alloc_preserve(PAGE_SIZE)) if root is the zero Folio. The radix tree
+// (kho_init's kzalloc of tree->root) and the root page's bit in it wait for
+// the first preserve or FinalizeFormat (treeLocked): after Ingest the
+// allocator may have no free page yet, and a cold boot does the same so
+// that both start from one allocated page. Until then nothing is preserved
+// and the root FDT says preserved-memory-map = 0.
 //
 // +checklocks:k.mu
 func (k *KHO) initOutLocked(root pgalloc.Folio) error {
 	k.out = outgoing{tree: newRadixTree(k.mf), format: abikho.CompatibleV2}
 	if root == (pgalloc.Folio{}) {
 		var err error
-		if root, err = k.allocPreserveLocked(abikho.PageSize); err != nil {
-			k.out.tree.free()
+		if root, err = k.mf.Allocate(0); err != nil {
 			return fmt.Errorf("kho: allocating the root FDT page: %w", err)
 		}
 	}
 	k.out.root = root
 	if err := k.writeRootLocked(); err != nil {
-		k.unpreserveFreeLocked(root)
-		k.out.tree.free()
+		k.mf.DecRef(root)
 		return err
 	}
 	return nil
@@ -164,7 +165,8 @@ func (k *KHO) initOutLocked(root pgalloc.Folio) error {
 
 // treeLocked returns the outgoing tree, making its root node first if it
 // has none: then it also marks the root FDT page preserved and rewrites
-// the root FDT with the tree's address.
+// the root FDT with the tree's address. A failure leaves everything as it
+// was.
 //
 // +checklocks:k.mu
 func (k *KHO) treeLocked() (*radixTree, error) {

@@ -23,10 +23,20 @@ func marked(k *KHO) []pgalloc.Folio {
 	return fs
 }
 
+// newKHO returns a cold-booted KHO over a new file of size bytes, with its
+// radix tree already made (New makes it at the first preserve), so that the
+// root FDT page is preserved and the tests see only what they preserve
+// change.
 func newKHO(t *testing.T, size uint64) (*KHO, *pgalloc.MemoryFile) {
 	t.Helper()
 	mf := newFile(t, size)
 	k, err := New(mf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	_, err = k.treeLocked()
+	k.mu.Unlock()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -56,6 +56,9 @@ func (k *KHO) Finalize() error { return k.FinalizeFormat(abikho.Compatible) }
 // (pgalloc.HoldReleases) so that nothing this sentry frees afterwards is
 // punched out, and Abort resumes them.
 func (k *KHO) FinalizeFormat(format string) error {
+	if format != abikho.CompatibleV1 && format != abikho.CompatibleV2 {
+		return fmt.Errorf("kho: finalizing in format %q: this sentry writes only %q: %w", format, WriteFormats(), unix.EINVAL)
+	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	// The tree must exist (and hold the root FDT page) in both formats.
@@ -64,15 +67,11 @@ func (k *KHO) FinalizeFormat(format string) error {
 	}
 	var pages []pgalloc.Folio
 	var first uint64
-	switch format {
-	case abikho.CompatibleV2:
-	case abikho.CompatibleV1:
+	if format == abikho.CompatibleV1 {
 		var err error
 		if pages, first, err = k.serializeLocked(); err != nil {
 			return err
 		}
-	default:
-		return fmt.Errorf("kho: finalizing in format %q: this sentry writes only %q: %w", format, WriteFormats(), unix.EINVAL)
 	}
 	old, oldMap, oldFormat := k.out.v1Pages, k.out.v1Map, k.out.format
 	k.out.v1Pages, k.out.v1Map, k.out.format = pages, first, format

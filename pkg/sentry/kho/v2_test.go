@@ -313,6 +313,32 @@ func TestPreserveRollsBackTreeNodes(t *testing.T) {
 	}
 }
 
+// TestNewMakesTheTreeAtTheFirstPreserve checks that a cold boot allocates
+// only the root FDT page, and that the first preserve makes the tree with
+// the root page and the folio in it.
+func TestNewMakesTheTreeAtTheFirstPreserve(t *testing.T) {
+	mf := newFile(t, 64<<20)
+	k, err := New(mf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mf.Stats().AllocatedPages; got != 1 || memMapAddr(t, k) != 0 {
+		t.Errorf("after New: %d pages allocated, preserved-memory-map %#x; want 1 (the root FDT) and 0", got, memMapAddr(t, k))
+	}
+	f, err := k.AllocPreserve(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []pgalloc.Folio{{PFN: k.RootAddr() >> abikho.PageShift}, f}
+	sortFolios(want)
+	if got := walkTree(t, mf, memMapAddr(t, k)); !slices.Equal(got, want) {
+		t.Errorf("after the first preserve the tree holds %v, want %v", got, want)
+	}
+	if got := mf.Stats().AllocatedPages; got != 1+1+abikho.RadixTreeMaxDepth {
+		t.Errorf("after the first preserve %d pages are allocated, want the root FDT, the folio and %d tree nodes", got, abikho.RadixTreeMaxDepth)
+	}
+}
+
 // TestIngestMakesTheTreeAtTheFirstPreserve checks that Ingest allocates no
 // tree (it must not allocate) and that the first preserve makes one that
 // holds the reused root page too.
