@@ -222,6 +222,7 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	if err != nil {
 		return fail(err)
 	}
+	d.Timing.Formats = d.Compatibles
 	cu.Add(src.Abort)
 	if err := opts.fault(OfferPrepared); err != nil {
 		return fail(err)
@@ -466,6 +467,7 @@ func OfferExec(src Source, opts Options) error {
 	if err != nil {
 		return fail(err)
 	}
+	d.Timing.Formats = d.Compatibles
 	cu.Add(src.Abort)
 	if err := opts.fault(OfferPrepared); err != nil {
 		return fail(err)

@@ -96,7 +96,7 @@ func TestShutdownWaitsForARestartInFlight(t *testing.T) {
 	case <-time.After(100 * time.Millisecond):
 	}
 	// The memory file is still mapped: the restart can prepare and abort.
-	if _, err := s.k.PrepareHandover(nil); err != nil {
+	if _, err := s.k.PrepareHandover(nil, nil); err != nil {
 		t.Fatalf("PrepareHandover during a waiting Shutdown: %v", err)
 	}
 	if err := s.k.AbortHandover(); err != nil {

@@ -33,7 +33,7 @@ func restartInProcess(t *testing.T, s *sandbox) *sandbox {
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	h, err := s.k.PrepareHandover(nil)
+	h, err := s.k.PrepareHandover(nil, nil)
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
 	}
@@ -106,7 +106,7 @@ func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.k.PrepareHandover(nil); err != nil {
+	if _, err := s.k.PrepareHandover(nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	st := s.k.LUO().Status()
