@@ -28,7 +28,7 @@ func preserveOne(t *testing.T, g *guest.Conn, dev int, name string, token uint64
 
 // restartInProcess hands s's kernel over to a new kernel in the same
 // process, as a transfer-mode restart does across processes.
-func restartInProcess(t *testing.T, s *sandbox) *sandbox {
+func restartInProcess(t testing.TB, s *sandbox) *sandbox {
 	t.Helper()
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
