@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -128,4 +129,41 @@ func versionOf(t *testing.T, bin string) string {
 		t.Fatalf("%s version: %d", bin, code)
 	}
 	return strings.TrimSpace(out)
+}
+
+// kho dump shows the root a sentry received in each format: the blob, dtc's
+// decoding and JSON, all naming the format the restart wrote.
+func TestKHODumpShowsTheFormatInEveryOutput(t *testing.T) {
+	c := newCLI(t)
+	const id = "khodump"
+	c.must(append([]string{"run", "--detach", "--memory=64M", id, "--"}, guestArgs("1M", 3, true)...)...)
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	c.restart(id)
+	c.waitEvent(id, "preserved", 1, 30*time.Second)
+	var root struct {
+		Name       string         `json:"name"`
+		Properties map[string]any `json:"properties"`
+		Children   []struct {
+			Name string `json:"name"`
+		} `json:"children"`
+	}
+	if err := json.Unmarshal([]byte(c.must("kho", "dump", "--in", "--format=json", id)), &root); err != nil {
+		t.Fatal(err)
+	}
+	if root.Properties["compatible"] != "kho-v2" || len(root.Children) == 0 || root.Children[0].Name != "LUO" {
+		t.Fatalf("kho dump --format=json: %+v", root)
+	}
+	blob := c.must("kho", "dump", "--in", id)
+	if !strings.HasPrefix(blob, "\xd0\x0d\xfe\xed") {
+		t.Fatalf("kho dump (dtb) does not start with the FDT magic: %q", blob[:min(len(blob), 8)])
+	}
+	if _, err := exec.LookPath("dtc"); err != nil {
+		t.Logf("dtc not installed: --format dts not checked")
+	} else if dts := c.must("kho", "dump", "--in", "--format=dts", id); !strings.Contains(dts, `compatible = "kho-v2"`) {
+		t.Fatalf("kho dump --format=dts:\n%s", dts)
+	}
+	if _, errOut, code := c.run("kho", "dump", "--format=yaml", id); code == 0 || !strings.Contains(errOut, "must be dtb, dts or json") {
+		t.Fatalf("--format=yaml: %d %s", code, errOut)
+	}
+	c.must("kill", id)
 }
