@@ -336,3 +336,21 @@ func BenchmarkHandoverCostV2(b *testing.B) {
 		mf.Close()
 	}
 }
+
+// BenchmarkTrackerRuns measures building the runs Ingest hands to
+// pgalloc.AdoptRuns from the incoming bitmaps, for 2^21 order-0 folios on
+// every other page (8 GiB), per folio.
+func BenchmarkTrackerRuns(b *testing.B) {
+	const folios = 1 << 21
+	t := newMemTracker(2*folios + 16)
+	for i := uint64(0); i < folios; i++ {
+		t.set(2+2*i, 0)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if runs := t.runs(); len(runs) != folios {
+			b.Fatalf("%d runs, want %d", len(runs), folios)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/folios, "ns/folio")
+}

@@ -201,6 +201,11 @@ func (k *KHO) treeLocked() (*radixTree, error) {
 //
 // +checklocks:k.mu
 func (k *KHO) setLocked(pfn uint64, order int) error {
+	// Most blocks land in a leaf that exists.
+	if l, bit := k.out.tree.leaf(pfn, order); l != nil {
+		abikho.LeafSet(l, bit)
+		return nil
+	}
 	t, err := k.treeLocked()
 	if err != nil {
 		return err

@@ -447,22 +447,30 @@ func (t *memTracker) appendRuns(out []pgalloc.Run, o int) []pgalloc.Run {
 				continue
 			}
 			first := base + uint64(w)*64
-			for word != 0 {
-				i := uint64(bits.TrailingZeros64(word))
-				ones := uint64(64 - i) // the run of ones from bit i
-				if rest := ^(word >> i); rest != 0 {
-					ones = uint64(bits.TrailingZeros64(rest))
-				}
-				pfn := (first + i) << o
+			i := uint64(0)
+			// Only a run that starts at bit 0 can continue the previous
+			// run (from the previous word or bitmap).
+			if word&1 != 0 {
+				ones := uint64(bits.TrailingZeros64(^word)) // 64 if all ones
+				pfn := first << o
 				if k := len(out); k > 0 && out[k-1].End() == pfn && int(out[k-1].Order) == o && uint64(out[k-1].Count)+ones <= math.MaxUint32 {
 					out[k-1].Count += uint32(ones)
 				} else {
 					out = append(out, pgalloc.Run{PFN: pfn, Count: uint32(ones), Order: uint8(o)})
 				}
-				if i+ones == 64 {
+				i = ones
+			}
+			for i < 64 {
+				rest := word >> i
+				if rest == 0 {
 					break
 				}
-				word &^= (1<<ones - 1) << i
+				i += uint64(bits.TrailingZeros64(rest))
+				// word>>i has i zero bits on top, so its complement
+				// has a zero below bit 64-i: ones <= 64-i.
+				ones := uint64(bits.TrailingZeros64(^(word >> i)))
+				out = append(out, pgalloc.Run{PFN: (first + i) << o, Count: uint32(ones), Order: uint8(o)})
+				i += ones
 			}
 		}
 	}

@@ -2,6 +2,7 @@ package kho
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -622,6 +623,56 @@ func TestIngestValidationV2(t *testing.T) {
 			}
 			if _, err := mf2.Allocate(0); !errors.Is(err, unix.EINVAL) {
 				t.Errorf("Allocate after a failed Ingest = %v, want EINVAL (not adopted)", err)
+			}
+		})
+	}
+}
+
+// TestTreeBytesFollowTheHeaderDiagram checks the bytes the tree writes
+// against numbers worked out by hand from the key diagram of
+// include/linux/kho/abi/kexec_handover.h (torvalds/linux 3f2ad900), not
+// from this package's helpers: key bits 59:51 index level 5, 50:42 level 4,
+// 41:33 level 3, 32:24 level 2, 23:15 level 1, 14:0 the leaf bit; table
+// entries are little-endian u64 addresses at 8*index; leaf bit i is bit
+// i%8 of byte i/8.
+func TestTreeBytesFollowTheHeaderDiagram(t *testing.T) {
+	k, mf := newKHO(t, 512<<20)
+	for _, tc := range []struct {
+		name    string
+		f       pgalloc.Folio
+		entries [5]int // levels 5 to 1
+		byteOff int
+		bit     byte
+	}{
+		// key = 1<<52 | 0x12345: level 5 gets bits 59:51 = 0b10, level
+		// 1 gets bits 23:15 = 0x12345>>15 = 2, the leaf bit is 0x2345.
+		{"order 0 at pfn 0x12345", pgalloc.Folio{PFN: 0x12345}, [5]int{2, 0, 0, 0, 2}, 0x2345 / 8, 1 << (0x2345 % 8)},
+		// key = 1<<43 | 3: level 4 gets bits 50:42 = 0b10, the leaf bit 3.
+		{"order 9 at pfn 0x600", pgalloc.Folio{PFN: 0x600, Order: 9}, [5]int{0, 2, 0, 0, 0}, 0, 1 << 3},
+		// key = 1<<42 | 0x5000>>10 = 1<<42 | 0x14: level 4 entry 1.
+		{"order 10 at pfn 0x5000", pgalloc.Folio{PFN: 0x5000, Order: 10}, [5]int{0, 1, 0, 0, 0}, 0x14 / 8, 1 << (0x14 % 8)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := k.PreserveFolio(tc.f); err != nil {
+				t.Fatal(err)
+			}
+			addr := memMapAddr(t, k)
+			for i, e := range tc.entries {
+				next := binary.LittleEndian.Uint64(page(t, mf, addr)[8*e:])
+				if next == 0 || next%abikho.PageSize != 0 {
+					t.Fatalf("level-%d node at %#x: entry %d = %#x, want a page address", 5-i, addr, e, next)
+				}
+				addr = next
+			}
+			leaf := page(t, mf, addr)
+			if leaf[tc.byteOff]&tc.bit == 0 {
+				t.Errorf("leaf at %#x: byte %#x = %#02x, want bit %#02x set", addr, tc.byteOff, leaf[tc.byteOff], tc.bit)
+			}
+			if err := k.UnpreserveFolio(tc.f); err != nil {
+				t.Fatal(err)
+			}
+			if leaf[tc.byteOff]&tc.bit != 0 {
+				t.Errorf("leaf at %#x: bit still set after UnpreserveFolio", addr)
 			}
 		})
 	}
