@@ -65,3 +65,31 @@ func TestOfTwoConcurrentRestartsExactlyOneProceeds(t *testing.T) {
 	c.waitEvent(id, "verified", 1, 30*time.Second)
 	c.must("kill", id)
 }
+
+// kill sends SIGTERM to the guests and gives them time to exit: an
+// entrypoint that handles it and exits 0 leaves exit status 0; one that
+// ignores it is SIGKILLed after the grace period (137).
+func TestKillGivesGuestsTimeAndRecordsTheTrueExitStatus(t *testing.T) {
+	tests := []struct {
+		name  string
+		entry string
+		want  int
+	}{
+		{"an entrypoint that exits 0 on SIGTERM", `trap 'echo got-term; exit 0' TERM; while :; do sleep 0.05; done`, 0},
+		{"an entrypoint that ignores SIGTERM", `trap '' TERM; while :; do sleep 0.05; done`, 137},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCLI(t)
+			id := "term" + string(rune('a'+i))
+			c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", tc.entry)
+			time.Sleep(200 * time.Millisecond)
+			c.must("kill", id)
+			st := c.state(id)
+			if st.Status != "stopped" || st.ExitStatus == nil || *st.ExitStatus != tc.want {
+				t.Fatalf("after kill: %+v, want exit status %d", st, tc.want)
+			}
+			c.must("delete", id)
+		})
+	}
+}
