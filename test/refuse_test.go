@@ -1,7 +1,10 @@
 package test
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -92,4 +95,45 @@ func TestKillGivesGuestsTimeAndRecordsTheTrueExitStatus(t *testing.T) {
 			c.must("delete", id)
 		})
 	}
+}
+
+// No fd leaks across restarts: every relaunched entrypoint holds only its
+// stdio, and the sentry's own fd count stays flat, in both modes.
+func TestRestartsLeakNoFDs(t *testing.T) {
+	c := newCLI(t)
+	const id = "fdleak"
+	entry := `printf 'fds:'; for f in /proc/$$/fd/*; do printf ' %s' "${f##*/}"; done; echo; exec sleep 600`
+	c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", entry)
+	count := func(pid int) int {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	// The fd count of the sentry after each restart, by mode.
+	counts := map[string][]int{}
+	for _, mode := range []string{"transfer", "exec", "transfer", "exec", "transfer", "exec"} {
+		c.restart(id, "--mode="+mode)
+		st := c.state(id)
+		time.Sleep(100 * time.Millisecond)
+		counts[mode] = append(counts[mode], count(st.PID))
+	}
+	for mode, ns := range counts {
+		if ns[len(ns)-1] > ns[0] {
+			t.Errorf("the sentry's fds after %s-mode restarts: %v, growing", mode, ns)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	b, _ := os.ReadFile(filepath.Join(c.root, id, "entrypoint.log"))
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 7 {
+		t.Fatalf("entrypoint log: %q", b)
+	}
+	for i, l := range lines {
+		if l != "fds: 0 1 2" {
+			t.Errorf("launch %d of the entrypoint: %q, want only its stdio", i, l)
+		}
+	}
+	c.must("kill", id)
 }

@@ -115,6 +115,9 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		if err != nil {
 			return nil, err
 		}
+		if n := closeInherited(); n > 0 {
+			log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+		}
 		d, t, err := handover.Accept(ch, in, hopts)
 		if err != nil {
 			return nil, err
@@ -125,6 +128,10 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	d, files, ok, err := handover.DecodeEnv(reads)
 	if !ok {
 		return nil, errors.New("no handover: neither a handover fd nor an exec-mode descriptor in the environment")
+	}
+	// DecodeEnv marked the inherited fds it took close-on-exec.
+	if n := closeInherited(); n > 0 {
+		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
 	}
 	if err == nil {
 		var t handover.Timing

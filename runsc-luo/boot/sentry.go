@@ -104,7 +104,13 @@ func newSentry(cfg sandbox.Config, opts Options) *Sentry {
 
 // New boots a sandbox cold: its directory, its sockets and a fresh kernel
 // with a memory file of cfg.MemorySize bytes.
+//
+// Every fd the process inherited without FD_CLOEXEC is closed first: the
+// caller marks the fds it keeps close-on-exec before.
 func New(cfg sandbox.Config, opts Options) (*Sentry, error) {
+	if n := closeInherited(); n > 0 {
+		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+	}
 	if err := sandbox.CheckID(cfg.ID); err != nil {
 		return nil, err
 	}
