@@ -14,6 +14,12 @@
 # overrides it), and a binary already there is reused if `go version -m`
 # shows it was built from exactly the pinned module version.
 #
+# Caveat for checklocks: go vet caches a package that it analysed only for
+# the facts of a package importing it (vetting ./pkg/sentry/memfd analyses
+# ./pkg/sentry/luo that way) under the same key as a full analysis, so a
+# later `go vet -vettool=... ./pkg/sentry/luo` in the same directory
+# replays "no findings". Vet ./... (as CI does), or pass -a, to see them all.
+#
 # Usage: tools/go_tools.sh NAME...   (from anywhere)
 set -euo pipefail
 
