@@ -92,7 +92,7 @@ func (f *File) fillLocked(first, stop uint64) error {
 	var stale []entry
 	f.ascendLocked(first, stop-1, func(e entry) bool {
 		if h := e.head(); idx < h {
-			if segs, err = f.allocHoleLocked(idx, h, huge, flagUptodate|flagDirty, segs); err != nil {
+			if segs, err = f.allocHole(idx, h, huge, flagUptodate|flagDirty, segs); err != nil {
 				return false
 			}
 		}
@@ -103,7 +103,7 @@ func (f *File) fillLocked(first, stop uint64) error {
 		return true
 	})
 	if err == nil && idx < stop {
-		segs, err = f.allocHoleLocked(idx, stop, huge, flagUptodate|flagDirty, segs)
+		segs, err = f.allocHole(idx, stop, huge, flagUptodate|flagDirty, segs)
 	}
 	if err != nil {
 		f.freeFresh(segs)
