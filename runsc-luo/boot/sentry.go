@@ -93,6 +93,14 @@ type Sentry struct {
 	//
 	// +checklocks:mu
 	last sandbox.RestartRecord
+	// recovery is the recovery this sentry came out of, if any.
+	//
+	// +checklocks:mu
+	recovery *sandbox.RecoveryRecord
+	// supervised is set while a supervisor holds the memory file.
+	//
+	// +checklocks:mu
+	supervised bool
 }
 
 func newSentry(cfg sandbox.Config, opts Options) *Sentry {
@@ -145,9 +153,7 @@ func (s *Sentry) Run() error {
 	if err := s.serve(); err != nil {
 		return err
 	}
-	if err := s.writeState(""); err != nil {
-		return err
-	}
+	s.register()
 	return s.launchEntrypoint()
 }
 
@@ -235,6 +241,7 @@ func (s *Sentry) stateLocked() *sandbox.State {
 		last := s.last
 		st.LastRestart = &last
 	}
+	st.Recoveries, st.LastRecovery, st.Supervised = c.Recoveries, s.recovery, s.supervised
 	return st
 }
 

@@ -22,9 +22,10 @@ import (
 	"gvisor.dev/gvisor/pkg/urpc"
 )
 
-// Start creates sandbox id under g.Root, starts its sentry (this binary's
-// "boot" command) as a daemon with a memory file of size bytes and entry as
-// its entrypoint, and returns once the sentry serves.
+// Start creates sandbox id under g.Root, starts its supervisor (this
+// binary's "supervise" command) as a daemon, which starts the sentry with
+// a memory file of size bytes and entry as its entrypoint, and returns once
+// the sentry serves.
 func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
 	if err := sandbox.CheckID(id); err != nil {
 		return err
@@ -57,7 +58,9 @@ func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
 		return fail(err)
 	}
 	defer pr.Close()
-	args := append(g.Args(), "boot", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", "--")
+	// The supervisor starts the sentry, which reports its boot on the
+	// ready pipe; the supervisor outlives every sentry of the sandbox.
+	args := append(g.Args(), "supervise", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", "--")
 	cmd := exec.Command(exe, append(args, entry...)...)
 	cmd.ExtraFiles = []*os.File{pw}
 	cmd.Stdout, cmd.Stderr = logf, logf

@@ -42,6 +42,9 @@ type State struct {
 	// memory file after a sentry died; LastRecovery says the last.
 	Recoveries   uint64          `json:"recoveries,omitempty"`
 	LastRecovery *RecoveryRecord `json:"last_recovery,omitempty"`
+	// Supervised says a supervisor holds the memory file: a crash of the
+	// sentry is recovered. Without one it loses the sandbox.
+	Supervised bool `json:"supervised"`
 
 	// Gone is set by ReadState: the file says running, but the sentry
 	// process is gone (it died without stopping its guests).
