@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -46,6 +47,9 @@ type Config struct {
 	WorkDir string
 	// Logf reports progress.
 	Logf func(format string, args ...any)
+	// Save, if set, is called with the results so far after each size,
+	// so that a run cut short keeps what it measured.
+	Save func(*Results)
 }
 
 // Sample is one measured value per run.
@@ -113,13 +117,14 @@ func folioLabel(f string) string {
 	return "4 KiB"
 }
 
-// Results is a run's rows in the order measured, and the notes about it.
+// Results is a run's rows in the order measured, and the notes about it
+// (or several runs' merged: Commands has one entry per run).
 type Results struct {
-	Rows  []*Row
-	Notes []string
-	Reps  int
-	Start time.Time
-	Took  time.Duration
+	Rows     []*Row
+	Notes    []string
+	Commands []string
+	Start    time.Time
+	Took     time.Duration
 }
 
 func sizeLabel(n uint64) string {
@@ -211,7 +216,7 @@ func Run(c Config) (*Results, error) {
 			return nil, fmt.Errorf("unknown folio size %q (want 4K or 2M)", f)
 		}
 	}
-	res := &Results{Reps: c.Reps, Start: time.Now()}
+	res := &Results{Start: time.Now()}
 	gvisorWhy := ""
 	if has(c.Methods, methodGVisor) || has(c.Methods, methodGVisorDir) || has(c.Methods, methodGVisorBg) {
 		gvisorWhy = gvisorUsable(c)
@@ -269,6 +274,10 @@ func Run(c Config) (*Results, error) {
 			}
 			res.Rows = append(res.Rows, r)
 		}
+		res.Took = time.Since(res.Start)
+		if c.Save != nil {
+			c.Save(res)
+		}
 	}
 	res.Took = time.Since(res.Start)
 	return res, nil
@@ -325,18 +334,18 @@ func (r *Results) sizes() []uint64 {
 // WriteTable writes the results as markdown: one table of every row,
 // then the ratios per size.
 func (r *Results) WriteTable(w io.Writer) {
-	fmt.Fprintf(w, "Times in ms, median of %d (min–max).\n\n", r.Reps)
-	fmt.Fprintf(w, "| size | method | app pause / blackout | time to data | metadata handed over |\n|---|---|---|---|---|\n")
+	fmt.Fprintf(w, "Times in ms: median (min–max) of the runs counted in the last column.\n\n")
+	fmt.Fprintf(w, "| size | method | app pause / blackout | time to data | metadata handed over | runs |\n|---|---|---|---|---|---|\n")
 	for _, row := range r.Rows {
 		if row.Skipped != "" {
-			fmt.Fprintf(w, "| %s | %s | skipped: %s | | |\n", sizeLabel(row.Size), row.Name(), strings.ReplaceAll(row.Skipped, "|", "/"))
+			fmt.Fprintf(w, "| %s | %s | skipped: %s | | | 0 |\n", sizeLabel(row.Size), row.Name(), strings.ReplaceAll(row.Skipped, "|", "/"))
 			continue
 		}
 		data := "—"
 		if len(row.Data) > 0 {
 			data = spread(row.Data)
 		}
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s |\n", sizeLabel(row.Size), row.Name(), spread(row.Pause), data, kib(row.MetadataBytes))
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %d |\n", sizeLabel(row.Size), row.Name(), spread(row.Pause), data, kib(row.MetadataBytes), len(row.Pause))
 	}
 	fmt.Fprintf(w, "\nRatios of medians (4 KiB folios for livesentry).\n\n")
 	fmt.Fprintf(w, "| size | gVisor ÷ transfer blackout | gVisor --direct ÷ transfer blackout | gVisor --background ÷ transfer blackout | copy floor ÷ transfer blackout | gVisor ÷ transfer time to data | exec ÷ transfer blackout |\n|---|---|---|---|---|---|---|\n")
@@ -391,4 +400,41 @@ func repoRoot() (string, error) {
 		}
 		dir = parent
 	}
+}
+
+// Merge returns the rows and notes of several runs as one result.
+func Merge(runs []*Results) *Results {
+	out := &Results{}
+	for i, r := range runs {
+		if i == 0 || r.Start.Before(out.Start) {
+			out.Start = r.Start
+		}
+		out.Rows = append(out.Rows, r.Rows...)
+		out.Notes = append(out.Notes, r.Notes...)
+		out.Commands = append(out.Commands, r.Commands...)
+		out.Took += r.Took
+	}
+	return out
+}
+
+// SaveJSON writes r to path.
+func (r *Results) SaveJSON(path string) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
+// LoadJSON reads results SaveJSON wrote.
+func LoadJSON(path string) (*Results, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var r Results
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &r, nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -113,5 +114,36 @@ func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
 	b, err := os.ReadFile(png)
 	if err != nil || !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) {
 		t.Fatalf("plot: %d bytes, %v; want a PNG", len(b), err)
+	}
+}
+
+func TestMergeOfSavedRunsKeepsEveryRowAndCommand(t *testing.T) {
+	dir := t.TempDir()
+	a := &Results{Rows: []*Row{{Size: 64 << 20, Method: methodTransfer, Folio: folio4K, Pause: Sample{time.Millisecond}, Data: Sample{9 * time.Millisecond}, MetadataBytes: 4096}},
+		Notes: []string{"a"}, Commands: []string{"go run ./test/bench -sizes=64M"}, Took: time.Second}
+	b := &Results{Rows: []*Row{{Size: 4 << 30, Method: methodGVisor, Skipped: "no runsc"}},
+		Notes: []string{"b"}, Commands: []string{"go run ./test/bench -sizes=4G"}, Took: 2 * time.Second}
+	var runs []*Results
+	for i, r := range []*Results{a, b} {
+		p := filepath.Join(dir, fmt.Sprintf("%d.json", i))
+		if err := r.SaveJSON(p); err != nil {
+			t.Fatal(err)
+		}
+		l, err := LoadJSON(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs = append(runs, l)
+	}
+	m := Merge(runs)
+	if len(m.Rows) != 2 || m.Rows[0].Data.Median() != 9*time.Millisecond || m.Rows[1].Skipped != "no runsc" ||
+		len(m.Commands) != 2 || len(m.Notes) != 2 || m.Took != 3*time.Second {
+		t.Fatalf("merged: %+v rows %+v %+v", m, m.Rows[0], m.Rows[1])
+	}
+	page := m.page(func() string { var w bytes.Buffer; m.WriteTable(&w); return w.String() }(), "docs/bench.md", "docs/bench.png")
+	for _, want := range []string{a.Commands[0], b.Commands[0], "| 4 GiB | gVisor checkpoint + restore | skipped: no runsc |", "](bench.png)"} {
+		if !strings.Contains(page, want) {
+			t.Errorf("page lacks %q:\n%s", want, page)
+		}
 	}
 }

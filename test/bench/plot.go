@@ -60,7 +60,7 @@ func (r *Results) plotSeries() []*series {
 // extension).
 func (r *Results) WritePlot(path string) error {
 	p := plot.New()
-	p.Title.Text = fmt.Sprintf("Restart cost vs preserved memory (median of %d)", r.Reps)
+	p.Title.Text = "Restart cost vs preserved memory (medians)"
 	p.X.Label.Text = "preserved memory (MiB)"
 	p.Y.Label.Text = "time (ms)"
 	p.X.Scale = plot.LogScale{}
