@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // gvisorUsable says why real gVisor cannot be measured here ("" if it
@@ -110,8 +112,13 @@ func measureGVisor(c Config, r *Row) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
 	rs := &runsc{bin: c.Runsc, root: filepath.Join(dir, "root")}
+	defer func() {
+		// With --network=none runsc bind-mounts an empty network
+		// namespace into its root and leaves it there.
+		unix.Unmount(filepath.Join(rs.root, "null-netns"), unix.MNT_DETACH)
+		os.RemoveAll(dir)
+	}()
 	bundle := filepath.Join(dir, "bundle")
 	if err := os.MkdirAll(filepath.Join(bundle, "rootfs"), 0o755); err != nil {
 		return err
