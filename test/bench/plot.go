@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"image/color"
 	"math"
 
 	"gonum.org/v1/plot"
@@ -84,7 +85,7 @@ func (r *Results) WritePlot(path string) error {
 		if err != nil {
 			return err
 		}
-		c := plotutil.Color(i)
+		c := palette[i%len(palette)]
 		l.Color, pts.Color = c, c
 		l.Width = vg.Points(1.5)
 		if s.dash {
@@ -98,6 +99,14 @@ func (r *Results) WritePlot(path string) error {
 	// Room above the highest point for the legend.
 	p.Y.Max *= 30
 	return p.Save(10*vg.Inch, 7*vg.Inch, path)
+}
+
+// palette has a distinct colour for each of the ten series.
+var palette = []color.Color{
+	color.RGBA{0x1f, 0x77, 0xb4, 0xff}, color.RGBA{0xff, 0x7f, 0x0e, 0xff}, color.RGBA{0x2c, 0xa0, 0x2c, 0xff},
+	color.RGBA{0xd6, 0x27, 0x28, 0xff}, color.RGBA{0x94, 0x67, 0xbd, 0xff}, color.RGBA{0x8c, 0x56, 0x4b, 0xff},
+	color.RGBA{0xe3, 0x77, 0xc2, 0xff}, color.RGBA{0x7f, 0x7f, 0x7f, 0xff}, color.RGBA{0xbc, 0xbd, 0x22, 0xff},
+	color.RGBA{0x17, 0xbe, 0xcf, 0xff},
 }
 
 // legendThumb draws a series' line and marker in the legend.
