@@ -72,7 +72,13 @@ func mainErr() error {
 			}
 			runs = append(runs, r)
 		}
-		return output(Merge(runs), *outMD, *outPNG)
+		m := Merge(runs)
+		var names []string
+		for _, p := range strings.Split(*merge, ",") {
+			names = append(names, filepath.Base(p))
+		}
+		m.Commands = append(m.Commands, fmt.Sprintf("go run ./test/bench -merge %s -out-md %s -out-png %s", strings.Join(names, ","), *outMD, *outPNG))
+		return output(m, *outMD, *outPNG)
 	}
 	root, err := repoRoot()
 	if err != nil {
