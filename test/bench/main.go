@@ -216,14 +216,21 @@ func buildGVisorRunsc(root, out string) error {
 func machine() string {
 	var u unix.Utsname
 	unix.Uname(&u)
-	thp, _ := os.ReadFile("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+	thp := "unknown"
+	if b, err := os.ReadFile("/sys/kernel/mm/transparent_hugepage/shmem_enabled"); err == nil {
+		for _, w := range strings.Fields(string(b)) {
+			if strings.HasPrefix(w, "[") {
+				thp = strings.Trim(w, "[]")
+			}
+		}
+	}
 	mem := ""
 	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
 		var kb uint64
 		fmt.Sscanf(string(b), "MemTotal: %d kB", &kb)
 		mem = fmt.Sprintf(", %.0f GiB RAM", float64(kb)/(1<<20))
 	}
-	return fmt.Sprintf("%d CPUs%s, Linux %s, shmem THP %s", runtime.NumCPU(), mem, unix.ByteSliceToString(u.Release[:]), strings.TrimSpace(string(thp)))
+	return fmt.Sprintf("%d CPUs%s, Linux %s, shmem THP %s", runtime.NumCPU(), mem, unix.ByteSliceToString(u.Release[:]), thp)
 }
 
 // page is the markdown page: what was measured and how, the table, the
