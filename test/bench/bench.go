@@ -1,0 +1,440 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Method names, as -methods takes them.
+const (
+	methodTransfer   = "transfer"
+	methodExec       = "exec"
+	methodGVisor     = "gvisor"
+	methodGVisorDir  = "gvisor-direct"
+	methodGVisorBg   = "gvisor-background"
+	methodCopyFloor  = "copy"
+	folio4K, folio2M = "4K", "2M"
+)
+
+var allMethods = []string{methodTransfer, methodExec, methodGVisor, methodGVisorDir, methodGVisorBg, methodCopyFloor}
+
+// Config is one benchmark run.
+type Config struct {
+	// Sizes are the preserved sizes in bytes.
+	Sizes []uint64
+	// Folios are the folio sizes of livesentry's memfds (folio4K,
+	// folio2M).
+	Folios []string
+	// Methods are the methods to measure.
+	Methods []string
+	// Reps is the number of measured runs per size and method.
+	Reps int
+	// RunscLUO is the runsc-luo binary; Runsc gVisor's runsc ("" or
+	// missing: the gVisor methods are skipped with the reason); Holder
+	// the static program gVisor checkpoints.
+	RunscLUO, Runsc, Holder string
+	// WorkDir holds sandbox roots, bundles and checkpoint images.
+	WorkDir string
+	// Logf reports progress.
+	Logf func(format string, args ...any)
+	// Save, if set, is called with the results so far after each size,
+	// so that a run cut short keeps what it measured.
+	Save func(*Results)
+}
+
+// Sample is one measured value per run.
+type Sample []time.Duration
+
+func (s Sample) sorted() []time.Duration {
+	c := slices.Clone(s)
+	slices.Sort(c)
+	return c
+}
+
+// Median is the median (the lower middle of an even count).
+func (s Sample) Median() time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	return s.sorted()[(len(s)-1)/2]
+}
+
+// Min and Max are the extremes.
+func (s Sample) Min() time.Duration { return slices.Min(s) }
+func (s Sample) Max() time.Duration { return slices.Max(s) }
+
+// Row is one method at one size: its measured runs or why it was skipped.
+type Row struct {
+	Size   uint64
+	Method string
+	// Folio is livesentry's folio size ("" for gVisor and the copy
+	// floor, which use the host's 4 KiB pages).
+	Folio string
+	// Pause is the time the application cannot run: livesentry's
+	// blackout, gVisor's app pause, the copy floor's copy.
+	Pause Sample
+	// Data is livesentry's time to data (blackout start → the relaunched
+	// guest has retrieved everything and read the last byte).
+	Data Sample
+	// MetadataBytes is what livesentry hands over besides the data (see
+	// metadata.go); 0 for the others.
+	MetadataBytes uint64
+	// Skipped says why nothing was measured.
+	Skipped string
+}
+
+// Name is the row's label in the table and the plot.
+func (r *Row) Name() string {
+	switch r.Method {
+	case methodTransfer, methodExec:
+		return fmt.Sprintf("livesentry %s, %s folios", r.Method, folioLabel(r.Folio))
+	case methodGVisor:
+		return "gVisor checkpoint + restore"
+	case methodGVisorDir:
+		return "gVisor --direct"
+	case methodGVisorBg:
+		return "gVisor restore --background"
+	case methodCopyFloor:
+		return "copy floor (copy_file_range)"
+	}
+	return r.Method
+}
+
+func folioLabel(f string) string {
+	if f == folio2M {
+		return "2 MiB"
+	}
+	return "4 KiB"
+}
+
+// Results is a run's rows in the order measured, and the notes about it
+// (or several runs' merged: Commands has one entry per run).
+type Results struct {
+	Rows     []*Row
+	Notes    []string
+	Commands []string
+	Start    time.Time
+	Took     time.Duration
+}
+
+func sizeLabel(n uint64) string {
+	if n >= 1<<30 && n%(1<<30) == 0 {
+		return fmt.Sprintf("%d GiB", n>>30)
+	}
+	return fmt.Sprintf("%d MiB", n>>20)
+}
+
+// ParseSize parses 64M, 1G, 4GiB and the like.
+func ParseSize(s string) (uint64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "IB"), "B")
+	mult := uint64(1)
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K':
+			mult, t = 1<<10, t[:n-1]
+		case 'M':
+			mult, t = 1<<20, t[:n-1]
+		case 'G':
+			mult, t = 1<<30, t[:n-1]
+		}
+	}
+	v, err := strconv.ParseUint(t, 10, 64)
+	if err != nil || v == 0 || v > (1<<44)/mult {
+		return 0, fmt.Errorf("size %q: want a positive number with K, M or G", s)
+	}
+	if v*mult%4096 != 0 {
+		return 0, fmt.Errorf("size %q: want a multiple of 4 KiB", s)
+	}
+	return v * mult, nil
+}
+
+// fits says whether size can be measured here: both livesentry (the old
+// generation and the next one in the memory file) and gVisor (the
+// sandbox's memory and the restored copy) hold about twice size, plus
+// the checkpoint image in the page cache; and the image must fit on disk.
+func fits(size uint64, dir string) (bool, string) {
+	avail, err := memAvailable()
+	if err != nil {
+		return false, err.Error()
+	}
+	need := size*5/2 + 512<<20
+	if need > avail {
+		return false, fmt.Sprintf("needs about %s of memory (2.5× the size), %s available", sizeLabel(need), sizeLabel(avail))
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err == nil {
+		if free := st.Bavail * uint64(st.Bsize); size+size/4 > free {
+			return false, fmt.Sprintf("the checkpoint image needs %s of disk, %s free", sizeLabel(size), sizeLabel(free))
+		}
+	}
+	return true, ""
+}
+
+func memAvailable() (uint64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var kb uint64
+		if _, err := fmt.Sscanf(sc.Text(), "MemAvailable: %d kB", &kb); err == nil {
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("no MemAvailable in /proc/meminfo")
+}
+
+func has(list []string, s string) bool { return slices.Contains(list, s) }
+
+// Run measures every size, folio size and method of c.
+func Run(c Config) (*Results, error) {
+	if c.Logf == nil {
+		c.Logf = func(string, ...any) {}
+	}
+	if c.Reps < 1 {
+		return nil, fmt.Errorf("reps must be at least 1")
+	}
+	for _, m := range c.Methods {
+		if !has(allMethods, m) {
+			return nil, fmt.Errorf("unknown method %q (want some of %s)", m, strings.Join(allMethods, ","))
+		}
+	}
+	for _, f := range c.Folios {
+		if f != folio4K && f != folio2M {
+			return nil, fmt.Errorf("unknown folio size %q (want 4K or 2M)", f)
+		}
+	}
+	res := &Results{Start: time.Now()}
+	gvisorWhy := ""
+	if has(c.Methods, methodGVisor) || has(c.Methods, methodGVisorDir) || has(c.Methods, methodGVisorBg) {
+		gvisorWhy = gvisorUsable(c)
+		if gvisorWhy != "" {
+			res.Notes = append(res.Notes, "gVisor skipped: "+gvisorWhy)
+		}
+	}
+	for _, size := range c.Sizes {
+		if ok, why := fits(size, c.WorkDir); !ok {
+			res.Notes = append(res.Notes, fmt.Sprintf("%s skipped: %s", sizeLabel(size), why))
+			c.Logf("%s skipped: %s", sizeLabel(size), why)
+			continue
+		}
+		for _, folio := range c.Folios {
+			var meta uint64
+			if has(c.Methods, methodTransfer) || has(c.Methods, methodExec) {
+				c.Logf("%s, %s folios: measuring the metadata handed over", sizeLabel(size), folioLabel(folio))
+				m, err := measureMetadata(size, folio == folio4K)
+				if err != nil {
+					return nil, fmt.Errorf("metadata of %s, %s folios: %w", sizeLabel(size), folio, err)
+				}
+				meta = m.Total()
+				res.Notes = append(res.Notes, fmt.Sprintf("metadata at %s, %s folios: %s", sizeLabel(size), folioLabel(folio), m))
+			}
+			for _, mode := range []string{methodTransfer, methodExec} {
+				if !has(c.Methods, mode) {
+					continue
+				}
+				r := &Row{Size: size, Method: mode, Folio: folio, MetadataBytes: meta}
+				if err := measureLivesentry(c, r); err != nil {
+					return nil, fmt.Errorf("livesentry %s at %s, %s folios: %w", mode, sizeLabel(size), folio, err)
+				}
+				res.Rows = append(res.Rows, r)
+			}
+		}
+		for _, m := range []string{methodGVisor, methodGVisorDir, methodGVisorBg} {
+			if !has(c.Methods, m) {
+				continue
+			}
+			r := &Row{Size: size, Method: m}
+			if gvisorWhy != "" {
+				r.Skipped = gvisorWhy
+			} else if err := measureGVisor(c, r); err != nil {
+				// One variant failing (a runsc error at one size) does
+				// not lose the rest of the run.
+				r.Skipped = err.Error()
+				c.Logf("%s at %s failed: %v", r.Name(), sizeLabel(size), err)
+			}
+			res.Rows = append(res.Rows, r)
+		}
+		if has(c.Methods, methodCopyFloor) {
+			r := &Row{Size: size, Method: methodCopyFloor}
+			if err := measureCopyFloor(c, r); err != nil {
+				return nil, fmt.Errorf("copy floor at %s: %w", sizeLabel(size), err)
+			}
+			res.Rows = append(res.Rows, r)
+		}
+		res.Took = time.Since(res.Start)
+		if c.Save != nil {
+			c.Save(res)
+		}
+	}
+	res.Took = time.Since(res.Start)
+	return res, nil
+}
+
+func ms(d time.Duration) string {
+	v := float64(d) / 1e6
+	switch {
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+func spread(s Sample) string {
+	if len(s) == 0 {
+		return "—"
+	}
+	if len(s) == 1 {
+		return ms(s[0])
+	}
+	return fmt.Sprintf("%s (%s–%s)", ms(s.Median()), ms(s.Min()), ms(s.Max()))
+}
+
+func kib(n uint64) string {
+	if n == 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.1f KiB", float64(n)/1024)
+}
+
+// find returns the measured row of method (and folio) at size, or nil.
+func (r *Results) find(size uint64, method, folio string) *Row {
+	for _, row := range r.Rows {
+		if row.Size == size && row.Method == method && row.Folio == folio && row.Skipped == "" && len(row.Pause) > 0 {
+			return row
+		}
+	}
+	return nil
+}
+
+func (r *Results) sizes() []uint64 {
+	var s []uint64
+	for _, row := range r.Rows {
+		if !slices.Contains(s, row.Size) {
+			s = append(s, row.Size)
+		}
+	}
+	return s
+}
+
+// WriteTable writes the results as markdown: one table of every row,
+// then the ratios per size.
+func (r *Results) WriteTable(w io.Writer) {
+	fmt.Fprintf(w, "Times in ms: median (min–max) of the runs counted in the last column.\n\n")
+	fmt.Fprintf(w, "| size | method | app pause / blackout | time to data | metadata handed over | runs |\n|---|---|---|---|---|---|\n")
+	for _, row := range r.Rows {
+		if row.Skipped != "" {
+			fmt.Fprintf(w, "| %s | %s | skipped: %s | | | 0 |\n", sizeLabel(row.Size), row.Name(), strings.ReplaceAll(row.Skipped, "|", "/"))
+			continue
+		}
+		data := "—"
+		if len(row.Data) > 0 {
+			data = spread(row.Data)
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %d |\n", sizeLabel(row.Size), row.Name(), spread(row.Pause), data, kib(row.MetadataBytes), len(row.Pause))
+	}
+	fmt.Fprintf(w, "\nRatios of medians (4 KiB folios for livesentry).\n\n")
+	fmt.Fprintf(w, "| size | gVisor ÷ transfer blackout | gVisor --direct ÷ transfer blackout | gVisor --background ÷ transfer blackout | copy floor ÷ transfer blackout | gVisor ÷ transfer time to data | exec ÷ transfer blackout |\n|---|---|---|---|---|---|---|\n")
+	for _, size := range r.sizes() {
+		tr := r.find(size, methodTransfer, folio4K)
+		if tr == nil {
+			continue
+		}
+		ratio := func(m string, data bool) string {
+			folio := ""
+			if m == methodExec {
+				folio = folio4K
+			}
+			o := r.find(size, m, folio)
+			if o == nil {
+				return "—"
+			}
+			den := tr.Pause.Median()
+			if data {
+				den = tr.Data.Median()
+			}
+			return fmt.Sprintf("%.0f×", float64(o.Pause.Median())/float64(den))
+		}
+		exec := "—"
+		if o := r.find(size, methodExec, folio4K); o != nil {
+			exec = fmt.Sprintf("%.1f×", float64(o.Pause.Median())/float64(tr.Pause.Median()))
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", sizeLabel(size), ratio(methodGVisor, false), ratio(methodGVisorDir, false),
+			ratio(methodGVisorBg, false), ratio(methodCopyFloor, false), ratio(methodGVisor, true), exec)
+	}
+	if len(r.Notes) > 0 {
+		fmt.Fprintf(w, "\n")
+		for _, n := range r.Notes {
+			fmt.Fprintf(w, "- %s\n", n)
+		}
+	}
+}
+
+// repoRoot is the directory of the go.mod above the working directory.
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Merge returns the rows and notes of several runs as one result.
+func Merge(runs []*Results) *Results {
+	out := &Results{}
+	for i, r := range runs {
+		if i == 0 || r.Start.Before(out.Start) {
+			out.Start = r.Start
+		}
+		out.Rows = append(out.Rows, r.Rows...)
+		out.Notes = append(out.Notes, r.Notes...)
+		out.Commands = append(out.Commands, r.Commands...)
+		out.Took += r.Took
+	}
+	return out
+}
+
+// SaveJSON writes r to path.
+func (r *Results) SaveJSON(path string) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
+// LoadJSON reads results SaveJSON wrote.
+func LoadJSON(path string) (*Results, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var r Results
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &r, nil
+}

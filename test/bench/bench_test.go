@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want uint64
+		ok   bool
+	}{
+		{"64M", 64 << 20, true},
+		{"1G", 1 << 30, true},
+		{"4GiB", 4 << 30, true},
+		{"8K", 8 << 10, true},
+		{"0M", 0, false},
+		{"12345", 0, false}, // not a multiple of 4 KiB
+		{"1X", 0, false},
+	} {
+		t.Run(tc.in, func(t *testing.T) {
+			got, err := ParseSize(tc.in)
+			if (err == nil) != tc.ok || got != tc.want {
+				t.Fatalf("ParseSize(%q) = %d, %v; want %d, ok %v", tc.in, got, err, tc.want, tc.ok)
+			}
+		})
+	}
+}
+
+func TestMedianOfAnOddAndAnEvenCount(t *testing.T) {
+	ms := time.Millisecond
+	if got := (Sample{5 * ms, 1 * ms, 3 * ms}).Median(); got != 3*ms {
+		t.Errorf("median of 5, 1, 3 ms: %v", got)
+	}
+	if got := (Sample{4 * ms, 1 * ms, 3 * ms, 2 * ms}).Median(); got != 2*ms {
+		t.Errorf("median of 4, 1, 3, 2 ms: %v (want the lower middle)", got)
+	}
+}
+
+// TestSmokeRunMeasuresEveryMethod runs the benchmark's own code at a tiny
+// size with one rep: real runsc-luo sandboxes restarted in both modes,
+// the metadata walk, the copy floor and, if a runsc is cached in the
+// repository and this runs as root, gVisor. It checks that every method
+// produced a plausible measurement and that the table and the plot are
+// written.
+func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs sandboxes")
+	}
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	c := Config{
+		Sizes:   []uint64{8 << 20},
+		Folios:  []string{folio4K},
+		Methods: []string{methodTransfer, methodExec, methodCopyFloor},
+		Reps:    1,
+		Runsc:   filepath.Join(root, ".cache", "bin", "runsc"),
+		WorkDir: dir,
+		Logf:    t.Logf,
+	}
+	gvisor := gvisorUsable(c) == ""
+	if gvisor {
+		c.Methods = append(c.Methods, methodGVisor)
+	}
+	if c.RunscLUO, c.Holder, err = buildBinaries(root, dir); err != nil {
+		t.Fatal(err)
+	}
+	if !gvisor {
+		t.Logf("gVisor not measured: %s", gvisorUsable(c))
+	}
+	res, err := Run(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Rows) != len(c.Methods) {
+		t.Fatalf("%d rows for %d methods: %+v", len(res.Rows), len(c.Methods), res.Rows)
+	}
+	for _, r := range res.Rows {
+		if r.Skipped != "" || len(r.Pause) != 1 || r.Pause[0] <= 0 || r.Pause[0] > time.Minute {
+			t.Errorf("%s: pause %v, skipped %q", r.Name(), r.Pause, r.Skipped)
+		}
+		switch r.Method {
+		case methodTransfer, methodExec:
+			if len(r.Data) != 1 || r.Data[0] < r.Pause[0] {
+				t.Errorf("%s: time to data %v shorter than the blackout %v", r.Name(), r.Data, r.Pause)
+			}
+			// 8 MiB of 4 KiB folios: 2048 memfd-v1 records of 16 bytes,
+			// and at least one KHO chunk and one bitmap page.
+			if r.MetadataBytes < 2048*16+2*4096 || r.MetadataBytes > 1<<20 {
+				t.Errorf("%s: metadata %d bytes", r.Name(), r.MetadataBytes)
+			}
+		}
+	}
+	var table bytes.Buffer
+	res.WriteTable(&table)
+	for _, want := range []string{"| 8 MiB | livesentry transfer, 4 KiB folios |", "| 8 MiB | copy floor (copy_file_range) |"} {
+		if !strings.Contains(table.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, table.String())
+		}
+	}
+	png := filepath.Join(dir, "bench.png")
+	if err := res.WritePlot(png); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(png)
+	if err != nil || !bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) {
+		t.Fatalf("plot: %d bytes, %v; want a PNG", len(b), err)
+	}
+}
+
+func TestMergeOfSavedRunsKeepsEveryRowAndCommand(t *testing.T) {
+	dir := t.TempDir()
+	a := &Results{Rows: []*Row{{Size: 64 << 20, Method: methodTransfer, Folio: folio4K, Pause: Sample{time.Millisecond}, Data: Sample{9 * time.Millisecond}, MetadataBytes: 4096}},
+		Notes: []string{"a"}, Commands: []string{"go run ./test/bench -sizes=64M"}, Took: time.Second}
+	b := &Results{Rows: []*Row{{Size: 4 << 30, Method: methodGVisor, Skipped: "no runsc"}},
+		Notes: []string{"b"}, Commands: []string{"go run ./test/bench -sizes=4G"}, Took: 2 * time.Second}
+	var runs []*Results
+	for i, r := range []*Results{a, b} {
+		p := filepath.Join(dir, fmt.Sprintf("%d.json", i))
+		if err := r.SaveJSON(p); err != nil {
+			t.Fatal(err)
+		}
+		l, err := LoadJSON(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs = append(runs, l)
+	}
+	m := Merge(runs)
+	if len(m.Rows) != 2 || m.Rows[0].Data.Median() != 9*time.Millisecond || m.Rows[1].Skipped != "no runsc" ||
+		len(m.Commands) != 2 || len(m.Notes) != 2 || m.Took != 3*time.Second {
+		t.Fatalf("merged: %+v rows %+v %+v", m, m.Rows[0], m.Rows[1])
+	}
+	page := m.page(func() string { var w bytes.Buffer; m.WriteTable(&w); return w.String() }(), "docs/bench.md", "docs/bench.png")
+	for _, want := range []string{a.Commands[0], b.Commands[0], "| 4 GiB | gVisor checkpoint + restore | skipped: no runsc |", "](bench.png)"} {
+		if !strings.Contains(page, want) {
+			t.Errorf("page lacks %q:\n%s", want, page)
+		}
+	}
+}

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/runsc-luo/demo"
+)
+
+// luoCLI runs runsc-luo with one root.
+type luoCLI struct {
+	bin, root string
+}
+
+func (c *luoCLI) run(args ...string) (string, error) {
+	cmd := exec.Command(c.bin, append([]string{"--root=" + c.root}, args...)...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("runsc-luo %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(errOut.String()))
+	}
+	return out.String(), nil
+}
+
+// waitEvent waits for the demo guest's line with event ev of generation
+// gen in the sandbox's entrypoint log.
+func (c *luoCLI) waitEvent(id, ev string, gen uint64, timeout time.Duration) (demo.Event, error) {
+	deadline := time.Now().Add(timeout)
+	log := filepath.Join(c.root, id, "entrypoint.log")
+	for {
+		b, _ := os.ReadFile(log)
+		for _, line := range strings.Split(string(b), "\n") {
+			var e demo.Event
+			if json.Unmarshal([]byte(line), &e) != nil {
+				continue
+			}
+			if e.Event == "failed" && e.Generation == gen {
+				return e, fmt.Errorf("guest generation %d failed: %s", gen, e.Error)
+			}
+			if e.Event == ev && e.Generation == gen {
+				return e, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return demo.Event{}, fmt.Errorf("no %q event of generation %d within %v; entrypoint log:\n%s", ev, gen, timeout, b)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// measureLivesentry runs one sandbox whose entrypoint is the demo guest
+// (3 memfds of random contents totalling r.Size in 2 sessions, 4 KiB or
+// 2 MiB folios, a new generation after each restart) and restarts it
+// c.Reps times in r.Method's mode. Each restart's blackout is the
+// sentries' own measure (guest dispatch paused in the old sentry → the
+// new one accepting guests); the time to data runs from the same pause
+// to the relaunched guest having retrieved every file and read its last
+// byte (the guest's DataReadyAt, CLOCK_MONOTONIC like PausedAt). Every
+// byte is verified by the guest before the next restart.
+func measureLivesentry(c Config, r *Row) error {
+	root, err := os.MkdirTemp(c.WorkDir, "ls-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(root)
+	cli := &luoCLI{bin: c.RunscLUO, root: root}
+	id := "bench"
+	args := []string{c.RunscLUO, "demo-guest", fmt.Sprintf("--size=%d", r.Size), "--files=3", "--sessions=2",
+		fmt.Sprintf("--seed=%d", rand.Uint64()), "--cycle"}
+	if r.Folio == folio4K {
+		args = append(args, "--small-folios")
+	}
+	// Two generations live at once (the one retrieved and the next),
+	// plus room for metadata; the file is sparse.
+	mem := fmt.Sprintf("--memory=%dM", 3*r.Size>>20+256)
+	if _, err := cli.run(append([]string{"run", "--detach", mem, id, "--"}, args...)...); err != nil {
+		return err
+	}
+	defer func() {
+		cli.run("kill", id)
+		cli.run("delete", "--force", id)
+	}()
+	// Filling and verifying run through the guest socket: allow ~10 s/GiB.
+	timeout := time.Minute + time.Duration(r.Size>>30)*20*time.Second
+	if _, err := cli.waitEvent(id, "preserved", 0, timeout); err != nil {
+		return err
+	}
+	for gen := uint64(1); gen <= uint64(c.Reps); gen++ {
+		out, err := cli.run("restart", "--format=json", "--mode="+r.Method, id)
+		if err != nil {
+			return err
+		}
+		var t handover.Timing
+		if err := json.Unmarshal([]byte(out), &t); err != nil {
+			return fmt.Errorf("restart output %q: %w", out, err)
+		}
+		v, err := cli.waitEvent(id, "verified", gen, timeout)
+		if err != nil {
+			return err
+		}
+		if v.DataReadyAt <= t.PausedAt {
+			return fmt.Errorf("data ready at %d, before the pause at %d", v.DataReadyAt, t.PausedAt)
+		}
+		r.Pause = append(r.Pause, t.Blackout)
+		r.Data = append(r.Data, time.Duration(v.DataReadyAt-t.PausedAt))
+		c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v)",
+			sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready)
+		if _, err := cli.waitEvent(id, "preserved", gen, timeout); err != nil {
+			return err
+		}
+	}
+	return nil
+}
