@@ -15,9 +15,22 @@ const EnvDescriptor = "LIVESENTRY_HANDOVER"
 // Inherit clears FD_CLOEXEC on f so that it survives execve, and returns its
 // number, for Descriptor.Files in exec mode.
 func Inherit(f *os.File) (int, error) {
-	fd := int(f.Fd())
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, 0); err != nil {
-		return -1, fmt.Errorf("clearing FD_CLOEXEC on fd %d: %w", fd, err)
+	// Not f.Fd(), which would make the open file description, shared by
+	// a listener serving on a dup of it, blocking.
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var ferr error
+	if err := rc.Control(func(u uintptr) {
+		fd = int(u)
+		_, ferr = unix.FcntlInt(u, unix.F_SETFD, 0)
+	}); err != nil {
+		return -1, err
+	}
+	if ferr != nil {
+		return -1, fmt.Errorf("clearing FD_CLOEXEC on fd %d: %w", fd, ferr)
 	}
 	return fd, nil
 }

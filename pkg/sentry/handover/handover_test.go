@@ -179,3 +179,45 @@ func TestAwaitCommitAcceptsOnlyTheOldSentrysCommit(t *testing.T) {
 		})
 	}
 }
+
+// Sending a file must not make its open file description blocking: a
+// listener serving on a dup of it shares the description.
+func TestSendLeavesTheFilesNonBlocking(t *testing.T) {
+	a, peer, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	defer peer.Close()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "nonblocking")
+	defer f.Close()
+	defer unix.Close(fds[1])
+	go func() {
+		b, _ := NewChannel(peer)
+		var m struct{}
+		if files, err := b.Recv(&m); err == nil {
+			for _, f := range files {
+				f.Close()
+			}
+		}
+	}()
+	if err := a.Send(&struct{}{}, f); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Inherit(f); err != nil {
+		t.Fatal(err)
+	}
+	fl, err := unix.FcntlInt(uintptr(fds[1]), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, _ := f.SyscallConn()
+	rc.Control(func(fd uintptr) { fl, _ = unix.FcntlInt(fd, unix.F_GETFL, 0) })
+	if fl&unix.O_NONBLOCK == 0 {
+		t.Fatal("sending the file made it blocking")
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -77,13 +78,37 @@ func (c *Channel) Send(msg any, files ...*os.File) error {
 	binary.LittleEndian.PutUint32(hdr[4:], uint32(len(files)))
 	var oob []byte
 	if len(files) > 0 {
+		// The fds are read through SyscallConn, not Fd: Fd would put
+		// each file's open file description, which other dups (a
+		// listener serving on it) share, into blocking mode.
 		fds := make([]int, len(files))
+		conns := make([]syscall.RawConn, len(files))
 		for i, f := range files {
-			fds[i] = int(f.Fd())
+			rc, err := f.SyscallConn()
+			if err != nil {
+				return fmt.Errorf("sending %T: file %d: %w", msg, i, err)
+			}
+			conns[i] = rc
 		}
-		oob = unix.UnixRights(fds...)
-	}
-	if _, _, err := c.conn.WriteMsgUnix(hdr[:], oob, nil); err != nil {
+		var send func(i int) error
+		send = func(i int) error {
+			if i == len(conns) {
+				_, _, err := c.conn.WriteMsgUnix(hdr[:], unix.UnixRights(fds...), nil)
+				return err
+			}
+			var inner error
+			if err := conns[i].Control(func(fd uintptr) {
+				fds[i] = int(fd)
+				inner = send(i + 1)
+			}); err != nil {
+				return err
+			}
+			return inner
+		}
+		if err := send(0); err != nil {
+			return fmt.Errorf("sending %T: %w", msg, err)
+		}
+	} else if _, _, err := c.conn.WriteMsgUnix(hdr[:], oob, nil); err != nil {
 		return fmt.Errorf("sending %T: %w", msg, err)
 	}
 	if _, err := c.conn.Write(b); err != nil {
