@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"strconv"
 	"syscall"
+	"time"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
@@ -116,6 +117,7 @@ func (s *Sentry) launchEntrypoint() error {
 	if len(s.cfg.Entrypoint) == 0 {
 		return nil
 	}
+	s.awaitOldGuests()
 	out, err := os.OpenFile(sandbox.EntrypointLogPath(s.cfg.Root, s.cfg.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -127,6 +129,27 @@ func (s *Sentry) launchEntrypoint() error {
 	// The entrypoint's pid and start time (unless it has already exited
 	// and stopped the sandbox).
 	return s.writeState("")
+}
+
+// oldGuestsTimeout bounds the wait for the previous sentry's guests.
+const oldGuestsTimeout = 5 * time.Second
+
+// awaitOldGuests waits until the guests of the previous sentry (transfer
+// mode) are gone, so that two entrypoints never run at once; after
+// oldGuestsTimeout it kills what is left.
+func (s *Sentry) awaitOldGuests() {
+	deadline := time.Now().Add(oldGuestsTimeout)
+	for _, pid := range s.waitFor {
+		for sandbox.Alive(pid) {
+			if time.Now().After(deadline) {
+				log.Warningf("guest %d of the previous sentry still runs after %v: killing it", pid, oldGuestsTimeout)
+				unix.Kill(pid, unix.SIGKILL)
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	s.waitFor = nil
 }
 
 // killGuests SIGKILLs every guest process the sentry launched and waits

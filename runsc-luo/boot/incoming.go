@@ -56,6 +56,9 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	}
 	s := newSentry(cfg, in.opts)
 	s.k, s.guestFile, s.controlFile = k, files[1], files[2]
+	if d.Mode == handover.ModeTransfer {
+		s.waitFor = d.OldGuests
+	}
 	in.s = s
 	return nil
 }

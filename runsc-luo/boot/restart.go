@@ -60,10 +60,10 @@ func (o *outgoing) Prepare(d *handover.Descriptor, peerReads []string) ([]*os.Fi
 	}
 	d.Root, d.LiveupdateNumber, d.MemorySize = h.Root, h.LiveupdateNumber, s.k.MemoryFile().Size()
 	d.Compatibles, d.Sandbox = h.Written, cfg
-	if o.mode == handover.ModeExec {
-		// The guests become the new image's children: it stops them.
-		d.OldGuests = s.guestPIDs()
-	}
+	// Exec mode: the guests become the new image's children, and it
+	// stops them. Transfer mode: this sentry stops them after the commit,
+	// and the new one relaunches the entrypoint only once they are gone.
+	d.OldGuests = s.guestPIDs()
 	return []*os.File{o.mem, s.guestFile, s.controlFile}, nil
 }
 

@@ -60,6 +60,10 @@ type Sentry struct {
 	server      *urpc.Server
 	exited      chan struct{}
 	exitStatus  int
+	// waitFor are the guests of the previous sentry (transfer mode), which
+	// it stops after the commit: the entrypoint is relaunched only once
+	// they are gone.
+	waitFor []int
 
 	mu sync.Mutex
 	// +checklocks:mu
