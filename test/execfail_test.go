@@ -24,7 +24,7 @@ func TestExecModeRestartFailingAfterExecveLeavesNoGuests(t *testing.T) {
 		byItself bool
 	}{
 		{"a new image that refuses the descriptor stops the old guests", "exec " + runscV9 + ` "$@"`, true},
-		{"a new image that dies at once leaves the guests to kill", "echo dying at boot >&2; exit 3", false},
+		{"a new image that dies at once: the supervisor stops the old guests, and kill finds nothing left", "echo dying at boot >&2; exit 3", false},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -70,8 +70,10 @@ func TestExecModeRestartFailingAfterExecveLeavesNoGuests(t *testing.T) {
 					t.Errorf("state after the refused exec: %+v", st)
 				}
 			} else {
-				if out, errOut, code := c.run("kill", id); code != 0 {
-					t.Fatalf("kill of the sandbox whose sentry is gone: exit %d, %s %s", code, out, errOut)
+				// The supervisor recovers the sandbox from its memory
+				// file, or reports it lost; kill stops what serves.
+				if out, errOut, code := c.run("kill", id); code != 0 && !strings.Contains(errOut, "not running") {
+					t.Fatalf("kill after the exec'd image died: exit %d, %s %s", code, out, errOut)
 				}
 			}
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {

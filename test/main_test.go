@@ -224,6 +224,19 @@ func processAlive(pid int) bool {
 	return i > 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
 }
 
+// withoutSupervisors drops the sandboxes' supervisors from pids: they name
+// the root and the entrypoint too, and outlive every sentry.
+func withoutSupervisors(pids []int) []int {
+	var out []int
+	for _, pid := range pids {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if !bytes.Contains(b, []byte("\x00supervise\x00")) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
 // processesMentioning returns the pids of live processes whose command
 // line contains s.
 func processesMentioning(s string) []int {

@@ -86,9 +86,7 @@ func (in *incoming) Serving(t handover.Timing) {
 		s.last = sandbox.RestartRecord{Generation: t.LiveupdateNumber, Timing: t}
 	}
 	s.mu.Unlock()
-	if err := s.writeState(""); err != nil {
-		log.Warningf("%v", err)
-	}
+	s.register()
 }
 
 // Discard drops the booted kernel without touching the memory file's

@@ -101,10 +101,13 @@ type Sentry struct {
 	//
 	// +checklocks:mu
 	recovery *sandbox.RecoveryRecord
-	// supervised is set while a supervisor holds the memory file.
+	// supervised is set while a supervisor holds the memory file;
+	// registered once register has run.
 	//
 	// +checklocks:mu
 	supervised bool
+	// +checklocks:mu
+	registered bool
 }
 
 func newSentry(cfg sandbox.Config, opts Options) *Sentry {
@@ -157,7 +160,9 @@ func (s *Sentry) Run() error {
 	if err := s.serve(); err != nil {
 		return err
 	}
-	s.register()
+	if !s.isRegistered() {
+		s.register()
+	}
 	return s.launchEntrypoint()
 }
 

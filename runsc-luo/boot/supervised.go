@@ -14,8 +14,11 @@ import (
 
 // register tells the sandbox's supervisor, if it has one, that this sentry
 // serves: it hands over copies of the memory file and the listening
-// sockets, and keeps the connection open for this process's life (its end
-// tells the supervisor this sentry is gone). Without a supervisor (a
+// sockets, waits until the supervisor holds it as the sandbox's sentry,
+// and keeps the connection open for this process's life (its end tells the
+// supervisor this sentry is gone). A sentry out of a restart registers
+// before it tells the old one it serves, so that the old one's exit is
+// never taken for a crash. Without a supervisor (a
 // sandbox started by an older build, or one whose supervisor died) a crash
 // of this sentry loses the sandbox; the state file says so.
 func (s *Sentry) register() {
@@ -49,7 +52,16 @@ func (s *Sentry) register() {
 	reg := supervisor.Register{PID: os.Getpid(), Root: s.k.KHO().RootAddr(), MemorySize: s.k.MemoryFile().Size(),
 		LiveupdateNumber: s.k.LUO().LiveupdateNumber(), Version: s.opts.Version}
 	ch.SetDeadline(time.Now().Add(5 * time.Second))
-	if err := ch.Send(&reg, mem, s.guestFile, s.controlFile); err != nil {
+	var ok supervisor.Registered
+	err = ch.Send(&reg, mem, s.guestFile, s.controlFile)
+	if err == nil {
+		var files []*os.File
+		files, err = ch.Recv(&ok)
+		for _, f := range files {
+			f.Close()
+		}
+	}
+	if err != nil {
 		ch.Close()
 		s.setSupervised(false)
 		log.Warningf("registering with the supervisor: %v", err)
@@ -69,9 +81,17 @@ func (s *Sentry) register() {
 
 func (s *Sentry) setSupervised(v bool) {
 	s.mu.Lock()
-	s.supervised = v
+	s.supervised, s.registered = v, true
 	s.mu.Unlock()
 	if err := s.writeState(""); err != nil {
 		log.Warningf("%v", err)
 	}
+}
+
+// isRegistered reports whether register ran (with or without a
+// supervisor to register with).
+func (s *Sentry) isRegistered() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.registered
 }

@@ -69,7 +69,16 @@ type sentry struct {
 // event is something the main loop acts on.
 type event struct {
 	registered *sentry
-	ended      int // pid whose connection ended
+	// done is closed once the main loop has taken the registration.
+	done  chan struct{}
+	ended int // pid whose connection ended
+}
+
+// Registered is the supervisor's answer to a registration, once it holds
+// the sentry as the sandbox's: only then may a sentry let the one before
+// it exit (a transfer-mode restart sends Serving after it).
+type Registered struct {
+	PID int `json:"pid"`
 }
 
 // Supervisor is one sandbox's supervisor.
@@ -151,7 +160,12 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 		log.Warningf("supervisor: a bad registration (pid %d, %d files): %v", reg.PID, len(files), err)
 		return
 	}
-	s.events <- event{registered: &sentry{reg: reg, files: files}}
+	done := make(chan struct{})
+	s.events <- event{registered: &sentry{reg: reg, files: files}, done: done}
+	<-done
+	if err := ch.Send(&Registered{PID: os.Getpid()}); err != nil {
+		log.Warningf("supervisor: answering sentry %d: %v", reg.PID, err)
+	}
 	var none struct{}
 	ch.Recv(&none) // Until the connection ends.
 	s.events <- event{ended: reg.PID}
@@ -175,6 +189,7 @@ func (s *Supervisor) loop(pid int) {
 				if old != nil {
 					closeFiles(old.files)
 				}
+				close(e.done)
 				pid, waiting = e.registered.reg.PID, false
 				log.Infof("supervisor: sentry %d serves sandbox %s", pid, c.ID)
 				continue
@@ -280,7 +295,8 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 		select {
 		case e := <-s.events:
 			if e.registered != nil {
-				s.events <- e
+				// Hand it back to the main loop, which takes it.
+				go func() { s.events <- e }()
 				return true
 			}
 		case <-time.After(10 * time.Millisecond):

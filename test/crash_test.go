@@ -1,0 +1,70 @@
+package test
+
+import (
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// SIGKILL of the serving sentry: the supervisor brings the sandbox back by
+// itself on the same memory file, and the relaunched guest retrieves and
+// verifies every preserved byte.
+func TestASentryKilledWhileServingComesBackWithItsMemory(t *testing.T) {
+	c := newCLI(t)
+	const id = "crash"
+	c.must(append([]string{"run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", 21, true)...)...)
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	before := c.state(id)
+	if !before.Supervised {
+		t.Fatalf("the sandbox is not supervised: %+v", before)
+	}
+	syscall.Kill(before.PID, syscall.SIGKILL)
+	c.waitEvent(id, "verified", 1, 30*time.Second)
+	st := c.state(id)
+	if st.Status != "running" || st.PID == before.PID || st.Recoveries != 1 || st.LastRecovery == nil {
+		t.Fatalf("after the crash: %+v", st)
+	}
+	// The recovered sandbox restarts live as any other.
+	c.waitEvent(id, "preserved", 1, 30*time.Second)
+	c.restart(id)
+	c.waitEvent(id, "verified", 2, 30*time.Second)
+	c.must("kill", id)
+	c.must("delete", id)
+	if left := processesMentioning(c.root); len(left) != 0 {
+		t.Errorf("processes left after kill and delete: %v", left)
+	}
+}
+
+// SIGKILL of the supervisor is reported truthfully: the sentry goes on
+// serving, and the state says a crash of it would now lose the sandbox.
+func TestASupervisorKilledIsReported(t *testing.T) {
+	c := newCLI(t)
+	const id = "nosuper"
+	c.must("run", "--detach", "--memory=64M", id, "--", "sleep", "600")
+	var super int
+	for _, pid := range processesMentioning(c.root) {
+		if pids := processesMentioning("supervise\x00--id=" + id); len(pids) == 1 && pids[0] == pid {
+			super = pid
+		}
+	}
+	if super == 0 {
+		t.Fatalf("no supervisor among %v", processesMentioning(c.root))
+	}
+	syscall.Kill(super, syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
+	for c.state(id).Supervised {
+		if time.Now().After(deadline) {
+			t.Fatal("the state still says supervised after the supervisor died")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if st := c.state(id); st.Status != "running" {
+		t.Fatalf("the sandbox after its supervisor died: %+v", st)
+	}
+	out := c.must("state", id)
+	if !strings.Contains(out, `"supervised": false`) {
+		t.Fatalf("state: %s", out)
+	}
+	c.must("kill", id)
+}
