@@ -5,10 +5,12 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/shim"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/log"
 )
@@ -25,8 +27,10 @@ type guestProc struct {
 	res  WaitResult
 }
 
-// launch starts a guest program with the guest socket in its environment.
-func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*guestProc, error) {
+// launch starts a guest program with the guest socket in its environment
+// and, with withShim, the libc shim preloaded (which a static program, such
+// as a Go guest, simply does not load).
+func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim bool) (*guestProc, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no program given")
 	}
@@ -34,6 +38,13 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*gue
 	cmd.Env = append(append(os.Environ(), env...),
 		abiguest.EnvSocket+"="+sandbox.GuestPath(s.cfg.Root, s.cfg.ID),
 		abiguest.EnvLiveupdateNumber+"="+strconv.FormatUint(s.k.LUO().LiveupdateNumber(), 10))
+	if withShim {
+		lib, err := shim.Path()
+		if err != nil {
+			return nil, fmt.Errorf("starting %q under the libc shim: %w", argv[0], err)
+		}
+		cmd.Env = withPreload(cmd.Env, lib)
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
 	// A guest must not die with the CLI's terminal session.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -54,6 +65,27 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*gue
 	s.procs[p.pid] = p
 	go s.reap(p)
 	return p, nil
+}
+
+// withPreload returns env with lib first in LD_PRELOAD (the last
+// LD_PRELOAD in env wins, as for execve, and keeps its libraries after
+// lib).
+func withPreload(env []string, lib string) []string {
+	const key = "LD_PRELOAD="
+	val := lib
+	out := make([]string, 0, len(env)+1)
+	for _, kv := range env {
+		if rest, ok := strings.CutPrefix(kv, key); ok {
+			if rest != "" {
+				val = lib + ":" + rest
+			} else {
+				val = lib
+			}
+			continue
+		}
+		out = append(out, kv)
+	}
+	return append(out, key+val)
 }
 
 // reap waits for a guest process; the entrypoint's exit stops the sandbox
@@ -117,7 +149,7 @@ func (s *Sentry) launchEntrypoint() error {
 		return err
 	}
 	defer out.Close()
-	if _, err := s.launch(s.cfg.Entrypoint, nil, [3]*os.File{nil, out, out}, true); err != nil {
+	if _, err := s.launch(s.cfg.Entrypoint, nil, [3]*os.File{nil, out, out}, true, !s.cfg.NoShim); err != nil {
 		return err
 	}
 	// The entrypoint's pid and start time (unless it has already exited
