@@ -41,6 +41,7 @@ var cflags = []string{"-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"}
 var (
 	mu sync.Mutex
 	// built is the library's path once built by this process.
+	// +checklocks:mu
 	built string
 )
 

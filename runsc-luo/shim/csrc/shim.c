@@ -93,7 +93,12 @@ enum {
 	OP_ATTACH = 19,
 	OP_EXECVE = 20,
 };
-enum { KIND_DATA = 1, KIND_RESULT = 2, KIND_FATAL = 3, KIND_FILE = 4 };
+enum {
+	KIND_DATA = 1,
+	KIND_RESULT = 2,
+	KIND_FATAL = 3,
+	KIND_FILE = 4,
+};
 
 // The LUO uapi (include/uapi/linux/liveupdate.h): all ioctls are
 // _IO(0xBA, nr), the first u32 of each argument is its size, and the fd of
