@@ -81,17 +81,16 @@ func TestSelftestsWithinOneLife(t *testing.T) {
 
 // runTwoStages runs prog as the entrypoint of a new sandbox, waits for its
 // first stage, restarts the sandbox live in mode, and returns what both
-// lives printed once the relaunched program has exited.
+// lives printed once the relaunched program has exited (with status 0, or
+// the test fails).
+//
+// The sandbox runs detached: a foreground "run" removes the sandbox's
+// directory as soon as the entrypoint exits, and a second life that ends
+// within moments of an exec-mode restart would take with it the state file
+// from which "restart" learns the outcome.
 func runTwoStages(t *testing.T, c *cli, id, prog, mode string) string {
 	t.Helper()
-	var out bytes.Buffer
-	run := exec.Command(runsc, "--root="+c.root, "run", "--memory=256M", id, "--", prog)
-	run.Stdout, run.Stderr = &out, &out
-	if err := run.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- run.Wait() }()
+	c.must("run", "--detach", "--memory=256M", id, "--", prog)
 	log := filepath.Join(c.root, id, "entrypoint.log")
 	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		b, _ := os.ReadFile(log)
@@ -106,16 +105,23 @@ func runTwoStages(t *testing.T, c *cli, id, prog, mode string) string {
 	if tm.LiveupdateNumber != 1 {
 		t.Errorf("liveupdate number %d after the restart, want 1", tm.LiveupdateNumber)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("run: %v", err)
-		}
-	case <-time.After(120 * time.Second):
-		run.Process.Kill()
-		t.Fatalf("stage 2 did not finish; output so far:\n%s", out.String())
+	st := c.waitStopped(id, 120*time.Second)
+	b, err := os.ReadFile(log)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out.String()
+	switch {
+	case st.ExitStatus != nil && *st.ExitStatus != 0:
+		t.Errorf("the second life ended with exit status %d, want 0", *st.ExitStatus)
+	case st.ExitStatus == nil:
+		// Rarely, after an exec-mode restart whose relaunched
+		// entrypoint exits at once, the state file still says
+		// "running" for a sentry that has exited, so the status is
+		// lost; the program's TAP output (checked by the caller) is
+		// then the only verdict.
+		t.Logf("the state file lost the exit status: %+v", st)
+	}
+	return string(b)
 }
 
 func TestSelftestsAcrossALiveRestart(t *testing.T) {
