@@ -9,7 +9,7 @@
 //	runsc-luo [--root DIR] [--debug] [--log-format text|json] COMMAND [flags] ARGS
 //
 // Commands: run, exec, restart, state, list, kill, delete, kho dump,
-// luo status, demo, version. "boot", "abi" and "demo-guest" are internal.
+// luo status, abi, demo, version. "boot" and "demo-guest" are internal.
 //
 // The commands live in package cmd (flags and output), the sentry process
 // in package boot, the client side in packages container and sandbox.
@@ -61,11 +61,11 @@ func main() {
 	subcommands.Register(subcommands.FlagsCommand(), "")
 	for _, sc := range []subcommands.Command{
 		new(cmd.Run), new(cmd.Exec), new(cmd.Restart), new(cmd.State), new(cmd.List),
-		new(cmd.Kill), new(cmd.Delete), new(cmd.KHO), new(cmd.LUO), new(cmd.Demo), new(cmd.Version),
+		new(cmd.Kill), new(cmd.Delete), new(cmd.KHO), new(cmd.LUO), new(cmd.ABI), new(cmd.Demo), new(cmd.Version),
 	} {
 		subcommands.Register(sc, "")
 	}
-	for _, sc := range []subcommands.Command{new(cmd.Boot), new(cmd.ABI), new(cmd.DemoGuest)} {
+	for _, sc := range []subcommands.Command{new(cmd.Boot), new(cmd.DemoGuest)} {
 		subcommands.Register(sc, "internal")
 	}
 	flag.Parse()

@@ -3,9 +3,9 @@
 //
 // TestMain builds the binaries the tests run into a temporary directory:
 // runsc-luo itself, a second build with another version string (a new
-// binary to restart into), and a build whose memfd file handler is
-// "memfd-v9" (a new binary that must refuse the handover: the format
-// compatibility test). Faults are injected through the restart's options
+// binary to restart into), the format-compatibility builds (one that reads
+// and writes only the first formats, one only the newest, and one whose
+// memfd format is an unknown "memfd-v9"; kernel.formatsBuild). Faults are injected through the restart's options
 // (restart --TESTONLY-ack-delay), not through special builds.
 package test
 
@@ -28,8 +28,10 @@ import (
 
 var (
 	// runsc is the runsc-luo under test; runscV2 the same code with
-	// version "livesentry-v2"; runscV9 with memfd handler "memfd-v9".
-	runsc, runscV2, runscV9 string
+	// version "livesentry-v2"; runscV9 with memfd handler "memfd-v9" as
+	// its only memfd format; runscFirst the build of the first formats
+	// only, runscNewest of the newest only.
+	runsc, runscV2, runscV9, runscFirst, runscNewest string
 	// binDir holds the binaries and helper scripts.
 	binDir string
 )
@@ -58,10 +60,15 @@ func TestMain(m *testing.M) {
 		runsc = filepath.Join(dir, "runsc-luo")
 		runscV2 = filepath.Join(dir, "runsc-luo-v2")
 		runscV9 = filepath.Join(dir, "runsc-luo-memfd-v9")
+		runscFirst = filepath.Join(dir, "runsc-luo-first-formats")
+		runscNewest = filepath.Join(dir, "runsc-luo-newest-formats")
+		const formats = "-X github.com/livesentry/livesentry/pkg/sentry/kernel.formatsBuild="
 		for _, b := range []struct{ out, ldflags string }{
 			{runsc, ""},
 			{runscV2, "-X main.version=livesentry-v2"},
-			{runscV9, "-X main.version=livesentry-memfd-v9 -X github.com/livesentry/livesentry/pkg/sentry/memfd.compatible=memfd-v9"},
+			{runscV9, "-X main.version=livesentry-memfd-v9 " + formats + "v1 -X github.com/livesentry/livesentry/pkg/sentry/memfd.compatible=memfd-v9"},
+			{runscFirst, "-X main.version=livesentry-first-formats " + formats + "v1"},
+			{runscNewest, "-X main.version=livesentry-newest-formats " + formats + "newest"},
 		} {
 			if err := build(b.out, b.ldflags); err != nil {
 				fmt.Fprintln(os.Stderr, err)

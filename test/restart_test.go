@@ -115,8 +115,8 @@ func TestRefusedRestartsRollBackWithEverySessionIntact(t *testing.T) {
 	}{
 		{"a new binary that exits during boot is rolled back", []string{"--binary=" + exits}, "did not become ready"},
 		{"a new binary that never becomes ready is rolled back at the timeout", []string{"--binary=" + hangs, "--timeout=500ms"}, "did not become ready"},
-		{"a transfer to a binary whose memfd handler is memfd-v9 is refused and rolled back", []string{"--binary=" + runscV9}, `unknown compatible "memfd-v1"`},
-		{"an exec to a binary whose memfd handler is memfd-v9 is refused before execve", []string{"--mode=exec", "--binary=" + runscV9}, `cannot read ["memfd-v1"]`},
+		{"a transfer to a binary whose memfd format is memfd-v9 is refused and rolled back", []string{"--binary=" + runscV9}, `no format both sentries know: file 0x1 of session "demo-session-0" (memfd): this sentry writes ["memfd-v2" "memfd-v1"], the next one reads`},
+		{"an exec to a binary whose memfd format is memfd-v9 is refused before execve", []string{"--mode=exec", "--binary=" + runscV9}, `no format both sentries know: file 0x1 of session "demo-session-0" (memfd)`},
 		{"an exec to a binary that does not exist is refused", []string{"--mode=exec", "--binary=" + exits + ".missing"}, "no such file"},
 	}
 	for _, tc := range tests {
@@ -143,7 +143,7 @@ func TestRefusedRestartsRollBackWithEverySessionIntact(t *testing.T) {
 			for _, s := range ls.Sessions {
 				for _, f := range s.Files {
 					files++
-					if f.State != "preserved" || f.Compatible != "memfd-v1" {
+					if f.State != "preserved" || f.Compatible != "memfd-v2" {
 						t.Errorf("session %s file %d: %+v after the rollback", s.Name, f.Token, f)
 					}
 				}

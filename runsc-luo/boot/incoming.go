@@ -91,8 +91,9 @@ func HandoverInEnv() bool {
 	return ok
 }
 
+// reads reports whether this build reads the format c.
 func reads(c string) bool {
-	for _, k := range kernel.Compatibles() {
+	for _, k := range kernel.Reads() {
 		if k == c {
 			return true
 		}
@@ -108,7 +109,7 @@ func reads(c string) bool {
 // roll back to, so the sandbox is recorded as stopped, with the error.
 func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	in := &incoming{opts: opts}
-	hopts := handover.Options{Version: opts.Version, Known: reads}
+	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads()}
 	if fd >= 0 {
 		ch, err := handover.NewChannel(os.NewFile(uintptr(fd), "handover"))
 		if err != nil {

@@ -39,10 +39,11 @@ func (o *outgoing) Pause(deadline time.Time) error {
 	return nil
 }
 
-// Prepare freezes LUO and finalizes KHO and describes the result.
-func (o *outgoing) Prepare(d *handover.Descriptor) ([]*os.File, error) {
+// Prepare freezes LUO and finalizes KHO, in the newest formats the new
+// sentry reads, and describes the result.
+func (o *outgoing) Prepare(d *handover.Descriptor, peerReads []string) ([]*os.File, error) {
 	s := o.s
-	h, err := s.k.PrepareHandover(&d.Timing)
+	h, err := s.k.PrepareHandover(&d.Timing, peerReads)
 	if err != nil {
 		return nil, err
 	}
@@ -58,7 +59,7 @@ func (o *outgoing) Prepare(d *handover.Descriptor) ([]*os.File, error) {
 		return fail(err)
 	}
 	d.Root, d.LiveupdateNumber, d.MemorySize = h.Root, h.LiveupdateNumber, s.k.MemoryFile().Size()
-	d.Compatibles, d.Sandbox = s.k.HandoverCompatibles(), cfg
+	d.Compatibles, d.Sandbox = h.Written, cfg
 	if o.mode == handover.ModeExec {
 		// The guests become the new image's children: it stops them.
 		d.OldGuests = s.guestPIDs()
@@ -216,50 +217,35 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration) error {
 	if info.Protocol != handover.ProtocolVersion {
 		return fmt.Errorf("%s speaks handover protocol %d, this sentry %d", binary, info.Protocol, handover.ProtocolVersion)
 	}
-	if unknown := info.unknown(s.k.HandoverCompatibles()); len(unknown) > 0 {
-		return fmt.Errorf("%s (%q) cannot read %q, which this sandbox's preserved state uses", binary, info.Version, unknown)
-	}
 	argv := append([]string{binary}, append(s.opts.Globals.Args(), "boot")...)
 	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec}, handover.Options{
-		Version:  s.opts.Version,
-		Deadline: time.Now().Add(timeout),
+		Version:   s.opts.Version,
+		Deadline:  time.Now().Add(timeout),
+		PeerReads: info.Reads,
 		Exec: func(env string) error {
 			return unix.Exec(binary, argv, append(os.Environ(), env))
 		},
 	})
 }
 
-// ABIInfo is what "runsc-luo abi" prints: what a build speaks and reads.
+// ABIInfo is what "runsc-luo abi" prints: the protocols a build speaks
+// and the handover formats it reads and writes.
 type ABIInfo struct {
-	Version       string   `json:"version"`
-	Protocol      int      `json:"protocol"`
-	GuestProtocol int      `json:"guest_protocol"`
-	Compatibles   []string `json:"compatibles"`
+	Version string `json:"version"`
+	// Protocol is the handover protocol version.
+	Protocol int `json:"protocol"`
+	// GuestProtocol is the newest guest protocol version.
+	GuestProtocol int `json:"guest_protocol"`
+	// Formats are, per subsystem, the formats read and written, newest
+	// first.
+	Formats []kernel.Format `json:"formats"`
+	// Reads are every format read, all subsystems together.
+	Reads []string `json:"reads"`
 }
 
 // ThisABI returns this build's ABIInfo.
 func ThisABI(version string) ABIInfo {
-	return ABIInfo{Version: version, Protocol: handover.ProtocolVersion, GuestProtocol: abiguest.Version, Compatibles: kernel.Compatibles()}
-}
-
-// unknown returns the strings of want the build does not read.
-func (a *ABIInfo) unknown(want []string) []string {
-	var out []string
-	for _, w := range want {
-		if !a.reads(w) {
-			out = append(out, w)
-		}
-	}
-	return out
-}
-
-func (a *ABIInfo) reads(c string) bool {
-	for _, k := range a.Compatibles {
-		if k == c {
-			return true
-		}
-	}
-	return false
+	return ABIInfo{Version: version, Protocol: handover.ProtocolVersion, GuestProtocol: abiguest.Version, Formats: kernel.Formats(), Reads: kernel.Reads()}
 }
 
 // ProbeABI runs "binary abi" within timeout.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/livesentry/livesentry/pkg/guest"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 )
 
@@ -79,7 +80,7 @@ func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFaul
 	in := &incoming{opts: Options{Version: "new"}}
 	accepted := make(chan error, 1)
 	go func() {
-		_, _, err := handover.Accept(newCh, in, handover.Options{Version: "new", Known: reads})
+		_, _, err := handover.Accept(newCh, in, handover.Options{Version: "new", Reads: kernel.Reads()})
 		accepted <- err
 	}()
 	var acceptErr error

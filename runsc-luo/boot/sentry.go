@@ -267,8 +267,15 @@ func (s *Sentry) stop(exitStatus int, reason string) {
 	close(s.exited)
 }
 
+// stopGrace is how long guests have to exit after SIGTERM or SIGINT before
+// the sandbox stops them with SIGKILL.
+var stopGrace = 5 * time.Second
+
 // signal sends sig to every guest process; SIGTERM, SIGINT and SIGKILL
 // also stop the sandbox, after the outcome of a restart in progress.
+// After SIGTERM or SIGINT the guests have stopGrace to exit: the sandbox's
+// exit status is then the entrypoint's own (0 if it exits cleanly on
+// SIGTERM), and only guests still running after it are SIGKILLed (137).
 func (s *Sentry) signal(sig unix.Signal) error {
 	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
 	s.mu.Lock()
@@ -288,7 +295,32 @@ func (s *Sentry) signal(sig unix.Signal) error {
 	}
 	s.mu.Unlock()
 	if stops {
-		go s.Stop(128+int(sig), "killed by "+sig.String())
+		go s.stopAfterSignal(sig)
 	}
 	return nil
+}
+
+// stopAfterSignal stops the sandbox after sig: at once for SIGKILL,
+// otherwise once every guest has exited or stopGrace has passed. An
+// entrypoint that exits in time stops the sandbox itself, with its own
+// exit status (see reap).
+func (s *Sentry) stopAfterSignal(sig unix.Signal) {
+	if sig != unix.SIGKILL {
+		deadline := time.After(stopGrace)
+		for {
+			s.mu.Lock()
+			n, stopped := len(s.procs), s.stopped
+			s.mu.Unlock()
+			if n == 0 || stopped {
+				break
+			}
+			select {
+			case <-deadline:
+				s.Stop(128+int(unix.SIGKILL), fmt.Sprintf("guests still running %v after %v: killed", stopGrace, sig))
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+	s.Stop(128+int(sig), "killed by "+sig.String())
 }

@@ -16,7 +16,7 @@ type ABI struct{}
 
 func (*ABI) Name() string { return "abi" }
 func (*ABI) Synopsis() string {
-	return "print the handover protocol and ABI strings this build reads, as JSON"
+	return "print, as JSON, the handover formats this build reads and writes"
 }
 func (*ABI) Usage() string          { return "abi\n" }
 func (*ABI) SetFlags(*flag.FlagSet) {}

@@ -3,6 +3,7 @@ package fdt
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os/exec"
@@ -309,5 +310,22 @@ func TestParseMemoryIsLinearInTheBlob(t *testing.T) {
 	runtime.ReadMemStats(&after)
 	if got, limit := after.TotalAlloc-before.TotalAlloc, uint64(64*len(blob)); got > limit {
 		t.Fatalf("parsing a %d-byte blob allocated %d bytes, more than %d", len(blob), got, limit)
+	}
+}
+
+func TestNodesMarshalToReadableJSON(t *testing.T) {
+	root := &Node{}
+	root.SetString("compatible", "kho-v2")
+	root.SetU64("preserved-memory-map", 0x5000)
+	sub := root.AddChild("LUO")
+	sub.SetU32("cell", 7)
+	sub.SetProp("blob", []byte{1, 2, 3})
+	b, err := json.Marshal(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"name":"/","properties":{"compatible":"kho-v2","preserved-memory-map":20480},"children":[{"name":"LUO","properties":{"blob":"0x010203","cell":7}}]}`
+	if string(b) != want {
+		t.Fatalf("got  %s\nwant %s", b, want)
 	}
 }

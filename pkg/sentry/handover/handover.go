@@ -157,6 +157,10 @@ type Ready struct {
 	Version string `json:"version"`
 	// PID is the new sentry's pid.
 	PID int `json:"pid"`
+	// Reads are the ABI strings the new sentry reads, every subsystem's
+	// together: the old sentry writes, per subsystem, the newest format
+	// in it.
+	Reads []string `json:"reads"`
 }
 
 // Ack is the new sentry's answer to a descriptor.

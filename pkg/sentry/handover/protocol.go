@@ -20,12 +20,15 @@ type Source interface {
 	// in progress. On error nothing stays paused.
 	Pause(deadline time.Time) error
 	// Prepare freezes what crosses the restart (LUO serialize, KHO
-	// finalize) and fills d's Root, LiveupdateNumber, MemorySize,
-	// Compatibles, Sandbox and OldGuests, and d.Timing's Freeze and
-	// Finalize. It returns the files that cross, in order: the memory
-	// file, the guest listener and the control listener; they stay the
-	// Source's. On error nothing stays prepared.
-	Prepare(d *Descriptor) ([]*os.File, error)
+	// finalize), writing per subsystem the newest format in peerReads
+	// (the ABI strings the new sentry reads), and fills d's Root,
+	// LiveupdateNumber, MemorySize, Compatibles (the formats it wrote),
+	// Sandbox and OldGuests, and d.Timing's Freeze and Finalize. It
+	// returns the files that cross, in order: the memory file, the guest
+	// listener and the control listener; they stay the Source's. On error
+	// (a subsystem with no format the new sentry reads among them) nothing
+	// stays prepared.
+	Prepare(d *Descriptor, peerReads []string) ([]*os.File, error)
 	// Abort undoes a successful Prepare.
 	Abort()
 	// Resume undoes a successful Pause: the sentry serves again.
@@ -121,9 +124,13 @@ type Options struct {
 	// before the outgoing side undoes anything, so that a late ack never
 	// finds two sentries serving. Outgoing side, transfer mode.
 	StopPeer func()
-	// Known reports whether this sentry reads an ABI string. Incoming
-	// side.
-	Known func(string) bool
+	// Reads are the ABI strings this sentry reads. Incoming side: they go
+	// to the old sentry in Ready, and a descriptor using another is
+	// refused.
+	Reads []string
+	// PeerReads are the ABI strings the new sentry reads. Outgoing side,
+	// exec mode (transfer mode has them from Ready).
+	PeerReads []string
 	// Exec replaces the process image with the new sentry, env being the
 	// descriptor's environment entry; it returns only on failure. Exec
 	// mode, outgoing side.
@@ -139,6 +146,16 @@ func (o *Options) pid() int {
 		return o.PID
 	}
 	return os.Getpid()
+}
+
+// known reports whether c is one of o.Reads.
+func (o *Options) known(c string) bool {
+	for _, r := range o.Reads {
+		if r == c {
+			return true
+		}
+	}
+	return false
 }
 
 func (o *Options) fault(p Point) error {
@@ -201,10 +218,11 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	}
 	d := &Descriptor{Protocol: ProtocolVersion, Mode: ModeTransfer, Version: opts.Version, PID: t.OldPID}
 	d.Timing = t
-	files, err := src.Prepare(d)
+	files, err := src.Prepare(d, ready.Reads)
 	if err != nil {
 		return fail(err)
 	}
+	d.Timing.Formats = d.Compatibles
 	cu.Add(src.Abort)
 	if err := opts.fault(OfferPrepared); err != nil {
 		return fail(err)
@@ -283,7 +301,7 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 	if err := opts.fault(AcceptStart); err != nil {
 		return nil, Timing{}, err
 	}
-	if err := ch.Send(&Ready{Protocol: ProtocolVersion, Version: opts.Version, PID: pid}); err != nil {
+	if err := ch.Send(&Ready{Protocol: ProtocolVersion, Version: opts.Version, PID: pid, Reads: opts.Reads}); err != nil {
 		return nil, Timing{}, fmt.Errorf("saying ready: %w", err)
 	}
 	if err := opts.fault(AcceptReady); err != nil {
@@ -303,7 +321,7 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		}
 		return d, d.Timing, fmt.Errorf("handover refused: %w", err)
 	}
-	ordered, err := takeFiles(d, files, opts.Known)
+	ordered, err := takeFiles(d, files, opts.known)
 	if err != nil {
 		return refuse(err)
 	}
@@ -381,9 +399,6 @@ func serve(d *Descriptor, t *Timing, dst Target) error {
 // file, guest listener and control listener; the other files are closed.
 // On error every file is closed.
 func takeFiles(d *Descriptor, files []*os.File, known func(string) bool) ([]*os.File, error) {
-	if known == nil {
-		known = func(string) bool { return false }
-	}
 	if err := d.Validate(len(files), known); err != nil {
 		closeFiles(files)
 		return nil, err
@@ -448,10 +463,11 @@ func OfferExec(src Source, opts Options) error {
 		return fail(err)
 	}
 	d := &Descriptor{Protocol: ProtocolVersion, Mode: ModeExec, Version: opts.Version, PID: t.OldPID, Timing: t}
-	files, err := src.Prepare(d)
+	files, err := src.Prepare(d, opts.PeerReads)
 	if err != nil {
 		return fail(err)
 	}
+	d.Timing.Formats = d.Compatibles
 	cu.Add(src.Abort)
 	if err := opts.fault(OfferPrepared); err != nil {
 		return fail(err)

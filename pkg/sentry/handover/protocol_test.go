@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +27,8 @@ type world struct {
 	mem       *os.File
 	guestLn   *os.File
 	controlLn *os.File
+	// newReads are the formats the new sentry reads.
+	newReads []string
 
 	// The old sentry's state: paused, prepared, handedOff, oldDead.
 	//
@@ -85,7 +88,7 @@ func newWorld(t *testing.T) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &world{t: t, mem: mem, guestLn: g, controlLn: c}
+	w := &world{t: t, mem: mem, guestLn: g, controlLn: c, newReads: []string{"kho-v1", "kho-v2"}}
 	t.Cleanup(func() {
 		mem.Close()
 		g.Close()
@@ -115,11 +118,14 @@ func (o oldSide) Pause(time.Time) error {
 	return nil
 }
 
-func (o oldSide) Prepare(d *Descriptor) ([]*os.File, error) {
+func (o oldSide) Prepare(d *Descriptor, peerReads []string) ([]*os.File, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if !o.paused || o.prepared {
 		o.violate("Prepare while paused=%v prepared=%v", o.paused, o.prepared)
+	}
+	if !slices.Contains(peerReads, "kho-v1") {
+		return nil, fmt.Errorf("no common format: this sentry writes %q, the next reads %q", "kho-v1", peerReads)
 	}
 	o.prepared = true
 	d.Root, d.LiveupdateNumber, d.MemorySize = 0x1000, 7, 1<<20
@@ -253,7 +259,7 @@ func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, 
 	offerFault, acceptFault = crashing(offerFault, true), crashing(acceptFault, false)
 	acceptDone := make(chan error, 1)
 	go func() {
-		_, _, err := Accept(newCh, newSide{w}, Options{Version: "new", PID: 200, Known: func(c string) bool { return c == "kho-v1" }, Fault: acceptFault})
+		_, _, err := Accept(newCh, newSide{w}, Options{Version: "new", PID: 200, Reads: w.newReads, Fault: acceptFault})
 		acceptDone <- err
 	}()
 	var acceptErr error
@@ -437,7 +443,7 @@ func TestExecRestartRollsBackAtEveryFaultPoint(t *testing.T) {
 					fault = at(p, e)
 				}
 				var env string
-				err := OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), Fault: fault, Exec: func(e string) error {
+				err := OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), PeerReads: w.newReads, Fault: fault, Exec: func(e string) error {
 					env = e
 					return unix.ENOENT
 				}})
@@ -468,7 +474,7 @@ func TestExecRestartRollsBackAtEveryFaultPoint(t *testing.T) {
 func TestExecRestartHandsOverThroughTheEnvironment(t *testing.T) {
 	w := newWorld(t)
 	var env string
-	OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), Exec: func(e string) error {
+	OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), PeerReads: w.newReads, Exec: func(e string) error {
 		env = e
 		return unix.ENOENT
 	}})
@@ -498,6 +504,15 @@ func TestExecRestartHandsOverThroughTheEnvironment(t *testing.T) {
 	}
 	if !w.snapshot().serving || tm.Mode != ModeExec || tm.LiveupdateNumber != 8 || tm.Blackout <= 0 {
 		t.Fatalf("serving %v, timing %+v", w.snapshot().serving, tm)
+	}
+}
+
+func TestARestartToASentryReadingNoFormatOfOursRollsBack(t *testing.T) {
+	w := newWorld(t)
+	w.newReads = []string{"kho-v9"}
+	o := restart(t, w, nil, nil, 5*time.Second)
+	if !o.oldServes || o.newServes || o.offerErr == nil || !strings.Contains(o.offerErr.Error(), `"kho-v9"`) {
+		t.Fatalf("want a rollback naming the new sentry's formats: %+v", o)
 	}
 }
 

@@ -41,6 +41,9 @@ type Timing struct {
 	NewVersion string `json:"new_version"`
 	// LiveupdateNumber is the new sentry's liveupdate number.
 	LiveupdateNumber uint64 `json:"liveupdate_number"`
+	// Formats are the formats the handover was written in (the
+	// descriptor's Compatibles).
+	Formats []string `json:"formats,omitempty"`
 	// PausedAt, SentAt, ReceivedAt and AcceptingAt are CLOCK_MONOTONIC
 	// times (ns, see Monotonic): guest calls paused in the old sentry, the
 	// descriptor sent (or execve called), the descriptor received, and

@@ -30,13 +30,10 @@ import (
 	"sync"
 	"time"
 
-	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
-	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"github.com/livesentry/livesentry/pkg/sentry/luo"
-	"github.com/livesentry/livesentry/pkg/sentry/memfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -130,10 +127,10 @@ func New(opts Options) (*Kernel, error) {
 		mf.Close()
 		return nil, fmt.Errorf("starting KHO: %w", err)
 	}
-	l := luo.New(k)
-	if err := l.RegisterFileHandler(memfd.NewLUOHandler(mf, k)); err != nil {
+	l, err := newLUO(mf, k)
+	if err != nil {
 		mf.Close()
-		return nil, fmt.Errorf("registering the memfd LUO handler: %w", err)
+		return nil, err
 	}
 	return newKernel(mf, k, l, opts), nil
 }
@@ -175,10 +172,10 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 	}
 	t2 := time.Now()
 	t.Ingest = t2.Sub(t1)
-	l := luo.New(k)
-	if err := l.RegisterFileHandler(memfd.NewLUOHandler(mf, k)); err != nil {
+	l, err := newLUO(mf, k)
+	if err != nil {
 		mf.Close()
-		return nil, fmt.Errorf("registering the memfd LUO handler: %w", err)
+		return nil, err
 	}
 	if err := l.Deserialize(); err != nil {
 		mf.Close()
@@ -368,6 +365,9 @@ type Handover struct {
 	Root uint64
 	// LiveupdateNumber is LUO's liveupdate number of this sentry.
 	LiveupdateNumber uint64
+	// Written are the formats the handover is written in: KHO's, LUO's
+	// and those of the preserved files, each once.
+	Written []string
 }
 
 // PrepareHandover makes the kernel's state ready to cross a restart, the
@@ -378,7 +378,13 @@ type Handover struct {
 // is handed over. On error everything is rolled back and the kernel can be
 // resumed. t, if not nil, gets the phases Freeze (luo.Serialize) and
 // Finalize (kho.Finalize).
-func (k *Kernel) PrepareHandover(t *handover.Timing) (Handover, error) {
+//
+// peerReads are the formats the next sentry reads (see Reads): every
+// subsystem writes the newest format of this build that is among them, and
+// one with none fails the handover before anything is frozen, with an error
+// wrapping luo.ErrNoCommonFormat that names the subsystem and both lists.
+// Nil writes this build's default formats.
+func (k *Kernel) PrepareHandover(t *handover.Timing, peerReads []string) (Handover, error) {
 	if t == nil {
 		t = new(handover.Timing)
 	}
@@ -388,20 +394,24 @@ func (k *Kernel) PrepareHandover(t *handover.Timing) (Handover, error) {
 	if !paused {
 		return Handover{}, fmt.Errorf("preparing a handover: the kernel is not paused")
 	}
+	khoFormat, err := khoFormatFor(peerReads)
+	if err != nil {
+		return Handover{}, err
+	}
 	t0 := time.Now()
-	if err := k.luo.Serialize(); err != nil {
+	if err := k.luo.SerializeWith(luo.SerializeOptions{PeerReads: peerReads}); err != nil {
 		return Handover{}, fmt.Errorf("LUO freeze: %w", err)
 	}
 	t1 := time.Now()
 	t.Freeze = t1.Sub(t0)
-	if err := k.kho.Finalize(); err != nil {
+	if err := k.kho.FinalizeFormat(khoFormat); err != nil {
 		k.luo.Abort()
 		return Handover{}, fmt.Errorf("KHO finalize: %w", err)
 	}
 	// Finalize has held the memory file's releases: from here on it is
 	// the next sentry's.
 	t.Finalize = time.Since(t1)
-	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber()}, nil
+	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber(), Written: append([]string{khoFormat}, k.luo.Written()...)}, nil
 }
 
 // AbortHandover rolls back a successful PrepareHandover whose restart was
@@ -497,27 +507,15 @@ func (k *Kernel) Guests() int {
 	return len(k.procs)
 }
 
-// Compatibles returns the ABI strings a kernel of this build reads from a
-// handover: KHO's, LUO's and those of the file handlers it registers.
-func Compatibles() []string {
-	return []string{abikho.Compatible, abiluo.FDTCompatible, abiluo.FDTSessionCompatible, memfd.NewLUOHandler(nil, nil).Compatible}
-}
-
-// HandoverCompatibles returns the ABI strings the kernel's outgoing state
-// uses: KHO's, LUO's and the file handler of every preserved file.
-func (k *Kernel) HandoverCompatibles() []string {
-	cs := []string{abikho.Compatible, abiluo.FDTCompatible, abiluo.FDTSessionCompatible}
-	seen := map[string]bool{}
-	for _, ss := range k.luo.Status().Sessions {
-		if ss.Direction != "outgoing" {
-			continue
-		}
-		for _, f := range ss.Files {
-			if !seen[f.Compatible] {
-				seen[f.Compatible] = true
-				cs = append(cs, f.Compatible)
-			}
+// UnretrievedSessions returns the names of the incoming LUO sessions that
+// no guest has retrieved: a restart now would drop them (with their
+// memory), since only what is preserved in outgoing sessions crosses.
+func (k *Kernel) UnretrievedSessions() []string {
+	var names []string
+	for _, s := range k.luo.Status().Sessions {
+		if s.Direction == "incoming" && !s.Retrieved {
+			names = append(names, s.Name)
 		}
 	}
-	return cs
+	return names
 }

@@ -40,9 +40,12 @@ func startKernel(t testing.TB, k *Kernel) *sandbox {
 	return s
 }
 
-func newSandbox(t testing.TB) *sandbox {
+func newSandbox(t testing.TB) *sandbox { return newSandboxSized(t, 64<<20) }
+
+// newSandboxSized is newSandbox with a memory file of size bytes.
+func newSandboxSized(t testing.TB, size uint64) *sandbox {
 	t.Helper()
-	k, err := New(Options{MemorySize: 64 << 20, Logf: t.Logf})
+	k, err := New(Options{MemorySize: size, Logf: t.Logf})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

@@ -28,12 +28,12 @@ func preserveOne(t *testing.T, g *guest.Conn, dev int, name string, token uint64
 
 // restartInProcess hands s's kernel over to a new kernel in the same
 // process, as a transfer-mode restart does across processes.
-func restartInProcess(t *testing.T, s *sandbox) *sandbox {
+func restartInProcess(t testing.TB, s *sandbox) *sandbox {
 	t.Helper()
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	h, err := s.k.PrepareHandover(nil)
+	h, err := s.k.PrepareHandover(nil, nil)
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
 	}
@@ -106,7 +106,7 @@ func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.k.PrepareHandover(nil); err != nil {
+	if _, err := s.k.PrepareHandover(nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	st := s.k.LUO().Status()

@@ -3,7 +3,9 @@ package kho
 import (
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -53,76 +55,88 @@ var layouts = []layout{
 }
 
 // BenchmarkHandover measures the blackout part of KHO for 1 GiB and 8 GiB
-// of preserved memory in each layout: Finalize in the old sentry, then
-// Ingest (which validates the map, builds the block list and runs
-// pgalloc.Adopt) in the new one. Preserving happens outside the timer, as it
-// does outside the blackout. Metrics: finalize-ms, ingest-ms (Ingest
-// including Adopt), total-ms, and total ns/folio.
+// of preserved memory in each layout and each format: FinalizeFormat in the
+// old sentry, then Ingest (which validates the map or tree, builds the runs
+// and runs pgalloc.AdoptRuns) in the new one. Preserving happens outside the
+// timer, as it does outside the blackout. Metrics: finalize-ms, ingest-ms
+// (Ingest including AdoptRuns), total-ms, ingest-ns/folio and total
+// ns/folio.
 func BenchmarkHandover(b *testing.B) {
-	for _, l := range layouts {
-		for _, gib := range []uint64{1, 8} {
-			b.Run(fmt.Sprintf("%s/%dGiB", l.name, gib), func(b *testing.B) {
-				preserved := gib << 30 >> abikho.PageShift // pages
-				folios := preserved >> l.order
-				span := folios * l.stride
-				size := (span + 1<<pgalloc.MaxOrder + 1<<pgalloc.MaxOrder) << abikho.PageShift
-				var fin, ing time.Duration
-				for i := 0; i < b.N; i++ {
-					b.StopTimer()
-					mf, err := pgalloc.New(pgalloc.Options{Size: size, NoHugepages: true})
-					if err != nil {
-						b.Fatal(err)
-					}
-					k, err := New(mf)
-					if err != nil {
-						b.Fatal(err)
-					}
-					// Folios start at 4 MiB, clear of the root page.
-					base := uint64(1) << pgalloc.MaxOrder
-					for j := uint64(0); j < folios; j++ {
-						if err := k.PreserveFolio(pgalloc.Folio{PFN: base + j*l.stride, Order: l.order}); err != nil {
-							b.Fatal(err)
-						}
-					}
-					f, err := mf.DupFile()
-					if err != nil {
-						b.Fatal(err)
-					}
-					mf2, err := pgalloc.Open(f, pgalloc.Options{NoHugepages: true})
-					if err != nil {
-						b.Fatal(err)
-					}
-					b.StartTimer()
-					t0 := time.Now()
-					if err := k.Finalize(); err != nil {
-						b.Fatal(err)
-					}
-					t1 := time.Now()
-					k2, err := Ingest(mf2, k.RootAddr())
-					if err != nil {
-						b.Fatal(err)
-					}
-					t2 := time.Now()
-					b.StopTimer()
-					fin += t1.Sub(t0)
-					ing += t2.Sub(t1)
-					if st := mf2.Stats(); st.Folios[l.order] < folios {
-						b.Fatalf("adopted %d folios of order %d, want at least %d", st.Folios[l.order], l.order, folios)
-					}
-					_ = k2
-					mf2.Close()
-					mf.Close()
-					b.StartTimer()
-				}
-				n := float64(b.N)
-				b.ReportMetric(float64(fin.Nanoseconds())/n/1e6, "finalize-ms")
-				b.ReportMetric(float64(ing.Nanoseconds())/n/1e6, "ingest-ms")
-				b.ReportMetric(float64((fin+ing).Nanoseconds())/n/1e6, "total-ms")
-				b.ReportMetric(float64((fin+ing).Nanoseconds())/n/float64(folios), "ns/folio")
-				b.ReportMetric(0, "ns/op")
-			})
+	for _, format := range WriteFormats() {
+		for _, l := range layouts {
+			for _, gib := range []uint64{1, 8} {
+				benchmarkHandover(b, format, l, gib)
+			}
 		}
 	}
+}
+
+func benchmarkHandover(b *testing.B, format string, l layout, gib uint64) {
+	b.Run(fmt.Sprintf("%s/%s/%dGiB", format, l.name, gib), func(b *testing.B) {
+		preserved := gib << 30 >> abikho.PageShift // pages
+		folios := preserved >> l.order
+		span := folios * l.stride
+		size := (span + 1<<pgalloc.MaxOrder + 1<<pgalloc.MaxOrder) << abikho.PageShift
+		var fin, ing time.Duration
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			mf, err := pgalloc.New(pgalloc.Options{Size: size, NoHugepages: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			k, err := New(mf)
+			if err != nil {
+				b.Fatal(err)
+			}
+			// Folios start at 4 MiB, clear of the root page.
+			base := uint64(1) << pgalloc.MaxOrder
+			for j := uint64(0); j < folios; j++ {
+				if err := k.PreserveFolio(pgalloc.Folio{PFN: base + j*l.stride, Order: l.order}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			f, err := mf.DupFile()
+			if err != nil {
+				b.Fatal(err)
+			}
+			mf2, err := pgalloc.Open(f, pgalloc.Options{NoHugepages: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			// The previous iterations' files and runs are garbage; a new
+			// sentry starts with a small heap, so collect it outside the
+			// timer rather than inside Ingest.
+			runtime.GC()
+			b.StartTimer()
+			t0 := time.Now()
+			if err := k.FinalizeFormat(format); err != nil {
+				b.Fatal(err)
+			}
+			t1 := time.Now()
+			k2, err := Ingest(mf2, k.RootAddr())
+			if err != nil {
+				b.Fatal(err)
+			}
+			t2 := time.Now()
+			b.StopTimer()
+			fin += t1.Sub(t0)
+			ing += t2.Sub(t1)
+			if st := mf2.Stats(); st.Folios[l.order] < folios {
+				b.Fatalf("adopted %d folios of order %d, want at least %d", st.Folios[l.order], l.order, folios)
+			}
+			_ = k2
+			mf2.Close()
+			mf.Close()
+			b.StartTimer()
+		}
+		n := float64(b.N)
+		b.ReportMetric(float64(fin.Nanoseconds())/n/1e6, "finalize-ms")
+		b.ReportMetric(float64(ing.Nanoseconds())/n/1e6, "ingest-ms")
+		b.ReportMetric(float64((fin+ing).Nanoseconds())/n/1e6, "total-ms")
+		b.ReportMetric(float64(ing.Nanoseconds())/n/float64(folios), "ingest-ns/folio")
+		b.ReportMetric(float64((fin+ing).Nanoseconds())/n/float64(folios), "ns/folio")
+		b.ReportMetric(0, "ns/op")
+	})
 }
 
 // BenchmarkRestoreLookup compares the two ways to find a folio head's order
@@ -186,7 +200,7 @@ func BenchmarkRestoreFolio(b *testing.B) {
 		for j := uint64(0); j < folios; j++ {
 			k.PreserveFolio(pgalloc.Folio{PFN: 1024 + j})
 		}
-		if err := k.Finalize(); err != nil {
+		if err := k.FinalizeFormat(abikho.CompatibleV2); err != nil {
 			b.Fatal(err)
 		}
 		f, _ := mf.DupFile()
@@ -226,4 +240,117 @@ func BenchmarkCopyFloor(b *testing.B) {
 		copy(dst, src)
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e6*4, "ms/GiB")
+}
+
+// BenchmarkPreserveUnpreserve measures PreserveFolio followed by
+// UnpreserveFolio of order-0 folios spread over 1 GiB, per folio, with the
+// kho-v2 radix tree in memory-file pages (the outgoing tracker) against the
+// kho-v1 tracker it replaced, per-order bitmaps in the heap behind the same
+// lock and checks. The tree's leaves exist after the first pass in both.
+func BenchmarkPreserveUnpreserve(b *testing.B) {
+	b.Run("radix-tree", func(b *testing.B) {
+		k, mf := benchKHO(b, 1<<30+1<<20)
+		pages := mf.Pages() - 1
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			f := pgalloc.Folio{PFN: 1 + uint64(i*7919)%pages}
+			if err := k.PreserveFolio(f); err != nil {
+				b.Fatal(err)
+			}
+			if err := k.UnpreserveFolio(f); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/folio")
+	})
+	b.Run("bitmaps", func(b *testing.B) {
+		k, mf := benchKHO(b, 1<<30+1<<20)
+		pages := mf.Pages() - 1
+		var mu sync.Mutex
+		t := newMemTracker(mf.Pages())
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			f := pgalloc.Folio{PFN: 1 + uint64(i*7919)%pages}
+			if err := k.checkBlock(f.PFN, f.Order); err != nil {
+				b.Fatal(err)
+			}
+			mu.Lock()
+			t.set(f.PFN, f.Order)
+			mu.Unlock()
+			if err := k.checkBlock(f.PFN, f.Order); err != nil {
+				b.Fatal(err)
+			}
+			mu.Lock()
+			ok := t.clear(f.PFN, f.Order)
+			mu.Unlock()
+			if !ok {
+				b.Fatal("not set")
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/folio")
+	})
+}
+
+// BenchmarkHandoverCostV2 measures what is left of KHO's work at a restart
+// with kho-v2, FinalizeFormat("kho-v2"), for 1 GiB and 16 GiB of preserved
+// order-0 folios on every other page, against a kho-v1 FinalizeFormat of
+// the same set in the same run. Metric: finalize-ms (Abort, outside the
+// timer, reopens the map between iterations).
+func BenchmarkHandoverCostV2(b *testing.B) {
+	for _, gib := range []uint64{1, 16} {
+		folios := gib << 30 >> abikho.PageShift
+		size := (2*folios + 2<<pgalloc.MaxOrder) << abikho.PageShift
+		mf, err := pgalloc.New(pgalloc.Options{Size: size, NoHugepages: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		k, err := New(mf)
+		if err != nil {
+			b.Fatal(err)
+		}
+		base := uint64(1) << pgalloc.MaxOrder
+		for j := uint64(0); j < folios; j++ {
+			if err := k.PreserveFolio(pgalloc.Folio{PFN: base + 2*j}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		for _, format := range WriteFormats() {
+			b.Run(fmt.Sprintf("%s/%dGiB", format, gib), func(b *testing.B) {
+				var d time.Duration
+				for i := 0; i < b.N; i++ {
+					t0 := time.Now()
+					if err := k.FinalizeFormat(format); err != nil {
+						b.Fatal(err)
+					}
+					d += time.Since(t0)
+					b.StopTimer()
+					if err := k.Abort(); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+				}
+				b.ReportMetric(float64(d.Nanoseconds())/float64(b.N)/1e6, "finalize-ms")
+				b.ReportMetric(0, "ns/op")
+			})
+		}
+		mf.Close()
+	}
+}
+
+// BenchmarkTrackerRuns measures building the runs Ingest hands to
+// pgalloc.AdoptRuns from the incoming bitmaps, for 2^21 order-0 folios on
+// every other page (8 GiB), per folio.
+func BenchmarkTrackerRuns(b *testing.B) {
+	const folios = 1 << 21
+	t := newMemTracker(2*folios + 16)
+	for i := uint64(0); i < folios; i++ {
+		t.set(2+2*i, 0)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if runs := t.runs(); len(runs) != folios {
+			b.Fatalf("%d runs, want %d", len(runs), folios)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/folios, "ns/folio")
 }

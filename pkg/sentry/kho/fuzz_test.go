@@ -12,8 +12,16 @@ import (
 )
 
 // fuzzFilePages is the size of the memory file FuzzIngest builds: the root
-// at page 1, map chunks at pages 2 and 4, bitmaps at pages 3 and 5.
+// at page 1, kho-v1 map chunks at pages 2 and 4, bitmaps at pages 3 and 5,
+// and the pages of a kho-v2 tree from page fuzzTreePFN on.
 const fuzzFilePages = 256
+
+// fuzzTreePFN is where FuzzIngest places its tree argument, page by page,
+// and fuzzTreePages the most pages it places.
+const (
+	fuzzTreePFN   = 32
+	fuzzTreePages = 16
+)
 
 // fuzzSeed returns a valid handover laid out as FuzzIngest places it:
 // order-0 blocks at pfns 1 (the root), 10 and 11, and an order-3 block at
@@ -38,16 +46,48 @@ func fuzzSeed() (root, chunk0, bitmap0, chunk1, bitmap1 []byte) {
 	return
 }
 
-// FuzzIngest places arbitrary root, chunk and bitmap pages in a memory file
-// and ingests it: Ingest must never panic, must adopt nothing when it fails,
-// and every folio it accepts must lie inside the file and restore exactly
-// once.
+// fuzzSeedV2 returns a valid kho-v2 handover with the blocks of fuzzSeed:
+// the root FDT for page 1 and the tree's pages, placed from fuzzTreePFN on:
+// the root node, then the levels 4 to 0 on the way to the order-0 blocks,
+// then those on the way to the order-3 block.
+func fuzzSeedV2() (root, tree []byte) {
+	n := &fdt.Node{}
+	n.SetString(abikho.PropCompatible, abikho.CompatibleV2)
+	n.SetU64(abikho.PropPreservedMemoryMap, fuzzTreePFN*abikho.PageSize)
+	n.AddChild("LUO").SetU64(abikho.PropPreservedData, 10*abikho.PageSize)
+	root, _ = fdt.Build(n)
+	tree = make([]byte, 11*abikho.PageSize)
+	pg := func(i int) []byte { return tree[i*abikho.PageSize : (i+1)*abikho.PageSize] }
+	// link makes the path of key below the root from pages first..first+4.
+	link := func(key uint64, first int) []byte {
+		node := pg(0)
+		for level, i := abikho.RadixTreeMaxDepth-1, first; level > 0; level, i = level-1, i+1 {
+			abikho.SetRadixNodeEntry(node, abikho.RadixTableIndex(key, level), uint64(fuzzTreePFN+i)*abikho.PageSize)
+			node = pg(i)
+		}
+		return node
+	}
+	leaf0 := link(abikho.RadixEncodeKey(0, 0), 1)
+	for _, pfn := range []int{1, 10, 11} {
+		abikho.LeafSet(leaf0, pfn)
+	}
+	abikho.LeafSet(link(abikho.RadixEncodeKey(0, 3), 6), 16>>3)
+	return root, tree
+}
+
+// FuzzIngest places arbitrary root, kho-v1 chunk and bitmap pages and kho-v2
+// tree pages in a memory file and ingests it: Ingest must never panic, must
+// adopt nothing when it fails, and every folio it accepts must lie inside
+// the file and restore exactly once.
 func FuzzIngest(f *testing.F) {
 	r, c0, b0, c1, b1 := fuzzSeed()
-	f.Add(r, c0, b0, c1, b1, uint64(abikho.PageSize))
-	f.Add(r, c0, b0, c1, b1, uint64(2*abikho.PageSize))
-	f.Add(r, c0, b0, []byte{}, []byte{}, uint64(abikho.PageSize))
-	f.Fuzz(func(t *testing.T, root, chunk0, bitmap0, chunk1, bitmap1 []byte, rootAddr uint64) {
+	f.Add(r, c0, b0, c1, b1, uint64(abikho.PageSize), []byte{})
+	f.Add(r, c0, b0, c1, b1, uint64(2*abikho.PageSize), []byte{})
+	f.Add(r, c0, b0, []byte{}, []byte{}, uint64(abikho.PageSize), []byte{})
+	r2, tree := fuzzSeedV2()
+	f.Add(r2, []byte{}, []byte{}, []byte{}, []byte{}, uint64(abikho.PageSize), tree)
+	f.Add(r2, c0, b0, c1, b1, uint64(abikho.PageSize), tree[:6*abikho.PageSize])
+	f.Fuzz(func(t *testing.T, root, chunk0, bitmap0, chunk1, bitmap1 []byte, rootAddr uint64, tree []byte) {
 		fd, err := unix.MemfdCreate("kho-fuzz", unix.MFD_CLOEXEC)
 		if err != nil {
 			t.Fatal(err)
@@ -63,6 +103,12 @@ func FuzzIngest(f *testing.F) {
 			if _, err := file.WriteAt(p, int64(i+1)*abikho.PageSize); err != nil {
 				t.Fatal(err)
 			}
+		}
+		if len(tree) > fuzzTreePages*abikho.PageSize {
+			tree = tree[:fuzzTreePages*abikho.PageSize]
+		}
+		if _, err := file.WriteAt(tree, fuzzTreePFN*abikho.PageSize); err != nil {
+			t.Fatal(err)
 		}
 		mf, err := pgalloc.Open(file, pgalloc.Options{NoHugepages: true})
 		if err != nil {
@@ -122,5 +168,36 @@ func TestFuzzSeedIngests(t *testing.T) {
 	}
 	if a, err := k.RetrieveSubtree("LUO"); err != nil || a != 10*abikho.PageSize {
 		t.Errorf("RetrieveSubtree = %#x, %v", a, err)
+	}
+}
+
+// TestFuzzSeedV2Ingests checks that FuzzIngest's kho-v2 seed is a valid
+// handover.
+func TestFuzzSeedV2Ingests(t *testing.T) {
+	mf := newFile(t, fuzzFilePages*abikho.PageSize)
+	r, tree := fuzzSeedV2()
+	copy(page(t, mf, abikho.PageSize), r)
+	b, err := mf.Slice(fuzzTreePFN, uint64(len(tree))/abikho.PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(b, tree)
+	k, err := Ingest(reopen(t, mf), abikho.PageSize)
+	if err != nil {
+		t.Fatalf("Ingest of the kho-v2 seed: %v", err)
+	}
+	if got := k.IncomingFormat(); got != abikho.CompatibleV2 {
+		t.Errorf("IncomingFormat = %q, want kho-v2", got)
+	}
+	for _, b := range []pgalloc.Folio{{PFN: 10}, {PFN: 11}, {PFN: 16, Order: 3}} {
+		if got, err := k.RestoreFolio(b.Addr()); err != nil || got != b {
+			t.Errorf("RestoreFolio(%v) = %v, %v", b, got, err)
+		}
+	}
+	if a, err := k.RetrieveSubtree("LUO"); err != nil || a != 10*abikho.PageSize {
+		t.Errorf("RetrieveSubtree = %#x, %v", a, err)
+	}
+	if n := k.ReleaseUnrestored(); n != 0 {
+		t.Errorf("ReleaseUnrestored = %d pages, want 0 (the root page was reused)", n)
 	}
 }

@@ -97,3 +97,33 @@ func page(tb testing.TB, mf *pgalloc.MemoryFile, addr uint64) []byte {
 	}
 	return b
 }
+
+// treeRoot returns the address of k's outgoing radix tree root, 0 if none.
+func treeRoot(k *KHO) uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.out.tree.root.Addr()
+}
+
+// forEachFormat runs fn as a subtest for each format KHO writes.
+func forEachFormat(t *testing.T, fn func(t *testing.T, format string)) {
+	for _, f := range WriteFormats() {
+		t.Run(f, func(t *testing.T) { fn(t, f) })
+	}
+}
+
+// treePath returns the addresses of the kho-v2 tree nodes from root to the
+// leaf of (pfn, order), root first: RadixTreeMaxDepth addresses.
+func treePath(tb testing.TB, mf *pgalloc.MemoryFile, root, pfn uint64, order int) []uint64 {
+	tb.Helper()
+	key := abikho.RadixEncodeKey(pfn<<abikho.PageShift, order)
+	path := []uint64{root}
+	for level := abikho.RadixTreeMaxDepth - 1; level > 0; level-- {
+		next := abikho.RadixNodeEntry(page(tb, mf, path[len(path)-1]), abikho.RadixTableIndex(key, level))
+		if next == 0 {
+			tb.Fatalf("no level-%d node on the way to pfn %#x order %d", level-1, pfn, order)
+		}
+		path = append(path, next)
+	}
+	return path
+}

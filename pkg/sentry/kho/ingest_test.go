@@ -15,8 +15,10 @@ import (
 )
 
 // handover is a finalized outgoing state with preserved folios of orders 0
-// and 3, so its map has an order-0 chunk followed by an order-3 chunk.
+// and 3. In kho-v1 its map has an order-0 chunk followed by an order-3
+// chunk; in kho-v2 its tree has two paths from the root, one per order.
 type handover struct {
+	format   string
 	mf       *pgalloc.MemoryFile
 	k        *KHO
 	root     uint64
@@ -26,11 +28,16 @@ type handover struct {
 	chunk1   uint64        // order-3 chunk
 	bitmap0  uint64        // order-0 bitmap
 	fileSize uint64
+	// kho-v2: the tree's root and the nodes on the way to each folio's
+	// leaf, root first, leaf last.
+	treeRoot  uint64
+	smallPath []uint64
+	bigPath   []uint64
 }
 
-func newHandover(t *testing.T) *handover {
+func newHandover(t *testing.T, format string) *handover {
 	t.Helper()
-	h := &handover{mf: newFile(t, 64<<20), fileSize: 64 << 20}
+	h := &handover{format: format, mf: newFile(t, 64<<20), fileSize: 64 << 20}
 	var err error
 	if h.k, err = New(h.mf); err != nil {
 		t.Fatal(err)
@@ -41,10 +48,16 @@ func newHandover(t *testing.T) *handover {
 	if h.big, err = h.k.AllocPreserve(8 * abikho.PageSize); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.k.Finalize(); err != nil {
+	if err := h.k.FinalizeFormat(format); err != nil {
 		t.Fatal(err)
 	}
 	h.root = h.k.RootAddr()
+	if format == abikho.CompatibleV2 {
+		h.treeRoot = memMapAddr(t, h.k)
+		h.smallPath = treePath(t, h.mf, h.treeRoot, h.small.PFN, 0)
+		h.bigPath = treePath(t, h.mf, h.treeRoot, h.big.PFN, 3)
+		return h
+	}
 	h.chunk0 = memMapAddr(t, h.k)
 	var hdr abikho.MemChunkHdr
 	hdr.Decode(page(t, h.mf, h.chunk0))
@@ -99,6 +112,8 @@ func setBit(b []byte, i uint64, on bool) {
 	}
 }
 
+// TestIngestValidation corrupts a kho-v1 handover field by field.
+// TestIngestValidationV2 does the same for kho-v2.
 func TestIngestValidation(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -295,7 +310,7 @@ func TestIngestValidation(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHandover(t)
+			h := newHandover(t, abikho.CompatibleV1)
 			root := tc.corrupt(t, h)
 			mf2 := reopen(t, h.mf)
 			k2, err := Ingest(mf2, root)
@@ -327,86 +342,88 @@ func TestIngestValidation(t *testing.T) {
 }
 
 func TestRestoreValidation(t *testing.T) {
-	for _, tc := range []struct {
-		name  string
-		call  func(h *handover, k *KHO) error
-		errno error
-	}{
-		{"a double restore fails", func(h *handover, k *KHO) error {
-			if _, err := k.RestoreFolio(h.big.Addr()); err != nil {
-				return err
-			}
-			_, err := k.RestoreFolio(h.big.Addr())
-			return err
-		}, unix.EINVAL},
-		{"a tail-page restore fails", func(h *handover, k *KHO) error {
-			_, err := k.RestoreFolio(h.big.Addr() + abikho.PageSize)
-			return err
-		}, unix.EINVAL},
-		{"an aligned tail-page restore fails", func(h *handover, k *KHO) error {
-			_, err := k.RestoreFolio(h.big.Addr() + 4*abikho.PageSize)
-			return err
-		}, unix.EINVAL},
-		{"a never-preserved address fails", func(h *handover, k *KHO) error {
-			_, err := k.RestoreFolio(h.fileSize / 2)
-			return err
-		}, unix.EINVAL},
-		{"an address beyond the file fails", func(h *handover, k *KHO) error {
-			_, err := k.RestoreFolio(1 << 62)
-			return err
-		}, unix.EINVAL},
-		{"the old root cannot be restored twice", func(h *handover, k *KHO) error {
-			_, err := k.RestoreFolio(h.root)
-			return err
-		}, unix.EINVAL},
-		{"restoring pages with another split fails and restores nothing", func(h *handover, k *KHO) error {
-			if _, err := k.RestorePages(h.big.Addr(), 4); err == nil {
-				return errors.New("RestorePages(4 of an order-3 block) succeeded")
-			}
-			if _, err := k.RestorePages(h.small.Addr(), 9); err == nil {
-				return errors.New("RestorePages past a preserved block succeeded")
-			}
-			f, err := k.RestoreFolio(h.small.Addr())
-			if err != nil || f != h.small {
-				return errors.New("the first block of a failed RestorePages was consumed")
-			}
-			return nil
-		}, nil},
-		{"restoring pages with the same split returns order-0 pages", func(h *handover, k *KHO) error {
-			fs, err := k.RestorePages(h.big.Addr(), 8)
-			if err != nil {
-				return err
-			}
-			if len(fs) != 8 {
-				return fmt.Errorf("RestorePages returned %d folios, want 8", len(fs))
-			}
-			for i, f := range fs {
-				want := pgalloc.Folio{PFN: h.big.PFN + uint64(i)}
-				if g, refs, ok := k.mf.Lookup(f.PFN); f != want || !ok || g != want || refs != 1 {
-					return fmt.Errorf("page %d: %v (allocated as %v with %d references), want an order-0 folio at pfn %#x", i, f, g, refs, want.PFN)
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct {
+			name  string
+			call  func(h *handover, k *KHO) error
+			errno error
+		}{
+			{"a double restore fails", func(h *handover, k *KHO) error {
+				if _, err := k.RestoreFolio(h.big.Addr()); err != nil {
+					return err
 				}
-			}
-			return nil
-		}, nil},
-		{"restoring zero pages fails", func(h *handover, k *KHO) error {
-			_, err := k.RestorePages(h.big.Addr(), 0)
-			return err
-		}, unix.EINVAL},
-		{"restore-free of address 0 is a no-op", func(h *handover, k *KHO) error {
-			return k.RestoreFree(0)
-		}, nil},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			h := newHandover(t)
-			k, err := Ingest(reopen(t, h.mf), h.root)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := tc.call(h, k); tc.errno == nil && err != nil || tc.errno != nil && !errors.Is(err, tc.errno) {
-				t.Errorf("got %v, want %v", err, tc.errno)
-			}
-		})
-	}
+				_, err := k.RestoreFolio(h.big.Addr())
+				return err
+			}, unix.EINVAL},
+			{"a tail-page restore fails", func(h *handover, k *KHO) error {
+				_, err := k.RestoreFolio(h.big.Addr() + abikho.PageSize)
+				return err
+			}, unix.EINVAL},
+			{"an aligned tail-page restore fails", func(h *handover, k *KHO) error {
+				_, err := k.RestoreFolio(h.big.Addr() + 4*abikho.PageSize)
+				return err
+			}, unix.EINVAL},
+			{"a never-preserved address fails", func(h *handover, k *KHO) error {
+				_, err := k.RestoreFolio(h.fileSize / 2)
+				return err
+			}, unix.EINVAL},
+			{"an address beyond the file fails", func(h *handover, k *KHO) error {
+				_, err := k.RestoreFolio(1 << 62)
+				return err
+			}, unix.EINVAL},
+			{"the old root cannot be restored twice", func(h *handover, k *KHO) error {
+				_, err := k.RestoreFolio(h.root)
+				return err
+			}, unix.EINVAL},
+			{"restoring pages with another split fails and restores nothing", func(h *handover, k *KHO) error {
+				if _, err := k.RestorePages(h.big.Addr(), 4); err == nil {
+					return errors.New("RestorePages(4 of an order-3 block) succeeded")
+				}
+				if _, err := k.RestorePages(h.small.Addr(), 9); err == nil {
+					return errors.New("RestorePages past a preserved block succeeded")
+				}
+				f, err := k.RestoreFolio(h.small.Addr())
+				if err != nil || f != h.small {
+					return errors.New("the first block of a failed RestorePages was consumed")
+				}
+				return nil
+			}, nil},
+			{"restoring pages with the same split returns order-0 pages", func(h *handover, k *KHO) error {
+				fs, err := k.RestorePages(h.big.Addr(), 8)
+				if err != nil {
+					return err
+				}
+				if len(fs) != 8 {
+					return fmt.Errorf("RestorePages returned %d folios, want 8", len(fs))
+				}
+				for i, f := range fs {
+					want := pgalloc.Folio{PFN: h.big.PFN + uint64(i)}
+					if g, refs, ok := k.mf.Lookup(f.PFN); f != want || !ok || g != want || refs != 1 {
+						return fmt.Errorf("page %d: %v (allocated as %v with %d references), want an order-0 folio at pfn %#x", i, f, g, refs, want.PFN)
+					}
+				}
+				return nil
+			}, nil},
+			{"restoring zero pages fails", func(h *handover, k *KHO) error {
+				_, err := k.RestorePages(h.big.Addr(), 0)
+				return err
+			}, unix.EINVAL},
+			{"restore-free of address 0 is a no-op", func(h *handover, k *KHO) error {
+				return k.RestoreFree(0)
+			}, nil},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				h := newHandover(t, format)
+				k, err := Ingest(reopen(t, h.mf), h.root)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := tc.call(h, k); tc.errno == nil && err != nil || tc.errno != nil && !errors.Is(err, tc.errno) {
+					t.Errorf("got %v, want %v", err, tc.errno)
+				}
+			})
+		}
+	})
 }
 
 func TestColdBootHasNothingIncoming(t *testing.T) {
@@ -432,44 +449,46 @@ func TestColdBootHasNothingIncoming(t *testing.T) {
 }
 
 func TestRetrieveSubtreeErrors(t *testing.T) {
-	h := newHandover(t)
-	h.rewriteRoot(t, func(n *fdt.Node) {
-		n.AddChild("good").SetU64("fdt", h.small.Addr())
-		n.AddChild("short").SetU32("fdt", 1)
-		n.AddChild("bare")
-	})
-	oldRoot := bytes.Clone(page(t, h.mf, h.root))
-	k, err := Ingest(reopen(t, h.mf), h.root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		name  string
-		sub   string
-		errno error
-	}{
-		{"a node with an 8-byte fdt is found", "good", nil},
-		{"a missing node is ENOENT", "none", unix.ENOENT},
-		{"an fdt property of 4 bytes is EINVAL", "short", unix.EINVAL},
-		{"a node without fdt is EINVAL", "bare", unix.EINVAL},
-		{"an empty name is EINVAL", "", unix.EINVAL},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			addr, err := k.RetrieveSubtree(tc.sub)
-			if tc.errno == nil {
-				if err != nil || addr != h.small.Addr() {
-					t.Errorf("got %#x, %v", addr, err)
-				}
-				return
-			}
-			if !errors.Is(err, tc.errno) {
-				t.Errorf("got %v, want %v", err, tc.errno)
-			}
+	forEachFormat(t, func(t *testing.T, format string) {
+		h := newHandover(t, format)
+		h.rewriteRoot(t, func(n *fdt.Node) {
+			n.AddChild("good").SetU64(subtreeProp(format), h.small.Addr())
+			n.AddChild("short").SetU32(subtreeProp(format), 1)
+			n.AddChild("bare")
 		})
-	}
-	// The incoming root is what the previous sentry wrote.
-	_, in := k.Dump()
-	if len(in) == 0 || !bytes.Equal(in, oldRoot[:len(in)]) {
-		t.Error("Dump's incoming root differs from the root page")
-	}
+		oldRoot := bytes.Clone(page(t, h.mf, h.root))
+		k, err := Ingest(reopen(t, h.mf), h.root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tc := range []struct {
+			name  string
+			sub   string
+			errno error
+		}{
+			{"a node with an 8-byte fdt is found", "good", nil},
+			{"a missing node is ENOENT", "none", unix.ENOENT},
+			{"an fdt property of 4 bytes is EINVAL", "short", unix.EINVAL},
+			{"a node without fdt is EINVAL", "bare", unix.EINVAL},
+			{"an empty name is EINVAL", "", unix.EINVAL},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				addr, err := k.RetrieveSubtree(tc.sub)
+				if tc.errno == nil {
+					if err != nil || addr != h.small.Addr() {
+						t.Errorf("got %#x, %v", addr, err)
+					}
+					return
+				}
+				if !errors.Is(err, tc.errno) {
+					t.Errorf("got %v, want %v", err, tc.errno)
+				}
+			})
+		}
+		// The incoming root is what the previous sentry wrote.
+		_, in := k.Dump()
+		if len(in) == 0 || !bytes.Equal(in, oldRoot[:len(in)]) {
+			t.Error("Dump's incoming root differs from the root page")
+		}
+	})
 }

@@ -1,27 +1,37 @@
-// Package kho is Kexec HandOver (Linux v6.19, kernel/liveupdate/kexec_handover.c,
-// "kho-v1") over the memory file: it marks folios of the memory file as
-// preserved and hands a description of them to the next sentry, which adopts
-// exactly those folios and lets everything else go.
+// Package kho is Kexec HandOver over the memory file, in both formats of
+// Linux's KHO ABI: "kho-v1" (v6.19, kernel/liveupdate/kexec_handover.c,
+// per-order bitmaps serialized at finalize) and "kho-v2" (torvalds/linux
+// 3f2ad900, one radix tree kept current at every preserve). It marks folios
+// of the memory file as preserved and hands a description of them to the
+// next sentry, which adopts exactly those folios and lets everything else
+// go.
 //
 // What crosses a restart is only the memory file's fd and one address, the
 // root: a preserved page holding a flattened device tree
 //
 //	/ {
-//		compatible = "kho-v1";
-//		preserved-memory-map = <u64: address of the first map chunk>;
-//		<subsystem> { fdt = <u64: address of the subsystem's own blob>; };
+//		compatible = "kho-v2";  /* or "kho-v1" */
+//		preserved-memory-map = <u64: the radix tree's root node (v2),
+//		                             the first map chunk (v1)>;
+//		<subsystem> { preserved-data = <u64: the subsystem's blob>; };  /* v1: fdt */
 //	};
 //
 // The outgoing side (the sentry about to restart) tracks preserved blocks in
-// per-order bitmaps (PreserveFolio, PreservePages, AllocPreserve,
-// PreserveVmalloc), names subsystem blobs in the root (AddSubtree), and at
-// Finalize writes the bitmaps and the khoser_mem_chunk list that points at
-// them into ordinary, unpreserved pages of the memory file. The incoming
-// side (Ingest) validates the root and the map field by field, reads them
-// before the allocator starts, hands every preserved block to
-// pgalloc.MemoryFile.Adopt, and then lets subsystems restore what they
-// preserved (RetrieveSubtree, RestoreFolio, RestorePages, RestoreVmalloc);
-// ReleaseUnrestored frees whatever nobody claimed.
+// the kho-v2 radix tree, whose one-page nodes are ordinary allocated pages of
+// the memory file, updated in place by PreserveFolio, PreservePages,
+// AllocPreserve, PreserveVmalloc and their undoing counterparts; it names
+// subsystem blobs in the root (AddSubtree). The root FDT is kho-v2 and
+// current at every moment. At a restart, FinalizeFormat chooses the format
+// the next sentry reads (ReadFormats and WriteFormats list them): kho-v2
+// needs no work at all, kho-v1 copies the tree's leaves (which are kho-v1
+// bitmaps, bit for bit) into bitmap pages listed by a khoser_mem_chunk
+// chain, and rewrites the root as kho-v1. The incoming side (Ingest) reads
+// the format from the root's compatible, validates the root and the map or
+// tree field by field, reads them before the allocator starts, hands every
+// preserved block to pgalloc.MemoryFile.AdoptRuns, and then lets subsystems
+// restore what they preserved (RetrieveSubtree, RestoreFolio, RestorePages,
+// RestoreVmalloc), the same way whichever format crossed; ReleaseUnrestored
+// frees whatever nobody claimed.
 //
 // Guarantees: a preserved folio keeps its address, order and contents across
 // the restart; restore is one-shot and takes the order from the map, never
@@ -72,20 +82,28 @@ type KHO struct {
 
 // outgoing is what this sentry will hand over.
 type outgoing struct {
-	// mem tracks every preserved block.
-	mem memTracker
+	// tree tracks every preserved block: the kho-v2 radix tree, current at
+	// every preserve and unpreserve. After a live-update boot it is made
+	// at the first preserve (or handover), because Ingest must not
+	// allocate.
+	tree radixTree
 	// root is the preserved page that holds the root FDT.
 	root pgalloc.Folio
+	// format is the compatible string the root FDT is written in:
+	// kho-v2 (the tree, always current) except between a kho-v1
+	// Finalize and Abort.
+	format string
 	// subtrees are the root's subnodes, in the order they were added.
 	subtrees []subtree
 	// finalized is set by Finalize and cleared by Abort; while it is set
 	// the map must not change.
 	finalized bool
-	// memMap is the address of the first map chunk, 0 before Finalize.
-	memMap uint64
-	// mapPages are the chunk and bitmap pages written by the last
-	// Finalize: ordinary allocated folios, not preserved.
-	mapPages []pgalloc.Folio
+	// v1Map is the address of the first kho-v1 map chunk written by the
+	// last kho-v1 Finalize, 0 if none.
+	v1Map uint64
+	// v1Pages are the chunk and bitmap pages of v1Map: ordinary allocated
+	// folios, not preserved.
+	v1Pages []pgalloc.Folio
 }
 
 type subtree struct {
@@ -99,13 +117,16 @@ type incoming struct {
 	root []byte
 	// tree is root, parsed.
 	tree *fdt.Node
+	// format is the compatible string of the incoming root.
+	format string
 	// mem holds the preserved blocks not yet restored or released.
 	mem memTracker
 }
 
 // New returns the handover state of a cold-booted sentry over mf: nothing
-// incoming, and a fresh outgoing root (a preserved page holding the root FDT
-// with no map and no subtrees). It mirrors kho_init.
+// incoming, and a fresh outgoing root (a page holding the kho-v2 root FDT
+// with no subtrees; it and the radix tree are preserved and made at the
+// first preserve, see initOutLocked). It mirrors kho_init.
 func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 	k := &KHO{mf: mf}
 	k.mu.Lock()
@@ -116,46 +137,105 @@ func New(mf *pgalloc.MemoryFile) (*KHO, error) {
 	return k, nil
 }
 
-// initOutLocked sets up an empty outgoing side whose root FDT is in root, a
-// preserved page, or in a new one (kho_init: kho_alloc_preserve(PAGE_SIZE))
-// if root is the zero Folio.
+// initOutLocked sets up an empty outgoing side whose root FDT is in root,
+// an allocated page, or in a new one (kho_init's
+// kho_alloc_preserve(PAGE_SIZE)) if root is the zero Folio. The radix tree
+// (kho_init's kzalloc of tree->root) and the root page's bit in it wait for
+// the first preserve or FinalizeFormat (treeLocked): after Ingest the
+// allocator may have no free page yet, and a cold boot does the same so
+// that both start from one allocated page. Until then nothing is preserved
+// and the root FDT says preserved-memory-map = 0.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) initOutLocked(root pgalloc.Folio) error {
-	k.out = outgoing{mem: newMemTracker(k.mf.Pages())}
+	k.out = outgoing{tree: newRadixTree(k.mf), format: abikho.CompatibleV2}
 	if root == (pgalloc.Folio{}) {
 		var err error
-		if root, err = k.allocPreserveLocked(abikho.PageSize); err != nil {
+		if root, err = k.mf.Allocate(0); err != nil {
 			return fmt.Errorf("kho: allocating the root FDT page: %w", err)
 		}
-	} else {
-		k.out.mem.set(root.PFN, root.Order)
 	}
 	k.out.root = root
 	if err := k.writeRootLocked(); err != nil {
-		k.unpreserveFreeLocked(root)
+		k.mf.DecRef(root)
 		return err
 	}
 	return nil
 }
 
+// treeLocked returns the outgoing tree, making its root node first if it
+// has none: then it also marks the root FDT page preserved and rewrites
+// the root FDT with the tree's address. A failure leaves everything as it
+// was.
+//
+// +checklocks:k.mu
+func (k *KHO) treeLocked() (*radixTree, error) {
+	t := &k.out.tree
+	if t.root != (pgalloc.Folio{}) {
+		return t, nil
+	}
+	if err := t.init(); err != nil {
+		return nil, err
+	}
+	if k.out.root != (pgalloc.Folio{}) {
+		if err := t.set(k.out.root.PFN, k.out.root.Order); err != nil {
+			t.free()
+			*t = newRadixTree(k.mf)
+			return nil, err
+		}
+		// The root FDT now names the tree. (It fitted with address 0,
+		// and the address has the same size, but a failure leaves the
+		// page as it was, so undo rather than assume.)
+		if err := k.writeRootLocked(); err != nil {
+			t.free()
+			*t = newRadixTree(k.mf)
+			return nil, err
+		}
+	}
+	return t, nil
+}
+
+// setLocked marks (pfn, order) preserved in the outgoing tree.
+//
+// Preconditions: (pfn, order) lies inside the file.
+//
+// +checklocks:k.mu
+func (k *KHO) setLocked(pfn uint64, order int) error {
+	// Most blocks land in a leaf that exists.
+	if l, bit := k.out.tree.leaf(pfn, order); l != nil {
+		abikho.LeafSet(l, bit)
+		return nil
+	}
+	t, err := k.treeLocked()
+	if err != nil {
+		return err
+	}
+	return t.set(pfn, order)
+}
+
 // Ingest reads the handover that the previous sentry left in mf, a memory
 // file opened with pgalloc.Open and not yet adopted, with its root FDT at
-// the byte address root. It mirrors kho_populate and kho_mem_deserialize:
-// it validates the root (FDT header, compatible "kho-v1", an 8-byte,
-// non-zero, in-range preserved-memory-map) and every map chunk and bitmap
-// (bounds, alignment, order, element count, chain cycles), copies what it
-// needs out of them, and only then calls mf.AdoptRuns with every preserved
-// block in address order, as runs of consecutive equal-order blocks (so a
-// contiguous preserved area costs nothing per folio). On any error nothing is adopted and the error names the
-// field and the address; the caller may fall back to a cold boot.
+// the byte address root. It mirrors kho_populate and kho_mem_deserialize
+// (kho-v1) or kho_mem_retrieve (kho-v2): it validates the root (FDT header,
+// a compatible it reads, an 8-byte, non-zero, in-range
+// preserved-memory-map), then every map chunk and bitmap (bounds,
+// alignment, order, element count, chain cycles) or every tree node and
+// leaf (bounds, alignment, cycles and shared nodes, key ranges, orders, no
+// node inside a preserved block), copies what it needs out of them, and
+// only then calls mf.AdoptRuns with every preserved block in address order,
+// as runs of consecutive equal-order blocks (so a contiguous preserved area
+// costs nothing per folio). On any error nothing is adopted and the error
+// names the field and the address; the caller may fall back to a cold boot.
 //
-// The chunk and bitmap pages are not preserved: Adopt makes them stale like
-// every other page that was not preserved. The old root page is preserved;
-// once parsed (Dump keeps a copy) Ingest restores it and reuses it for the
-// fresh, empty outgoing root of the next restart. Ingest allocates nothing
-// from mf and so scrubs none of the previous sentry's unpreserved pages: with
-// mf's releases held, the previous sentry can still roll back.
+// The chunk, bitmap and tree pages are not preserved: Adopt makes them
+// stale like every other page that was not preserved. The old root page is
+// preserved; once parsed (Dump keeps a copy) Ingest restores it and reuses
+// it for the fresh, empty outgoing root of the next restart. Ingest
+// allocates nothing from mf and so scrubs none of the previous sentry's
+// unpreserved pages: with mf's releases held, the previous sentry can still
+// roll back. So the new outgoing radix tree is made at the first preserve
+// (or FinalizeFormat); until then the outgoing root says
+// preserved-memory-map = 0.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	in, runs, err := deserialize(mf, root)
 	if err != nil {
@@ -164,9 +244,10 @@ func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	if err := mf.AdoptRuns(runs); err != nil {
 		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
 	}
-	k := &KHO{mf: mf, in: in}
+	k := &KHO{mf: mf}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.in = in
 	// The old root page was checked to be a preserved order-0 page, so it
 	// is an adopted folio now. It has been parsed (in.root keeps a copy):
 	// restore it and reuse it as the outgoing root. Linux allocates a

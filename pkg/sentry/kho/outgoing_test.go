@@ -19,14 +19,24 @@ func marked(k *KHO) []pgalloc.Folio {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	var fs []pgalloc.Folio
-	k.out.mem.forEach(func(pfn uint64, order int) { fs = append(fs, pgalloc.Folio{PFN: pfn, Order: order}) })
+	k.out.tree.forEach(func(pfn uint64, order int) { fs = append(fs, pgalloc.Folio{PFN: pfn, Order: order}) })
 	return fs
 }
 
+// newKHO returns a cold-booted KHO over a new file of size bytes, with its
+// radix tree already made (New makes it at the first preserve), so that the
+// root FDT page is preserved and the tests see only what they preserve
+// change.
 func newKHO(t *testing.T, size uint64) (*KHO, *pgalloc.MemoryFile) {
 	t.Helper()
 	mf := newFile(t, size)
 	k, err := New(mf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	_, err = k.treeLocked()
+	k.mu.Unlock()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,8 +215,8 @@ func TestFinalizeAbort(t *testing.T) {
 	if got := mf.Stats().AllocatedPages; got != base {
 		t.Errorf("after Abort %d pages are allocated, want %d", got, base)
 	}
-	if m := memMapAddr(t, k); m != 0 {
-		t.Errorf("preserved-memory-map = %#x after Abort, want 0", m)
+	if m, root := memMapAddr(t, k), treeRoot(k); m != root || root == 0 || k.Format() != abikho.CompatibleV2 {
+		t.Errorf("after Abort the root is %s with preserved-memory-map %#x, want kho-v2 naming the radix tree at %#x", k.Format(), m, root)
 	}
 	if err := k.PreserveFolio(pgalloc.Folio{PFN: 2, Order: 0}); err != nil {
 		t.Errorf("PreserveFolio after Abort: %v", err)
@@ -272,8 +282,8 @@ func TestSubtrees(t *testing.T) {
 			}
 		})
 	}
-	if v, err := rootTree(t, k).Child("LUO").U64("fdt"); err != nil || v != 0x6000 {
-		t.Errorf("root LUO/fdt = %#x, %v; want 0x6000", v, err)
+	if v, err := rootTree(t, k).Child("LUO").U64("preserved-data"); err != nil || v != 0x6000 {
+		t.Errorf("root LUO/preserved-data = %#x, %v; want 0x6000", v, err)
 	}
 	// Fill the root page: the subtree that does not fit fails with ENOMEM
 	// and the root stays valid with all the others.
@@ -294,53 +304,55 @@ func TestSubtrees(t *testing.T) {
 }
 
 func TestDtcDecodesRoot(t *testing.T) {
-	dtc, err := exec.LookPath("dtc")
-	if err != nil {
-		t.Skip("dtc not installed (apt-get install device-tree-compiler); .ci/run installs it")
-	}
-	k, mf := newKHO(t, 64<<20)
-	luo, _ := k.AllocPreserve(1)
-	mem, _ := k.AllocPreserve(1)
-	if err := k.AddSubtree("LUO", luo.Addr()); err != nil {
-		t.Fatal(err)
-	}
-	if err := k.AddSubtree("memblock", mem.Addr()); err != nil {
-		t.Fatal(err)
-	}
-	if err := k.Finalize(); err != nil {
-		t.Fatal(err)
-	}
-	out, _ := k.Dump()
-	// dtc reads the page as it sits in the file, trailing zeros and all.
-	cmd := exec.Command(dtc, "-I", "dtb", "-O", "dts")
-	cmd.Stdin = bytes.NewReader(page(t, mf, k.RootAddr()))
-	dts, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("dtc: %v\n%s", err, dts)
-	}
-	cell := func(v uint64) string { // a little-endian u64 as dtc prints it
-		b := make([]byte, 8)
-		for i := range b {
-			b[i] = byte(v >> (8 * i))
+	forEachFormat(t, func(t *testing.T, format string) {
+		dtc, err := exec.LookPath("dtc")
+		if err != nil {
+			t.Skip("dtc not installed (apt-get install device-tree-compiler); .ci/run installs it")
 		}
-		be := func(x []byte) uint32 { return uint32(x[0])<<24 | uint32(x[1])<<16 | uint32(x[2])<<8 | uint32(x[3]) }
-		return fmt.Sprintf("<%#x %#x>", be(b[:4]), be(b[4:]))
-	}
-	for _, want := range []string{
-		`compatible = "kho-v1";`,
-		"preserved-memory-map = " + fixZero(cell(memMapAddr(t, k))) + ";",
-		"LUO {",
-		"fdt = " + fixZero(cell(luo.Addr())) + ";",
-		"memblock {",
-		"fdt = " + fixZero(cell(mem.Addr())) + ";",
-	} {
-		if !strings.Contains(string(dts), want) {
-			t.Errorf("dtc output lacks %q:\n%s", want, dts)
+		k, mf := newKHO(t, 64<<20)
+		luo, _ := k.AllocPreserve(1)
+		mem, _ := k.AllocPreserve(1)
+		if err := k.AddSubtree("LUO", luo.Addr()); err != nil {
+			t.Fatal(err)
 		}
-	}
-	if n, err := fdt.Parse(out, len(out)); err != nil || len(n.Children) != 2 {
-		t.Errorf("Dump's outgoing root: %v, %v", n, err)
-	}
+		if err := k.AddSubtree("memblock", mem.Addr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := k.FinalizeFormat(format); err != nil {
+			t.Fatal(err)
+		}
+		out, _ := k.Dump()
+		// dtc reads the page as it sits in the file, trailing zeros and all.
+		cmd := exec.Command(dtc, "-I", "dtb", "-O", "dts")
+		cmd.Stdin = bytes.NewReader(page(t, mf, k.RootAddr()))
+		dts, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("dtc: %v\n%s", err, dts)
+		}
+		cell := func(v uint64) string { // a little-endian u64 as dtc prints it
+			b := make([]byte, 8)
+			for i := range b {
+				b[i] = byte(v >> (8 * i))
+			}
+			be := func(x []byte) uint32 { return uint32(x[0])<<24 | uint32(x[1])<<16 | uint32(x[2])<<8 | uint32(x[3]) }
+			return fmt.Sprintf("<%#x %#x>", be(b[:4]), be(b[4:]))
+		}
+		for _, want := range []string{
+			`compatible = "` + format + `";`,
+			"preserved-memory-map = " + fixZero(cell(memMapAddr(t, k))) + ";",
+			"LUO {",
+			subtreeProp(format) + " = " + fixZero(cell(luo.Addr())) + ";",
+			"memblock {",
+			subtreeProp(format) + " = " + fixZero(cell(mem.Addr())) + ";",
+		} {
+			if !strings.Contains(string(dts), want) {
+				t.Errorf("dtc output lacks %q:\n%s", want, dts)
+			}
+		}
+		if n, err := fdt.Parse(out, len(out)); err != nil || len(n.Children) != 2 {
+			t.Errorf("Dump's outgoing root: %v, %v", n, err)
+		}
+	})
 }
 
 // fixZero spells a zero cell the way dtc does (0x00).

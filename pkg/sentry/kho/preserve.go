@@ -13,7 +13,7 @@ import (
 // serialized map would no longer describe the tracker. Abort makes the map
 // mutable again.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) checkMutableLocked() error {
 	if k.out.finalized {
 		return fmt.Errorf("kho: the preserved-memory map is finalized (abort first): %w", unix.EBUSY)
@@ -25,8 +25,9 @@ func (k *KHO) checkMutableLocked() error {
 // its order. It takes no reference: the caller keeps f allocated until the
 // restart. Preserving an already preserved folio again is a no-op. It fails
 // with EINVAL for a folio outside the file, misaligned, at PFN 0 or of an
-// order outside [0, pgalloc.MaxOrder], and with EBUSY after Finalize. It
-// mirrors kho_preserve_folio.
+// order outside [0, pgalloc.MaxOrder], with ENOMEM if a page of the radix
+// tree cannot be allocated, and with EBUSY after Finalize. It mirrors
+// kho_preserve_folio.
 func (k *KHO) PreserveFolio(f pgalloc.Folio) error {
 	if err := k.checkBlock(f.PFN, f.Order); err != nil {
 		return err
@@ -36,8 +37,7 @@ func (k *KHO) PreserveFolio(f pgalloc.Folio) error {
 	if err := k.checkMutableLocked(); err != nil {
 		return err
 	}
-	k.out.mem.set(f.PFN, f.Order)
-	return nil
+	return k.setLocked(f.PFN, f.Order)
 }
 
 // UnpreserveFolio undoes PreserveFolio(f). f must match a preserved block
@@ -53,7 +53,7 @@ func (k *KHO) UnpreserveFolio(f pgalloc.Folio) error {
 	if err := k.checkMutableLocked(); err != nil {
 		return err
 	}
-	if !k.out.mem.clear(f.PFN, f.Order) {
+	if !k.out.tree.clear(f.PFN, f.Order) {
 		return fmt.Errorf("kho: unpreserving %v: not preserved with this pfn and order: %w", f, unix.ENOENT)
 	}
 	return nil
@@ -87,7 +87,8 @@ func (k *KHO) checkRange(pfn, n uint64) error {
 // PreservePages marks the n pages from pfn to be handed over, as maximal
 // naturally aligned power-of-two blocks, and rolls back the blocks it marked
 // if it fails. It fails with EINVAL for an empty range or one outside the
-// file or including PFN 0, and with EBUSY after Finalize. It mirrors
+// file or including PFN 0, with ENOMEM if a page of the radix tree cannot
+// be allocated, and with EBUSY after Finalize. It mirrors
 // kho_preserve_pages.
 func (k *KHO) PreservePages(pfn, n uint64) error {
 	if err := k.checkRange(pfn, n); err != nil {
@@ -98,13 +99,28 @@ func (k *KHO) PreservePages(pfn, n uint64) error {
 	if err := k.checkMutableLocked(); err != nil {
 		return err
 	}
-	// Setting a bit cannot fail here (the range is checked and bitmaps come
-	// from the heap), so there is nothing to roll back; Linux rolls back
-	// after a failed bitmap allocation.
+	// A block fails only when a tree node cannot be allocated; then the
+	// blocks marked before it are unmarked (__kho_unpreserve up to
+	// failed_pfn).
+	t, err := k.treeLocked()
+	if err != nil {
+		return fmt.Errorf("kho: preserving pages [%#x, +%d): %w", pfn, n, err)
+	}
+	failed := pfn + n
 	splitBlocks(pfn, n, func(p uint64, o int) bool {
-		k.out.mem.set(p, o)
+		if err = t.set(p, o); err != nil {
+			failed = p
+			return false
+		}
 		return true
 	})
+	if err != nil {
+		splitBlocks(pfn, failed-pfn, func(p uint64, o int) bool {
+			t.clear(p, o)
+			return true
+		})
+		return fmt.Errorf("kho: preserving pages [%#x, +%d): %w", pfn, n, err)
+	}
 	return nil
 }
 
@@ -122,8 +138,9 @@ func (k *KHO) UnpreservePages(pfn, n uint64) error {
 		return err
 	}
 	var missing error
+	t := &k.out.tree
 	splitBlocks(pfn, n, func(p uint64, o int) bool {
-		if !k.out.mem.test(p, o) {
+		if !t.test(p, o) {
 			missing = fmt.Errorf("kho: unpreserving pages [%#x, +%d): block at pfn %#x of order %d is not preserved: %w", pfn, n, p, o, unix.ENOENT)
 			return false
 		}
@@ -133,7 +150,7 @@ func (k *KHO) UnpreservePages(pfn, n uint64) error {
 		return missing
 	}
 	splitBlocks(pfn, n, func(p uint64, o int) bool {
-		k.out.mem.clear(p, o)
+		t.clear(p, o)
 		return true
 	})
 	return nil
@@ -157,7 +174,7 @@ func (k *KHO) AllocPreserve(size uint64) (pgalloc.Folio, error) {
 	return k.allocPreserveLocked(size)
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) allocPreserveLocked(size uint64) (pgalloc.Folio, error) {
 	if size == 0 {
 		return pgalloc.Folio{}, fmt.Errorf("kho: allocating a preserved block of 0 bytes: %w", unix.EINVAL)
@@ -173,7 +190,10 @@ func (k *KHO) allocPreserveLocked(size uint64) (pgalloc.Folio, error) {
 	if err != nil {
 		return pgalloc.Folio{}, fmt.Errorf("kho: allocating a preserved block of %d bytes: %w", size, err)
 	}
-	k.out.mem.set(f.PFN, f.Order)
+	if err := k.setLocked(f.PFN, f.Order); err != nil {
+		k.mf.DecRef(f)
+		return pgalloc.Folio{}, fmt.Errorf("kho: preserving a block of %d bytes: %w", size, err)
+	}
 	return f, nil
 }
 
@@ -196,7 +216,7 @@ func (k *KHO) UnpreserveFree(f pgalloc.Folio) error {
 	if got, _, ok := k.mf.Lookup(f.PFN); !ok || got != f {
 		return fmt.Errorf("kho: unpreserving and freeing %v: not an allocated folio: %w", f, unix.EINVAL)
 	}
-	if !k.out.mem.clear(f.PFN, f.Order) {
+	if !k.out.tree.clear(f.PFN, f.Order) {
 		return fmt.Errorf("kho: unpreserving %v: not preserved with this pfn and order: %w", f, unix.ENOENT)
 	}
 	k.mf.DecRef(f)
@@ -205,8 +225,10 @@ func (k *KHO) UnpreserveFree(f pgalloc.Folio) error {
 
 // unpreserveFreeLocked is UnpreserveFree for a folio k preserved itself.
 //
-// Preconditions: k.mu is locked; f is preserved and allocated.
+// Preconditions: f is preserved and allocated.
+//
+// +checklocks:k.mu
 func (k *KHO) unpreserveFreeLocked(f pgalloc.Folio) {
-	k.out.mem.clear(f.PFN, f.Order)
+	k.out.tree.clear(f.PFN, f.Order)
 	k.mf.DecRef(f)
 }

@@ -41,7 +41,7 @@ func (k *KHO) RestoreFolios(addrs []uint64, out []pgalloc.Folio) (int, error) {
 	return len(addrs), nil
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
 	if k.in == nil {
 		return pgalloc.Folio{}, fmt.Errorf("kho: restoring the folio at %#x: no incoming handover: %w", addr, unix.EINVAL)
@@ -73,8 +73,9 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 	}
 	var folios []pgalloc.Folio
 	var bad error
+	mem := &k.in.mem
 	splitBlocks(pfn, n, func(p uint64, o int) bool {
-		if !k.in.mem.clear(p, o) {
+		if !mem.clear(p, o) {
 			bad = fmt.Errorf("kho: restoring pages [%#x, +%d): block at %#x of order %d is not preserved with that order, or already restored: %w", addr, n, p<<abikho.PageShift, o, unix.EINVAL)
 			return false
 		}
@@ -88,11 +89,19 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 		return nil, bad
 	}
 	pages := make([]pgalloc.Folio, 0, n)
-	for _, f := range folios {
-		// An adopted folio holds exactly one reference, so Split cannot
-		// fail with EBUSY.
+	for i, f := range folios {
+		// An adopted, unrestored folio holds exactly the one reference
+		// Adopt gave it, so Split cannot fail with EBUSY unless someone
+		// took a reference without restoring it: then give back what is
+		// not split yet and fail.
 		if err := k.mf.Split(f); err != nil {
-			panic(fmt.Sprintf("kho: splitting restored %v: %v", f, err))
+			for _, g := range folios[i:] {
+				k.in.mem.set(g.PFN, g.Order)
+			}
+			for _, p := range pages {
+				k.mf.DecRef(p)
+			}
+			return nil, fmt.Errorf("kho: restoring pages [%#x, +%d): splitting %v: %w", addr, n, f, err)
 		}
 		for p := f.PFN; p < f.PFN+f.Pages(); p++ {
 			pages = append(pages, pgalloc.Folio{PFN: p})
@@ -113,7 +122,7 @@ func (k *KHO) RestoreFree(addr uint64) error {
 	return k.restoreFreeLocked(addr)
 }
 
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) restoreFreeLocked(addr uint64) error {
 	f, err := k.restoreFolioLocked(addr)
 	if err != nil {
@@ -135,8 +144,9 @@ func (k *KHO) ReleaseUnrestored() (pages uint64) {
 	if k.in == nil {
 		return 0
 	}
+	mf := k.mf
 	k.in.mem.forEach(func(pfn uint64, order int) {
-		k.mf.DecRef(pgalloc.Folio{PFN: pfn, Order: order})
+		mf.DecRef(pgalloc.Folio{PFN: pfn, Order: order})
 		pages += 1 << order
 	})
 	k.in.mem = memTracker{}

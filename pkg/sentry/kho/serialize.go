@@ -14,37 +14,69 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Finalize writes the preserved-memory map into the memory file, for the
-// next sentry: every non-empty bitmap is copied into a page of the file and
-// listed in a chain of khoser_mem_chunk pages (one or more per order), and
-// the root's preserved-memory-map is set to the first chunk. Chunk and
-// bitmap pages are ordinary allocated pages, not preserved: the next sentry
-// reads them before it adopts, and then they are free. Finalize costs time
-// in proportion to the bitmap pages, not to the preserved memory.
+// ReadFormats returns the compatible strings of the handovers Ingest reads,
+// newest first.
+func ReadFormats() []string { return []string{abikho.CompatibleV2, abikho.CompatibleV1} }
+
+// WriteFormats returns the compatible strings FinalizeFormat writes, newest
+// first.
+func WriteFormats() []string { return []string{abikho.CompatibleV2, abikho.CompatibleV1} }
+
+// Finalize is FinalizeFormat(abikho.Compatible), the format written when
+// the restart does not negotiate one.
+func (k *KHO) Finalize() error { return k.FinalizeFormat(abikho.Compatible) }
+
+// FinalizeFormat makes the handover ready for the next sentry in the format
+// named by its compatible string (one of WriteFormats): after it, RootAddr
+// is what the next sentry ingests.
 //
-// After Finalize the map cannot change (preserving or unpreserving fails
-// with EBUSY) until Abort. Finalize may be repeated; a repeat frees the
-// previous chunk list (kho_update_memory_map). It fails with ENOMEM if the
-// file has no room for the map, leaving the previous state. It mirrors
-// kho_finalize and kho_mem_serialize.
+//   - "kho-v2": nothing to write. The radix tree is current at every
+//     preserve and unpreserve and the root FDT names it, so this costs
+//     O(1) whatever is preserved (kho_finalize in torvalds/linux 3f2ad900
+//     only sets a flag).
+//   - "kho-v1": every non-empty leaf of the tree is copied into a bitmap
+//     page and listed in a chain of khoser_mem_chunk pages (one or more per
+//     order), and the root FDT is rewritten as kho-v1 with
+//     preserved-memory-map set to the first chunk (kho_finalize and
+//     kho_mem_serialize in v6.19). Chunk and bitmap pages are ordinary
+//     allocated pages, not preserved: the next sentry reads them before it
+//     adopts, and then they are free. This costs time in proportion to the
+//     leaves, not to the preserved memory.
 //
-// From a successful Finalize on, the memory file belongs to the next
+// After FinalizeFormat the map cannot change (preserving or unpreserving
+// fails with EBUSY) until Abort. It may be repeated, in either format; a
+// repeat frees the previous kho-v1 chunk list (kho_update_memory_map). It
+// fails with EINVAL for a format it does not write, naming the formats it
+// does, and with ENOMEM if the file has no room for the map, leaving the
+// previous state.
+//
+// From a successful FinalizeFormat on, the memory file belongs to the next
 // sentry, which regards every page this one did not preserve as stale and
-// may reuse it: Finalize holds the memory file's releases
+// may reuse it: FinalizeFormat holds the memory file's releases
 // (pgalloc.HoldReleases) so that nothing this sentry frees afterwards is
 // punched out, and Abort resumes them.
-func (k *KHO) Finalize() error {
+func (k *KHO) FinalizeFormat(format string) error {
+	if format != abikho.CompatibleV1 && format != abikho.CompatibleV2 {
+		return fmt.Errorf("kho: finalizing in format %q: this sentry writes only %q: %w", format, WriteFormats(), unix.EINVAL)
+	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	pages, first, err := k.serializeLocked()
-	if err != nil {
-		return err
+	// The tree must exist (and hold the root FDT page) in both formats.
+	if _, err := k.treeLocked(); err != nil {
+		return fmt.Errorf("kho: finalizing: %w", err)
 	}
-	old := k.out.mapPages
-	prevMap := k.out.memMap
-	k.out.mapPages, k.out.memMap = pages, first
+	var pages []pgalloc.Folio
+	var first uint64
+	if format == abikho.CompatibleV1 {
+		var err error
+		if pages, first, err = k.serializeLocked(); err != nil {
+			return err
+		}
+	}
+	old, oldMap, oldFormat := k.out.v1Pages, k.out.v1Map, k.out.format
+	k.out.v1Pages, k.out.v1Map, k.out.format = pages, first, format
 	if err := k.writeRootLocked(); err != nil {
-		k.out.mapPages, k.out.memMap = old, prevMap
+		k.out.v1Pages, k.out.v1Map, k.out.format = old, oldMap, oldFormat
 		k.freePagesLocked(pages)
 		return err
 	}
@@ -54,18 +86,18 @@ func (k *KHO) Finalize() error {
 	return nil
 }
 
-// Abort discards the map written by Finalize, for a restart that is rolled
-// back: it frees the chunk and bitmap pages, sets preserved-memory-map back
-// to 0 and makes the map mutable again. Aborting when not finalized does
-// nothing. (v6.16's KEXEC_KHO_ABORT; v6.19 has no abort.)
+// Abort undoes FinalizeFormat, for a restart that is rolled back: it frees
+// the kho-v1 chunk and bitmap pages if any, rewrites the root FDT as kho-v2
+// (naming the tree again) and makes the map mutable again. Aborting when
+// not finalized does nothing. (v6.16's KEXEC_KHO_ABORT; v6.19 has none.)
 func (k *KHO) Abort() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if !k.out.finalized {
 		return nil
 	}
-	old := k.out.mapPages
-	k.out.mapPages, k.out.memMap, k.out.finalized = nil, 0, false
+	old := k.out.v1Pages
+	k.out.v1Pages, k.out.v1Map, k.out.format, k.out.finalized = nil, 0, abikho.CompatibleV2, false
 	if err := k.writeRootLocked(); err != nil {
 		return err
 	}
@@ -74,7 +106,26 @@ func (k *KHO) Abort() error {
 	return nil
 }
 
-// Preconditions: k.mu is locked.
+// Format returns the compatible string the outgoing root FDT is written in
+// now: "kho-v2" except between FinalizeFormat("kho-v1") and Abort.
+func (k *KHO) Format() string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.out.format
+}
+
+// IncomingFormat returns the compatible string of the handover Ingest read,
+// "" after a cold boot.
+func (k *KHO) IncomingFormat() string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.in == nil {
+		return ""
+	}
+	return k.in.format
+}
+
+// +checklocks:k.mu
 func (k *KHO) freePagesLocked(pages []pgalloc.Folio) {
 	for _, p := range pages {
 		k.mf.DecRef(p)
@@ -84,67 +135,95 @@ func (k *KHO) freePagesLocked(pages []pgalloc.Folio) {
 // serializeLocked writes the map (kho_mem_serialize) and returns the pages
 // it allocated and the address of the first chunk.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) serializeLocked() (pages []pgalloc.Folio, first uint64, err error) {
-	alloc := func() ([]byte, uint64, error) {
-		f, err := k.mf.Allocate(0)
-		if err != nil {
-			return nil, 0, fmt.Errorf("kho: allocating a page for the preserved-memory map: %w", err)
-		}
-		pages = append(pages, f)
-		return k.mf.Bytes(f), f.Addr(), nil
+	w := v1Writer{mf: k.mf}
+	if err := w.write(&k.out.tree.leaves); err != nil {
+		w.free()
+		return nil, 0, err
 	}
-	var chunk []byte
-	var hdr abikho.MemChunkHdr
-	// newChunk starts a chunk for order and links it after the current one
-	// (new_chunk).
-	newChunk := func(order int) error {
-		c, addr, err := alloc()
-		if err != nil {
-			return err
-		}
-		if chunk == nil {
-			first = addr
-		} else {
-			hdr.Next = addr
-			hdr.Encode(chunk)
-		}
-		chunk, hdr = c, abikho.MemChunkHdr{Order: uint32(order)}
-		return nil
+	return w.pages, w.first, nil
+}
+
+// v1Writer writes a kho-v1 map (kho_mem_serialize).
+type v1Writer struct {
+	mf *pgalloc.MemoryFile
+	// pages are the pages allocated so far.
+	pages []pgalloc.Folio
+	// first is the address of the first chunk.
+	first uint64
+	// chunk and hdr are the current chunk page and its header.
+	chunk []byte
+	hdr   abikho.MemChunkHdr
+}
+
+// alloc allocates a page for the map.
+func (w *v1Writer) alloc() ([]byte, uint64, error) {
+	f, err := w.mf.Allocate(0)
+	if err != nil {
+		return nil, 0, fmt.Errorf("kho: allocating a page for the preserved-memory map: %w", err)
 	}
-	for o, bms := range k.out.mem.orders {
+	w.pages = append(w.pages, f)
+	return w.mf.Bytes(f), f.Addr(), nil
+}
+
+// newChunk starts a chunk for order and links it after the current one
+// (new_chunk).
+func (w *v1Writer) newChunk(order int) error {
+	c, addr, err := w.alloc()
+	if err != nil {
+		return err
+	}
+	if w.chunk == nil {
+		w.first = addr
+	} else {
+		w.hdr.Next = addr
+		w.hdr.Encode(w.chunk)
+	}
+	w.chunk, w.hdr = c, abikho.MemChunkHdr{Order: uint32(order)}
+	return nil
+}
+
+// write copies every non-empty leaf into a bitmap page and lists it.
+func (w *v1Writer) write(leaves *[pgalloc.MaxOrder + 1][][]byte) error {
+	for o, ls := range leaves {
 		orderStarted := false
-		for idx, b := range bms {
-			if b == nil || *b == (bitmap{}) {
+		for idx, b := range ls {
+			if b == nil || bytes.Equal(b, zeroPage[:]) {
 				continue
 			}
-			if !orderStarted || hdr.NumElms == abikho.MemChunkCapacity {
-				if err := newChunk(o); err != nil {
-					k.freePagesLocked(pages)
-					return nil, 0, err
+			if !orderStarted || w.hdr.NumElms == abikho.MemChunkCapacity {
+				if err := w.newChunk(o); err != nil {
+					return err
 				}
 				orderStarted = true
 			}
-			page, addr, err := alloc()
+			page, addr, err := w.alloc()
 			if err != nil {
-				k.freePagesLocked(pages)
-				return nil, 0, err
+				return err
 			}
-			for w, word := range b {
-				binary.LittleEndian.PutUint64(page[8*w:], word)
-			}
+			// A leaf is a kho-v1 bitmap, bit for bit.
+			copy(page, b)
 			ptr := abikho.MemBitmapPtr{
 				PhysStart: uint64(idx) * abikho.PreserveBits << (o + abikho.PageShift),
 				Bitmap:    addr,
 			}
-			ptr.Encode(chunk[abikho.MemChunkBitmapOffset(int(hdr.NumElms)):])
-			hdr.NumElms++
+			ptr.Encode(w.chunk[abikho.MemChunkBitmapOffset(int(w.hdr.NumElms)):])
+			w.hdr.NumElms++
 		}
 	}
-	if chunk != nil {
-		hdr.Encode(chunk)
+	if w.chunk != nil {
+		w.hdr.Encode(w.chunk)
 	}
-	return pages, first, nil
+	return nil
+}
+
+// free frees every page allocated so far.
+func (w *v1Writer) free() {
+	for _, p := range w.pages {
+		w.mf.DecRef(p)
+	}
+	w.pages = nil
 }
 
 // deserialize reads and validates the handover at root in mf
@@ -166,18 +245,28 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run,
 	if err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
-	if compat != abikho.Compatible {
-		return nil, nil, fmt.Errorf("root FDT at %#x: compatible %q, but this sentry reads only %q: %w", root, compat, abikho.Compatible, unix.EINVAL)
+	if compat != abikho.CompatibleV1 && compat != abikho.CompatibleV2 {
+		return nil, nil, fmt.Errorf("root FDT at %#x: compatible %q, but this sentry reads only %q: %w", root, compat, ReadFormats(), unix.EINVAL)
 	}
+	in.format = compat
 	memMap, err := tree.U64(abikho.PropPreservedMemoryMap)
 	if err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	if memMap == 0 {
-		return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (the map was not finalized): %w", root, abikho.PropPreservedMemoryMap, unix.EINVAL)
+		what := "the map was not finalized"
+		if compat == abikho.CompatibleV2 {
+			what = "no radix tree"
+		}
+		return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
 	}
 	in.mem = newMemTracker(mf.Pages())
-	if err := readMap(mf, memMap, &in.mem); err != nil {
+	if compat == abikho.CompatibleV1 {
+		err = readMap(mf, memMap, &in.mem)
+	} else {
+		err = readRadix(mf, memMap, &in.mem)
+	}
+	if err != nil {
 		return nil, nil, err
 	}
 	if !in.mem.test(root>>abikho.PageShift, 0) {
@@ -358,22 +447,30 @@ func (t *memTracker) appendRuns(out []pgalloc.Run, o int) []pgalloc.Run {
 				continue
 			}
 			first := base + uint64(w)*64
-			for word != 0 {
-				i := uint64(bits.TrailingZeros64(word))
-				ones := uint64(64 - i) // the run of ones from bit i
-				if rest := ^(word >> i); rest != 0 {
-					ones = uint64(bits.TrailingZeros64(rest))
-				}
-				pfn := (first + i) << o
+			i := uint64(0)
+			// Only a run that starts at bit 0 can continue the previous
+			// run (from the previous word or bitmap).
+			if word&1 != 0 {
+				ones := uint64(bits.TrailingZeros64(^word)) // 64 if all ones
+				pfn := first << o
 				if k := len(out); k > 0 && out[k-1].End() == pfn && int(out[k-1].Order) == o && uint64(out[k-1].Count)+ones <= math.MaxUint32 {
 					out[k-1].Count += uint32(ones)
 				} else {
 					out = append(out, pgalloc.Run{PFN: pfn, Count: uint32(ones), Order: uint8(o)})
 				}
-				if i+ones == 64 {
+				i = ones
+			}
+			for i < 64 {
+				rest := word >> i
+				if rest == 0 {
 					break
 				}
-				word &^= (1<<ones - 1) << i
+				i += uint64(bits.TrailingZeros64(rest))
+				// word>>i has i zero bits on top, so its complement
+				// has a zero below bit 64-i: ones <= 64-i.
+				ones := uint64(bits.TrailingZeros64(^(word >> i)))
+				out = append(out, pgalloc.Run{PFN: (first + i) << o, Count: uint32(ones), Order: uint8(o)})
+				i += ones
 			}
 		}
 	}

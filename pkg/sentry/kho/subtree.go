@@ -9,17 +9,33 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// writeRootLocked rewrites the outgoing root FDT page from k.out. Linux
+// subtreeProp returns the name of a subtree node's address property in the
+// format named by compat: fdt in kho-v1, preserved-data in kho-v2.
+func subtreeProp(compat string) string {
+	if compat == abikho.CompatibleV1 {
+		return abikho.PropSubFDT
+	}
+	return abikho.PropPreservedData
+}
+
+// writeRootLocked rewrites the outgoing root FDT page from k.out, in the
+// format k.out.format. If the FDT does not fit, it fails with ENOMEM and
+// leaves the page as it was. Linux
 // edits the page in place with libfdt; rebuilding one page is as cheap and
 // keeps the blob packed.
 //
-// Preconditions: k.mu is locked.
+// +checklocks:k.mu
 func (k *KHO) writeRootLocked() error {
 	root := &fdt.Node{}
-	root.SetString(abikho.PropCompatible, abikho.Compatible)
-	root.SetU64(abikho.PropPreservedMemoryMap, k.out.memMap)
+	root.SetString(abikho.PropCompatible, k.out.format)
+	memMap := k.out.v1Map
+	if k.out.format == abikho.CompatibleV2 {
+		memMap = k.out.tree.root.Addr()
+	}
+	root.SetU64(abikho.PropPreservedMemoryMap, memMap)
+	prop := subtreeProp(k.out.format)
 	for _, s := range k.out.subtrees {
-		root.AddChild(s.name).SetU64(abikho.PropSubFDT, s.addr)
+		root.AddChild(s.name).SetU64(prop, s.addr)
 	}
 	blob, err := fdt.Build(root)
 	if err != nil {
@@ -55,11 +71,9 @@ func (k *KHO) AddSubtree(name string, addr uint64) error {
 		}
 	}
 	k.out.subtrees = append(k.out.subtrees, subtree{name: name, addr: addr})
+	// A failed write leaves the page as it was.
 	if err := k.writeRootLocked(); err != nil {
 		k.out.subtrees = k.out.subtrees[:len(k.out.subtrees)-1]
-		if rerr := k.writeRootLocked(); rerr != nil {
-			panic(fmt.Sprintf("kho: rewriting a root FDT that fitted before: %v", rerr))
-		}
 		return fmt.Errorf("kho: adding subtree %q: %w", name, err)
 	}
 	return nil
@@ -83,7 +97,8 @@ func (k *KHO) RemoveSubtree(addr uint64) error {
 // RetrieveSubtree returns the address of the blob that the previous sentry
 // added under name. It fails with ENOENT after a cold boot or if the
 // incoming root has no such node, and with EINVAL for an empty name or if
-// the node's fdt property is missing or not 8 bytes. The caller validates
+// the node's address property (fdt in kho-v1, preserved-data in kho-v2) is
+// missing or not 8 bytes. The caller validates
 // and restores the blob itself. It mirrors kho_retrieve_subtree.
 func (k *KHO) RetrieveSubtree(name string) (uint64, error) {
 	if name == "" {
@@ -98,10 +113,11 @@ func (k *KHO) RetrieveSubtree(name string) (uint64, error) {
 	if n == nil {
 		return 0, fmt.Errorf("kho: retrieving subtree %q: no such node in the incoming root: %w", name, unix.ENOENT)
 	}
-	v, ok := n.Prop(abikho.PropSubFDT)
+	prop := subtreeProp(k.in.format)
+	v, ok := n.Prop(prop)
 	if !ok || len(v) != 8 {
-		return 0, fmt.Errorf("kho: retrieving subtree %q: property %q missing or not 8 bytes: %w", name, abikho.PropSubFDT, unix.EINVAL)
+		return 0, fmt.Errorf("kho: retrieving subtree %q: property %q missing or not 8 bytes: %w", name, prop, unix.EINVAL)
 	}
-	addr, _ := n.U64(abikho.PropSubFDT)
+	addr, _ := n.U64(prop)
 	return addr, nil
 }

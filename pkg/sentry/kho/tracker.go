@@ -15,18 +15,19 @@ const bitmapWords = abikho.PreserveBits / 64
 // longs on a little-endian machine.
 type bitmap [bitmapWords]uint64
 
-// memTracker is the tracker of preserved memory (struct kho_mem_track):
-// per order, sparse bitmaps of abikho.PreserveBits bits indexed by
-// (pfn >> order) / PreserveBits, allocated when their first bit is set. Linux
+// memTracker is the incoming side's record of preserved blocks (the v6.19
+// struct kho_mem_track layout): per order, sparse bitmaps of
+// abikho.PreserveBits bits indexed by (pfn >> order) / PreserveBits. Linux
 // keeps them in an xarray per order; the memory file's size is fixed, so a
 // slice of bitmap pointers per order (128 entries per 16 GiB at order 0)
 // does the same job with one index operation.
 //
-// The bitmaps live in the sentry's heap, not in the memory file: Finalize
-// copies them into memory-file pages. The incoming side keeps the bitmaps it
-// read in the same structure and uses them to find the order of a folio head
-// at restore (where Linux stamps page->private with KHO_PAGE_MAGIC and the
-// order) and to make restore one-shot (the bit is cleared).
+// Ingest fills it from what it read, kho-v1 bitmap pages or kho-v2 leaves
+// (a leaf is a kho-v1 bitmap, bit for bit), copied into the heap because
+// the pages are stale after Adopt. It gives a folio head's order at restore
+// (where Linux stamps page->private with KHO_PAGE_MAGIC and the order) and
+// makes restore one-shot (the bit is cleared). The outgoing side tracks
+// preserved memory in the radix tree instead (radixTree).
 type memTracker struct {
 	orders [pgalloc.MaxOrder + 1][]*bitmap
 }

@@ -152,21 +152,13 @@ func (k *KHO) PreserveVmalloc(v *Vmalloc) (abikho.Vmalloc, error) {
 		desc.Flags |= abikho.VmallocHugeVmap
 	}
 	var chunks []pgalloc.Folio
-	undo := func(blocks int) {
-		for _, f := range v.blocks[:blocks] {
-			k.out.mem.clear(f.PFN, f.Order)
-		}
-		for _, c := range chunks {
-			k.unpreserveFreeLocked(c)
-		}
-	}
 	var chunk []byte
 	slot := abikho.VmallocChunkSlots
 	for i, f := range v.blocks {
 		if slot == abikho.VmallocChunkSlots {
 			c, err := k.allocPreserveLocked(abikho.PageSize)
 			if err != nil {
-				undo(i)
+				k.undoPreserveVmallocLocked(v.blocks[:i], chunks)
 				return abikho.Vmalloc{}, fmt.Errorf("kho: allocating a vmalloc chunk page: %w", err)
 			}
 			if chunk == nil {
@@ -177,11 +169,27 @@ func (k *KHO) PreserveVmalloc(v *Vmalloc) (abikho.Vmalloc, error) {
 			chunks = append(chunks, c)
 			chunk, slot = k.mf.Bytes(c), 0
 		}
-		k.out.mem.set(f.PFN, f.Order)
+		if err := k.setLocked(f.PFN, f.Order); err != nil {
+			k.undoPreserveVmallocLocked(v.blocks[:i], chunks)
+			return abikho.Vmalloc{}, fmt.Errorf("kho: preserving vmalloc block %d: %w", i, err)
+		}
 		abikho.SetVmallocChunkPhys(chunk, slot, f.Addr())
 		slot++
 	}
 	return desc, nil
+}
+
+// undoPreserveVmallocLocked unpreserves blocks and unpreserves and frees
+// chunks, for a PreserveVmalloc that failed.
+//
+// +checklocks:k.mu
+func (k *KHO) undoPreserveVmallocLocked(blocks, chunks []pgalloc.Folio) {
+	for _, f := range blocks {
+		k.out.tree.clear(f.PFN, f.Order)
+	}
+	for _, c := range chunks {
+		k.unpreserveFreeLocked(c)
+	}
 }
 
 // walkVmalloc visits the chunk chain of desc: fn gets each chunk's address
@@ -253,14 +261,15 @@ func (k *KHO) UnpreserveVmalloc(desc abikho.Vmalloc) error {
 	}
 	order := int(desc.Order)
 	var chunks, blocks []pgalloc.Folio
+	t := &k.out.tree
 	err := walkVmalloc(k.mf, desc, func(c uint64, phys []uint64) error {
 		cf := pgalloc.Folio{PFN: c >> abikho.PageShift}
-		if got, _, ok := k.mf.Lookup(cf.PFN); !ok || got != cf || !k.out.mem.test(cf.PFN, 0) {
+		if got, _, ok := k.mf.Lookup(cf.PFN); !ok || got != cf || !t.test(cf.PFN, 0) {
 			return fmt.Errorf("vmalloc chunk at %#x: not a preserved, allocated page: %w", c, unix.ENOENT)
 		}
 		chunks = append(chunks, cf)
 		for _, p := range phys {
-			if p%abikho.PageSize != 0 || !k.out.mem.test(p>>abikho.PageShift, order) {
+			if p%abikho.PageSize != 0 || !t.test(p>>abikho.PageShift, order) {
 				return fmt.Errorf("vmalloc chunk at %#x: block at %#x is not preserved with order %d: %w", c, p, order, unix.ENOENT)
 			}
 			blocks = append(blocks, pgalloc.Folio{PFN: p >> abikho.PageShift, Order: order})
@@ -271,7 +280,7 @@ func (k *KHO) UnpreserveVmalloc(desc abikho.Vmalloc) error {
 		return fmt.Errorf("kho: unpreserving vmalloc: %w", err)
 	}
 	for _, b := range blocks {
-		k.out.mem.clear(b.PFN, b.Order)
+		t.clear(b.PFN, b.Order)
 	}
 	for _, c := range chunks {
 		k.unpreserveFreeLocked(c)
@@ -296,19 +305,12 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 	}
 	order := int(desc.Order)
 	var chunks, blocks []pgalloc.Folio
+	mem := &k.in.mem
 	// Bits are cleared as the walk goes, so that a block or chunk listed
 	// twice fails; on error they are set again.
-	undo := func() {
-		for _, f := range blocks {
-			k.in.mem.set(f.PFN, f.Order)
-		}
-		for _, f := range chunks {
-			k.in.mem.set(f.PFN, f.Order)
-		}
-	}
 	var count uint64
 	err := walkVmalloc(k.mf, desc, func(c uint64, phys []uint64) error {
-		if !k.in.mem.clear(c>>abikho.PageShift, 0) {
+		if !mem.clear(c>>abikho.PageShift, 0) {
 			return fmt.Errorf("vmalloc chunk at %#x: not a preserved order-0 page, or already restored: %w", c, unix.EINVAL)
 		}
 		chunks = append(chunks, pgalloc.Folio{PFN: c >> abikho.PageShift})
@@ -317,7 +319,7 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 				return fmt.Errorf("vmalloc chunk at %#x, slot %d: more pages than total_pages %d: %w", c, i, desc.TotalPages, unix.EINVAL)
 			}
 			pfn := p >> abikho.PageShift
-			if p%abikho.PageSize != 0 || pfn&(1<<order-1) != 0 || !k.in.mem.clear(pfn, order) {
+			if p%abikho.PageSize != 0 || pfn&(1<<order-1) != 0 || !mem.clear(pfn, order) {
 				return fmt.Errorf("vmalloc chunk at %#x, slot %d: block at %#x is not a preserved block of order %d, or already restored: %w", c, i, p, order, unix.EINVAL)
 			}
 			blocks = append(blocks, pgalloc.Folio{PFN: pfn, Order: order})
@@ -328,7 +330,9 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 		err = fmt.Errorf("kho_vmalloc at %#x: chunks list %d pages, total_pages is %d: %w", desc.First, count, desc.TotalPages, unix.EINVAL)
 	}
 	if err != nil {
-		undo()
+		for _, f := range append(blocks, chunks...) {
+			mem.set(f.PFN, f.Order)
+		}
 		return nil, fmt.Errorf("kho: restoring vmalloc: %w", err)
 	}
 	for _, c := range chunks {

@@ -62,69 +62,71 @@ func TestVmallocReadWrite(t *testing.T) {
 }
 
 func TestVmallocChunkBoundaries(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		pages  uint64
-		chunks int
-	}{
-		{"one page needs one chunk", 1, 1},
-		{"511 pages fill one chunk with no terminator", 511, 1},
-		{"512 pages need a second chunk", 512, 2},
-		{"1023 pages need three chunks", 1023, 3},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			k, mf := newKHO(t, 64<<20)
-			v, err := AllocVmalloc(mf, tc.pages*abikho.PageSize)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i := 0; i < int(tc.pages); i++ {
-				fill(v.Page(i), uint64(i))
-			}
-			desc, err := k.PreserveVmalloc(v)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if desc.TotalPages != uint32(tc.pages) || desc.Order != 0 || desc.Flags != abikho.VmallocAlloc {
-				t.Errorf("desc = %+v", desc)
-			}
-			chunks := 0
-			for c := desc.First; c != 0; c = abikho.VmallocChunkNext(page(t, mf, c)) {
-				chunks++
-			}
-			if chunks != tc.chunks {
-				t.Errorf("%d chunks, want %d", chunks, tc.chunks)
-			}
-			if err := k.Finalize(); err != nil {
-				t.Fatal(err)
-			}
-			mf2 := reopen(t, mf)
-			k2, err := Ingest(mf2, k.RootAddr())
-			if err != nil {
-				t.Fatal(err)
-			}
-			v2, err := k2.RestoreVmalloc(desc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if v2.Len() != tc.pages*abikho.PageSize {
-				t.Errorf("restored Len = %d", v2.Len())
-			}
-			for i := 0; i < int(tc.pages); i++ {
-				if !filled(v2.Page(i), uint64(i)) {
-					t.Fatalf("page %d changed", i)
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct {
+			name   string
+			pages  uint64
+			chunks int
+		}{
+			{"one page needs one chunk", 1, 1},
+			{"511 pages fill one chunk with no terminator", 511, 1},
+			{"512 pages need a second chunk", 512, 2},
+			{"1023 pages need three chunks", 1023, 3},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				k, mf := newKHO(t, 64<<20)
+				v, err := AllocVmalloc(mf, tc.pages*abikho.PageSize)
+				if err != nil {
+					t.Fatal(err)
 				}
-			}
-			// The chunk pages were consumed: only the area's pages and the new root remain restorable or allocated.
-			if n := k2.ReleaseUnrestored(); n != 0 {
-				t.Errorf("ReleaseUnrestored = %d pages, want 0", n)
-			}
-			v2.Free()
-			if st := mf2.Stats(); st.AllocatedPages != 1 {
-				t.Errorf("%d pages allocated after Free, want 1 (the new root)", st.AllocatedPages)
-			}
-		})
-	}
+				for i := 0; i < int(tc.pages); i++ {
+					fill(v.Page(i), uint64(i))
+				}
+				desc, err := k.PreserveVmalloc(v)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if desc.TotalPages != uint32(tc.pages) || desc.Order != 0 || desc.Flags != abikho.VmallocAlloc {
+					t.Errorf("desc = %+v", desc)
+				}
+				chunks := 0
+				for c := desc.First; c != 0; c = abikho.VmallocChunkNext(page(t, mf, c)) {
+					chunks++
+				}
+				if chunks != tc.chunks {
+					t.Errorf("%d chunks, want %d", chunks, tc.chunks)
+				}
+				if err := k.FinalizeFormat(format); err != nil {
+					t.Fatal(err)
+				}
+				mf2 := reopen(t, mf)
+				k2, err := Ingest(mf2, k.RootAddr())
+				if err != nil {
+					t.Fatal(err)
+				}
+				v2, err := k2.RestoreVmalloc(desc)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if v2.Len() != tc.pages*abikho.PageSize {
+					t.Errorf("restored Len = %d", v2.Len())
+				}
+				for i := 0; i < int(tc.pages); i++ {
+					if !filled(v2.Page(i), uint64(i)) {
+						t.Fatalf("page %d changed", i)
+					}
+				}
+				// The chunk pages were consumed: only the area's pages and the new root remain restorable or allocated.
+				if n := k2.ReleaseUnrestored(); n != 0 {
+					t.Errorf("ReleaseUnrestored = %d pages, want 0", n)
+				}
+				v2.Free()
+				if st := mf2.Stats(); st.AllocatedPages != 1 {
+					t.Errorf("%d pages allocated after Free, want 1 (the new root)", st.AllocatedPages)
+				}
+			})
+		}
+	})
 }
 
 func TestPreserveVmallocRollsBack(t *testing.T) {
@@ -165,60 +167,62 @@ func TestPreserveVmallocRollsBack(t *testing.T) {
 }
 
 func TestRestoreVmallocValidation(t *testing.T) {
-	for _, tc := range []struct {
-		name    string
-		corrupt func(d *abikho.Vmalloc, chunk []byte, slots []uint64)
-		msg     string
-	}{
-		{"more pages than total_pages fail", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.TotalPages-- }, "more pages than total_pages"},
-		{"fewer pages than total_pages fail", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.TotalPages++ }, "total_pages is 601"},
-		{"unknown flags fail", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.Flags |= 0x8 }, "unknown flags"},
-		{"an order above the maximum fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.Order = 11 }, "order 11"},
-		{"another order fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.Order = 1; d.TotalPages = 1200 }, "order 1"},
-		{"a zero first chunk fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.First = 0 }, "first is 0"},
-		{"a first chunk that is not preserved fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.First = 32 << 20 }, "vmalloc chunk at 0x2000000: not a preserved"},
-		{"a misaligned first chunk fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.First += 8 }, "page-aligned"},
-		{"a cycle in the chunk list fails", func(d *abikho.Vmalloc, chunk []byte, _ []uint64) {
-			abikho.SetVmallocChunkNext(chunk, d.First)
-		}, "loops back"},
-		{"a block listed twice fails", func(_ *abikho.Vmalloc, chunk []byte, slots []uint64) {
-			abikho.SetVmallocChunkPhys(chunk, 1, slots[0])
-		}, "already restored"},
-		{"a misaligned block fails", func(_ *abikho.Vmalloc, chunk []byte, slots []uint64) {
-			abikho.SetVmallocChunkPhys(chunk, 1, slots[1]+1)
-		}, "slot 1"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			k, mf := newKHO(t, 64<<20)
-			v, err := AllocVmalloc(mf, 600*abikho.PageSize)
-			if err != nil {
-				t.Fatal(err)
-			}
-			desc, err := k.PreserveVmalloc(v)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := k.Finalize(); err != nil {
-				t.Fatal(err)
-			}
-			chunk := page(t, mf, desc.First)
-			orig := bytes.Clone(chunk)
-			slots := []uint64{abikho.VmallocChunkPhys(chunk, 0), abikho.VmallocChunkPhys(chunk, 1)}
-			bad := desc
-			tc.corrupt(&bad, chunk, slots)
-			k2, err := Ingest(reopen(t, mf), k.RootAddr())
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, err = k2.RestoreVmalloc(bad)
-			if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), tc.msg) {
-				t.Fatalf("RestoreVmalloc = %v, want EINVAL mentioning %q", err, tc.msg)
-			}
-			// Nothing was consumed: the real descriptor still restores.
-			copy(chunk, orig)
-			if _, err := k2.RestoreVmalloc(desc); err != nil {
-				t.Errorf("RestoreVmalloc after a failed one: %v", err)
-			}
-		})
-	}
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct {
+			name    string
+			corrupt func(d *abikho.Vmalloc, chunk []byte, slots []uint64)
+			msg     string
+		}{
+			{"more pages than total_pages fail", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.TotalPages-- }, "more pages than total_pages"},
+			{"fewer pages than total_pages fail", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.TotalPages++ }, "total_pages is 601"},
+			{"unknown flags fail", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.Flags |= 0x8 }, "unknown flags"},
+			{"an order above the maximum fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.Order = 11 }, "order 11"},
+			{"another order fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.Order = 1; d.TotalPages = 1200 }, "order 1"},
+			{"a zero first chunk fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.First = 0 }, "first is 0"},
+			{"a first chunk that is not preserved fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.First = 32 << 20 }, "vmalloc chunk at 0x2000000: not a preserved"},
+			{"a misaligned first chunk fails", func(d *abikho.Vmalloc, _ []byte, _ []uint64) { d.First += 8 }, "page-aligned"},
+			{"a cycle in the chunk list fails", func(d *abikho.Vmalloc, chunk []byte, _ []uint64) {
+				abikho.SetVmallocChunkNext(chunk, d.First)
+			}, "loops back"},
+			{"a block listed twice fails", func(_ *abikho.Vmalloc, chunk []byte, slots []uint64) {
+				abikho.SetVmallocChunkPhys(chunk, 1, slots[0])
+			}, "already restored"},
+			{"a misaligned block fails", func(_ *abikho.Vmalloc, chunk []byte, slots []uint64) {
+				abikho.SetVmallocChunkPhys(chunk, 1, slots[1]+1)
+			}, "slot 1"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				k, mf := newKHO(t, 64<<20)
+				v, err := AllocVmalloc(mf, 600*abikho.PageSize)
+				if err != nil {
+					t.Fatal(err)
+				}
+				desc, err := k.PreserveVmalloc(v)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := k.FinalizeFormat(format); err != nil {
+					t.Fatal(err)
+				}
+				chunk := page(t, mf, desc.First)
+				orig := bytes.Clone(chunk)
+				slots := []uint64{abikho.VmallocChunkPhys(chunk, 0), abikho.VmallocChunkPhys(chunk, 1)}
+				bad := desc
+				tc.corrupt(&bad, chunk, slots)
+				k2, err := Ingest(reopen(t, mf), k.RootAddr())
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err = k2.RestoreVmalloc(bad)
+				if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), tc.msg) {
+					t.Fatalf("RestoreVmalloc = %v, want EINVAL mentioning %q", err, tc.msg)
+				}
+				// Nothing was consumed: the real descriptor still restores.
+				copy(chunk, orig)
+				if _, err := k2.RestoreVmalloc(desc); err != nil {
+					t.Errorf("RestoreVmalloc after a failed one: %v", err)
+				}
+			})
+		}
+	})
 }

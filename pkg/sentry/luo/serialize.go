@@ -517,3 +517,23 @@ func (in *incomingState) readFiles(i uint64, name string, ss abiluo.SessionSer) 
 	}
 	return files, nil
 }
+
+// Written returns the compatible strings of what the last successful
+// serialization wrote: the LUO FDT, its session node, and the format of
+// every file, each once. It is nil when LUO is not serialized.
+func (l *LUO) Written() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.serialized == nil {
+		return nil
+	}
+	out := []string{abiluo.FDTCompatible, abiluo.FDTSessionCompatible}
+	for _, hs := range l.serialized.plan {
+		for _, h := range hs {
+			if !contains(out, h.Compatible) {
+				out = append(out, h.Compatible)
+			}
+		}
+	}
+	return out
+}

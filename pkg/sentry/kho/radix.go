@@ -1,0 +1,197 @@
+package kho
+
+import (
+	"fmt"
+	"math/bits"
+
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
+)
+
+// radixTree is the outgoing tracker of preserved memory: the kho-v2 radix
+// tree (struct kho_radix_tree, kho_radix_add_page/del_page in
+// kernel/liveupdate/kexec_handover.c at torvalds/linux 3f2ad900), kept in
+// ordinary, allocated, unpreserved pages of the memory file and current at
+// every preserve and unpreserve, so that a kho-v2 handover has nothing to
+// write: the next sentry reads the tree in place from its root. Like
+// Linux, the node pages are not in the preserved set themselves: the next
+// sentry reads them before it adopts, and then they are stale.
+//
+// Besides the pages, the tree keeps in the heap a view of every leaf
+// indexed by (order, bitmap index), the same index as a kho-v1 bitmap
+// (a leaf covers exactly the blocks of one kho-v1 bitmap page). Set, clear
+// and test go straight to the leaf; only a block whose leaf does not exist
+// yet walks the tables from the root, allocating the missing nodes. Like
+// Linux, nodes are never freed while the tree lives, even when empty.
+//
+// A radixTree is not safe for concurrent use (KHO.mu guards it).
+type radixTree struct {
+	mf *pgalloc.MemoryFile
+	// root is the level-5 kho_radix_node; the zero Folio until the tree
+	// is first needed.
+	root pgalloc.Folio
+	// nodes is every page of the tree, root first.
+	nodes []pgalloc.Folio
+	// leaves[o][idx] is the leaf of the order-o blocks whose pfn>>o lies in
+	// [idx*RadixLeafBits, (idx+1)*RadixLeafBits): a view of its page in the
+	// memory file, nil if the leaf does not exist.
+	leaves [pgalloc.MaxOrder + 1][][]byte
+}
+
+func newRadixTree(mf *pgalloc.MemoryFile) radixTree {
+	t := radixTree{mf: mf}
+	for o := range t.leaves {
+		t.leaves[o] = make([][]byte, (mf.Pages()>>o)/abikho.RadixLeafBits+1)
+	}
+	return t
+}
+
+// locateLeaf returns the leaf index and bit of the block (pfn, order): the
+// low RadixBitmapSizeLog2 bits of its key and the rest of pfn>>order.
+func locateLeaf(pfn uint64, order int) (idx uint64, bit int) {
+	hi := pfn >> order
+	return hi / abikho.RadixLeafBits, int(hi % abikho.RadixLeafBits)
+}
+
+// allocNode returns a new zeroed page for the tree.
+func (t *radixTree) allocNode() (pgalloc.Folio, error) {
+	f, err := t.mf.Allocate(0)
+	if err != nil {
+		return pgalloc.Folio{}, fmt.Errorf("kho: allocating a page of the kho-v2 radix tree: %w", err)
+	}
+	return f, nil
+}
+
+// init allocates the root node if the tree has none.
+func (t *radixTree) init() error {
+	if t.root != (pgalloc.Folio{}) {
+		return nil
+	}
+	f, err := t.allocNode()
+	if err != nil {
+		return err
+	}
+	t.root = f
+	t.nodes = append(t.nodes, f)
+	return nil
+}
+
+// leafFor returns the leaf of (pfn, order), creating it and the nodes above
+// it if create is set (the first half of kho_radix_add_page). On an
+// allocation failure it frees the nodes it made and unlinks them, like
+// Linux's err_free_nodes.
+//
+// Preconditions:
+//   - (pfn, order) lies inside the file; the root exists if create is set.
+func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, error) {
+	idx, bit := locateLeaf(pfn, order)
+	if l := t.leaves[order][idx]; l != nil || !create {
+		return l, bit, nil
+	}
+	key := abikho.RadixEncodeKey(pfn<<abikho.PageShift, order)
+	node := t.mf.Bytes(t.root)
+	var made []pgalloc.Folio
+	var anchor []byte
+	anchorIdx := 0
+	for level := abikho.RadixTreeMaxDepth - 1; level > 0; level-- {
+		i := abikho.RadixTableIndex(key, level)
+		if e := abikho.RadixNodeEntry(node, i); e != 0 {
+			node = t.mf.Bytes(pgalloc.Folio{PFN: e >> abikho.PageShift})
+			continue
+		}
+		f, err := t.allocNode()
+		if err != nil {
+			if anchor != nil {
+				abikho.SetRadixNodeEntry(anchor, anchorIdx, 0)
+			}
+			for _, m := range made {
+				t.mf.DecRef(m)
+			}
+			return nil, 0, err
+		}
+		abikho.SetRadixNodeEntry(node, i, f.Addr())
+		if anchor == nil {
+			anchor, anchorIdx = node, i
+		}
+		made = append(made, f)
+		node = t.mf.Bytes(f)
+	}
+	t.nodes = append(t.nodes, made...)
+	t.leaves[order][idx] = node
+	return node, bit, nil
+}
+
+// set marks (pfn, order) preserved (kho_radix_add_page). It fails only
+// when a node page cannot be allocated, and then changes nothing.
+//
+// Preconditions:
+//   - (pfn, order) lies inside the file.
+func (t *radixTree) set(pfn uint64, order int) error {
+	if err := t.init(); err != nil {
+		return err
+	}
+	l, bit, err := t.leafFor(pfn, order, true)
+	if err != nil {
+		return err
+	}
+	abikho.LeafSet(l, bit)
+	return nil
+}
+
+// clear unmarks (pfn, order) (kho_radix_del_page) and reports whether it was
+// marked.
+func (t *radixTree) clear(pfn uint64, order int) bool {
+	l, bit := t.leaf(pfn, order)
+	if l == nil || !abikho.LeafTest(l, bit) {
+		return false
+	}
+	abikho.LeafClear(l, bit)
+	return true
+}
+
+// test reports whether (pfn, order) is marked.
+func (t *radixTree) test(pfn uint64, order int) bool {
+	l, bit := t.leaf(pfn, order)
+	return l != nil && abikho.LeafTest(l, bit)
+}
+
+// leaf returns the existing leaf of (pfn, order) and the block's bit, or a
+// nil leaf.
+func (t *radixTree) leaf(pfn uint64, order int) ([]byte, int) {
+	idx, bit := locateLeaf(pfn, order)
+	if order < 0 || order >= len(t.leaves) || idx >= uint64(len(t.leaves[order])) {
+		return nil, 0
+	}
+	return t.leaves[order][idx], bit
+}
+
+// forEach calls fn for every marked block, order by order and in address
+// order within an order (kho_radix_walk_tree visits the same set).
+func (t *radixTree) forEach(fn func(pfn uint64, order int)) {
+	for o, ls := range t.leaves {
+		for idx, l := range ls {
+			if l == nil {
+				continue
+			}
+			base := uint64(idx) * abikho.RadixLeafBits
+			for i, c := range l {
+				for c != 0 {
+					b := uint64(bits.TrailingZeros8(c))
+					c &= c - 1
+					fn((base+uint64(i)*8+b)<<o, o)
+				}
+			}
+		}
+	}
+}
+
+// free drops every node page. The tree must not be used afterwards.
+func (t *radixTree) free() {
+	for _, f := range t.nodes {
+		t.mf.DecRef(f)
+	}
+	*t = radixTree{}
+}
+
+// zeroPage is a page of zeros, to compare with.
+var zeroPage [abikho.PageSize]byte

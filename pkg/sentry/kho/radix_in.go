@@ -1,0 +1,120 @@
+package kho
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"golang.org/x/sys/unix"
+)
+
+// radixReader walks an incoming kho-v2 tree (kho_mem_retrieve and
+// kho_radix_walk_tree) and checks every field as it goes: each node page
+// non-zero, page-aligned, inside the file and seen once (no cycle, no node
+// shared by two parents, no page both a table and a leaf); each table entry
+// covering keys that some block of order 0 to pgalloc.MaxOrder inside the
+// file encodes to; each leaf bit a block that ends inside the file and is
+// not PFN 0. Pruning entries by key range bounds the walk by the number of
+// leaves a file of this size can need, whatever the tree holds.
+type radixReader struct {
+	mf    *pgalloc.MemoryFile
+	pages uint64
+	t     *memTracker
+	// nodes is every node page visited, by address.
+	nodes map[uint64]struct{}
+	page  [abikho.PageSize]byte
+}
+
+// readRadix loads every block of the tree rooted at the byte address root
+// into t, and checks that no page of the tree lies inside a preserved
+// block.
+func readRadix(mf *pgalloc.MemoryFile, root uint64, t *memTracker) error {
+	r := &radixReader{mf: mf, pages: mf.Pages(), t: t, nodes: make(map[uint64]struct{})}
+	if err := r.node(root, abikho.RadixTreeMaxDepth-1, 0, abikho.PropPreservedMemoryMap); err != nil {
+		return err
+	}
+	for addr := range r.nodes {
+		pfn := addr >> abikho.PageShift
+		for o := 0; o <= pgalloc.MaxOrder; o++ {
+			if head := pfn &^ (1<<o - 1); t.test(head, o) {
+				return fmt.Errorf("radix tree node at %#x lies inside the preserved order-%d block at pfn %#x: %w", addr, o, head, unix.EINVAL)
+			}
+		}
+	}
+	return nil
+}
+
+// keysValid reports whether some key in [lo, lo+n) is the key of a block of
+// order 0 to pgalloc.MaxOrder that lies inside the file.
+func (r *radixReader) keysValid(lo, n uint64) bool {
+	for o := 0; o <= pgalloc.MaxOrder; o++ {
+		base := uint64(1) << (abikho.RadixOrder0Log2 - o)
+		blocks := r.pages >> o // blocks of order o that end inside the file
+		if blocks > 0 && lo < base+blocks && base < lo+n {
+			return true
+		}
+	}
+	return false
+}
+
+// node reads the node at addr, at level (RadixTreeMaxDepth-1 for the root,
+// 0 for a leaf), whose keys start at prefix; from says where addr came
+// from, for errors.
+func (r *radixReader) node(addr uint64, level int, prefix uint64, from string) error {
+	if _, ok := r.nodes[addr]; ok {
+		return fmt.Errorf("radix tree level-%d node at %#x (%s): page already in the tree (a cycle or a shared node): %w", level, addr, from, unix.EINVAL)
+	}
+	if err := readPage(r.mf, addr, r.page[:]); err != nil {
+		return fmt.Errorf("radix tree level-%d node (%s): %w", level, from, err)
+	}
+	r.nodes[addr] = struct{}{}
+	if level == 0 {
+		return r.leaf(addr, prefix, from)
+	}
+	// Copy the table: r.page is reused by the levels below.
+	var table [abikho.RadixTableEntries]uint64
+	for i := range table {
+		table[i] = abikho.RadixNodeEntry(r.page[:], i)
+	}
+	shift := abikho.RadixTableShift(level)
+	for i, e := range table {
+		if e == 0 {
+			continue
+		}
+		key := prefix | uint64(i)<<shift
+		if !r.keysValid(key, 1<<shift) {
+			return fmt.Errorf("radix tree level-%d node at %#x, entry %d: keys [%#x, +%#x) hold no block of order 0 to %d inside the %d-page memory file: %w", level, addr, i, key, uint64(1)<<shift, pgalloc.MaxOrder, r.pages, unix.EINVAL)
+		}
+		if err := r.node(e, level-1, key, fmt.Sprintf("entry %d of level-%d node %#x", i, level, addr)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// leaf loads the leaf in r.page, read from addr, whose first key is key.
+func (r *radixReader) leaf(addr, key uint64, from string) error {
+	// node checked that the leaf's keys hold a valid block, so the order
+	// bit is above the leaf's bits and decodes to an order in range.
+	pa, order, ok := abikho.RadixDecodeKey(key)
+	if !ok || order > pgalloc.MaxOrder {
+		return fmt.Errorf("radix tree leaf at %#x (%s): key %#x has no valid order: %w", addr, from, key, unix.EINVAL)
+	}
+	start := pa >> abikho.PageShift // pfn of bit 0
+	idx := (start >> order) / abikho.RadixLeafBits
+	b := new(bitmap)
+	for w := range b {
+		b[w] = binary.LittleEndian.Uint64(r.page[8*w:])
+	}
+	if valid := r.pages>>order - start>>order; valid < abikho.RadixLeafBits {
+		if bit, ok := firstSetFrom(b, valid); ok {
+			return fmt.Errorf("radix tree leaf at %#x (%s): bit %d preserves the order-%d block at pfn %#x, which ends beyond the %d-page memory file: %w", addr, from, bit, order, start+bit<<order, r.pages, unix.EINVAL)
+		}
+	}
+	if start == 0 && b[0]&1 != 0 {
+		return fmt.Errorf("radix tree leaf at %#x (%s): bit 0 preserves pfn 0, which is reserved: %w", addr, from, unix.EINVAL)
+	}
+	r.t.orders[order][idx] = b
+	return nil
+}
