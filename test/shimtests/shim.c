@@ -5,6 +5,8 @@
 #define _GNU_SOURCE
 #include <linux/close_range.h>
 #include <pthread.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 
 #include "../selftests/lu.h"
 #include "../selftests/tap.h"
@@ -208,6 +210,46 @@ TEST(dup2_onto_a_placeholder)
 	int e = fcntl(m, F_DUPFD_CLOEXEC, 200);
 	ASSERT_GE(e, 200);
 	ASSERT_TRUE(lu_memfd_holds(e, "source"));
+}
+
+/* fstat reaches the sentry through each of glibc's entry points, and
+ * readv/writev move a vector in one call. */
+TEST(stat_forms_and_vectors)
+{
+	int m = memfd_create("vec", MFD_ALLOW_SEALING);
+	ASSERT_GE(m, 0);
+	struct iovec out[3] = {{"abc", 3}, {"", 0}, {"defgh", 5}};
+	ASSERT_EQ(writev(m, out, 3), 8);
+	struct stat a, b;
+	ASSERT_EQ(fstat(m, &a), 0);
+	ASSERT_EQ(a.st_size, 8);
+	ASSERT_TRUE(S_ISREG(a.st_mode));
+	ASSERT_EQ(fstatat(m, "", &b, AT_EMPTY_PATH), 0);
+	ASSERT_EQ(b.st_ino, a.st_ino);
+	struct statx sx;
+	ASSERT_EQ(statx(m, "", AT_EMPTY_PATH, STATX_SIZE, &sx), 0);
+	ASSERT_EQ(sx.stx_size, 8);
+	ASSERT_EQ(sx.stx_ino, a.st_ino);
+	char x[2], y[6];
+	struct iovec in[2] = {{x, 2}, {y, 6}};
+	ASSERT_EQ(lseek(m, 0, SEEK_SET), 0);
+	ASSERT_EQ(readv(m, in, 2), 8);
+	ASSERT_MEMEQ(x, "ab", 2);
+	ASSERT_MEMEQ(y, "cdefgh", 6);
+	/* Seals: a write-sealed file's shared mapping cannot become
+	 * writable. */
+	ASSERT_EQ(ftruncate(m, 4096), 0);
+	ASSERT_EQ(fcntl(m, F_ADD_SEALS, F_SEAL_WRITE), 0);
+	ASSERT_EQ(fcntl(m, F_GET_SEALS), F_SEAL_WRITE);
+	void *p = mmap(NULL, 4096, PROT_READ, MAP_SHARED, m, 0);
+	ASSERT_TRUE(p != MAP_FAILED);
+	errno = 0;
+	ASSERT_EQ(mprotect(p, 4096, PROT_READ | PROT_WRITE), -1);
+	ASSERT_EQ(errno, EACCES);
+	errno = 0;
+	ASSERT_TRUE(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0) == MAP_FAILED);
+	ASSERT_EQ(errno, EPERM);
+	ASSERT_EQ(munmap(p, 4096), 0);
 }
 
 enum { THREADS = 8, ROUNDS = 200 };
