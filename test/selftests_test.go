@@ -26,7 +26,10 @@ func compileC(t *testing.T, src string, extra ...string) string {
 	t.Helper()
 	gcc, err := exec.LookPath("gcc")
 	if err != nil {
-		t.Fatalf("the C selftests need gcc: %v", err)
+		if os.Getenv("CI") != "" {
+			t.Fatalf("the C tests need gcc, which .ci/run installs: %v", err)
+		}
+		t.Skipf("gcc not installed (apt-get install gcc); .ci/run installs it: %v", err)
 	}
 	out := filepath.Join(binDir, strings.TrimSuffix(filepath.Base(src), ".c"))
 	if _, err := os.Stat(out); err == nil {

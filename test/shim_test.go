@@ -2,6 +2,7 @@ package test
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -75,6 +76,21 @@ func TestShimChoiceCrossesARestart(t *testing.T) {
 			}
 			c.must("delete", "--force", id)
 		})
+	}
+}
+
+// Without a C compiler to build the shim, the entrypoint starts without it
+// and its stderr says so.
+func TestShimWithoutACompilerTheEntrypointRunsWithoutIt(t *testing.T) {
+	c := newCLI(t)
+	run := exec.Command(runsc, "--root="+c.root, "run", "--memory=64M", "nocc", "--", "/bin/sh", "-c", `echo "preload=[$LD_PRELOAD]"`)
+	run.Env = append(os.Environ(), "PATH="+t.TempDir(), "LIVESENTRY_SHIM_CACHE="+t.TempDir())
+	out, err := run.CombinedOutput()
+	if err != nil {
+		t.Fatalf("run without a compiler: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "runs without the libc shim: building the livesentry libc shim: no C compiler") || !strings.Contains(string(out), "preload=[]") {
+		t.Errorf("output:\n%s", out)
 	}
 }
 

@@ -1,6 +1,7 @@
 package boot
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,7 +30,8 @@ type guestProc struct {
 
 // launch starts a guest program with the guest socket in its environment
 // and, with withShim, the libc shim preloaded (which a static program, such
-// as a Go guest, simply does not load).
+// as a Go guest, simply does not load). Without a C compiler to build the
+// shim, the program starts without it and a warning goes to its stderr.
 func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim bool) (*guestProc, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no program given")
@@ -40,10 +42,22 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim b
 		abiguest.EnvLiveupdateNumber+"="+strconv.FormatUint(s.k.LUO().LiveupdateNumber(), 10))
 	if withShim {
 		lib, err := shim.Path()
-		if err != nil {
+		switch {
+		case errors.Is(err, shim.ErrNoCompiler):
+			// A program that speaks the guest protocol itself (a Go
+			// guest) runs as well without; one that relies on the
+			// shim finds no /dev/liveupdate, and its stderr says
+			// why.
+			msg := fmt.Sprintf("runsc-luo: %q runs without the libc shim: %v\n", argv[0], err)
+			log.Warningf("%s", msg)
+			if stdio[2] != nil {
+				stdio[2].WriteString(msg)
+			}
+		case err != nil:
 			return nil, fmt.Errorf("starting %q under the libc shim: %w", argv[0], err)
+		default:
+			cmd.Env = withPreload(cmd.Env, lib)
 		}
-		cmd.Env = withPreload(cmd.Env, lib)
 	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
 	// A guest must not die with the CLI's terminal session.
