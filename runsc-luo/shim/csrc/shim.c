@@ -999,9 +999,9 @@ int statx(int dirfd, const char *path, int flags, unsigned int mask, struct stat
 
 // ---- fcntl, dup, close ----
 
-// dup_locked duplicates placeholder ph (sentry fd sfd) onto host fd hostfd
-// (a fresh host dup already made), with FD_CLOEXEC as cloexec says. It
-// returns hostfd or -errno; on failure hostfd is closed.
+// dup_onto_locked makes host fd hostfd (a fresh host dup of a placeholder)
+// the placeholder of a sentry dup of sfd, with FD_CLOEXEC as cloexec says.
+// It returns hostfd or -errno; on failure hostfd is closed.
 static int dup_onto_locked(int sfd, int hostfd, int cloexec)
 {
 	long nsfd = simple_locked(OP_FCNTL, sfd, cloexec ? F_DUPFD_CLOEXEC : F_DUPFD, 0, 0);
@@ -1055,8 +1055,6 @@ static int do_fcntl(int fd, int cmd, long arg, int (*real)(int, int, ...))
 			r = -errno;
 			break;
 		}
-		if (h == conn)
-			(void)move_conn_locked(h);
 		r = dup_onto_locked(sfd, h, cmd == F_DUPFD_CLOEXEC);
 		break;
 	}
