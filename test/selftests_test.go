@@ -24,6 +24,12 @@ import (
 // binDir and returns its path.
 func compileC(t *testing.T, src string, extra ...string) string {
 	t.Helper()
+	return compileCAs(t, src, strings.TrimSuffix(filepath.Base(src), ".c"), extra...)
+}
+
+// compileCAs is compileC into binDir/name.
+func compileCAs(t *testing.T, src, name string, extra ...string) string {
+	t.Helper()
 	gcc, err := exec.LookPath("gcc")
 	if err != nil {
 		if os.Getenv("CI") != "" {
@@ -31,11 +37,11 @@ func compileC(t *testing.T, src string, extra ...string) string {
 		}
 		t.Skipf("gcc not installed (apt-get install gcc); .ci/run installs it: %v", err)
 	}
-	out := filepath.Join(binDir, strings.TrimSuffix(filepath.Base(src), ".c"))
+	out := filepath.Join(binDir, name)
 	if _, err := os.Stat(out); err == nil {
 		return out
 	}
-	args := append([]string{"-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", out, src}, extra...)
+	args := append([]string{"-O2", "-Wall", "-Wextra", "-Werror", "-o", out, src}, extra...)
 	if b, err := exec.Command(gcc, args...).CombinedOutput(); err != nil {
 		t.Fatalf("gcc %s: %v\n%s", src, err, b)
 	}

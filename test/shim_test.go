@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +21,19 @@ func TestShimRunsPlainCPrograms(t *testing.T) {
 	c := newCLI(t)
 	t.Run("as the entrypoint", func(t *testing.T) {
 		out, errOut, code := c.run("run", "--memory=128M", "shim-entry", "--", prog)
+		if code != 0 {
+			t.Errorf("exit %d; stderr: %s", code, errOut)
+		}
+		checkTAP(t, out)
+	})
+	t.Run("built with _FORTIFY_SOURCE", func(t *testing.T) {
+		// As distributions build programs: pread goes through
+		// __pread_chk.
+		fortified := compileCAs(t, "shimtests/shim.c", "shim_fortified", "-D_FORTIFY_SOURCE=2", "-lpthread")
+		if b, err := exec.Command("nm", "-D", fortified).Output(); err != nil || !bytes.Contains(b, []byte("__pread_chk")) {
+			t.Fatalf("%s does not call __pread_chk (nm: %v): the case would test nothing", fortified, err)
+		}
+		out, errOut, code := c.run("run", "--memory=128M", "shim-fortified", "--", fortified)
 		if code != 0 {
 			t.Errorf("exit %d; stderr: %s", code, errOut)
 		}

@@ -540,6 +540,9 @@ DECLARE_REAL(ssize_t, pread, int, void *, size_t, off_t)
 DECLARE_REAL(ssize_t, pread64, int, void *, size_t, off_t)
 DECLARE_REAL(ssize_t, pwrite, int, const void *, size_t, off_t)
 DECLARE_REAL(ssize_t, pwrite64, int, const void *, size_t, off_t)
+DECLARE_REAL(ssize_t, __read_chk, int, void *, size_t, size_t)
+DECLARE_REAL(ssize_t, __pread_chk, int, void *, size_t, off_t, size_t)
+DECLARE_REAL(ssize_t, __pread64_chk, int, void *, size_t, off_t, size_t)
 DECLARE_REAL(ssize_t, readv, int, const struct iovec *, int)
 DECLARE_REAL(ssize_t, writev, int, const struct iovec *, int)
 DECLARE_REAL(off_t, lseek, int, off_t, int)
@@ -775,6 +778,30 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off)
 	if (sentry_fd(fd) < 0)
 		return REAL(pwrite64)(fd, buf, count, off);
 	return do_pwrite(fd, buf, count, off);
+}
+
+// The _FORTIFY_SOURCE forms: past the buffer, libc's own aborts before it
+// reads anything.
+ssize_t __read_chk(int fd, void *buf, size_t count, size_t buflen)
+{
+	if (count > buflen || sentry_fd(fd) < 0)
+		return REAL(__read_chk)(fd, buf, count, buflen);
+	struct iovec v = {.iov_base = buf, .iov_len = count};
+	return do_read(fd, &v, 1, -1);
+}
+
+ssize_t __pread_chk(int fd, void *buf, size_t count, off_t off, size_t buflen)
+{
+	if (count > buflen || sentry_fd(fd) < 0)
+		return REAL(__pread_chk)(fd, buf, count, off, buflen);
+	return do_pread(fd, buf, count, off);
+}
+
+ssize_t __pread64_chk(int fd, void *buf, size_t count, off_t off, size_t buflen)
+{
+	if (count > buflen || sentry_fd(fd) < 0)
+		return REAL(__pread64_chk)(fd, buf, count, off, buflen);
+	return do_pread(fd, buf, count, off);
 }
 
 ssize_t readv(int fd, const struct iovec *iov, int n)
