@@ -39,11 +39,18 @@ func TestARestartBeforeTheGuestRetrievedIsRefused(t *testing.T) {
 }
 
 // Of two restarts started at once, exactly one proceeds; the other is
-// refused with the rollback exit status, and the guest's data survives.
+// refused with the rollback exit status (the sandbox is restarting, or,
+// once the first is done, its incoming sessions are not retrieved yet),
+// and the guest's data survives.
 func TestOfTwoConcurrentRestartsExactlyOneProceeds(t *testing.T) {
 	c := newCLI(t)
 	const id = "twice"
-	c.must(append([]string{"run", "--detach", "--memory=64M", id, "--"}, guestArgs("4M", 9, true)...)...)
+	// The relaunched entrypoint retrieves only once told to (a file
+	// appears): until then a second restart would drop its sessions.
+	goFile := filepath.Join(c.root, "go")
+	entry := "if [ \"$LIVESENTRY_LIVEUPDATE_NUMBER\" = 0 ]; then exec " + strings.Join(guestArgs("4M", 9, false), " ") +
+		"; else while [ ! -e " + goFile + " ]; do sleep 0.02; done; exec " + strings.Join(guestArgs("4M", 9, false), " ") + "; fi"
+	c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", entry)
 	c.waitEvent(id, "preserved", 0, 30*time.Second)
 	var wg sync.WaitGroup
 	codes := make([]int, 2)
@@ -52,7 +59,7 @@ func TestOfTwoConcurrentRestartsExactlyOneProceeds(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cmd := exec.Command(runsc, "--root="+c.root, "restart", id)
+			cmd := exec.Command(runsc, "--root="+c.root, "restart", "--timeout=30s", id)
 			b, err := cmd.CombinedOutput()
 			outs[i] = string(b)
 			if ee, ok := err.(*exec.ExitError); ok {
@@ -65,6 +72,7 @@ func TestOfTwoConcurrentRestartsExactlyOneProceeds(t *testing.T) {
 		t.Fatalf("exit statuses %v, want one 0 and one 3:\n%s\n%s", codes, outs[0], outs[1])
 	}
 	// The guest of generation 1 verifies every byte.
+	os.WriteFile(goFile, nil, 0o600)
 	c.waitEvent(id, "verified", 1, 30*time.Second)
 	c.must("kill", id)
 }

@@ -65,6 +65,8 @@ const DefaultRestartTimeout = 10 * time.Second
 type ExecArgs struct {
 	Argv []string `json:"argv"`
 	Env  []string `json:"env"`
+	// NoShim starts the program without the libc shim.
+	NoShim bool `json:"no_shim,omitempty"`
 	urpc.FilePayload
 }
 
@@ -179,7 +181,7 @@ func (c *controller) Exec(a *ExecArgs, out *PIDResult) error {
 	copy(stdio[:], a.Files)
 	// urpc closes the received files after the call; the child has its
 	// own copies by then.
-	p, err := c.s.launch(a.Argv, a.Env, stdio, false)
+	p, err := c.s.launch(a.Argv, a.Env, stdio, false, !a.NoShim)
 	if err != nil {
 		return err
 	}

@@ -1,15 +1,18 @@
 package boot
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/shim"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/log"
 )
@@ -26,8 +29,11 @@ type guestProc struct {
 	res  WaitResult
 }
 
-// launch starts a guest program with the guest socket in its environment.
-func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*guestProc, error) {
+// launch starts a guest program with the guest socket in its environment
+// and, with withShim, the libc shim preloaded (which a static program, such
+// as a Go guest, simply does not load). Without a C compiler to build the
+// shim, the program starts without it and a warning goes to its stderr.
+func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim bool) (*guestProc, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no program given")
 	}
@@ -35,6 +41,25 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*gue
 	cmd.Env = append(append(os.Environ(), env...),
 		abiguest.EnvSocket+"="+sandbox.GuestPath(s.cfg.Root, s.cfg.ID),
 		abiguest.EnvLiveupdateNumber+"="+strconv.FormatUint(s.k.LUO().LiveupdateNumber(), 10))
+	if withShim {
+		lib, err := shim.Path()
+		switch {
+		case errors.Is(err, shim.ErrNoCompiler):
+			// A program that speaks the guest protocol itself (a Go
+			// guest) runs as well without; one that relies on the
+			// shim finds no /dev/liveupdate, and its stderr says
+			// why.
+			msg := fmt.Sprintf("runsc-luo: %q runs without the libc shim: %v\n", argv[0], err)
+			log.Warningf("%s", msg)
+			if stdio[2] != nil {
+				stdio[2].WriteString(msg)
+			}
+		case err != nil:
+			return nil, fmt.Errorf("starting %q under the libc shim: %w", argv[0], err)
+		default:
+			cmd.Env = withPreload(cmd.Env, lib)
+		}
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
 	// A guest must not die with the CLI's terminal session.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -59,6 +84,27 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*gue
 	s.procs[p.pid] = p
 	go s.reap(p)
 	return p, nil
+}
+
+// withPreload returns env with lib first in LD_PRELOAD (the last
+// LD_PRELOAD in env wins, as for execve, and keeps its libraries after
+// lib).
+func withPreload(env []string, lib string) []string {
+	const key = "LD_PRELOAD="
+	val := lib
+	out := make([]string, 0, len(env)+1)
+	for _, kv := range env {
+		if rest, ok := strings.CutPrefix(kv, key); ok {
+			if rest != "" {
+				val = lib + ":" + rest
+			} else {
+				val = lib
+			}
+			continue
+		}
+		out = append(out, kv)
+	}
+	return append(out, key+val)
 }
 
 // reap waits for a guest process; the entrypoint's exit stops the sandbox
@@ -123,7 +169,7 @@ func (s *Sentry) launchEntrypoint() error {
 		return err
 	}
 	defer out.Close()
-	if _, err := s.launch(s.cfg.Entrypoint, nil, [3]*os.File{nil, out, out}, true); err != nil {
+	if _, err := s.launch(s.cfg.Entrypoint, nil, [3]*os.File{nil, out, out}, true, !s.cfg.NoShim); err != nil {
 		return err
 	}
 	// The entrypoint's pid and start time (unless it has already exited

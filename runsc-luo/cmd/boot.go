@@ -19,18 +19,20 @@ type Boot struct {
 	memory     uint64
 	readyFD    int
 	handoverFD int
+	shim       bool
 }
 
 func (*Boot) Name() string     { return "boot" }
 func (*Boot) Synopsis() string { return "run a sentry (internal)" }
 func (*Boot) Usage() string {
-	return "boot --id ID [--memory BYTES] [--ready-fd FD] [-- ENTRYPOINT ARGS] | boot --handover-fd FD\n"
+	return "boot --id ID [--memory BYTES] [--ready-fd FD] [--shim=false] [-- ENTRYPOINT ARGS] | boot --handover-fd FD\n"
 }
 func (b *Boot) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&b.id, "id", "", "sandbox ID (cold boot)")
 	f.Uint64Var(&b.memory, "memory", 0, "memory file size in bytes (cold boot)")
 	f.IntVar(&b.readyFD, "ready-fd", -1, "fd to report readiness on (cold boot)")
 	f.IntVar(&b.handoverFD, "handover-fd", -1, "fd of the transfer-mode handover socket")
+	f.BoolVar(&b.shim, "shim", true, "start the entrypoint under the libc shim (cold boot)")
 }
 
 func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
@@ -49,7 +51,7 @@ func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomma
 		s.Wait()
 		return subcommands.ExitSuccess
 	}
-	return b.coldBoot(sandbox.Config{ID: b.id, Root: cfg.Root, MemorySize: b.memory, Entrypoint: f.Args()}, opts)
+	return b.coldBoot(sandbox.Config{ID: b.id, Root: cfg.Root, MemorySize: b.memory, Entrypoint: f.Args(), NoShim: !b.shim}, opts)
 }
 
 // coldBoot starts a new sandbox and reports on the ready fd whether it

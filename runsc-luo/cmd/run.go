@@ -16,22 +16,29 @@ import (
 type Run struct {
 	memory string
 	detach bool
+	shim   bool
 }
 
 func (*Run) Name() string     { return "run" }
 func (*Run) Synopsis() string { return "start a sandbox and its entrypoint guest" }
 func (*Run) Usage() string {
-	return `run [--memory SIZE] [--detach] ID [-- ENTRYPOINT ARGS]
+	return `run [--memory SIZE] [--detach] [--shim=false] ID [-- ENTRYPOINT ARGS]
 
 Starts the sentry of sandbox ID as a daemon (state and sockets in --root) and
 launches ENTRYPOINT as its first guest, with LIVESENTRY_GUEST_SOCKET set; the
 sentry relaunches it after every live restart, and the sandbox stops when it
 exits. Without --detach, run waits for that and exits with its status.
+
+The entrypoint runs under the libc shim (LD_PRELOAD), so that an unmodified
+dynamically linked program reaches the sentry through open("/dev/liveupdate"),
+ioctl, memfd_create, read, write, mmap, fork and exec; --shim=false launches
+it as it is (every launch, after restarts too).
 `
 }
 func (r *Run) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&r.memory, "memory", "1G", "size of the memory file (sparse), e.g. 64M, 4G")
 	f.BoolVar(&r.detach, "detach", false, "return once the sandbox is running")
+	f.BoolVar(&r.shim, "shim", true, "launch the entrypoint under the libc shim")
 }
 
 func (r *Run) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
@@ -48,7 +55,7 @@ func (r *Run) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomman
 	if err != nil {
 		return fatalf("--memory: %v", err)
 	}
-	if err := container.Start(cfg.Globals, id, size, entry); err != nil {
+	if err := container.StartWith(cfg.Globals, id, size, entry, container.StartOptions{NoShim: !r.shim}); err != nil {
 		return fatalf("%v", err)
 	}
 	if r.detach {

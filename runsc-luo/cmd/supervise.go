@@ -18,6 +18,7 @@ type Supervise struct {
 	id      string
 	memory  uint64
 	readyFD int
+	shim    bool
 }
 
 func (*Supervise) Name() string     { return "supervise" }
@@ -29,6 +30,7 @@ func (s *Supervise) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&s.id, "id", "", "sandbox ID")
 	f.Uint64Var(&s.memory, "memory", 0, "memory file size in bytes")
 	f.IntVar(&s.readyFD, "ready-fd", -1, "fd the first sentry reports its boot on")
+	f.BoolVar(&s.shim, "shim", true, "start the entrypoint under the libc shim")
 }
 
 func (s *Supervise) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
@@ -43,7 +45,7 @@ func (s *Supervise) Execute(_ context.Context, f *flag.FlagSet, args ...any) sub
 	}
 	err = supervisor.Run(supervisor.Options{
 		Globals: cfg.Globals,
-		Config:  sandbox.Config{ID: s.id, Root: cfg.Root, MemorySize: s.memory, Entrypoint: f.Args(), Created: time.Now().UTC()},
+		Config:  sandbox.Config{ID: s.id, Root: cfg.Root, MemorySize: s.memory, Entrypoint: f.Args(), NoShim: !s.shim, Created: time.Now().UTC()},
 		Exe:     exe,
 		Ready:   os.NewFile(uintptr(s.readyFD), "ready"),
 	})

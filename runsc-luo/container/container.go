@@ -22,11 +22,23 @@ import (
 	"gvisor.dev/gvisor/pkg/urpc"
 )
 
+// StartOptions are the choices of Start beyond the sandbox's identity.
+type StartOptions struct {
+	// NoShim launches the entrypoint (at every launch, across restarts)
+	// without the libc shim.
+	NoShim bool
+}
+
 // Start creates sandbox id under g.Root, starts its supervisor (this
 // binary's "supervise" command) as a daemon, which starts the sentry with
 // a memory file of size bytes and entry as its entrypoint, and returns once
-// the sentry serves.
+// the sentry serves. The entrypoint runs under the libc shim.
 func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
+	return StartWith(g, id, size, entry, StartOptions{})
+}
+
+// StartWith is Start with options.
+func StartWith(g sandbox.Globals, id string, size uint64, entry []string, opts StartOptions) error {
 	if err := sandbox.CheckID(id); err != nil {
 		return err
 	}
@@ -60,7 +72,7 @@ func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
 	defer pr.Close()
 	// The supervisor starts the sentry, which reports its boot on the
 	// ready pipe; the supervisor outlives every sentry of the sandbox.
-	args := append(g.Args(), "supervise", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", "--")
+	args := append(g.Args(), "supervise", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", fmt.Sprintf("--shim=%t", !opts.NoShim), "--")
 	cmd := exec.Command(exe, append(args, entry...)...)
 	cmd.ExtraFiles = []*os.File{pw}
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -243,13 +255,13 @@ func outcome(root, id string, before *sandbox.State) Outcome {
 
 // Exec runs argv as another guest of sandbox id with this process's stdio
 // and returns its wait status. A guest stopped by a restart or kill of the
-// sentry gives 137.
-func Exec(root, id string, argv []string) (int, error) {
+// sentry gives 137. With noShim, argv runs without the libc shim.
+func Exec(root, id string, argv []string, noShim bool) (int, error) {
 	if _, err := sandbox.ReadState(root, id); err != nil {
 		return 0, err
 	}
 	var pid boot.PIDResult
-	arg := boot.ExecArgs{Argv: argv, FilePayload: urpc.FilePayload{Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}}}
+	arg := boot.ExecArgs{Argv: argv, NoShim: noShim, FilePayload: urpc.FilePayload{Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}}}
 	if err := sandbox.Call(root, id, boot.MethodExec, &arg, &pid); err != nil {
 		return 0, fmt.Errorf("exec in %q: %w", id, err)
 	}

@@ -42,11 +42,14 @@ func DefaultRoot() string {
 // Config is a sandbox's configuration; it crosses every restart inside the
 // handover descriptor.
 type Config struct {
-	ID         string    `json:"id"`
-	Root       string    `json:"root"`
-	MemorySize uint64    `json:"memory_size"`
-	Entrypoint []string  `json:"entrypoint,omitempty"`
-	Created    time.Time `json:"created"`
+	ID         string   `json:"id"`
+	Root       string   `json:"root"`
+	MemorySize uint64   `json:"memory_size"`
+	Entrypoint []string `json:"entrypoint,omitempty"`
+	// NoShim starts guests without the libc shim (LD_PRELOAD), for the
+	// entrypoint at every launch; exec chooses for itself.
+	NoShim  bool      `json:"no_shim,omitempty"`
+	Created time.Time `json:"created"`
 	// Recoveries counts the recoveries after a sentry died; the
 	// supervisor keeps it.
 	Recoveries uint64 `json:"recoveries,omitempty"`

@@ -101,6 +101,30 @@ func ReadState(root, id string) (*State, error) {
 	if err := CheckID(id); err != nil {
 		return nil, err
 	}
+	s, err := readStateFile(root, id)
+	if err != nil {
+		return nil, err
+	}
+	if s.Status == StatusRunning && !Alive(s.PID) {
+		// A sentry that stops writes its final state and then exits,
+		// possibly between the read above and the check: read again
+		// now that it is gone, or its exit status would be lost.
+		if s, err = readStateFile(root, id); err != nil {
+			return nil, err
+		}
+		if s.Status == StatusRunning && !Alive(s.PID) {
+			s.Status = StatusStopped
+			s.Gone = true
+			if s.Error == "" {
+				s.Error = "the sentry process is gone"
+			}
+		}
+	}
+	return s, nil
+}
+
+// readStateFile reads and decodes the state file of sandbox id.
+func readStateFile(root, id string) (*State, error) {
 	b, err := os.ReadFile(StatePath(root, id))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("sandbox %q does not exist in %s", id, root)
@@ -111,13 +135,6 @@ func ReadState(root, id string) (*State, error) {
 	var s State
 	if err := json.Unmarshal(b, &s); err != nil {
 		return nil, fmt.Errorf("state file of %q: %w", id, err)
-	}
-	if s.Status == StatusRunning && !Alive(s.PID) {
-		s.Status = StatusStopped
-		s.Gone = true
-		if s.Error == "" {
-			s.Error = "the sentry process is gone"
-		}
 	}
 	return &s, nil
 }

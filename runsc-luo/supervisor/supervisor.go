@@ -114,7 +114,7 @@ func Run(opts Options) error {
 	s := &Supervisor{opts: opts, events: make(chan event, 16)}
 	go s.accept(l)
 	go reapChildren()
-	args := append(opts.Globals.Args(), "boot", "--id="+c.ID, fmt.Sprintf("--memory=%d", c.MemorySize), "--ready-fd=3", "--")
+	args := append(opts.Globals.Args(), "boot", "--id="+c.ID, fmt.Sprintf("--memory=%d", c.MemorySize), "--ready-fd=3", fmt.Sprintf("--shim=%t", !c.NoShim), "--")
 	cmd := exec.Command(opts.Exe, append(args, c.Entrypoint...)...)
 	cmd.ExtraFiles = []*os.File{opts.Ready}
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
