@@ -229,8 +229,9 @@ func (w *v1Writer) free() {
 // deserialize reads and validates the handover at root in mf
 // (kho_populate + kho_mem_deserialize) and returns the incoming state and
 // the preserved blocks in address order, as runs. It changes nothing in mf, and it
-// copies every page it reads before it interprets it.
-func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run, error) {
+// copies every page it reads before it interprets it. emptyV2 accepts a
+// kho-v2 root without a tree (see Recover).
+func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, []pgalloc.Run, error) {
 	var page [abikho.PageSize]byte
 	if err := readPage(mf, root, page[:]); err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
@@ -253,6 +254,17 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run,
 	if err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
+	in.mem = newMemTracker(mf.Pages())
+	if memMap == 0 && emptyV2 && compat == abikho.CompatibleV2 {
+		if len(tree.Children) != 0 {
+			return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (nothing preserved) but the root names %d subtrees: %w", root, abikho.PropPreservedMemoryMap, len(tree.Children), unix.EINVAL)
+		}
+		if root>>abikho.PageShift >= mf.Pages() {
+			return nil, nil, fmt.Errorf("root FDT at %#x: outside the %d-page memory file: %w", root, mf.Pages(), unix.EINVAL)
+		}
+		in.mem.set(root>>abikho.PageShift, 0)
+		return in, in.mem.runs(), nil
+	}
 	if memMap == 0 {
 		what := "the map was not finalized"
 		if compat == abikho.CompatibleV2 {
@@ -260,7 +272,6 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run,
 		}
 		return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
 	}
-	in.mem = newMemTracker(mf.Pages())
 	if compat == abikho.CompatibleV1 {
 		err = readMap(mf, memMap, &in.mem)
 	} else {
