@@ -89,36 +89,25 @@ func (r *records) hdrCap() int {
 // page, a pair of one-page header blocks, and the "LUO" KHO subtree. On
 // failure nothing is left behind.
 //
+// +checklocks:l.mu
 // +checklocks:l.recMu
 func (l *LUO) ensureRecordsLocked() error {
 	if l.rec != nil {
 		return nil
 	}
-	var blocks []pgalloc.Folio
-	fail := func(err error) error {
-		for i := len(blocks) - 1; i >= 0; i-- {
-			_ = l.kho.UnpreserveFree(blocks[i])
-		}
-		return err
-	}
-	for i := 0; i < 3; i++ {
+	var blocks [3]pgalloc.Folio
+	for i := range blocks {
 		fo, err := l.kho.AllocPreserve(recordBlockMin)
 		if err != nil {
-			return fail(fmt.Errorf("allocating LUO's records: %w", err))
+			l.freeBlocks(blocks[:i], pgalloc.Folio{})
+			return fmt.Errorf("allocating LUO's records: %w", err)
 		}
-		blocks = append(blocks, fo)
+		blocks[i] = fo
 	}
 	r := &records{fdt: blocks[0], hdr: [2]pgalloc.Folio{blocks[1], blocks[2]}}
+	// The spare is only allocated (see switchHeaderLocked).
 	if err := l.kho.UnpreserveFolio(r.hdr[1]); err != nil {
 		panic(fmt.Sprintf("luo: unpreserving the spare header block %v: %v", r.hdr[1], err))
-	}
-	// From here the spare is only allocated: fail frees it as a folio.
-	blocks = blocks[:2]
-	spare := r.hdr[1]
-	fail0 := fail
-	fail = func(err error) error {
-		l.mf().DecRef(spare)
-		return fail0(err)
 	}
 	root := &fdt.Node{}
 	root.SetString("compatible", abiluo.FDTCompatible)
@@ -128,7 +117,8 @@ func (l *LUO) ensureRecordsLocked() error {
 	sn.SetU64(abiluo.FDTSessionHeader, headerSentinel)
 	blob, err := fdt.Build(root)
 	if err != nil {
-		return fail(fmt.Errorf("building the LUO FDT: %w", err))
+		l.freeBlocks(blocks[:2], r.hdr[1])
+		return fmt.Errorf("building the LUO FDT: %w", err)
 	}
 	var sentinel [8]byte
 	binary.LittleEndian.PutUint64(sentinel[:], headerSentinel)
@@ -139,10 +129,22 @@ func (l *LUO) ensureRecordsLocked() error {
 	binary.LittleEndian.PutUint64(blob[r.hdrOff:], r.hdr[0].Addr())
 	copy(l.mf().Bytes(r.fdt), blob)
 	if err := l.kho.AddSubtree(abiluo.FDTName, r.fdt.Addr()); err != nil {
-		return fail(fmt.Errorf("adding the LUO subtree to KHO: %w", err))
+		l.freeBlocks(blocks[:2], r.hdr[1])
+		return fmt.Errorf("adding the LUO subtree to KHO: %w", err)
 	}
 	l.rec = r
 	return nil
+}
+
+// freeBlocks unpreserves and frees preserved, last first, and frees
+// spare, an allocated block, unless it is the zero Folio.
+func (l *LUO) freeBlocks(preserved []pgalloc.Folio, spare pgalloc.Folio) {
+	if spare != (pgalloc.Folio{}) {
+		l.mf().DecRef(spare)
+	}
+	for i := len(preserved) - 1; i >= 0; i-- {
+		_ = l.kho.UnpreserveFree(preserved[i])
+	}
 }
 
 func (l *LUO) mf() *pgalloc.MemoryFile { return l.kho.MemoryFile() }
@@ -184,6 +186,7 @@ func (l *LUO) switchHeaderLocked() {
 // growing the header blocks if they are full. It fails with ENOMEM when
 // the memory file cannot hold the records.
 //
+// +checklocks:l.mu
 // +checklocks:l.recMu
 func (l *LUO) addSessionRecordLocked(s *Session) error {
 	if err := l.ensureRecordsLocked(); err != nil {
@@ -253,10 +256,6 @@ func (l *LUO) removeSessionRecordLocked(s *Session) {
 	}
 	i, n := sr.slot, len(r.slots)
 	hb := l.headerBytes()
-	rec := func(b []byte, j int) []byte {
-		off := abiluo.SessionHeaderSerSize + j*abiluo.SessionSerSize
-		return b[off : off+abiluo.SessionSerSize]
-	}
 	if i != n-1 {
 		// The spare gets the same set in a new order, s last, and
 		// becomes the published block.
@@ -266,11 +265,11 @@ func (l *LUO) removeSessionRecordLocked(s *Session) {
 		k := 0
 		for j := 0; j < n; j++ {
 			if j != i {
-				copy(rec(sb, k), rec(hb, j))
+				copy(sessionSlot(sb, k), sessionSlot(hb, j))
 				k++
 			}
 		}
-		copy(rec(sb, n-1), rec(hb, i))
+		copy(sessionSlot(sb, n-1), sessionSlot(hb, i))
 		l.switchHeaderLocked()
 		hb = sb
 		r.slots = append(append(r.slots[:i:i], r.slots[i+1:]...), sr)
@@ -367,10 +366,15 @@ func (l *LUO) rewriteFileRecordLocked(s *Session, j int, lf *luoFile, h *FileHan
 	sr.compat[j] = h.Compatible
 }
 
+// sessionSlot returns the j-th luo_session_ser of the header block b.
+func sessionSlot(b []byte, j int) []byte {
+	off := abiluo.SessionHeaderSerSize + j*abiluo.SessionSerSize
+	return b[off : off+abiluo.SessionSerSize]
+}
+
 // slotBytesLocked returns the published luo_session_ser of sr.
 //
 // +checklocks:l.recMu
 func (l *LUO) slotBytesLocked(sr *sessionRecord) []byte {
-	off := abiluo.SessionHeaderSerSize + sr.slot*abiluo.SessionSerSize
-	return l.headerBytes()[off : off+abiluo.SessionSerSize]
+	return sessionSlot(l.headerBytes(), sr.slot)
 }
