@@ -318,6 +318,9 @@ func (l *LUO) Deserialize() error {
 type incomingState struct {
 	luo    *LUO
 	blocks []pgalloc.Folio
+	// data maps every file's handler data (its record's address) to the
+	// file, to refuse two files sharing one record.
+	data map[uint64]string
 }
 
 func (in *incomingState) free() {
@@ -378,6 +381,7 @@ func (in *incomingState) read(addr uint64) ([]*Session, uint64, error) {
 	}
 	var sessions []*Session
 	names := make(map[string]bool)
+	in.data = make(map[uint64]string)
 	for i := uint64(0); i < count; i++ {
 		recAddr := hdrAddr + abiluo.SessionHeaderSerSize + i*abiluo.SessionSerSize
 		var ss abiluo.SessionSer
@@ -435,6 +439,11 @@ func (in *incomingState) readFiles(i uint64, name string, ss abiluo.SessionSer) 
 			return nil, fmt.Errorf("session %q: luo_file_ser[%d] at %#x: duplicate token %#x: %w", name, j, recAddr, fs.Token, unix.EINVAL)
 		}
 		tokens[fs.Token] = true
+		who := fmt.Sprintf("luo_file_ser[%d] of session %q (token %#x)", j, name, fs.Token)
+		if other, ok := in.data[fs.Data]; ok && fs.Data != 0 {
+			return nil, fmt.Errorf("%s at %#x: data %#x is also the data of %s: one record cannot describe two files: %w", who, recAddr, fs.Data, other, unix.EINVAL)
+		}
+		in.data[fs.Data] = who
 		files = append(files, &luoFile{token: fs.Token, handler: h, serializedData: fs.Data})
 	}
 	return files, nil
