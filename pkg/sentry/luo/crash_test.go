@@ -117,3 +117,47 @@ func TestAPreserveInFlightIsLostAndItsMemoryFreed(t *testing.T) {
 		t.Fatalf("after finishing the recovered session %d pages are allocated, want the cold-boot baseline %d: the half-done preserve leaked", got, base)
 	}
 }
+
+// TestASessionCloseInFlightHasDroppedTheWholeSession kills the sentry
+// inside a session close, after the first file of three is unpreserved:
+// the recovered sentry has no trace of the session (its record went
+// first), and the two files not yet unpreserved are freed with the rest
+// of the dead sentry's unclaimed memory.
+func TestASessionCloseInFlightHasDroppedTheWholeSession(t *testing.T) {
+	var snap *os.File
+	var s *sentry
+	s = bootWith(t, func(s0 *sentry) *luo.FileHandler {
+		return wrapped(s0, "memfd-v1", func(ops *luo.FileOps) {
+			unpreserve := ops.Unpreserve
+			ops.Unpreserve = func(a *luo.FileOpArgs) {
+				unpreserve(a)
+				if snap == nil {
+					snap = snapshot(t, s)
+				}
+			}
+		})
+	})
+	dev, _ := s.openDevice(t)
+	kept := s.createSession(t, dev, "kept")
+	if err := s.preserveFD(kept, s.memfdWith(t, []byte("kept")), 1); err != nil {
+		t.Fatal(err)
+	}
+	sfd := s.createSession(t, dev, "closing")
+	for tok := uint64(1); tok <= 3; tok++ {
+		if err := s.preserveFD(sfd, s.memfdWith(t, make([]byte, 64<<10)), tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.fdt.close(t, sfd)
+	if snap == nil {
+		t.Fatal("no snapshot was taken inside the close")
+	}
+	n := recoverFrom(t, snap, s.k.RootAddr())
+	st := n.l.Status()
+	if len(st.Sessions) != 1 || st.Sessions[0].Name != "kept" {
+		t.Fatalf("recovered %+v; want only session kept", st.Sessions)
+	}
+	dev2, _ := n.openDevice(t)
+	r := n.retrieveSession(t, dev2, "kept")
+	n.verify(t, r, 1, []byte("kept"))
+}
