@@ -94,3 +94,4 @@ func TestAFullMemoryFileStillRestarts(t *testing.T) {
 		})
 	}
 }
+

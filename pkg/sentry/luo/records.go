@@ -328,22 +328,6 @@ func (l *LUO) addFileRecordLocked(s *Session, lf *luoFile) error {
 	return nil
 }
 
-// dropFileRecordsLocked unpublishes every file record of s (count 0, then
-// files 0) and frees the array.
-//
-// +checklocks:l.recMu
-func (l *LUO) dropFileRecordsLocked(s *Session) {
-	sr := s.rec
-	if l.rec == nil || sr == nil || sr.files == (pgalloc.Folio{}) {
-		return
-	}
-	slot := l.slotBytesLocked(sr)
-	store64(slot[72:], 0)
-	store64(slot[64:], 0)
-	_ = l.kho.UnpreserveFree(sr.files)
-	sr.files, sr.n, sr.compat = pgalloc.Folio{}, 0, nil
-}
-
 // rewriteFileRecordLocked rewrites the j-th file record of s with lf's
 // data and the compatible string of h (a serialization that chose another
 // format of the family), if they changed.

@@ -55,7 +55,8 @@ func (l *LUO) Serialize() error {
 // as sessions and files come and go (records.go), so only what a freeze
 // changes is left to write: a file record whose format or data the freeze
 // changed. Nothing is allocated, unless no session was ever created (then
-// the empty records are made, three pages). If a freeze
+// the empty records are made, three pages, or, on a memory file without
+// room for them, left out: there is nothing to hand over). If a freeze
 // fails, every file already frozen is unfrozen, last first, and the error
 // is returned: the restart must not go on. From the start of the call, and
 // after a success until Abort, LUO refuses changes with EBUSY.
@@ -80,7 +81,12 @@ func (l *LUO) SerializeWith(opts SerializeOptions) error {
 	}
 	l.recMu.Lock()
 	err = l.ensureRecordsLocked()
-	if err == nil {
+	if err != nil && len(l.outgoing) == 0 && errors.Is(err, unix.ENOMEM) {
+		// Nothing to hand over and no room for the empty records: the
+		// restart goes on without a LUO subtree (the next sentry counts
+		// no live update) rather than fail on a full memory file.
+		err = nil
+	} else if err == nil {
 		l.rewriteFrozenLocked(plan)
 	}
 	l.recMu.Unlock()
