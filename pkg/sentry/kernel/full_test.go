@@ -94,4 +94,3 @@ func TestAFullMemoryFileStillRestarts(t *testing.T) {
 		})
 	}
 }
-
