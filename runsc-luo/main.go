@@ -9,7 +9,8 @@
 //	runsc-luo [--root DIR] [--debug] [--log-format text|json] COMMAND [flags] ARGS
 //
 // Commands: run, exec, restart, state, list, kill, delete, kho dump,
-// luo status, abi, demo, version. "boot" and "demo-guest" are internal.
+// luo status, abi, demo, version. "boot", "supervise" and "demo-guest" are
+// internal.
 //
 // The commands live in package cmd (flags and output), the sentry process
 // in package boot, the client side in packages container and sandbox.
@@ -65,7 +66,7 @@ func main() {
 	} {
 		subcommands.Register(sc, "")
 	}
-	for _, sc := range []subcommands.Command{new(cmd.Boot), new(cmd.DemoGuest)} {
+	for _, sc := range []subcommands.Command{new(cmd.Boot), new(cmd.Supervise), new(cmd.DemoGuest)} {
 		subcommands.Register(sc, "internal")
 	}
 	flag.Parse()

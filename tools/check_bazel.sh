@@ -32,7 +32,7 @@ fail() {
 	echo >&2
 	echo "check_bazel: $kind: $message" >&2
 	if [[ -n $list ]]; then
-		sed 's/^/    /' <<<"$list" >&2
+		printf '%s\n' "$list" | sed 's/^/    /' >&2
 	fi
 }
 

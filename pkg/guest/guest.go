@@ -32,14 +32,25 @@ import (
 
 // Conn is a connection to a sentry: one guest process.
 type Conn struct {
-	mu   sync.Mutex
+	// mu serialises calls: it is held from sending a request until its
+	// response is read.
+	mu sync.Mutex
+
+	// +checklocks:mu
 	conn *net.UnixConn
-	r    *bufio.Reader
+	// +checklocks:mu
+	r *bufio.Reader
 	// broken is the error that ended the connection, if any.
+	//
+	// +checklocks:mu
 	broken error
-	hdr    [abiguest.RequestHeaderSize]byte
-	rhdr   [abiguest.ResponseHeaderSize]byte
-	// maps are the process's mappings of sentry files.
+	// hdr and rhdr are the buffers of a request's and a response's header.
+	//
+	// +checklocks:mu
+	hdr [abiguest.RequestHeaderSize]byte
+	// +checklocks:mu
+	rhdr [abiguest.ResponseHeaderSize]byte
+	// maps are the process's mappings of sentry files (their own lock).
 	maps mappings
 }
 
@@ -169,7 +180,7 @@ func (c *Conn) call(op abiguest.Op, args []uint64, payload []byte, dst []byte) (
 
 // fail marks the connection broken with err and returns it.
 //
-// Preconditions: c.mu is locked.
+// +checklocks:c.mu
 func (c *Conn) fail(err error) error {
 	ce := &ConnError{Err: err}
 	c.broken = ce

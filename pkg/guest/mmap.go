@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"sort"
 	"sync"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
@@ -31,7 +30,10 @@ type mappings struct {
 func (ms *mappings) add(m mapping) {
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
-	i := sort.Search(len(ms.list), func(i int) bool { return ms.list[i].addr > m.addr })
+	i := 0
+	for i < len(ms.list) && ms.list[i].addr <= m.addr {
+		i++
+	}
 	ms.list = append(ms.list, mapping{})
 	copy(ms.list[i+1:], ms.list[i:])
 	ms.list[i] = m

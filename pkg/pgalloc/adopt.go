@@ -149,8 +149,9 @@ func (f *MemoryFile) adoptRuns(runs []Run) error {
 // 4 MiB, both naturally aligned).
 //
 // Preconditions:
-//   - f.mu is locked.
 //   - s is section i, new and empty.
+//
+// +checklocks:f.mu
 func (f *MemoryFile) fillSectionLocked(i uint64, s *section) {
 	start, end := i<<sectionShift, (i+1)<<sectionShift
 	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {

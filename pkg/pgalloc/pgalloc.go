@@ -117,6 +117,9 @@ type MemoryFile struct {
 	mu sync.Mutex
 
 	// cond is signalled when pages scrubbed by the releaser become free.
+	// Its L is mu.
+	//
+	// +checklocks:mu
 	cond sync.Cond
 
 	// adopted is false for a file opened with Open until Adopt runs: until
@@ -365,8 +368,9 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 // if asked to; nil if it is not allocated and alloc is false.
 //
 // Preconditions:
-//   - f.mu is locked.
 //   - pfn < f.pages.
+//
+// +checklocks:f.mu
 func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 	i := pfn >> sectionShift
 	s := f.sections[i]
@@ -386,8 +390,7 @@ func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 
 // runsCrossLocked reports whether an adopted run has pages in section i.
 //
-// Preconditions:
-//   - f.mu is locked.
+// +checklocks:f.mu
 func (f *MemoryFile) runsCrossLocked(i uint64) bool {
 	start, end := i<<sectionShift, (i+1)<<sectionShift
 	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {
@@ -443,8 +446,7 @@ func (f *MemoryFile) Allocate(order int) (Folio, error) {
 // allocated folio: a caller inside the sentry that passes anything else has
 // a bug.
 //
-// Preconditions:
-//   - f.mu is locked.
+// +checklocks:f.mu
 func (f *MemoryFile) headLocked(fo Folio, op string) *pageInfo {
 	if fo.PFN >= f.pages {
 		panic(fmt.Sprintf("pgalloc: %s of %v outside the file", op, fo))

@@ -62,8 +62,9 @@ func coalesce(rs []pfnRange) []pfnRange {
 // of it) and returns its start.
 //
 // Preconditions:
-//   - f.mu is locked.
 //   - r is an element of f.stale and r.start < end <= r.end.
+//
+// +checklocks:f.mu
 func (f *MemoryFile) takeStaleLocked(r *pfnRange, end uint64) uint64 {
 	start := r.start
 	r.start = end
@@ -81,8 +82,7 @@ func (f *MemoryFile) takeStaleLocked(r *pfnRange, end uint64) uint64 {
 // of the given order, from its low end to at least that block, and frees
 // what it scrubbed. It returns false if no stale range holds such a block.
 //
-// Preconditions:
-//   - f.mu is locked.
+// +checklocks:f.mu
 func (f *MemoryFile) scrubStaleLocked(order int) bool {
 	n := uint64(1) << order
 	i := max(f.staleCursor[order], f.staleHead)
@@ -110,8 +110,7 @@ func (f *MemoryFile) scrubStaleLocked(order int) bool {
 
 // releaseWasteLocked punches out every freed folio and makes it free.
 //
-// Preconditions:
-//   - f.mu is locked.
+// +checklocks:f.mu
 func (f *MemoryFile) releaseWasteLocked() {
 	for _, r := range coalesce(f.waste) {
 		f.decommit(r.start, r.end)

@@ -1,6 +1,7 @@
 package boot
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -43,12 +44,18 @@ type RestartArgs struct {
 	// Timeout bounds the restart until the new sentry acknowledged;
 	// 0 means DefaultRestartTimeout.
 	Timeout time.Duration `json:"timeout"`
+	// Force restarts even though incoming sessions have not been
+	// retrieved (they are dropped, with their memory).
+	Force bool `json:"force,omitempty"`
 	// TestOnlyAckDelay makes the old sentry of a transfer-mode restart
 	// sleep this long before it reads the new sentry's ack, as if it
 	// were descheduled there (handover.OfferSent): a window in the middle
 	// of a restart, for tests.
 	TestOnlyAckDelay time.Duration `json:"testonly_ack_delay,omitempty"`
 }
+
+// ErrRefused marks a restart refused before it started: nothing changed.
+var ErrRefused = errors.New("restart refused")
 
 // DefaultRestartTimeout is a restart's timeout when none is given.
 const DefaultRestartTimeout = 10 * time.Second
@@ -121,6 +128,9 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 		return fmt.Errorf("the sandbox is already restarting or stopping: %w", unix.EBUSY)
 	}
 	defer s.endRestart()
+	if names := s.k.UnretrievedSessions(); len(names) > 0 && !a.Force {
+		return fmt.Errorf("%w: incoming sessions %q have not been retrieved since the last restart; restarting now would drop them and their memory (retrieve or finish them first, or use --force): %w", ErrRefused, names, unix.EBUSY)
+	}
 	binary := a.Binary
 	if binary == "" {
 		exe, err := os.Executable()

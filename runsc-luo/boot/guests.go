@@ -47,7 +47,11 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry bool) (*gue
 		// execve unnoticed, or be killed by a transfer-mode handoff.
 		return nil, fmt.Errorf("the sandbox is restarting, try again: %w", unix.EBUSY)
 	}
-	if err := cmd.Start(); err != nil {
+	fdMu.Lock()
+	markCloseOnExec()
+	err := cmd.Start()
+	fdMu.Unlock()
+	if err != nil {
 		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
 	}
 	p := &guestProc{pid: cmd.Process.Pid, start: sandbox.StartTime(cmd.Process.Pid), entry: entry, cmd: cmd, done: make(chan struct{})}

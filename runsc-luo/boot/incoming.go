@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
@@ -43,7 +44,11 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 		}
 		return err
 	}
-	k, err := kernel.NewFromHandover(files[0], d.Root, kernel.Options{Logf: log.Infof}, t)
+	boot := kernel.NewFromHandover
+	if d.Mode == handover.ModeRecover {
+		boot = recoverKernel
+	}
+	k, err := boot(files[0], d.Root, kernel.Options{Logf: log.Infof}, t)
 	if err != nil {
 		files[1].Close()
 		files[2].Close()
@@ -68,7 +73,15 @@ func (in *incoming) Commit(*handover.Descriptor) error {
 func (in *incoming) Serving(t handover.Timing) {
 	s := in.s
 	s.mu.Lock()
-	s.last = sandbox.RestartRecord{Generation: t.LiveupdateNumber, Timing: t}
+	if t.Mode == handover.ModeRecover {
+		var names []string
+		for _, ss := range s.k.LUO().Status().Sessions {
+			names = append(names, ss.Name)
+		}
+		s.recovery = &sandbox.RecoveryRecord{At: time.Now().UTC(), Reason: fmt.Sprintf("sentry %d died; recovered in %v", t.OldPID, t.Blackout), Sessions: names}
+	} else {
+		s.last = sandbox.RestartRecord{Generation: t.LiveupdateNumber, Timing: t}
+	}
 	s.mu.Unlock()
 	if err := s.writeState(""); err != nil {
 		log.Warningf("%v", err)
@@ -83,6 +96,10 @@ func (in *incoming) Discard() {
 	in.s.guestFile.Close()
 	in.s.controlFile.Close()
 }
+
+// recoverKernel boots the kernel of a recovery: the memory file of a
+// sentry that died, as it was at that instant.
+var recoverKernel = kernel.NewFromHandover
 
 // HandoverInEnv reports whether this process is the new image of an
 // exec-mode restart.
@@ -115,6 +132,9 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		if err != nil {
 			return nil, err
 		}
+		if n := closeInherited(); n > 0 {
+			log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+		}
 		d, t, err := handover.Accept(ch, in, hopts)
 		if err != nil {
 			return nil, err
@@ -126,17 +146,25 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	if !ok {
 		return nil, errors.New("no handover: neither a handover fd nor an exec-mode descriptor in the environment")
 	}
+	// DecodeEnv marked the inherited fds it took close-on-exec.
+	if n := closeInherited(); n > 0 {
+		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+	}
 	if err == nil {
 		var t handover.Timing
 		if t, err = handover.AcceptExec(d, files, in, hopts); err == nil {
 			// The old image's guests are this process's children now:
 			// stop them before the entrypoint is relaunched.
 			stopOldGuests(d.OldGuests)
-			log.Infof("sandbox %s: live-update boot (exec mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Version, t.LiveupdateNumber, t.Blackout)
+			log.Infof("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Mode, d.Version, t.LiveupdateNumber, t.Blackout)
 			return in.s, nil
 		}
 	}
-	err = fmt.Errorf("exec-mode handover refused: %w", err)
+	mode := "exec-mode handover"
+	if d != nil && d.Mode == handover.ModeRecover {
+		mode = "recovery"
+	}
+	err = fmt.Errorf("%s refused: %w", mode, err)
 	failExec(d, err)
 	return nil, err
 }

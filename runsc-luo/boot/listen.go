@@ -102,7 +102,11 @@ func (s *Sentry) serveControl(l *net.UnixListener) {
 		if fd < 0 {
 			continue
 		}
+		fdMu.Lock()
 		sock, err := unet.NewSocket(fd)
+		// unet's eventfd is not close-on-exec.
+		markCloseOnExec()
+		fdMu.Unlock()
 		if err != nil {
 			unix.Close(fd)
 			continue

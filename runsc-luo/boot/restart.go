@@ -177,7 +177,10 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration)
 	cmd.ExtraFiles = []*os.File{peer}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	fdMu.Lock()
+	markCloseOnExec()
 	err = cmd.Start()
+	fdMu.Unlock()
 	peer.Close()
 	if err != nil {
 		ch.Close()
@@ -222,7 +225,17 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration) error {
 		Version:   s.opts.Version,
 		Deadline:  time.Now().Add(timeout),
 		PeerReads: info.Reads,
-		Exec: func(env string) error {
+		Exec: func(env string, fds []int) error {
+			// Only the handed-over fds cross: a sweep since OfferExec
+			// cleared their FD_CLOEXEC may have set it again.
+			fdMu.Lock()
+			defer fdMu.Unlock()
+			markCloseOnExec()
+			for _, fd := range fds {
+				if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, 0); err != nil {
+					return err
+				}
+			}
 			return unix.Exec(binary, argv, append(os.Environ(), env))
 		},
 	})

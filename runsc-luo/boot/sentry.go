@@ -93,6 +93,14 @@ type Sentry struct {
 	//
 	// +checklocks:mu
 	last sandbox.RestartRecord
+	// recovery is the recovery this sentry came out of, if any.
+	//
+	// +checklocks:mu
+	recovery *sandbox.RecoveryRecord
+	// supervised is set while a supervisor holds the memory file.
+	//
+	// +checklocks:mu
+	supervised bool
 }
 
 func newSentry(cfg sandbox.Config, opts Options) *Sentry {
@@ -104,7 +112,13 @@ func newSentry(cfg sandbox.Config, opts Options) *Sentry {
 
 // New boots a sandbox cold: its directory, its sockets and a fresh kernel
 // with a memory file of cfg.MemorySize bytes.
+//
+// Every fd the process inherited without FD_CLOEXEC is closed first: the
+// caller marks the fds it keeps close-on-exec before.
 func New(cfg sandbox.Config, opts Options) (*Sentry, error) {
+	if n := closeInherited(); n > 0 {
+		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+	}
 	if err := sandbox.CheckID(cfg.ID); err != nil {
 		return nil, err
 	}
@@ -139,9 +153,7 @@ func (s *Sentry) Run() error {
 	if err := s.serve(); err != nil {
 		return err
 	}
-	if err := s.writeState(""); err != nil {
-		return err
-	}
+	s.register()
 	return s.launchEntrypoint()
 }
 
@@ -229,6 +241,7 @@ func (s *Sentry) stateLocked() *sandbox.State {
 		last := s.last
 		st.LastRestart = &last
 	}
+	st.Recoveries, st.LastRecovery, st.Supervised = c.Recoveries, s.recovery, s.supervised
 	return st
 }
 
@@ -267,8 +280,15 @@ func (s *Sentry) stop(exitStatus int, reason string) {
 	close(s.exited)
 }
 
+// stopGrace is how long guests have to exit after SIGTERM or SIGINT before
+// the sandbox stops them with SIGKILL.
+var stopGrace = 5 * time.Second
+
 // signal sends sig to every guest process; SIGTERM, SIGINT and SIGKILL
 // also stop the sandbox, after the outcome of a restart in progress.
+// After SIGTERM or SIGINT the guests have stopGrace to exit: the sandbox's
+// exit status is then the entrypoint's own (0 if it exits cleanly on
+// SIGTERM), and only guests still running after it are SIGKILLed (137).
 func (s *Sentry) signal(sig unix.Signal) error {
 	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
 	s.mu.Lock()
@@ -288,7 +308,32 @@ func (s *Sentry) signal(sig unix.Signal) error {
 	}
 	s.mu.Unlock()
 	if stops {
-		go s.Stop(128+int(sig), "killed by "+sig.String())
+		go s.stopAfterSignal(sig)
 	}
 	return nil
+}
+
+// stopAfterSignal stops the sandbox after sig: at once for SIGKILL,
+// otherwise once every guest has exited or stopGrace has passed. An
+// entrypoint that exits in time stops the sandbox itself, with its own
+// exit status (see reap).
+func (s *Sentry) stopAfterSignal(sig unix.Signal) {
+	if sig != unix.SIGKILL {
+		deadline := time.After(stopGrace)
+		for {
+			s.mu.Lock()
+			n, stopped := len(s.procs), s.stopped
+			s.mu.Unlock()
+			if n == 0 || stopped {
+				break
+			}
+			select {
+			case <-deadline:
+				s.Stop(128+int(unix.SIGKILL), fmt.Sprintf("guests still running %v after %v: killed", stopGrace, sig))
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+	s.Stop(128+int(sig), "killed by "+sig.String())
 }

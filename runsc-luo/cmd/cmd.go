@@ -32,6 +32,12 @@ func fatalf(format string, args ...any) subcommands.ExitStatus {
 	return subcommands.ExitFailure
 }
 
+// usagef prints a usage error and returns the usage status (2).
+func usagef(format string, args ...any) subcommands.ExitStatus {
+	fmt.Fprintf(os.Stderr, "runsc-luo: "+format+"\n", args...)
+	return subcommands.ExitUsageError
+}
+
 // parseSize parses a size such as 4096, 64M, 64MiB, 1G or 4GiB.
 func parseSize(s string) (uint64, error) {
 	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "IB"), "B")

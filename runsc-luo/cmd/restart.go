@@ -3,6 +3,7 @@ package cmd
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -24,6 +25,7 @@ type Restart struct {
 	format  string
 	// ackDelay is --TESTONLY-ack-delay (see boot.RestartArgs).
 	ackDelay time.Duration
+	force    bool
 }
 
 func (*Restart) Name() string { return "restart" }
@@ -47,7 +49,20 @@ Prints the timing breakdown, one phase a line:
   luo        the new sentry reading LUO's sessions and files
   ready      the rest until the new sentry serves guests (ack and commit)
   blackout   all of the above: guests paused until the new sentry serves them
-Exits non-zero if the restart was refused or did not complete.
+
+A restart refuses (nothing changes) while incoming sessions of the last
+restart have not been retrieved by the guests: it would drop them. --force
+restarts anyway. Of two restarts at once, one proceeds and the other is
+refused.
+
+Exit status:
+  0  the new sentry serves the sandbox
+  1  the restart did not reach the sandbox (no such sandbox, not running, ...)
+  2  usage error
+  3  refused or rolled back: the old sentry still serves, nothing was lost
+  4  a sentry died during the restart and the sandbox was recovered from its
+     memory file (see docs/crash.md for what a crash may lose)
+  5  the sandbox is lost: no sentry serves it
 `
 }
 func (r *Restart) SetFlags(f *flag.FlagSet) {
@@ -55,6 +70,7 @@ func (r *Restart) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&r.binary, "binary", "", "sentry binary to restart into (default: the running one)")
 	f.DurationVar(&r.timeout, "timeout", boot.DefaultRestartTimeout, "how long the new sentry may take")
 	f.StringVar(&r.format, "format", "table", "output format: table or json")
+	f.BoolVar(&r.force, "force", false, "restart even though incoming sessions have not been retrieved (they are dropped)")
 	f.DurationVar(&r.ackDelay, "TESTONLY-ack-delay", 0, "for tests: the old sentry sleeps this long before it reads the new sentry's ack")
 }
 
@@ -65,12 +81,20 @@ func (r *Restart) Execute(_ context.Context, f *flag.FlagSet, args ...any) subco
 		return subcommands.ExitUsageError
 	}
 	if r.mode != handover.ModeTransfer && r.mode != handover.ModeExec {
-		return fatalf("--mode %q: must be %s or %s", r.mode, handover.ModeTransfer, handover.ModeExec)
+		return usagef("--mode %q: must be %s or %s", r.mode, handover.ModeTransfer, handover.ModeExec)
 	}
 	if r.format != "table" && r.format != "json" {
-		return fatalf("--format %q: must be table or json", r.format)
+		return usagef("--format %q: must be table or json", r.format)
 	}
-	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, TestOnlyAckDelay: r.ackDelay})
+	if r.timeout <= 0 {
+		return usagef("--timeout %v: must be positive", r.timeout)
+	}
+	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, Force: r.force, TestOnlyAckDelay: r.ackDelay})
+	var re *container.RestartError
+	if errors.As(err, &re) {
+		fatalf("restart of %q failed: %v", f.Arg(0), err)
+		return restartExitStatus[re.Outcome]
+	}
 	if err != nil {
 		return fatalf("restart of %q failed: %v", f.Arg(0), err)
 	}
@@ -81,6 +105,14 @@ func (r *Restart) Execute(_ context.Context, f *flag.FlagSet, args ...any) subco
 	}
 	PrintTiming(os.Stdout, &t)
 	return subcommands.ExitSuccess
+}
+
+// restartExitStatus is restart's exit status for each outcome of a failed
+// restart (see Usage).
+var restartExitStatus = map[container.Outcome]subcommands.ExitStatus{
+	container.RolledBack: 3,
+	container.Recovered:  4,
+	container.Lost:       5,
 }
 
 // PrintTiming prints a restart's timing breakdown as a table.

@@ -22,9 +22,10 @@ import (
 	"gvisor.dev/gvisor/pkg/urpc"
 )
 
-// Start creates sandbox id under g.Root, starts its sentry (this binary's
-// "boot" command) as a daemon with a memory file of size bytes and entry as
-// its entrypoint, and returns once the sentry serves.
+// Start creates sandbox id under g.Root, starts its supervisor (this
+// binary's "supervise" command) as a daemon, which starts the sentry with
+// a memory file of size bytes and entry as its entrypoint, and returns once
+// the sentry serves.
 func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
 	if err := sandbox.CheckID(id); err != nil {
 		return err
@@ -57,7 +58,9 @@ func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
 		return fail(err)
 	}
 	defer pr.Close()
-	args := append(g.Args(), "boot", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", "--")
+	// The supervisor starts the sentry, which reports its boot on the
+	// ready pipe; the supervisor outlives every sentry of the sandbox.
+	args := append(g.Args(), "supervise", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", "--")
 	cmd := exec.Command(exe, append(args, entry...)...)
 	cmd.ExtraFiles = []*os.File{pw}
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -97,7 +100,50 @@ func WaitStopped(root, id string, timeout time.Duration) (*sandbox.State, error)
 	}
 }
 
-// Restart restarts sandbox id live and returns the timing.
+// Outcome is how a restart that did not succeed left the sandbox.
+type Outcome int
+
+const (
+	// RolledBack: the restart was refused or rolled back; the old sentry
+	// still serves the sandbox and nothing was lost.
+	RolledBack Outcome = iota + 1
+	// Recovered: a sentry died during the restart and the sandbox was
+	// recovered from its memory file; what a crash may lose is lost.
+	Recovered
+	// Lost: no sentry serves the sandbox any more.
+	Lost
+	// HandedOver: the new sentry serves the sandbox, although the old one
+	// could not confirm it (its answer was lost).
+	HandedOver
+)
+
+func (o Outcome) String() string {
+	switch o {
+	case RolledBack:
+		return "the old sentry rolled back and is still serving"
+	case Recovered:
+		return "the sandbox was recovered after a sentry crash"
+	case Lost:
+		return "the sandbox is lost: no sentry serves it"
+	case HandedOver:
+		return "the new sentry serves the sandbox"
+	}
+	return fmt.Sprintf("outcome %d", int(o))
+}
+
+// RestartError is the error of a restart that did not succeed, with how it
+// left the sandbox.
+type RestartError struct {
+	Outcome Outcome
+	Err     error
+}
+
+func (e *RestartError) Error() string { return fmt.Sprintf("%v (%v)", e.Err, e.Outcome) }
+func (e *RestartError) Unwrap() error { return e.Err }
+
+// Restart restarts sandbox id live and returns the timing. An error that
+// reached the sandbox is a *RestartError saying how the sandbox was left;
+// it is judged from the sandbox's state afterwards, never assumed.
 func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 	var t handover.Timing
 	if a.Binary != "" {
@@ -122,17 +168,30 @@ func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 	case err == nil:
 		return t, nil
 	case errors.As(err, &re):
-		return t, errors.New(re.Message)
-	case a.Mode != handover.ModeExec:
-		return t, err
+		err = errors.New(re.Message)
+	case a.Mode == handover.ModeExec:
+		// The connection ended with the execve; the new image reports
+		// through LastRestart.
+		if t, err = awaitExecRestart(root, id, st.LiveupdateNumber+1, timeout+5*time.Second); err == nil {
+			return t, nil
+		}
 	}
-	// exec mode: the connection ended with the execve; the new image
-	// reports through LastRestart.
-	want := st.LiveupdateNumber + 1
-	deadline := time.Now().Add(timeout + 5*time.Second)
+	o := outcome(root, id, st)
+	if o == HandedOver {
+		fmt.Fprintf(os.Stderr, "runsc-luo: warning: %v; but the new sentry serves the sandbox\n", err)
+		return t, nil
+	}
+	return t, &RestartError{Outcome: o, Err: err}
+}
+
+// awaitExecRestart waits for the exec'd image to report restart number
+// gen.
+func awaitExecRestart(root, id string, gen uint64, timeout time.Duration) (handover.Timing, error) {
+	var t handover.Timing
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		var rec sandbox.RestartRecord
-		if err := sandbox.Call(root, id, boot.MethodLastRestart, &boot.Empty{}, &rec); err == nil && rec.Generation >= want {
+		if err := sandbox.Call(root, id, boot.MethodLastRestart, &boot.Empty{}, &rec); err == nil && rec.Generation >= gen {
 			if rec.Error != "" {
 				return rec.Timing, errors.New(rec.Error)
 			}
@@ -141,7 +200,7 @@ func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 		if st, err := sandbox.ReadState(root, id); err == nil {
 			// The relaunched entrypoint may already have finished and
 			// stopped the sandbox: the state file keeps the outcome.
-			if rec := st.LastRestart; rec != nil && rec.Generation >= want {
+			if rec := st.LastRestart; rec != nil && rec.Generation >= gen {
 				return rec.Timing, nil
 			}
 			if st.Status == sandbox.StatusStopped {
@@ -150,7 +209,36 @@ func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return t, fmt.Errorf("no answer from the exec'd sentry within %v", timeout+5*time.Second)
+	return t, fmt.Errorf("no answer from the exec'd sentry within %v", timeout)
+}
+
+// outcome judges how a failed restart left the sandbox whose state before
+// it was before, from its state now: the same sentry serving with the same
+// liveupdate number is a rollback; a sentry serving after a recovery is a
+// recovery; anything else is a loss. A state in flux (a sentry starting)
+// is waited for, a few seconds at most.
+func outcome(root, id string, before *sandbox.State) Outcome {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := sandbox.ReadState(root, id)
+		if err == nil && st.Status == sandbox.StatusRunning && sandbox.Alive(st.PID) {
+			var live sandbox.State
+			if cerr := sandbox.CallWithin(root, id, boot.MethodState, &boot.Empty{}, &live, time.Second); cerr == nil {
+				switch {
+				case live.Recoveries > before.Recoveries:
+					return Recovered
+				case live.PID == before.PID && live.LiveupdateNumber == before.LiveupdateNumber:
+					return RolledBack
+				case live.LiveupdateNumber > before.LiveupdateNumber:
+					return HandedOver
+				}
+			}
+		}
+		if err == nil && st.Status == sandbox.StatusStopped && !sandbox.Alive(st.PID) || time.Now().After(deadline) {
+			return Lost
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // Exec runs argv as another guest of sandbox id with this process's stdio

@@ -14,6 +14,8 @@ type Proc struct {
 	PID int
 	// State is the one-letter state (R, S, D, Z, X, ...).
 	State byte
+	// PPID is the parent's pid.
+	PPID int
 	// Start is the start time in clock ticks since boot (field 22): with
 	// the pid, the process's identity, since a pid may be reused.
 	Start uint64
@@ -42,7 +44,11 @@ func ReadProc(pid int) (p Proc, ok bool) {
 	if err != nil {
 		return p, false
 	}
-	return Proc{PID: pid, State: fields[0][0], Start: start}, true
+	ppid, err := strconv.Atoi(fields[1])
+	if err != nil {
+		return p, false
+	}
+	return Proc{PID: pid, State: fields[0][0], PPID: ppid, Start: start}, true
 }
 
 // Alive reports whether the process exists and is not a zombie.

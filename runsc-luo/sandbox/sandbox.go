@@ -47,13 +47,19 @@ type Config struct {
 	MemorySize uint64    `json:"memory_size"`
 	Entrypoint []string  `json:"entrypoint,omitempty"`
 	Created    time.Time `json:"created"`
+	// Recoveries counts the recoveries after a sentry died; the
+	// supervisor keeps it.
+	Recoveries uint64 `json:"recoveries,omitempty"`
 }
 
 // Paths of a sandbox's files under its root.
-func Dir(root, id string) string           { return filepath.Join(root, id) }
-func StatePath(root, id string) string     { return filepath.Join(Dir(root, id), "state.json") }
-func ControlPath(root, id string) string   { return filepath.Join(Dir(root, id), "control.sock") }
-func GuestPath(root, id string) string     { return filepath.Join(Dir(root, id), "guest.sock") }
+func Dir(root, id string) string         { return filepath.Join(root, id) }
+func StatePath(root, id string) string   { return filepath.Join(Dir(root, id), "state.json") }
+func ControlPath(root, id string) string { return filepath.Join(Dir(root, id), "control.sock") }
+func GuestPath(root, id string) string   { return filepath.Join(Dir(root, id), "guest.sock") }
+func SupervisorPath(root, id string) string {
+	return filepath.Join(Dir(root, id), "supervisor.sock")
+}
 func SentryLogPath(root, id string) string { return filepath.Join(Dir(root, id), "sentry.log") }
 func EntrypointLogPath(root, id string) string {
 	return filepath.Join(Dir(root, id), "entrypoint.log")

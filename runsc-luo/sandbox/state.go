@@ -38,6 +38,13 @@ type State struct {
 	// Guests are the guest processes the sentry launched, so that kill
 	// and delete can stop them if the sentry died without doing so.
 	Guests []GuestRecord `json:"guests,omitempty"`
+	// Recoveries counts the times the sandbox was recovered from its
+	// memory file after a sentry died; LastRecovery says the last.
+	Recoveries   uint64          `json:"recoveries,omitempty"`
+	LastRecovery *RecoveryRecord `json:"last_recovery,omitempty"`
+	// Supervised says a supervisor holds the memory file: a crash of the
+	// sentry is recovered. Without one it loses the sandbox.
+	Supervised bool `json:"supervised"`
 
 	// Gone is set by ReadState: the file says running, but the sentry
 	// process is gone (it died without stopping its guests).
@@ -58,6 +65,16 @@ type RestartRecord struct {
 	Generation uint64          `json:"generation"`
 	Timing     handover.Timing `json:"timing"`
 	Error      string          `json:"error,omitempty"`
+}
+
+// RecoveryRecord is a recovery of the sandbox after its sentry died.
+type RecoveryRecord struct {
+	// At is when the new sentry started serving.
+	At time.Time `json:"at"`
+	// Reason says which sentry died and when.
+	Reason string `json:"reason"`
+	// Sessions are the LUO sessions recovered.
+	Sessions []string `json:"sessions,omitempty"`
 }
 
 // WriteState replaces the state file atomically.

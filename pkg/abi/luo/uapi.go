@@ -21,18 +21,18 @@ const (
 	CmdBase        = 0x00 // LIVEUPDATE_CMD_BASE
 	CmdSessionBase = 0x40 // LIVEUPDATE_CMD_SESSION_BASE
 
-	IoctlCreateSession    = IoctlType<<8 | 0x00 // LIVEUPDATE_IOCTL_CREATE_SESSION
-	IoctlRetrieveSession  = IoctlType<<8 | 0x01 // LIVEUPDATE_IOCTL_RETRIEVE_SESSION
-	IoctlSessionPreserve  = IoctlType<<8 | 0x40 // LIVEUPDATE_SESSION_PRESERVE_FD
-	IoctlSessionRetrieve  = IoctlType<<8 | 0x41 // LIVEUPDATE_SESSION_RETRIEVE_FD
-	IoctlSessionFinish    = IoctlType<<8 | 0x42 // LIVEUPDATE_SESSION_FINISH
-	IoctlSessionGetName   = IoctlType<<8 | 0x43 // LIVEUPDATE_SESSION_GET_NAME
-	SessionNameLength     = 64                  // LIVEUPDATE_SESSION_NAME_LENGTH, with the NUL
-	CreateSessionSize     = 72                  // sizeof(struct liveupdate_ioctl_create_session)
-	RetrieveSessionSize   = 72                  // sizeof(struct liveupdate_ioctl_retrieve_session)
-	SessionPreserveFDSize = 16                  // sizeof(struct liveupdate_session_preserve_fd)
-	SessionRetrieveFDSize = 16                  // sizeof(struct liveupdate_session_retrieve_fd)
-	SessionFinishSize     = 8                   // sizeof(struct liveupdate_session_finish)
+	IoctlCreateSession    = IoctlType<<8 | (CmdBase + 0x00)        // LIVEUPDATE_IOCTL_CREATE_SESSION
+	IoctlRetrieveSession  = IoctlType<<8 | (CmdBase + 0x01)        // LIVEUPDATE_IOCTL_RETRIEVE_SESSION
+	IoctlSessionPreserve  = IoctlType<<8 | (CmdSessionBase + 0x00) // LIVEUPDATE_SESSION_PRESERVE_FD
+	IoctlSessionRetrieve  = IoctlType<<8 | (CmdSessionBase + 0x01) // LIVEUPDATE_SESSION_RETRIEVE_FD
+	IoctlSessionFinish    = IoctlType<<8 | (CmdSessionBase + 0x02) // LIVEUPDATE_SESSION_FINISH
+	IoctlSessionGetName   = IoctlType<<8 | (CmdSessionBase + 0x03) // LIVEUPDATE_SESSION_GET_NAME
+	SessionNameLength     = 64                                     // LIVEUPDATE_SESSION_NAME_LENGTH, with the NUL
+	CreateSessionSize     = 72                                     // sizeof(struct liveupdate_ioctl_create_session)
+	RetrieveSessionSize   = 72                                     // sizeof(struct liveupdate_ioctl_retrieve_session)
+	SessionPreserveFDSize = 16                                     // sizeof(struct liveupdate_session_preserve_fd)
+	SessionRetrieveFDSize = 16                                     // sizeof(struct liveupdate_session_retrieve_fd)
+	SessionFinishSize     = 8                                      // sizeof(struct liveupdate_session_finish)
 	// SessionGetNameSize is sizeof(struct liveupdate_session_get_name)
 	// {size, reserved, name[64]} as merged ("liveupdate: add
 	// LIVEUPDATE_SESSION_GET_NAME ioctl", d6b3d47bdaf8 in the liveupdate

@@ -47,6 +47,10 @@ const ProtocolVersion = 3
 const (
 	ModeTransfer = "transfer"
 	ModeExec     = "exec"
+	// ModeRecover is no restart but a recovery: the sentry died, and a
+	// supervisor that held the memory file starts a new one on it, with
+	// the descriptor and inherited files as in exec mode.
+	ModeRecover = "recover"
 )
 
 // Files names the files that cross, by index into the SCM_RIGHTS array
@@ -101,8 +105,8 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 	if d.Protocol != ProtocolVersion {
 		return fmt.Errorf("handover descriptor: protocol %d, this sentry speaks %d", d.Protocol, ProtocolVersion)
 	}
-	if d.Mode != ModeTransfer && d.Mode != ModeExec {
-		return fmt.Errorf("handover descriptor: mode %q is neither %q nor %q", d.Mode, ModeTransfer, ModeExec)
+	if d.Mode != ModeTransfer && d.Mode != ModeExec && d.Mode != ModeRecover {
+		return fmt.Errorf("handover descriptor: mode %q is none of %q, %q, %q", d.Mode, ModeTransfer, ModeExec, ModeRecover)
 	}
 	if d.Timing.Mode != d.Mode {
 		return fmt.Errorf("handover descriptor: timing.mode %q differs from mode %q", d.Timing.Mode, d.Mode)
@@ -129,7 +133,7 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 		if d.Mode == ModeTransfer && (f.v < 0 || f.v >= nfiles) {
 			return fmt.Errorf("handover descriptor: files.%s = %d, but %d files came", f.name, f.v, nfiles)
 		}
-		if d.Mode == ModeExec && f.v < 3 {
+		if d.Mode != ModeTransfer && f.v < 3 {
 			return fmt.Errorf("handover descriptor: files.%s = %d is not an inherited fd", f.name, f.v)
 		}
 		for _, g := range fs[:i] {

@@ -132,9 +132,10 @@ type Options struct {
 	// exec mode (transfer mode has them from Ready).
 	PeerReads []string
 	// Exec replaces the process image with the new sentry, env being the
-	// descriptor's environment entry; it returns only on failure. Exec
-	// mode, outgoing side.
-	Exec func(env string) error
+	// descriptor's environment entry and fds the inherited fds it names
+	// (FD_CLOEXEC cleared); it returns only on failure. Exec mode,
+	// outgoing side.
+	Exec func(env string, fds []int) error
 	// Fault, if not nil, is called at every Point of this side: ErrCrash
 	// ends the side there; any other error makes the step that follows
 	// fail. Tests use it; nil in production.
@@ -501,7 +502,7 @@ func OfferExec(src Source, opts Options) error {
 		return fail(fmt.Errorf("exec-mode restart: no exec function"))
 	}
 	// Still here after Exec: execve failed, and everything is undone.
-	return fail(fmt.Errorf("execve: %w", opts.Exec(env)))
+	return fail(fmt.Errorf("execve: %w", opts.Exec(env, fds)))
 }
 
 // AcceptExec is the incoming side of an exec-mode restart: d and files come

@@ -443,7 +443,7 @@ func TestExecRestartRollsBackAtEveryFaultPoint(t *testing.T) {
 					fault = at(p, e)
 				}
 				var env string
-				err := OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), PeerReads: w.newReads, Fault: fault, Exec: func(e string) error {
+				err := OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), PeerReads: w.newReads, Fault: fault, Exec: func(e string, _ []int) error {
 					env = e
 					return unix.ENOENT
 				}})
@@ -474,7 +474,7 @@ func TestExecRestartRollsBackAtEveryFaultPoint(t *testing.T) {
 func TestExecRestartHandsOverThroughTheEnvironment(t *testing.T) {
 	w := newWorld(t)
 	var env string
-	OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), PeerReads: w.newReads, Exec: func(e string) error {
+	OfferExec(oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(time.Second), PeerReads: w.newReads, Exec: func(e string, _ []int) error {
 		env = e
 		return unix.ENOENT
 	}})

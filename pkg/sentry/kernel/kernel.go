@@ -559,3 +559,16 @@ func (k *Kernel) Guests() int {
 	defer k.mu.Unlock()
 	return len(k.procs)
 }
+
+// UnretrievedSessions returns the names of the incoming LUO sessions that
+// no guest has retrieved: a restart now would drop them (with their
+// memory), since only what is preserved in outgoing sessions crosses.
+func (k *Kernel) UnretrievedSessions() []string {
+	var names []string
+	for _, s := range k.luo.Status().Sessions {
+		if s.Direction == "incoming" && !s.Retrieved {
+			names = append(names, s.Name)
+		}
+	}
+	return names
+}

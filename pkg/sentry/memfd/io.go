@@ -353,8 +353,9 @@ type seg struct {
 // generic_perform_write loop with shmem_write_begin and shmem_write_end.
 //
 // Preconditions:
-//   - f.mu is locked exclusively.
 //   - 0 <= off < end.
+//
+// +checklocks:f.mu
 func (f *File) writeLocked(src writeSource, off, end int64) (int64, error) {
 	first, last := uint64(off)>>pageShift, uint64(end-1)>>pageShift
 	// A folio that is not uptodate and that the write covers only in part
@@ -371,7 +372,7 @@ func (f *File) writeLocked(src writeSource, off, end int64) (int64, error) {
 	idx := first
 	f.ascendLocked(first, last, func(e entry) bool {
 		if h := e.head(); idx < h {
-			if segs, allocErr = f.allocHoleLocked(idx, h, huge, flagDirty|flagUptodate, segs); allocErr != nil {
+			if segs, allocErr = f.allocHole(idx, h, huge, flagDirty|flagUptodate, segs); allocErr != nil {
 				return false
 			}
 		}
@@ -380,22 +381,14 @@ func (f *File) writeLocked(src writeSource, off, end int64) (int64, error) {
 		return true
 	})
 	if allocErr == nil && idx <= last {
-		segs, allocErr = f.allocHoleLocked(idx, last+1, huge, flagDirty|flagUptodate, segs)
+		segs, allocErr = f.allocHole(idx, last+1, huge, flagDirty|flagUptodate, segs)
 	}
 
-	// Copy, one call per run of contiguous memory-file bytes.
+	// Copy, one call per run of contiguous memory-file bytes. (No closure
+	// for the flush: checklocks cannot follow f.mu into one.)
 	var copied uint64
 	var copyErr error
 	var runAddr, runLength uint64
-	flush := func() bool {
-		if runLength == 0 {
-			return true
-		}
-		k, err := src.copyIn(f, runAddr, runLength)
-		copied += k
-		copyErr = err
-		return k == runLength
-	}
 	for _, s := range segs {
 		ws := max(uint64(off), s.e.head()<<pageShift)
 		we := min(uint64(end), (s.e.last+1)<<pageShift)
@@ -404,13 +397,22 @@ func (f *File) writeLocked(src writeSource, off, end int64) (int64, error) {
 			runLength += we - ws
 			continue
 		}
-		if !flush() {
-			runLength = 0
-			break
+		if runLength > 0 {
+			k, err := src.copyIn(f, runAddr, runLength)
+			copied += k
+			copyErr = err
+			if k != runLength {
+				runLength = 0
+				break
+			}
 		}
 		runAddr, runLength = addr, we-ws
 	}
-	flush()
+	if runLength > 0 {
+		k, err := src.copyIn(f, runAddr, runLength)
+		copied += k
+		copyErr = err
+	}
 
 	// shmem_write_end for every folio written to; fresh folios that took
 	// nothing go back.

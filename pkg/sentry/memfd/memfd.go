@@ -79,7 +79,7 @@ var lastIno atomic.Uint64
 type File struct {
 	mf   *pgalloc.MemoryFile
 	name string
-	ino  uint64
+	ino  uint64 // +checklocksignore: set at creation and never changed; Stat happens to be its only reader.
 	mode uint32
 
 	// hugetlb is set for a file created with MFD_HUGETLB, which behaves like
@@ -174,40 +174,47 @@ func Create(mf *pgalloc.MemoryFile, name string, flags uint) (*File, error) {
 	if len(name) > NameMax {
 		return nil, unix.EINVAL
 	}
-	f := newFile(mf, name)
+	var hpageShift uint
 	if fl&unix.MFD_HUGETLB != 0 {
 		// hugetlb_file_setup: a huge page size the host has no hstate
 		// for is ENODEV.
 		switch log := uint(fl >> unix.MFD_HUGE_SHIFT & unix.MFD_HUGE_MASK); {
 		case log == 0:
-			f.hpageShift = defaultHugePageShift()
+			hpageShift = defaultHugePageShift()
 		case hugePageShifts()[log]:
-			f.hpageShift = log
+			hpageShift = log
 		default:
 			return nil, unix.ENODEV
 		}
-		f.hugetlb = true
 	}
 	// alloc_file.
+	seals := uint32(unix.F_SEAL_SEAL)
 	switch {
 	case fl&unix.MFD_NOEXEC_SEAL != 0:
-		f.mode &^= 0111
-		f.seals = unix.F_SEAL_EXEC
+		seals = unix.F_SEAL_EXEC
 	case fl&unix.MFD_ALLOW_SEALING != 0:
-		f.seals = 0
+		seals = 0
+	}
+	f := newFile(mf, name, seals)
+	if fl&unix.MFD_NOEXEC_SEAL != 0 {
+		f.mode &^= 0111
+	}
+	if fl&unix.MFD_HUGETLB != 0 {
+		f.hugetlb, f.hpageShift = true, hpageShift
 	}
 	return f, nil
 }
 
-// newFile returns a new, empty, executable memfd without MFD_ALLOW_SEALING
-// (seals = F_SEAL_SEAL) holding one reference.
-func newFile(mf *pgalloc.MemoryFile, name string) *File {
+// newFile returns a new, empty, executable memfd with the given seals
+// (F_SEAL_SEAL for one created without MFD_ALLOW_SEALING) holding one
+// reference.
+func newFile(mf *pgalloc.MemoryFile, name string, seals uint32) *File {
 	f := &File{
 		mf:    mf,
 		name:  name,
 		ino:   lastIno.Add(1),
 		mode:  unix.S_IFREG | 0777,
-		seals: unix.F_SEAL_SEAL,
+		seals: seals,
 		cache: btree.NewG(btreeDegree, entryLess),
 	}
 	f.refs.Store(1)
@@ -277,9 +284,13 @@ func (f *File) Stat() abiguest.Stat {
 
 // Lock takes the inode lock (inode_lock) exclusively. LUO holds it across
 // PinFolios and SetFrozen.
+//
+// +checklocksacquire:f.mu
 func (f *File) Lock() { f.mu.Lock() }
 
 // Unlock releases the inode lock.
+//
+// +checklocksrelease:f.mu
 func (f *File) Unlock() { f.mu.Unlock() }
 
 // SetFrozen sets or clears the frozen state of a file LUO preserves
@@ -290,6 +301,8 @@ func (f *File) Unlock() { f.mu.Unlock() }
 //
 // Preconditions:
 //   - f.Lock is held.
+//
+// +checklocks:f.mu
 func (f *File) SetFrozen(frozen bool) { f.frozen.Store(frozen) }
 
 // Frozen reports whether f is frozen.

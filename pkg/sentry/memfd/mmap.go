@@ -55,25 +55,38 @@ func (f *File) Mmap(opts vfs.MmapOpts) (vfs.Mapping, error) {
 	first := opts.Offset >> pageShift
 	// The pages inside the file.
 	stop := min(first+pages, (uint64(f.size.Load())+pageSize-1)>>pageShift)
-	m := &Mapping{f: f, pages: pages, shared: shared, mayWrite: mayWrite}
+	m := &Mapping{pages: pages, mayWrite: mayWrite}
+	m.mu.Lock()
+	m.f, m.shared = f, shared
+	m.mu.Unlock()
 	if stop > first {
 		if err := f.fillLocked(first, stop); err != nil {
 			return nil, err
 		}
+		var es []entry
 		f.ascendLocked(first, stop-1, func(e entry) bool {
-			m.addLocked(e, first, stop)
+			es = append(es, e)
 			return true
 		})
+		m.mu.Lock()
+		for _, e := range es {
+			m.addLocked(e, first, stop)
+		}
+		m.mu.Unlock()
 	}
+	m.mu.Lock()
 	m.mapped = make([]uint64, (pages+63)/64)
 	for _, mf := range m.folios {
 		setBits(m.mapped, mf.first, mf.first+mf.pages)
 		f.mf.IncRef(mf.folio)
 	}
+	m.mu.Unlock()
 	f.IncRef()
 	if shared && writable {
 		f.writableMaps.Add(1)
+		m.mu.Lock()
 		m.countedWritable = true
+		m.mu.Unlock()
 	}
 	return m, nil
 }
@@ -83,7 +96,7 @@ func (f *File) Mmap(opts vfs.MmapOpts) (vfs.Mapping, error) {
 // uptodate (and dirty: the guest may write them through the mapping
 // without the page cache seeing it).
 //
-// Preconditions: f.mu is locked exclusively.
+// +checklocks:f.mu
 func (f *File) fillLocked(first, stop uint64) error {
 	segs := f.scratch[:0]
 	idx := first
@@ -92,7 +105,7 @@ func (f *File) fillLocked(first, stop uint64) error {
 	var stale []entry
 	f.ascendLocked(first, stop-1, func(e entry) bool {
 		if h := e.head(); idx < h {
-			if segs, err = f.allocHoleLocked(idx, h, huge, flagUptodate|flagDirty, segs); err != nil {
+			if segs, err = f.allocHole(idx, h, huge, flagUptodate|flagDirty, segs); err != nil {
 				return false
 			}
 		}
@@ -103,7 +116,7 @@ func (f *File) fillLocked(first, stop uint64) error {
 		return true
 	})
 	if err == nil && idx < stop {
-		segs, err = f.allocHoleLocked(idx, stop, huge, flagUptodate|flagDirty, segs)
+		segs, err = f.allocHole(idx, stop, huge, flagUptodate|flagDirty, segs)
 	}
 	if err != nil {
 		f.freeFresh(segs)
@@ -127,19 +140,31 @@ func (f *File) fillLocked(first, stop uint64) error {
 // inside the file, each pinned until no page of it is mapped. It is safe
 // for concurrent use.
 type Mapping struct {
-	f        *File
 	pages    uint64
-	shared   bool
 	mayWrite bool
+
+	mu sync.Mutex
+	// f is the mapped file; the mapping holds a reference on it until
+	// released.
+	//
+	// +checklocks:mu
+	f *File
+	// shared is MAP_SHARED (or MAP_SHARED_VALIDATE).
+	//
+	// +checklocks:mu
+	shared bool
 	// countedWritable is set while the mapping counts in
 	// f.writableMaps (a shared writable mapping).
+	//
+	// +checklocks:mu
 	countedWritable bool
 
 	// folios are the mapping's folios in mapping order; runs are derived
 	// from them.
+	//
+	// +checklocks:mu
 	folios []mappedFolio
 
-	mu sync.Mutex
 	// mapped has a bit per page of the mapping that is still mapped and
 	// has a folio.
 	//
@@ -165,7 +190,7 @@ type mappedFolio struct {
 // addLocked appends the part of cache entry e inside file pages [first,
 // stop) to m.
 //
-// Preconditions: m.f.mu is locked.
+// +checklocks:m.mu
 func (m *Mapping) addLocked(e entry, first, stop uint64) {
 	h := max(e.head(), first)
 	t := min(e.last+1, stop)
@@ -185,6 +210,8 @@ func (m *Mapping) MayWrite() bool { return m.mayWrite }
 // Runs returns the runs of the memory file that back the mapping, in
 // mapping order, adjacent runs merged.
 func (m *Mapping) Runs() []abiguest.MmapRun {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	var runs []abiguest.MmapRun
 	for _, mf := range m.folios {
 		r := abiguest.MmapRun{
@@ -270,7 +297,10 @@ func (m *Mapping) Release() {
 func (m *Mapping) Clone() vfs.Mapping {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	c := &Mapping{f: m.f, pages: m.pages, shared: m.shared, mayWrite: m.mayWrite, released: m.released}
+	c := &Mapping{pages: m.pages, mayWrite: m.mayWrite}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.f, c.shared, c.released = m.f, m.shared, m.released
 	c.mapped = append([]uint64(nil), m.mapped...)
 	if m.released {
 		return c

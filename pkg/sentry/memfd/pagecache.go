@@ -60,8 +60,7 @@ func (e entry) addr(idx uint64) uint64 {
 
 // findLocked returns the folio holding page index idx.
 //
-// Preconditions:
-//   - f.mu is locked (shared or exclusively).
+// +checklocksread:f.mu
 func (f *File) findLocked(idx uint64) (entry, bool) {
 	var found entry
 	ok := false
@@ -77,8 +76,7 @@ func (f *File) findLocked(idx uint64) (entry, bool) {
 // ascendLocked calls fn, in index order, for every folio that holds a page
 // of [first, last], until fn returns false.
 //
-// Preconditions:
-//   - f.mu is locked (shared or exclusively).
+// +checklocksread:f.mu
 func (f *File) ascendLocked(first, last uint64, fn func(e entry) bool) {
 	f.cache.AscendGreaterOrEqual(entry{last: first}, func(e entry) bool {
 		if e.head() > last {
@@ -91,8 +89,9 @@ func (f *File) ascendLocked(first, last uint64, fn func(e entry) bool) {
 // insertLocked adds a folio to the page cache.
 //
 // Preconditions:
-//   - f.mu is locked exclusively.
 //   - No folio of the cache holds a page of e.
+//
+// +checklocks:f.mu
 func (f *File) insertLocked(e entry) {
 	f.cache.ReplaceOrInsert(e)
 	f.nrPages += e.pages()
@@ -101,8 +100,7 @@ func (f *File) insertLocked(e entry) {
 // removeLocked removes a folio from the page cache and drops the cache's
 // reference on it.
 //
-// Preconditions:
-//   - f.mu is locked exclusively.
+// +checklocks:f.mu
 func (f *File) removeLocked(e entry) {
 	f.cache.Delete(e)
 	f.nrPages -= e.pages()
@@ -112,8 +110,7 @@ func (f *File) removeLocked(e entry) {
 // splitLocked splits the large folio e into order-0 folios with e's flags
 // (split_folio). It returns false, changing nothing, if the folio is pinned.
 //
-// Preconditions:
-//   - f.mu is locked exclusively.
+// +checklocks:f.mu
 func (f *File) splitLocked(e entry) bool {
 	if e.pages() == 1 {
 		return true
@@ -132,8 +129,7 @@ func (f *File) splitLocked(e entry) bool {
 // splitAtLocked makes page index idx the start of a folio, by splitting the
 // large folio that holds idx and idx-1, if any and if want accepts it.
 //
-// Preconditions:
-//   - f.mu is locked exclusively.
+// +checklocks:f.mu
 func (f *File) splitAtLocked(idx uint64, want func(e entry) bool) {
 	if idx == 0 || idx > maxIndex {
 		return
@@ -146,7 +142,7 @@ func (f *File) splitAtLocked(idx uint64, want func(e entry) bool) {
 func anyFolio(entry) bool      { return true }
 func notUptodate(e entry) bool { return !e.uptodate() }
 
-// allocHoleLocked allocates folios with the given flags for the pages
+// allocHole allocates folios with the given flags for the pages
 // [first, end) of a hole and appends them to out as fresh segs: order 9 for
 // every aligned 2 MiB block that huge accepts (falling back to order 0 if no
 // such folio is free), order 0 elsewhere. Order-0 folios are taken a block
@@ -156,10 +152,14 @@ func notUptodate(e entry) bool { return !e.uptodate() }
 // call. It stops at the first page it cannot allocate and returns ENOMEM
 // with what it allocated so far.
 //
+// allocHole touches nothing of f but the memory file, so it needs no lock
+// itself (and may run in an ascendLocked callback); its callers hold f.mu
+// exclusively from finding the hole until they insert the fresh segs or
+// free them.
+//
 // Preconditions:
-//   - f.mu is locked exclusively.
 //   - No folio of the cache holds a page of [first, end).
-func (f *File) allocHoleLocked(first, end uint64, huge func(block uint64) bool, flags uint64, out []seg) ([]seg, error) {
+func (f *File) allocHole(first, end uint64, huge func(block uint64) bool, flags uint64, out []seg) ([]seg, error) {
 	for idx := first; idx < end; {
 		if idx%hugePages == 0 && end-idx >= hugePages && huge(idx) {
 			if fo, err := f.mf.Allocate(hugeOrder); err == nil {
@@ -209,8 +209,7 @@ const maxScratch = 1024
 
 // releaseScratch keeps segs as the File's scratch slice if it is small.
 //
-// Preconditions:
-//   - f.mu is locked exclusively.
+// +checklocks:f.mu
 func (f *File) releaseScratch(segs []seg) {
 	if cap(segs) <= maxScratch {
 		f.scratch = segs[:0]
@@ -236,8 +235,7 @@ func (f *File) zeroRange(addr, n uint64) {
 // zeroFileRangeLocked zeroes the file bytes [start, end) where cached folios hold
 // them.
 //
-// Preconditions:
-//   - f.mu is locked exclusively.
+// +checklocks:f.mu
 func (f *File) zeroFileRangeLocked(start, end uint64) {
 	if start >= end {
 		return

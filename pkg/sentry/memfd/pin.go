@@ -49,6 +49,8 @@ func cacheFolio(e entry) CacheFolio {
 //
 // Preconditions:
 //   - f.Lock is held.
+//
+// +checklocks:f.mu
 func (f *File) PinFolios() ([]CacheFolio, error) {
 	if f.hugetlb {
 		return nil, unix.EINVAL
@@ -68,7 +70,7 @@ func (f *File) PinFolios() ([]CacheFolio, error) {
 	huge := func(uint64) bool { return true }
 	f.ascendLocked(0, stop-1, func(e entry) bool {
 		if h := e.head(); idx < h {
-			if segs, allocErr = f.allocHoleLocked(idx, h, huge, flagUptodate, segs); allocErr != nil {
+			if segs, allocErr = f.allocHole(idx, h, huge, flagUptodate, segs); allocErr != nil {
 				return false
 			}
 		}
@@ -77,7 +79,7 @@ func (f *File) PinFolios() ([]CacheFolio, error) {
 		return true
 	})
 	if allocErr == nil && idx < stop {
-		segs, allocErr = f.allocHoleLocked(idx, stop, huge, flagUptodate, segs)
+		segs, allocErr = f.allocHole(idx, stop, huge, flagUptodate, segs)
 	}
 	if allocErr != nil {
 		f.freeFresh(segs)
@@ -147,7 +149,7 @@ func NewFromFolios(mf *pgalloc.MemoryFile, size, pos int64, fs []CacheFolio) (*F
 		}
 		next = c.Index + fo.Pages()
 	}
-	f := newFile(mf, "")
+	f := newFile(mf, "", unix.F_SEAL_SEAL)
 	f.size.Store(size)
 	f.pos.Store(pos)
 	f.mu.Lock()

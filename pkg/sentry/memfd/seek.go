@@ -59,8 +59,9 @@ func (f *File) Seek(off int64, whence int) (int64, error) {
 // which is where the hole is (docs/memfd.md).
 //
 // Preconditions:
-//   - f.mu is locked (shared or exclusively).
 //   - start >= 0.
+//
+// +checklocksread:f.mu
 func (f *File) seekHoleDataLocked(start int64, data bool) (int64, error) {
 	size := f.size.Load()
 	if start >= size {
@@ -93,8 +94,7 @@ func (f *File) seekHoleDataLocked(start int64, data bool) (int64, error) {
 
 // defaultLlseek is default_llseek, the lseek of hugetlbfs.
 //
-// Preconditions:
-//   - f.posMu is locked.
+// +checklocks:f.posMu
 func (f *File) defaultLlseek(off int64, whence int) (int64, error) {
 	size := f.size.Load()
 	switch whence {

@@ -42,8 +42,9 @@ func (f *File) Truncate(size int64) error {
 // is zeroed and the folio stays, as Linux does when a split fails.
 //
 // Preconditions:
-//   - f.mu is locked exclusively.
 //   - start < end <= MaxFileSize+1.
+//
+// +checklocks:f.mu
 func (f *File) truncateRangeLocked(start, end uint64) {
 	first := (start + pageSize - 1) >> pageShift // first page to free
 	stop := end >> pageShift                     // page after the last to free
@@ -150,8 +151,9 @@ func (f *File) Fallocate(mode uint32, off, length int64) error {
 // freed.
 //
 // Preconditions:
-//   - f.mu is locked exclusively.
 //   - first < stop.
+//
+// +checklocks:f.mu
 func (f *File) allocateLocked(first, stop uint64) error {
 	// A folio that is not uptodate and that the range covers in part would
 	// become uptodate in part.
@@ -163,7 +165,7 @@ func (f *File) allocateLocked(first, stop uint64) error {
 	idx := first
 	f.ascendLocked(first, stop-1, func(e entry) bool {
 		if h := e.head(); idx < h {
-			if segs, allocErr = f.allocHoleLocked(idx, h, huge, flagDirty, segs); allocErr != nil {
+			if segs, allocErr = f.allocHole(idx, h, huge, flagDirty, segs); allocErr != nil {
 				return false
 			}
 		}
@@ -172,7 +174,7 @@ func (f *File) allocateLocked(first, stop uint64) error {
 		return true
 	})
 	if allocErr == nil && idx < stop {
-		segs, allocErr = f.allocHoleLocked(idx, stop, huge, flagDirty, segs)
+		segs, allocErr = f.allocHole(idx, stop, huge, flagDirty, segs)
 	}
 	for _, s := range segs {
 		if s.fresh {

@@ -1,0 +1,139 @@
+package test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A restart would drop the incoming sessions the relaunched guest has not
+// retrieved yet: it is refused, naming them, with the rollback exit status
+// (3), until they are retrieved or --force is given.
+func TestARestartBeforeTheGuestRetrievedIsRefused(t *testing.T) {
+	c := newCLI(t)
+	const id = "refuse"
+	// The relaunched guest of this entrypoint never retrieves anything:
+	// after the first restart it just sleeps.
+	entry := "if [ \"$LIVESENTRY_LIVEUPDATE_NUMBER\" = 0 ]; then exec " + strings.Join(guestArgs("1M", 5, false), " ") + "; else exec sleep 600; fi"
+	c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", entry)
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	c.restart(id)
+	before := c.state(id)
+	_, errOut, code := c.run("restart", id)
+	if code != 3 || !strings.Contains(errOut, `incoming sessions ["demo-session-0" "demo-session-1"]`) || !strings.Contains(errOut, "--force") {
+		t.Fatalf("restart with unretrieved sessions: exit %d, %s", code, errOut)
+	}
+	if st := c.state(id); st.PID != before.PID || st.LiveupdateNumber != before.LiveupdateNumber {
+		t.Fatalf("the refused restart changed the sandbox: %+v, before %+v", st, before)
+	}
+	c.restart(id, "--force")
+	if st := c.state(id); st.LiveupdateNumber != before.LiveupdateNumber+1 {
+		t.Fatalf("restart --force: %+v", st)
+	}
+	c.must("kill", id)
+}
+
+// Of two restarts started at once, exactly one proceeds; the other is
+// refused with the rollback exit status, and the guest's data survives.
+func TestOfTwoConcurrentRestartsExactlyOneProceeds(t *testing.T) {
+	c := newCLI(t)
+	const id = "twice"
+	c.must(append([]string{"run", "--detach", "--memory=64M", id, "--"}, guestArgs("4M", 9, true)...)...)
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	var wg sync.WaitGroup
+	codes := make([]int, 2)
+	outs := make([]string, 2)
+	for i := range codes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cmd := exec.Command(runsc, "--root="+c.root, "restart", id)
+			b, err := cmd.CombinedOutput()
+			outs[i] = string(b)
+			if ee, ok := err.(*exec.ExitError); ok {
+				codes[i] = ee.ExitCode()
+			}
+		}()
+	}
+	wg.Wait()
+	if !(codes[0] == 0 && codes[1] == 3 || codes[0] == 3 && codes[1] == 0) {
+		t.Fatalf("exit statuses %v, want one 0 and one 3:\n%s\n%s", codes, outs[0], outs[1])
+	}
+	// The guest of generation 1 verifies every byte.
+	c.waitEvent(id, "verified", 1, 30*time.Second)
+	c.must("kill", id)
+}
+
+// kill sends SIGTERM to the guests and gives them time to exit: an
+// entrypoint that handles it and exits 0 leaves exit status 0; one that
+// ignores it is SIGKILLed after the grace period (137).
+func TestKillGivesGuestsTimeAndRecordsTheTrueExitStatus(t *testing.T) {
+	tests := []struct {
+		name  string
+		entry string
+		want  int
+	}{
+		{"an entrypoint that exits 0 on SIGTERM", `trap 'echo got-term; exit 0' TERM; while :; do sleep 0.05; done`, 0},
+		{"an entrypoint that ignores SIGTERM", `trap '' TERM; while :; do sleep 0.05; done`, 137},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCLI(t)
+			id := "term" + string(rune('a'+i))
+			c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", tc.entry)
+			time.Sleep(200 * time.Millisecond)
+			c.must("kill", id)
+			st := c.state(id)
+			if st.Status != "stopped" || st.ExitStatus == nil || *st.ExitStatus != tc.want {
+				t.Fatalf("after kill: %+v, want exit status %d", st, tc.want)
+			}
+			c.must("delete", id)
+		})
+	}
+}
+
+// No fd leaks across restarts: every relaunched entrypoint holds only its
+// stdio, and the sentry's own fd count stays flat, in both modes.
+func TestRestartsLeakNoFDs(t *testing.T) {
+	c := newCLI(t)
+	const id = "fdleak"
+	entry := `printf 'fds:'; for f in /proc/$$/fd/*; do printf ' %s' "${f##*/}"; done; echo; exec sleep 600`
+	c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", entry)
+	count := func(pid int) int {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	// The fd count of the sentry after each restart, by mode.
+	counts := map[string][]int{}
+	for _, mode := range []string{"transfer", "exec", "transfer", "exec", "transfer", "exec"} {
+		c.restart(id, "--mode="+mode)
+		st := c.state(id)
+		time.Sleep(100 * time.Millisecond)
+		counts[mode] = append(counts[mode], count(st.PID))
+	}
+	for mode, ns := range counts {
+		if ns[len(ns)-1] > ns[0] {
+			t.Errorf("the sentry's fds after %s-mode restarts: %v, growing", mode, ns)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	b, _ := os.ReadFile(filepath.Join(c.root, id, "entrypoint.log"))
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 7 {
+		t.Fatalf("entrypoint log: %q", b)
+	}
+	for i, l := range lines {
+		if l != "fds: 0 1 2" {
+			t.Errorf("launch %d of the entrypoint: %q, want only its stdio", i, l)
+		}
+	}
+	c.must("kill", id)
+}
