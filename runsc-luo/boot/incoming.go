@@ -46,7 +46,8 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	}
 	boot := kernel.NewFromHandover
 	if d.Mode == handover.ModeRecover {
-		boot = recoverKernel
+		// The memory file of a sentry that died, as it was then.
+		boot = kernel.Recover
 	}
 	k, err := boot(files[0], d.Root, kernel.Options{Logf: log.Infof}, t)
 	if err != nil {
@@ -97,10 +98,6 @@ func (in *incoming) Discard() {
 	in.s.guestFile.Close()
 	in.s.controlFile.Close()
 }
-
-// recoverKernel boots the kernel of a recovery: the memory file of a
-// sentry that died, as it was at that instant.
-var recoverKernel = kernel.NewFromHandover
 
 // HandoverInEnv reports whether this process is the new image of an
 // exec-mode restart.

@@ -185,6 +185,59 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 	return newKernel(mf, k, l, opts), nil
 }
 
+// Recover boots a sentry from the memory file of one that died without
+// freezing (a crash: SIGKILL, a bug, the host OOM killer): file is the
+// memory file (Recover takes ownership of it) and root the byte address of
+// the dead sentry's KHO root, the same address it would have handed over.
+// KHO's radix tree and root and LUO's session and file records are written
+// through at every change, so the file is read exactly as after a planned
+// restart (kho.Recover, luo.Deserialize), with the same validation, and
+// every session whose create, and every file whose preserve, had returned
+// is there, with the position each file had at preserve (see docs/crash.md
+// for what a crash may lose). Any error refuses the file like
+// NewFromHandover does.
+//
+// There is no previous sentry to roll back to, so the quarantine ends at
+// once (Recover commits itself) and, if no session was recovered, whatever
+// the dead sentry had preserved without recording it (a preserve in
+// flight) is freed. t gets the phases as with NewFromHandover.
+func Recover(file *os.File, root uint64, opts Options, t *handover.Timing) (*Kernel, error) {
+	if t == nil {
+		t = new(handover.Timing)
+	}
+	t0 := time.Now()
+	mf, err := pgalloc.Open(file, pgalloc.Options{})
+	if err != nil {
+		file.Close()
+		return nil, fmt.Errorf("mapping the memory file: %w", err)
+	}
+	t1 := time.Now()
+	t.Map = t1.Sub(t0)
+	k, err := kho.Recover(mf, root)
+	if err != nil {
+		mf.Close()
+		return nil, err
+	}
+	t2 := time.Now()
+	t.Ingest = t2.Sub(t1)
+	l, err := newLUO(mf, k)
+	if err != nil {
+		mf.Close()
+		return nil, err
+	}
+	if err := l.Deserialize(); err != nil {
+		mf.Close()
+		return nil, fmt.Errorf("deserializing LUO: %w", err)
+	}
+	t.LUO = time.Since(t2)
+	kk := newKernel(mf, k, l, opts)
+	kk.Commit()
+	if len(l.Status().Sessions) == 0 {
+		k.ReleaseUnrestored()
+	}
+	return kk, nil
+}
+
 func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Kernel {
 	logf := opts.Logf
 	if logf == nil {

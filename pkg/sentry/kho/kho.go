@@ -237,7 +237,24 @@ func (k *KHO) setLocked(pfn uint64, order int) error {
 // (or FinalizeFormat); until then the outgoing root says
 // preserved-memory-map = 0.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
-	in, runs, err := deserialize(mf, root)
+	return ingest(mf, root, false)
+}
+
+// Recover is Ingest for a memory file whose sentry died without finalizing:
+// the kho-v2 root and radix tree are current at every instant, so they are
+// read as they are, exactly as Ingest reads a planned handover. The one
+// state Ingest refuses and Recover accepts is a kho-v2 root with
+// preserved-memory-map = 0: a sentry that never preserved anything (its
+// tree is made at the first preserve); then nothing is adopted but the root
+// page, which becomes the outgoing root again. A kho-v1 root (a sentry that
+// died after a kho-v1 Finalize) is read as Ingest reads it: its map was
+// complete.
+func Recover(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
+	return ingest(mf, root, true)
+}
+
+func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
+	in, runs, err := deserialize(mf, root, crashed)
 	if err != nil {
 		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
 	}

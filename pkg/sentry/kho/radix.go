@@ -36,6 +36,41 @@ type radixTree struct {
 	// [idx*RadixLeafBits, (idx+1)*RadixLeafBits): a view of its page in the
 	// memory file, nil if the leaf does not exist.
 	leaves [pgalloc.MaxOrder + 1][][]byte
+	// nleaves[o] counts the leaves of order o.
+	nleaves [pgalloc.MaxOrder + 1]int
+	// reserve are allocated, unpreserved pages kept for a kho-v1
+	// Finalize, so that a memory file with no free page can still be
+	// handed over in kho-v1: one page per leaf (its bitmap) and one per
+	// MemChunkCapacity leaves of an order (a khoser_mem_chunk), exactly
+	// what the first kho-v1 Finalize writes at most (v1ReserveNeed). The
+	// pages are taken when a leaf is made, before it is linked, so a
+	// preserve that cannot take them fails with ENOMEM and changes
+	// nothing. That is one page for 128 MiB of order-0 blocks (a leaf
+	// covers 32768 blocks): 0.003% of the preserved memory at most.
+	reserve []pgalloc.Folio
+}
+
+// v1ReserveNeed returns how many pages a kho-v1 map of the tree's leaves
+// needs at most: a bitmap per leaf and a chunk per MemChunkCapacity leaves
+// of each order.
+func (t *radixTree) v1ReserveNeed() int {
+	n := 0
+	for _, l := range t.nleaves {
+		n += l + (l+abikho.MemChunkCapacity-1)/abikho.MemChunkCapacity
+	}
+	return n
+}
+
+// takeReserve returns a zeroed page of the reserve, or ok false if it is
+// empty.
+func (t *radixTree) takeReserve() (pgalloc.Folio, bool) {
+	if len(t.reserve) == 0 {
+		return pgalloc.Folio{}, false
+	}
+	f := t.reserve[len(t.reserve)-1]
+	t.reserve = t.reserve[:len(t.reserve)-1]
+	clear(t.mf.Bytes(f))
+	return f, true
 }
 
 func newRadixTree(mf *pgalloc.MemoryFile) radixTree {
@@ -88,6 +123,19 @@ func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, er
 	if l := t.leaves[order][idx]; l != nil || !create {
 		return l, bit, nil
 	}
+	// The kho-v1 reserve grows first: a bitmap page, and a chunk page
+	// when the order's leaves fill a new chunk.
+	reserved := len(t.reserve)
+	t.nleaves[order]++
+	for len(t.reserve) < t.v1ReserveNeed() {
+		f, err := t.allocNode()
+		if err != nil {
+			t.nleaves[order]--
+			t.dropReserve(reserved)
+			return nil, 0, fmt.Errorf("kho: reserving pages for a kho-v1 map: %w", err)
+		}
+		t.reserve = append(t.reserve, f)
+	}
 	key := abikho.RadixEncodeKey(pfn<<abikho.PageShift, order)
 	node := t.mf.Bytes(t.root)
 	var made []pgalloc.Folio
@@ -107,6 +155,8 @@ func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, er
 			for _, m := range made {
 				t.mf.DecRef(m)
 			}
+			t.nleaves[order]--
+			t.dropReserve(reserved)
 			return nil, 0, err
 		}
 		abikho.SetRadixNodeEntry(node, i, f.Addr())
@@ -185,11 +235,21 @@ func (t *radixTree) forEach(fn func(pfn uint64, order int)) {
 	}
 }
 
-// free drops every node page. The tree must not be used afterwards.
+// dropReserve frees the reserve pages beyond the first n.
+func (t *radixTree) dropReserve(n int) {
+	for _, f := range t.reserve[n:] {
+		t.mf.DecRef(f)
+	}
+	t.reserve = t.reserve[:n]
+}
+
+// free drops every node page and the reserve. The tree must not be used
+// afterwards.
 func (t *radixTree) free() {
 	for _, f := range t.nodes {
 		t.mf.DecRef(f)
 	}
+	t.dropReserve(0)
 	*t = radixTree{}
 }
 

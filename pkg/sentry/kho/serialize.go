@@ -125,9 +125,17 @@ func (k *KHO) IncomingFormat() string {
 	return k.in.format
 }
 
+// freePagesLocked gives kho-v1 map pages back to the reserve, and frees
+// those beyond what the reserve needs.
+//
 // +checklocks:k.mu
 func (k *KHO) freePagesLocked(pages []pgalloc.Folio) {
+	t := &k.out.tree
 	for _, p := range pages {
+		if t.root != (pgalloc.Folio{}) && len(t.reserve) < t.v1ReserveNeed() {
+			t.reserve = append(t.reserve, p)
+			continue
+		}
 		k.mf.DecRef(p)
 	}
 }
@@ -137,7 +145,7 @@ func (k *KHO) freePagesLocked(pages []pgalloc.Folio) {
 //
 // +checklocks:k.mu
 func (k *KHO) serializeLocked() (pages []pgalloc.Folio, first uint64, err error) {
-	w := v1Writer{mf: k.mf}
+	w := v1Writer{mf: k.mf, tree: &k.out.tree}
 	if err := w.write(&k.out.tree.leaves); err != nil {
 		w.free()
 		return nil, 0, err
@@ -148,6 +156,8 @@ func (k *KHO) serializeLocked() (pages []pgalloc.Folio, first uint64, err error)
 // v1Writer writes a kho-v1 map (kho_mem_serialize).
 type v1Writer struct {
 	mf *pgalloc.MemoryFile
+	// tree's reserve gives the pages first.
+	tree *radixTree
 	// pages are the pages allocated so far.
 	pages []pgalloc.Folio
 	// first is the address of the first chunk.
@@ -159,9 +169,12 @@ type v1Writer struct {
 
 // alloc allocates a page for the map.
 func (w *v1Writer) alloc() ([]byte, uint64, error) {
-	f, err := w.mf.Allocate(0)
-	if err != nil {
-		return nil, 0, fmt.Errorf("kho: allocating a page for the preserved-memory map: %w", err)
+	f, ok := w.tree.takeReserve()
+	if !ok {
+		var err error
+		if f, err = w.mf.Allocate(0); err != nil {
+			return nil, 0, fmt.Errorf("kho: allocating a page for the preserved-memory map: %w", err)
+		}
 	}
 	w.pages = append(w.pages, f)
 	return w.mf.Bytes(f), f.Addr(), nil
@@ -218,19 +231,18 @@ func (w *v1Writer) write(leaves *[pgalloc.MaxOrder + 1][][]byte) error {
 	return nil
 }
 
-// free frees every page allocated so far.
+// free gives every page allocated so far back to the reserve.
 func (w *v1Writer) free() {
-	for _, p := range w.pages {
-		w.mf.DecRef(p)
-	}
+	w.tree.reserve = append(w.tree.reserve, w.pages...)
 	w.pages = nil
 }
 
 // deserialize reads and validates the handover at root in mf
 // (kho_populate + kho_mem_deserialize) and returns the incoming state and
 // the preserved blocks in address order, as runs. It changes nothing in mf, and it
-// copies every page it reads before it interprets it.
-func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run, error) {
+// copies every page it reads before it interprets it. emptyV2 accepts a
+// kho-v2 root without a tree (see Recover).
+func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, []pgalloc.Run, error) {
 	var page [abikho.PageSize]byte
 	if err := readPage(mf, root, page[:]); err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
@@ -253,6 +265,17 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run,
 	if err != nil {
 		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
+	in.mem = newMemTracker(mf.Pages())
+	if memMap == 0 && emptyV2 && compat == abikho.CompatibleV2 {
+		if len(tree.Children) != 0 {
+			return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (nothing preserved) but the root names %d subtrees: %w", root, abikho.PropPreservedMemoryMap, len(tree.Children), unix.EINVAL)
+		}
+		if root>>abikho.PageShift >= mf.Pages() {
+			return nil, nil, fmt.Errorf("root FDT at %#x: outside the %d-page memory file: %w", root, mf.Pages(), unix.EINVAL)
+		}
+		in.mem.set(root>>abikho.PageShift, 0)
+		return in, in.mem.runs(), nil
+	}
 	if memMap == 0 {
 		what := "the map was not finalized"
 		if compat == abikho.CompatibleV2 {
@@ -260,7 +283,6 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64) (*incoming, []pgalloc.Run,
 		}
 		return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
 	}
-	in.mem = newMemTracker(mf.Pages())
 	if compat == abikho.CompatibleV1 {
 		err = readMap(mf, memMap, &in.mem)
 	} else {

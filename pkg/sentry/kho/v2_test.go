@@ -230,12 +230,16 @@ func TestFinalizeFormat(t *testing.T) {
 	}
 
 	// Switching to kho-v1 writes one chunk and one bitmap per order used
-	// (orders 0 and 2), and back to kho-v2 frees them.
+	// (orders 0 and 2), taken from the reserve, and back to kho-v2 gives
+	// them back.
+	if got := reserveLen(k); got != 4 {
+		t.Errorf("kho-v1 reserve of a tree with leaves of two orders: %d pages, want 4", got)
+	}
 	if err := k.FinalizeFormat(abikho.CompatibleV1); err != nil {
 		t.Fatal(err)
 	}
-	if got := mf.Stats().AllocatedPages - base; got != 4 || k.Format() != abikho.CompatibleV1 {
-		t.Errorf("kho-v1 after kho-v2: %d map pages, format %q; want 4, kho-v1", got, k.Format())
+	if got := mf.Stats().AllocatedPages - base; got != 0 || k.Format() != abikho.CompatibleV1 || reserveLen(k) != 0 {
+		t.Errorf("kho-v1 after kho-v2: %d new pages, format %q, %d reserve pages left; want 0, kho-v1, 0", got, k.Format(), reserveLen(k))
 	}
 	if s, _ := rootTree(t, k).String("compatible"); s != abikho.CompatibleV1 {
 		t.Errorf("root compatible = %q, want kho-v1", s)
@@ -335,8 +339,8 @@ func TestNewMakesTheTreeAtTheFirstPreserve(t *testing.T) {
 	if got := walkTree(t, mf, memMapAddr(t, k)); !slices.Equal(got, want) {
 		t.Errorf("after the first preserve the tree holds %v, want %v", got, want)
 	}
-	if got := mf.Stats().AllocatedPages; got != 1+1+abikho.RadixTreeMaxDepth {
-		t.Errorf("after the first preserve %d pages are allocated, want the root FDT, the folio and %d tree nodes", got, abikho.RadixTreeMaxDepth)
+	if got := mf.Stats().AllocatedPages; got != 1+1+abikho.RadixTreeMaxDepth+2 {
+		t.Errorf("after the first preserve %d pages are allocated, want the root FDT, the folio, %d tree nodes and 2 kho-v1 reserve pages", got, abikho.RadixTreeMaxDepth)
 	}
 }
 
@@ -676,4 +680,11 @@ func TestTreeBytesFollowTheHeaderDiagram(t *testing.T) {
 			}
 		})
 	}
+}
+
+// reserveLen returns the number of pages in k's kho-v1 reserve.
+func reserveLen(k *KHO) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.out.tree.reserve)
 }

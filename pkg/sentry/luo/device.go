@@ -166,6 +166,13 @@ func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
 		return -1, unix.EEXIST
 	}
 	s := &Session{luo: l, name: name}
+	l.recMu.Lock()
+	err := l.addSessionRecordLocked(s)
+	l.recMu.Unlock()
+	if err != nil {
+		l.mu.Unlock()
+		return -1, errnoFor(err, unix.ENOMEM)
+	}
 	l.outgoing = append(l.outgoing, s)
 	l.outgoingNames[name] = s
 	l.mu.Unlock()
@@ -173,6 +180,9 @@ func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
 	fd, err := fdt.InstallFD(s, true)
 	if err != nil {
 		l.mu.Lock()
+		l.recMu.Lock()
+		l.removeSessionRecordLocked(s)
+		l.recMu.Unlock()
 		l.removeOutgoingLocked(s)
 		l.mu.Unlock()
 		return -1, err

@@ -119,12 +119,20 @@ func (s *sentry) restart(tb testing.TB) *sentry {
 
 func (s *sentry) handover(tb testing.TB) (*sentry, error) {
 	tb.Helper()
+	return s.handoverAfter(tb, func() {})
+}
+
+// handoverAfter is handover with between calls between the old sentry's
+// freeze and finalize and the next sentry's ingest.
+func (s *sentry) handoverAfter(tb testing.TB, between func()) (*sentry, error) {
+	tb.Helper()
 	if err := s.l.Serialize(); err != nil {
 		return nil, err
 	}
 	if err := s.k.Finalize(); err != nil {
 		tb.Fatalf("kho finalize: %v", err)
 	}
+	between()
 	file, err := s.mf.DupFile()
 	if err != nil {
 		tb.Fatal(err)

@@ -36,6 +36,7 @@
 //
 //	LUO.mu
 //	  Session.mu
+//	    LUO.recMu
 //	    LUO.filesMu
 package luo
 
@@ -173,6 +174,16 @@ type LUO struct {
 	//
 	// +checklocks:mu
 	closedWhileSerialized []*Session
+
+	// recMu guards the records in preserved memory (records.go) and each
+	// session's part of them (Session.rec).
+	recMu sync.Mutex
+
+	// rec is the outgoing state in preserved memory, nil until the first
+	// session (or Serialize) makes it.
+	//
+	// +checklocks:recMu
+	rec *records
 
 	filesMu sync.Mutex
 

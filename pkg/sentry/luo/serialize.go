@@ -8,16 +8,11 @@ import (
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
-	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"golang.org/x/sys/unix"
 )
 
-// serialized is what Serialize wrote into preserved memory.
+// serialized is what a successful Serialize did, until Abort.
 type serialized struct {
-	// blocks are every AllocPreserve'd folio (LUO FDT, session array, file
-	// arrays), freed again by Abort.
-	blocks  []pgalloc.Folio
-	fdtAddr uint64
 	// plan is the handler that froze and wrote each file.
 	plan serializePlan
 }
@@ -54,9 +49,14 @@ func (l *LUO) Serialize() error {
 }
 
 // SerializeWith mirrors liveupdate_reboot's luo_session_serialize: it
-// chooses each file's format (see SerializeOptions), freezes every
-// preserved file, in session order and then preservation order, and writes
-// the session and file records and the "LUO" KHO subtree. If a freeze
+// chooses each file's format (see SerializeOptions) and freezes every
+// preserved file, in session order and then preservation order. The
+// session and file records and the "LUO" KHO subtree are written through
+// as sessions and files come and go (records.go), so only what a freeze
+// changes is left to write: a file record whose format or data the freeze
+// changed. Nothing is allocated, unless no session was ever created (then
+// the empty records are made, three pages, or, on a memory file without
+// room for them, left out: there is nothing to hand over). If a freeze
 // fails, every file already frozen is unfrozen, last first, and the error
 // is returned: the restart must not go on. From the start of the call, and
 // after a success until Abort, LUO refuses changes with EBUSY.
@@ -79,15 +79,41 @@ func (l *LUO) SerializeWith(opts SerializeOptions) error {
 		l.frozen.Store(false)
 		return err
 	}
-	ser := &serialized{plan: plan}
-	if err := l.writeRecordsLocked(ser); err != nil {
-		l.freeSerialized(ser)
+	l.recMu.Lock()
+	err = l.ensureRecordsLocked()
+	if err != nil && len(l.outgoing) == 0 && errors.Is(err, unix.ENOMEM) {
+		// Nothing to hand over and no room for the empty records: the
+		// restart goes on without a LUO subtree (the next sentry counts
+		// no live update) rather than fail on a full memory file.
+		err = nil
+	} else if err == nil {
+		l.rewriteFrozenLocked(plan)
+	}
+	l.recMu.Unlock()
+	if err != nil {
 		l.unfreezeAllLocked(plan, len(l.outgoing))
 		l.frozen.Store(false)
 		return err
 	}
-	l.serialized = ser
+	l.serialized = &serialized{plan: plan}
 	return nil
+}
+
+// rewriteFrozenLocked writes into the file records what the freeze
+// changed: the format chosen for the next sentry and the handler's data.
+// The record stays in that format after an Abort, like the handler's own
+// record (memfd has no unfreeze).
+//
+// +checklocks:l.mu
+// +checklocks:l.recMu
+func (l *LUO) rewriteFrozenLocked(plan serializePlan) {
+	for si, s := range l.outgoing {
+		s.mu.Lock()
+		for j, lf := range s.files {
+			l.rewriteFileRecordLocked(s, j, lf, plan[si][j])
+		}
+		s.mu.Unlock()
+	}
 }
 
 // planLocked chooses the handler that writes each outgoing file.
@@ -239,104 +265,10 @@ func unfreezeFile(lf *luoFile, h *FileHandler) {
 	lf.frozen = false
 }
 
-// alloc allocates and preserves a block of at least size bytes for ser and
-// returns it with its bytes.
-func (ser *serialized) alloc(k *kho.KHO, size uint64) (pgalloc.Folio, []byte, error) {
-	fo, err := k.AllocPreserve(size)
-	if err != nil {
-		return pgalloc.Folio{}, nil, err
-	}
-	ser.blocks = append(ser.blocks, fo)
-	b, err := k.MemoryFile().Slice(fo.PFN, fo.Pages())
-	return fo, b, err
-}
-
-// writeRecordsLocked writes luo_session_header_ser, the luo_session_ser
-// array, one luo_file_ser array per session with files (each record naming
-// the handler ser.plan chose), and the LUO FDT, all in preserved memory,
-// and adds the FDT as KHO subtree "LUO". On error the caller frees what
-// ser holds.
-//
-// +checklocks:l.mu
-func (l *LUO) writeRecordsLocked(ser *serialized) error {
-	hdr, hb, err := ser.alloc(l.kho, abiluo.SessionHeaderSerSize+uint64(len(l.outgoing))*abiluo.SessionSerSize)
-	if err != nil {
-		return fmt.Errorf("allocating the session array for %d sessions: %w", len(l.outgoing), err)
-	}
-	binary.LittleEndian.PutUint64(hb, uint64(len(l.outgoing)))
-	for i, s := range l.outgoing {
-		s.mu.Lock()
-		ss, err := s.writeFilesLocked(ser, i, l.kho)
-		s.mu.Unlock()
-		if err != nil {
-			return err
-		}
-		ss.Encode(hb[abiluo.SessionHeaderSerSize+i*abiluo.SessionSerSize:])
-	}
-
-	root := &fdt.Node{}
-	root.SetString("compatible", abiluo.FDTCompatible)
-	root.SetU64(abiluo.FDTLiveupdateNum, l.liveupdateNum+1)
-	sn := root.AddChild(abiluo.FDTSessionNode)
-	sn.SetString("compatible", abiluo.FDTSessionCompatible)
-	sn.SetU64(abiluo.FDTSessionHeader, hdr.Addr())
-	blob, err := fdt.Build(root)
-	if err != nil {
-		return fmt.Errorf("building the LUO FDT: %w", err)
-	}
-	fo, fb, err := ser.alloc(l.kho, uint64(len(blob)))
-	if err != nil {
-		return fmt.Errorf("allocating the LUO FDT: %w", err)
-	}
-	copy(fb, blob)
-	if err := l.kho.AddSubtree(abiluo.FDTName, fo.Addr()); err != nil {
-		return fmt.Errorf("adding the LUO subtree to KHO: %w", err)
-	}
-	ser.fdtAddr = fo.Addr()
-	return nil
-}
-
-// writeFilesLocked writes the luo_file_ser array of s, the si-th outgoing
-// session, if it has files, into a block of ser and returns the session's
-// luo_session_ser.
-//
-// +checklocks:s.mu
-func (s *Session) writeFilesLocked(ser *serialized, si int, k *kho.KHO) (abiluo.SessionSer, error) {
-	var ss abiluo.SessionSer
-	abiluo.StrScpy(ss.Name[:], s.name)
-	n := len(s.files)
-	if n == 0 {
-		return ss, nil
-	}
-	hs := ser.plan[si]
-	fa, fb, err := ser.alloc(k, uint64(n)*abiluo.FileSerSize)
-	if err != nil {
-		return ss, fmt.Errorf("allocating the file array of session %q (%d files): %w", s.name, n, err)
-	}
-	for j, lf := range s.files {
-		var fs abiluo.FileSer
-		abiluo.StrScpy(fs.Compatible[:], hs[j].Compatible)
-		fs.Data, fs.Token = lf.serializedData, lf.token
-		fs.Encode(fb[j*abiluo.FileSerSize:])
-	}
-	ss.Files, ss.Count = fa.Addr(), uint64(n)
-	return ss, nil
-}
-
-// freeSerialized unpreserves and frees everything ser holds.
-func (l *LUO) freeSerialized(ser *serialized) {
-	if ser.fdtAddr != 0 {
-		_ = l.kho.RemoveSubtree(ser.fdtAddr)
-	}
-	for i := len(ser.blocks) - 1; i >= 0; i-- {
-		_ = l.kho.UnpreserveFree(ser.blocks[i])
-	}
-	ser.blocks, ser.fdtAddr = nil, 0
-}
-
 // Abort rolls back a successful Serialize for a restart that did not
-// happen: the records and the "LUO" subtree go, every file is unfrozen,
-// and sessions whose fds were closed in the meantime are released now.
+// happen: every file is unfrozen, and sessions whose fds were closed in the
+// meantime are released now. The records stay: they are LUO's current
+// state.
 // Abort without a Serialize does nothing.
 func (l *LUO) Abort() {
 	l.mu.Lock()
@@ -346,15 +278,11 @@ func (l *LUO) Abort() {
 	}
 	l.unfreezeAllLocked(l.serialized.plan, len(l.outgoing))
 	l.frozen.Store(false)
-	l.freeSerialized(l.serialized)
 	l.serialized = nil
 	closed := l.closedWhileSerialized
 	l.closedWhileSerialized = nil
 	for _, s := range closed {
-		s.mu.Lock()
-		s.unpreserveFilesLocked()
-		s.mu.Unlock()
-		l.removeOutgoingLocked(s)
+		l.closeOutgoingLocked(s)
 	}
 }
 
@@ -396,6 +324,9 @@ func (l *LUO) Deserialize() error {
 type incomingState struct {
 	luo    *LUO
 	blocks []pgalloc.Folio
+	// data maps every file's handler data (its record's address) to the
+	// file, to refuse two files sharing one record.
+	data map[uint64]string
 }
 
 func (in *incomingState) free() {
@@ -456,6 +387,7 @@ func (in *incomingState) read(addr uint64) ([]*Session, uint64, error) {
 	}
 	var sessions []*Session
 	names := make(map[string]bool)
+	in.data = make(map[uint64]string)
 	for i := uint64(0); i < count; i++ {
 		recAddr := hdrAddr + abiluo.SessionHeaderSerSize + i*abiluo.SessionSerSize
 		var ss abiluo.SessionSer
@@ -513,6 +445,11 @@ func (in *incomingState) readFiles(i uint64, name string, ss abiluo.SessionSer) 
 			return nil, fmt.Errorf("session %q: luo_file_ser[%d] at %#x: duplicate token %#x: %w", name, j, recAddr, fs.Token, unix.EINVAL)
 		}
 		tokens[fs.Token] = true
+		who := fmt.Sprintf("luo_file_ser[%d] of session %q (token %#x)", j, name, fs.Token)
+		if other, ok := in.data[fs.Data]; ok && fs.Data != 0 {
+			return nil, fmt.Errorf("%s at %#x: data %#x is also the data of %s: one record cannot describe two files: %w", who, recAddr, fs.Data, other, unix.EINVAL)
+		}
+		in.data[fs.Data] = who
 		files = append(files, &luoFile{token: fs.Token, handler: h, serializedData: fs.Data})
 	}
 	return files, nil

@@ -35,6 +35,10 @@ type Session struct {
 	//
 	// +checklocks:mu
 	files []*luoFile
+
+	// rec is the session's part of LUO's records in preserved memory (an
+	// outgoing session's), guarded by LUO.recMu.
+	rec *sessionRecord
 }
 
 // Name returns the session's name.
@@ -82,7 +86,20 @@ func (s *Session) release() {
 		l.closedWhileSerialized = append(l.closedWhileSerialized, s)
 		return
 	}
+	l.closeOutgoingLocked(s)
+}
+
+// closeOutgoingLocked mirrors the outgoing half of luo_session_release: the
+// session's record is unpublished first (from then on a crash has lost the
+// session, as the completed close would), then every file is unpreserved,
+// and the session leaves the outgoing list.
+//
+// +checklocks:l.mu
+func (l *LUO) closeOutgoingLocked(s *Session) {
 	s.mu.Lock()
+	l.recMu.Lock()
+	l.removeSessionRecordLocked(s)
+	l.recMu.Unlock()
 	s.unpreserveFilesLocked()
 	s.mu.Unlock()
 	l.removeOutgoingLocked(s)
@@ -208,7 +225,7 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 
 	lf := &luoFile{token: token, handler: h, file: file}
 	args := FileOpArgs{Handler: h, File: file}
-	if err := h.Ops.Preserve(&args); err != nil {
+	if err = h.Ops.Preserve(&args); err != nil {
 		l.filesMu.Lock()
 		delete(l.preserved, file)
 		l.filesMu.Unlock()
@@ -216,6 +233,19 @@ func (s *Session) preserveFD(fdt FDTable, token uint64, fd int32) error {
 		return err
 	}
 	lf.serializedData, lf.privateData = args.SerializedData, args.PrivateData
+	// The handler's records are complete: publishing the file record
+	// makes the preservation one a crash keeps.
+	l.recMu.Lock()
+	err = l.addFileRecordLocked(s, lf)
+	l.recMu.Unlock()
+	if err != nil {
+		h.Ops.Unpreserve(&args)
+		l.filesMu.Lock()
+		delete(l.preserved, file)
+		l.filesMu.Unlock()
+		drop = file
+		return errnoFor(err, unix.ENOMEM)
+	}
 	s.files = append(s.files, lf)
 	return nil
 }
@@ -280,6 +310,16 @@ func (s *Session) retrieveFD(fdt FDTable, token uint64) (int32, error) {
 		s.luo.filesMu.Unlock()
 	}
 	return fdt.InstallFD(lf.file, true)
+}
+
+// errnoFor returns the errno inside err, or def: what a guest sees of an
+// internal error.
+func errnoFor(err error, def unix.Errno) unix.Errno {
+	var e unix.Errno
+	if errors.As(err, &e) && e != 0 {
+		return e
+	}
+	return def
 }
 
 // errnoOf returns the errno inside err, or EIO.

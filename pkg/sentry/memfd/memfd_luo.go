@@ -44,6 +44,15 @@ package memfd
 //     (PFN_PHYS(pfn)), not by PFN, and skips pfn 0;
 //  3. finish tests retrieve_status, not a "retrieved" bool, so a failed
 //     retrieve is not cleaned up twice.
+//
+// Hardening beyond Linux at retrieve (each refusal is an error naming the
+// record and field, never a panic): every page index of [0, size) must be
+// covered by exactly one folio record (preserve fills holes, so a shortened
+// nr_folios, a record with pfn 0 or a gap is corruption, not zeros); two
+// records of one file naming one folio are refused; nr_folios and every
+// allocation are bounded by the preserved folio array, not by the counts
+// written in it; and a folio is restored once only (KHO's restore is
+// one-shot), so a folio named by two files is refused to the second.
 
 import (
 	"fmt"
@@ -484,14 +493,21 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	}
 	// Check every record, then restore all folios under one KHO lock.
 	addrs := make([]uint64, 0, len(recs))
+	seen := make(map[uint64]int, len(recs))
 	for i, r := range recs {
 		if r.PFN == 0 {
-			continue
+			h.discardFolios(recs)
+			return fmt.Errorf("memfd_luo_folio_ser[%d] (index %#x) of memfd_luo_ser at %#x: pfn 0: preserve leaves no hole, so the page would read as zeros that were never written: %w", i, r.Index, addr, unix.EINVAL)
 		}
 		if r.Flags&^abimemfd.FolioFlagsMask != 0 {
 			h.discardFolios(recs)
 			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i, r.PFN, r.Index, addr, r.Flags, unix.EINVAL)
 		}
+		if j, ok := seen[r.PFN]; ok {
+			h.discardFolios(recs)
+			return fmt.Errorf("memfd_luo_folio_ser[%d] and [%d] of memfd_luo_ser at %#x: both name the folio at pfn %#x: %w", j, i, addr, r.PFN, unix.EINVAL)
+		}
+		seen[r.PFN] = i
 		addrs = append(addrs, r.PFN<<pgalloc.PageShift)
 	}
 	restored := make([]pgalloc.Folio, len(addrs))
@@ -511,12 +527,12 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	if err != nil {
 		return fail(fmt.Errorf("folio %d of memfd_luo_ser at %#x: %w", n, addr, err))
 	}
+	if err := checkCoverage(rec.size, recs, restored); err != nil {
+		return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
+	}
 	folios := make([]CacheFolio, 0, len(addrs))
 	j := 0
 	for _, r := range recs {
-		if r.PFN == 0 {
-			continue
-		}
 		folios = append(folios, CacheFolio{
 			Index:    r.Index,
 			Folio:    restored[j],
@@ -537,6 +553,30 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 		}
 	}
 	args.File = f
+	return nil
+}
+
+// checkCoverage checks that the folios recs name, restored with their
+// orders from KHO's map, cover every page index of a file of size bytes
+// exactly once, in index order (as preserve writes them). Linux reads a
+// missing page as zeros; preserve fills every hole, so a gap means the
+// record lost folios.
+func checkCoverage(size uint64, recs []abimemfd.FolioSer, restored []pgalloc.Folio) error {
+	pages := (size + pgalloc.PageSize - 1) / pgalloc.PageSize
+	next := uint64(0)
+	for i, r := range recs {
+		if r.Index != next {
+			what := "leaves a hole before it"
+			if r.Index < next {
+				what = "overlaps the folio before it"
+			}
+			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x): index %#x %s (page %#x is next): %w", i, r.PFN, r.Index, what, next, unix.EINVAL)
+		}
+		next += restored[i].Pages()
+	}
+	if next < pages {
+		return fmt.Errorf("nr_folios %d: the folios cover %d pages, the %d-byte file has %d: %w", len(recs), next, size, pages, unix.EINVAL)
+	}
 	return nil
 }
 
