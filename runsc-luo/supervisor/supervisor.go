@@ -355,7 +355,7 @@ func killChildren() {
 		for _, pid := range kids {
 			unix.Kill(pid, unix.SIGKILL)
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
 }
 
