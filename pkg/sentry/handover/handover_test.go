@@ -188,7 +188,11 @@ func TestSendLeavesTheFilesNonBlocking(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	defer peer.Close()
+	b, err := NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -197,7 +201,6 @@ func TestSendLeavesTheFilesNonBlocking(t *testing.T) {
 	defer f.Close()
 	defer unix.Close(fds[1])
 	go func() {
-		b, _ := NewChannel(peer)
 		var m struct{}
 		if files, err := b.Recv(&m); err == nil {
 			for _, f := range files {
