@@ -74,7 +74,10 @@ func TestOfTwoConcurrentRestartsExactlyOneProceeds(t *testing.T) {
 	// The guest of generation 1 verifies every byte.
 	os.WriteFile(goFile, nil, 0o600)
 	c.waitEvent(id, "verified", 1, 30*time.Second)
-	c.must("kill", id)
+	// The guest exits after verifying, and the sandbox with it.
+	if st := c.waitStopped(id, 30*time.Second); st.ExitStatus == nil || *st.ExitStatus != 0 {
+		t.Fatalf("the sandbox after the guest verified: %+v", st)
+	}
 }
 
 // kill sends SIGTERM to the guests and gives them time to exit: an
