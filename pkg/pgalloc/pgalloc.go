@@ -468,6 +468,18 @@ func (f *MemoryFile) IncRef(fo Folio) {
 	f.headLocked(fo, "IncRef").refs++
 }
 
+// IncRefs takes a reference on each of fs, under one lock.
+//
+// Preconditions:
+//   - Each of fs is allocated (the caller holds a reference).
+func (f *MemoryFile) IncRefs(fs []Folio) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, fo := range fs {
+		f.headLocked(fo, "IncRefs").refs++
+	}
+}
+
 // DecRef drops a reference on fo. When the last one goes, the folio's pages
 // are released to the host in the background and become free again.
 //

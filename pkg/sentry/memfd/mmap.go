@@ -63,23 +63,24 @@ func (f *File) Mmap(opts vfs.MmapOpts) (vfs.Mapping, error) {
 		if err := f.fillLocked(first, stop); err != nil {
 			return nil, err
 		}
-		var es []entry
+		// At most one folio per page, and no more than the cache holds.
+		fs := make([]mappedFolio, 0, min(stop-first, uint64(f.cache.Len())))
 		f.ascendLocked(first, stop-1, func(e entry) bool {
-			es = append(es, e)
+			fs = append(fs, mappedFolioOf(e, first, stop))
 			return true
 		})
 		m.mu.Lock()
-		for _, e := range es {
-			m.addLocked(e, first, stop)
-		}
+		m.folios = fs
 		m.mu.Unlock()
 	}
 	m.mu.Lock()
 	m.mapped = make([]uint64, (pages+63)/64)
-	for _, mf := range m.folios {
+	pins := make([]pgalloc.Folio, len(m.folios))
+	for i, mf := range m.folios {
 		setBits(m.mapped, mf.first, mf.first+mf.pages)
-		f.mf.IncRef(mf.folio)
+		pins[i] = mf.folio
 	}
+	f.mf.IncRefs(pins)
 	m.mu.Unlock()
 	f.IncRef()
 	if shared && writable {
@@ -187,15 +188,13 @@ type mappedFolio struct {
 	live uint64
 }
 
-// addLocked appends the part of cache entry e inside file pages [first,
-// stop) to m.
-//
-// +checklocks:m.mu
-func (m *Mapping) addLocked(e entry, first, stop uint64) {
+// mappedFolioOf returns the part of cache entry e inside file pages
+// [first, stop), as a folio of a mapping that starts at page first.
+func mappedFolioOf(e entry, first, stop uint64) mappedFolio {
 	h := max(e.head(), first)
 	t := min(e.last+1, stop)
 	n := t - h
-	m.folios = append(m.folios, mappedFolio{folio: e.folio(), first: h - first, pages: n, skip: h - e.head(), live: n})
+	return mappedFolio{folio: e.folio(), first: h - first, pages: n, skip: h - e.head(), live: n}
 }
 
 var _ vfs.Mapping = (*Mapping)(nil)
