@@ -154,6 +154,12 @@ func New(opts Options) (*Kernel, error) {
 // (kho.Ingest, which adopts the preserved folios) and LUO (registering the
 // memfd handler and luo.Deserialize).
 func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timing) (*Kernel, error) {
+	return bootFrom(file, root, opts, t, kho.Ingest)
+}
+
+// bootFrom maps file, reads KHO at root with ingest (which adopts the
+// preserved folios) and deserializes LUO, filling t's Map, Ingest and LUO.
+func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, ingest func(*pgalloc.MemoryFile, uint64) (*kho.KHO, error)) (*Kernel, error) {
 	if t == nil {
 		t = new(handover.Timing)
 	}
@@ -165,7 +171,7 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 	}
 	t1 := time.Now()
 	t.Map = t1.Sub(t0)
-	k, err := kho.Ingest(mf, root)
+	k, err := ingest(mf, root)
 	if err != nil {
 		mf.Close()
 		return nil, err
@@ -202,38 +208,13 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 // the dead sentry had preserved without recording it (a preserve in
 // flight) is freed. t gets the phases as with NewFromHandover.
 func Recover(file *os.File, root uint64, opts Options, t *handover.Timing) (*Kernel, error) {
-	if t == nil {
-		t = new(handover.Timing)
-	}
-	t0 := time.Now()
-	mf, err := pgalloc.Open(file, pgalloc.Options{})
+	kk, err := bootFrom(file, root, opts, t, kho.Recover)
 	if err != nil {
-		file.Close()
-		return nil, fmt.Errorf("mapping the memory file: %w", err)
-	}
-	t1 := time.Now()
-	t.Map = t1.Sub(t0)
-	k, err := kho.Recover(mf, root)
-	if err != nil {
-		mf.Close()
 		return nil, err
 	}
-	t2 := time.Now()
-	t.Ingest = t2.Sub(t1)
-	l, err := newLUO(mf, k)
-	if err != nil {
-		mf.Close()
-		return nil, err
-	}
-	if err := l.Deserialize(); err != nil {
-		mf.Close()
-		return nil, fmt.Errorf("deserializing LUO: %w", err)
-	}
-	t.LUO = time.Since(t2)
-	kk := newKernel(mf, k, l, opts)
 	kk.Commit()
-	if len(l.Status().Sessions) == 0 {
-		k.ReleaseUnrestored()
+	if len(kk.luo.Status().Sessions) == 0 {
+		kk.kho.ReleaseUnrestored()
 	}
 	return kk, nil
 }
