@@ -8,6 +8,7 @@ import (
 	"github.com/google/subcommands"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/runsc-luo/demo"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 )
 
 // Demo runs the README's main job on defaults.
@@ -37,7 +38,7 @@ func (d *Demo) SetFlags(f *flag.FlagSet) {
 }
 
 func (d *Demo) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
-	size, err := parseSize(d.size)
+	size, err := sandbox.ParseSize(d.size)
 	if err != nil {
 		return fatalf("--size: %v", err)
 	}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/google/subcommands"
 	"github.com/livesentry/livesentry/runsc-luo/demo"
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 )
 
 // DemoGuest is the guest program of "demo" and of the end-to-end tests
@@ -30,7 +31,7 @@ func (d *DemoGuest) SetFlags(f *flag.FlagSet) {
 }
 
 func (d *DemoGuest) Execute(context.Context, *flag.FlagSet, ...any) subcommands.ExitStatus {
-	size, err := parseSize(d.size)
+	size, err := sandbox.ParseSize(d.size)
 	if err != nil {
 		return fatalf("demo-guest: --size: %v", err)
 	}

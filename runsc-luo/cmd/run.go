@@ -51,7 +51,7 @@ func (r *Run) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomman
 	if len(entry) > 0 && entry[0] == "--" {
 		entry = entry[1:]
 	}
-	size, err := parseSize(r.memory)
+	size, err := sandbox.ParseSize(r.memory)
 	if err != nil {
 		return fatalf("--memory: %v", err)
 	}

@@ -8,10 +8,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 	"golang.org/x/sys/unix"
 )
 
@@ -134,28 +134,17 @@ func sizeLabel(n uint64) string {
 	return fmt.Sprintf("%d MiB", n>>20)
 }
 
-// ParseSize parses 64M, 1G, 4GiB and the like.
+// ParseSize parses 64M, 1G, 4GiB and the like (sandbox.ParseSize), in
+// whole pages.
 func ParseSize(s string) (uint64, error) {
-	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "IB"), "B")
-	mult := uint64(1)
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K':
-			mult, t = 1<<10, t[:n-1]
-		case 'M':
-			mult, t = 1<<20, t[:n-1]
-		case 'G':
-			mult, t = 1<<30, t[:n-1]
-		}
+	v, err := sandbox.ParseSize(s)
+	if err != nil {
+		return 0, err
 	}
-	v, err := strconv.ParseUint(t, 10, 64)
-	if err != nil || v == 0 || v > (1<<44)/mult {
-		return 0, fmt.Errorf("size %q: want a positive number with K, M or G", s)
-	}
-	if v*mult%4096 != 0 {
+	if v%4096 != 0 {
 		return 0, fmt.Errorf("size %q: want a multiple of 4 KiB", s)
 	}
-	return v * mult, nil
+	return v, nil
 }
 
 // fits says whether size can be measured here: both livesentry (the old
