@@ -127,9 +127,33 @@ func (c *Conn) Disconnect() error {
 // call sends a request with payload and reads the response. Data frames
 // go to dst (nil for calls that have none). It returns the result, the
 // reply payload and the call's error.
+//
+// A call that a restart's pause interrupted before doing anything is sent
+// again: it waits in the sentry until the sentry serves again, as Linux
+// restarts a syscall that returned -ERESTARTSYS. One interrupted after n
+// bytes returns n and errPartial; the caller asks for the rest.
 func (c *Conn) call(op abiguest.Op, args []uint64, payload []byte, dst []byte) (int64, []byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	for {
+		res, reply, err := c.callOnce(op, args, payload, dst)
+		if err == errRestartNothing {
+			continue
+		}
+		return res, reply, err
+	}
+}
+
+// errPartial is call's error when a pause interrupted a read or write
+// after the bytes its result counts.
+var errPartial = errors.New("interrupted after part of the transfer")
+
+// errRestartNothing is callOnce's error when a pause interrupted the call
+// before it did anything.
+const errRestartNothing = unix.Errno(abiguest.ErrnoRestart)
+
+// +checklocks:c.mu
+func (c *Conn) callOnce(op abiguest.Op, args []uint64, payload []byte, dst []byte) (int64, []byte, error) {
 	if c.broken != nil {
 		return -1, nil, c.broken
 	}
@@ -167,6 +191,15 @@ func (c *Conn) call(op abiguest.Op, args []uint64, payload []byte, dst []byte) (
 			if _, err := io.ReadFull(c.r, reply); err != nil {
 				return -1, nil, c.fail(fmt.Errorf("reading the reply of %s: %w", op, err))
 			}
+			if rh.Errno == abiguest.ErrnoRestart {
+				switch {
+				case rh.Result < 0 || rh.Result > int64(max(len(payload), len(dst))) || dst != nil && rh.Result != int64(got):
+					return -1, nil, c.fail(fmt.Errorf("response to %s: interrupted after %d bytes, with %d data bytes, of a %d-byte transfer", op, rh.Result, got, max(len(payload), len(dst))))
+				case rh.Result == 0:
+					return 0, nil, errRestartNothing
+				}
+				return rh.Result, nil, errPartial
+			}
 			if rh.Errno != 0 {
 				return -1, nil, unix.Errno(rh.Errno)
 			}
@@ -175,6 +208,51 @@ func (c *Conn) call(op abiguest.Op, args []uint64, payload []byte, dst []byte) (
 			}
 			return rh.Result, reply, nil
 		}
+	}
+}
+
+// transfer runs a read or write of len(p) bytes (one request each: op
+// with args, then off advanced for a positioned one) until it is done or
+// stops short: a pause that interrupted it after some bytes has it carry
+// on for the rest, so the caller sees one call, as with Linux's
+// restarted syscalls.
+func (c *Conn) transfer(op abiguest.Op, fd int, p []byte, off int64, write bool) (int, error) {
+	done := 0
+	for {
+		rest := p[done:]
+		var args []uint64
+		switch op {
+		case abiguest.OpRead:
+			args = []uint64{uint64(fd), uint64(len(rest))}
+		case abiguest.OpPread64:
+			args = []uint64{uint64(fd), uint64(len(rest)), uint64(off + int64(done))}
+		case abiguest.OpWrite:
+			args = []uint64{uint64(fd)}
+		case abiguest.OpPwrite64:
+			args = []uint64{uint64(fd), uint64(off + int64(done))}
+		}
+		var n int64
+		var err error
+		if write {
+			n, _, err = c.call(op, args, rest, nil)
+		} else {
+			n, _, err = c.call(op, args, nil, rest)
+		}
+		switch {
+		case err == errPartial:
+			done += int(n)
+			if done < len(p) {
+				continue
+			}
+			return done, nil
+		case err != nil && done > 0:
+			// The call restarted for the rest failed: what was done
+			// counts, as a short transfer.
+			return done, nil
+		case err != nil:
+			return int(n), err
+		}
+		return done + int(n), nil
 	}
 }
 
@@ -230,14 +308,12 @@ func (c *Conn) Dup3(oldfd, newfd, flags int) (int, error) {
 
 // Read is read(2): it reads up to len(p) bytes from the file position.
 func (c *Conn) Read(fd int, p []byte) (int, error) {
-	n, _, err := c.call(abiguest.OpRead, []uint64{uint64(fd), uint64(len(p))}, nil, p)
-	return int(n), err
+	return c.transfer(abiguest.OpRead, fd, p, 0, false)
 }
 
 // Pread is pread64(2).
 func (c *Conn) Pread(fd int, p []byte, off int64) (int, error) {
-	n, _, err := c.call(abiguest.OpPread64, []uint64{uint64(fd), uint64(len(p)), uint64(off)}, nil, p)
-	return int(n), err
+	return c.transfer(abiguest.OpPread64, fd, p, off, false)
 }
 
 // Write is write(2).
@@ -245,8 +321,7 @@ func (c *Conn) Write(fd int, p []byte) (int, error) {
 	if len(p) > abiguest.MaxWritePayload {
 		p = p[:abiguest.MaxWritePayload]
 	}
-	n, _, err := c.call(abiguest.OpWrite, []uint64{uint64(fd)}, p, nil)
-	return int(n), err
+	return c.transfer(abiguest.OpWrite, fd, p, 0, true)
 }
 
 // Pwrite is pwrite64(2).
@@ -254,8 +329,7 @@ func (c *Conn) Pwrite(fd int, p []byte, off int64) (int, error) {
 	if len(p) > abiguest.MaxWritePayload {
 		p = p[:abiguest.MaxWritePayload]
 	}
-	n, _, err := c.call(abiguest.OpPwrite64, []uint64{uint64(fd), uint64(off)}, p, nil)
-	return int(n), err
+	return c.transfer(abiguest.OpPwrite64, fd, p, off, true)
 }
 
 // Seek is lseek(2).

@@ -52,6 +52,9 @@ func TestTheCSourceSpeaksTheGuestProtocol(t *testing.T) {
 			t.Errorf("%s in shim.c is %d (present %v), the guest protocol says %d", name, g, ok, v)
 		}
 	}
+	if !bytes.Contains(Source, []byte(`#define ERESTART_SENTRY `+strconv.Itoa(abiguest.ErrnoRestart)+"\n")) {
+		t.Errorf("shim.c's ERESTART_SENTRY is not %d", abiguest.ErrnoRestart)
+	}
 	if !bytes.Contains(Source, []byte(`#define GUEST_MAGIC "`+abiguest.Magic[:7]+`"`)) {
 		t.Errorf("shim.c's GUEST_MAGIC is not %q", abiguest.Magic)
 	}

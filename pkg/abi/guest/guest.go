@@ -25,8 +25,19 @@
 // guest maps the runs of folios it is told straight from it, then closes
 // it), KindData frames holding MmapRuns, and the result (the mapping's id);
 // munmap unpins; fork, attach and execve keep the fd table and the mappings
-// as Linux does across fork and exec. The sentry accepts versions
-// MinVersion to Version.
+// as Linux does across fork and exec.
+//
+// Version 3 adds restarting calls: a call that a restart's pause
+// interrupted (a read or write whose data the guest was still exchanging,
+// or any call whose payload had not fully arrived) is answered with the
+// errno ErrnoRestart and, as its result, the bytes already done. The data
+// frames sent and the bytes written before the interruption count; the
+// guest repeats the call for the rest once the sentry serves again, as
+// Linux restarts a syscall that returned -ERESTARTSYS. The sentry answers
+// older versions as Linux answers a call interrupted by a signal without
+// SA_RESTART: the bytes done, or EINTR if none.
+//
+// The sentry accepts versions MinVersion to Version.
 //
 // Everything is little-endian.
 package guest
@@ -40,7 +51,14 @@ const (
 	// Magic opens every Hello.
 	Magic = "LSGUEST\x00"
 	// Version is the protocol version this package describes.
-	Version = 2
+	Version = 3
+	// RestartVersion is the first version whose guests restart interrupted
+	// calls (ErrnoRestart).
+	RestartVersion = 3
+	// ErrnoRestart is the errno of a call interrupted by a pause: Linux's
+	// ERESTARTSYS, which its syscalls return to the kernel's signal code
+	// and never to a program. The result is the bytes done.
+	ErrnoRestart = 512
 	// MinVersion is the oldest version the sentry still accepts.
 	MinVersion = 1
 

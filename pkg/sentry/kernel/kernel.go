@@ -28,6 +28,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/pgalloc"
@@ -94,6 +95,12 @@ type Kernel struct {
 	//
 	// +checklocks:mu
 	lastID uint64
+
+	// pausing is set while Pause waits for the calls in progress: a call
+	// entering an interruptible section then is interrupted at once.
+	pausing atomic.Bool
+	// interrupts counts the calls pauses interrupted.
+	interrupts atomic.Uint64
 
 	// forks are the forked children waiting for their connection to
 	// attach them, by token.
@@ -331,6 +338,11 @@ func (k *Kernel) Pause(deadline time.Time) error {
 		return fmt.Errorf("pausing: the kernel is already paused")
 	}
 	k.pause = pausePending
+	k.pausing.Store(true)
+	defer k.pausing.Store(false)
+	for p := range k.procs {
+		p.interrupt()
+	}
 	expired := false
 	if !deadline.IsZero() {
 		t := time.AfterFunc(time.Until(deadline), func() {

@@ -121,10 +121,11 @@ func (c *syscall) mmap() (int64, []byte, error) {
 		if err != nil {
 			return 0, nil, err
 		}
-		if err := c.sendMapping(m); err != nil {
-			m.Release()
-			return 0, nil, err
-		}
+		// The frames go out once the call is out of the dispatch gate,
+		// so that a guest slow to read them does not hold a pause. The
+		// mapping is the process's from here on: if they fail, the
+		// connection ends and the process's mappings are released.
+		c.post = func() error { return c.sendMapping(m) }
 		reply := make([]byte, abiguest.MmapReplySize)
 		if m.MayWrite() {
 			binary.LittleEndian.PutUint64(reply, abiguest.MmapMayWrite)
@@ -141,8 +142,7 @@ func (c *syscall) sendMapping(m vfs.Mapping) error {
 	rh := abiguest.ResponseHeader{Kind: abiguest.KindFile}
 	rh.Encode(hdr[:])
 	if _, _, err := p.conn.WriteMsgUnix(hdr[:], unix.UnixRights(p.k.mf.FD()), nil); err != nil {
-		c.broken = fmt.Errorf("sending the memory file: %w", err)
-		return c.broken
+		return fmt.Errorf("sending the memory file: %w", err)
 	}
 	runs := m.Runs()
 	const perFrame = 1 << 14
@@ -154,8 +154,7 @@ func (c *syscall) sendMapping(m vfs.Mapping) error {
 			runs[i].Encode(buf[i*abiguest.MmapRunSize:])
 		}
 		if _, err := w.Write(buf[:n*abiguest.MmapRunSize]); err != nil {
-			c.broken = fmt.Errorf("sending the mapping's runs: %w", err)
-			return c.broken
+			return fmt.Errorf("sending the mapping's runs: %w", err)
 		}
 		runs = runs[n:]
 	}

@@ -46,6 +46,10 @@ type Process struct {
 	mm *memoryMap
 	// pid is the host pid of the peer (SO_PEERCRED), 0 if unknown.
 	pid int32
+	// version is the protocol version the guest speaks (its Hello).
+	version uint32
+	// intr is the process's part in interrupting calls at a pause.
+	intr interruptState
 	// done is closed when serve has returned.
 	done chan struct{}
 
@@ -61,6 +65,10 @@ func (p *Process) allow(n int64) {
 	p.callBytes += n
 	d := transferTimeout + time.Duration(float64(p.callBytes)/float64(minTransferRate)*float64(time.Second))
 	p.conn.SetDeadline(p.callStart.Add(d))
+	if p.intr.interrupted.Load() {
+		// Pause interrupted the call: keep its deadline at now.
+		p.conn.SetDeadline(time.Now())
+	}
 }
 
 // newProcess registers a process for c, or returns nil if the kernel has
@@ -183,6 +191,7 @@ func (p *Process) handshake() error {
 		p.fatal(err.Error())
 		return err
 	}
+	p.version = h.Version
 	reply := abiguest.Hello{Version: abiguest.Version}
 	if h.Version < abiguest.MinVersion || h.Version > abiguest.Version {
 		reply.Errno = uint32(unix.EPROTONOSUPPORT)
@@ -199,29 +208,49 @@ func (p *Process) handshake() error {
 }
 
 // call runs one request: it enters the dispatch gate, so a paused kernel
-// runs no call, dispatches, drains whatever payload the call did not
-// consume and writes the result frame. An error return ends the
-// connection.
+// runs no call, dispatches, and leaves the gate; then it drains whatever
+// payload the call did not consume and writes the result frame. Nothing
+// done outside the gate touches the kernel's state, so a guest slow to
+// send or to read does not hold a pause (see interrupt.go). An error
+// return ends the connection.
 func (p *Process) call(h *abiguest.RequestHeader) error {
 	k := p.k
 	if err := k.enter(); err != nil {
 		return err
 	}
-	defer k.exit()
 	p.callStart, p.callBytes = time.Now(), 0
 	p.allow(int64(h.DataLen))
 	c := syscall{p: p, h: h, left: int64(h.DataLen)}
 	res, reply, err := c.dispatch()
+	k.exit()
 	if c.broken != nil {
 		return c.broken
+	}
+	if p.intr.interrupted.Load() {
+		p.clearInterrupt()
+		p.allow(c.left + int64(len(c.cut)))
+	}
+	if len(c.cut) > 0 {
+		// The rest of a data frame that Pause cut (see dataWriter).
+		if _, werr := p.conn.Write(c.cut); werr != nil {
+			return fmt.Errorf("sending the rest of an interrupted data frame: %w", werr)
+		}
 	}
 	if c.left > 0 {
 		if _, derr := io.CopyN(io.Discard, p.r, c.left); derr != nil {
 			return fmt.Errorf("skipping %d payload bytes: %w", c.left, derr)
 		}
 	}
+	if c.post != nil && err == nil {
+		if perr := c.post(); perr != nil {
+			return perr
+		}
+	}
 	rh := abiguest.ResponseHeader{Kind: abiguest.KindResult, Result: res}
-	if err != nil {
+	switch {
+	case errors.Is(err, errRestart):
+		rh, reply = p.restartResult(res), nil
+	case err != nil:
 		var errno unix.Errno
 		if !errors.As(err, &errno) {
 			k.logf("guest %d (pid %d): %s: internal error answered with EIO: %v", p.id, p.pid, h.Op, err)
@@ -256,11 +285,19 @@ func (p *Process) fatal(msg string) {
 	p.conn.Write(b)
 }
 
+// dataFrameSize bounds a data frame, and so the copy an interrupted read
+// makes of the frame it was cut in.
+const dataFrameSize = 1 << 20
+
 // dataWriter sends what is written to it as data frames, each one writev
 // of a header and the caller's bytes (slices of the memory file), so file
-// contents are not copied on their way to the socket.
+// contents are not copied on their way to the socket. If c is set, its
+// call is interruptible: a frame cut by Pause is counted as sent, the rest
+// of it is copied to c.cut for call to send once out of the gate, and
+// Write returns errRestart.
 type dataWriter struct {
 	p   *Process
+	c   *syscall
 	hdr [abiguest.ResponseHeaderSize]byte
 	err error
 }
@@ -272,14 +309,28 @@ func (w *dataWriter) Write(b []byte) (int, error) {
 	}
 	n := 0
 	for len(b) > 0 {
-		chunk := b[:min(len(b), 1<<30)]
+		chunk := b[:min(len(b), dataFrameSize)]
 		rh := abiguest.ResponseHeader{Kind: abiguest.KindData, Len: uint32(len(chunk))}
 		rh.Encode(w.hdr[:])
 		w.p.allow(int64(len(chunk)))
 		bufs := net.Buffers{w.hdr[:], chunk}
-		if _, err := bufs.WriteTo(w.p.conn); err != nil {
-			w.err = err
-			return n, err
+		sent, err := bufs.WriteTo(w.p.conn)
+		if err != nil {
+			if w.c == nil || !w.p.interruptedBy(err) {
+				w.err = err
+				return n, err
+			}
+			w.err = errRestart
+			if sent == 0 {
+				return n, errRestart
+			}
+			// Cut inside the frame: it must be completed, from a copy.
+			if h := int64(len(w.hdr)); sent < h {
+				w.c.cut = append(append([]byte(nil), w.hdr[sent:]...), chunk...)
+			} else {
+				w.c.cut = append([]byte(nil), chunk[sent-h:]...)
+			}
+			return n + len(chunk), errRestart
 		}
 		n += len(chunk)
 		b = b[len(chunk):]

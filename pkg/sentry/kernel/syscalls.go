@@ -23,6 +23,12 @@ type syscall struct {
 	left int64
 	// broken is set when the connection failed mid-call.
 	broken error
+	// cut is the rest of a data frame that a pause cut, to be sent once
+	// the call is out of the dispatch gate.
+	cut []byte
+	// post, if set, sends the frames that come before the result once
+	// the call is out of the dispatch gate.
+	post func() error
 }
 
 // fd returns argument i as an fd (an int in Linux).
@@ -30,14 +36,25 @@ func (c *syscall) fd(i int) int32 { return int32(c.h.Args[i]) }
 
 // smallPayload reads the whole payload of a call that takes a name, a path
 // or an ioctl struct.
+// It is interruptible: nothing is done until it has all arrived.
 func (c *syscall) smallPayload() ([]byte, error) {
 	b := make([]byte, c.left)
-	if _, err := io.ReadFull(c.p.r, b); err != nil {
-		c.broken = fmt.Errorf("reading the %d-byte payload: %w", c.left, err)
-		return nil, c.broken
+	c.p.beginInterruptible()
+	got, err := io.ReadFull(c.p.r, b)
+	intr := c.p.endInterruptible()
+	c.left -= int64(got)
+	switch {
+	case err == nil:
+		if intr {
+			// Interrupted as the last byte came: the call goes on.
+			c.p.clearInterrupt()
+		}
+		return b, nil
+	case intr && c.p.interruptedBy(err):
+		return nil, errRestart
 	}
-	c.left = 0
-	return b, nil
+	c.broken = fmt.Errorf("reading the %d-byte payload: %w", len(b), err)
+	return nil, c.broken
 }
 
 // cString cuts b at its first NUL, as strncpy_from_user does.
@@ -143,13 +160,20 @@ func (c *syscall) memfdCreate() (int64, []byte, error) {
 func (c *syscall) read(off int64) (int64, []byte, error) {
 	count := int64(min(c.h.Args[1], abiguest.MaxReadCount))
 	return c.withFile(func(d descriptor) (int64, []byte, error) {
-		w := dataWriter{p: c.p}
+		w := dataWriter{p: c.p, c: c}
 		var n int64
 		var err error
+		c.p.beginInterruptible()
 		if off < 0 {
 			n, err = vfs.Read(d.file, d.statusFlags, &w, count)
 		} else {
 			n, err = vfs.PRead(d.file, d.statusFlags, &w, count, off)
+		}
+		c.p.endInterruptible()
+		if w.err == errRestart {
+			// The n bytes sent (or cut, and sent later) count, as the
+			// file position says.
+			return n, nil, errRestart
 		}
 		if w.err != nil {
 			c.broken = fmt.Errorf("sending file data: %w", w.err)
@@ -192,10 +216,17 @@ func (c *syscall) write(off int64) (int64, []byte, error) {
 		r := payloadReader{c: c}
 		var n int64
 		var err error
+		c.p.beginInterruptible()
 		if off < 0 {
 			n, err = vfs.Write(d.file, d.statusFlags, &r, c.left)
 		} else {
 			n, err = vfs.PWrite(d.file, d.statusFlags, &r, c.left, off)
+		}
+		intr := c.p.endInterruptible()
+		if intr && c.p.interruptedBy(r.err) {
+			// The payload read so far is in the file; call drains the
+			// rest once out of the gate.
+			return n, nil, errRestart
 		}
 		if r.err != nil {
 			c.broken = fmt.Errorf("receiving data to write: %w", r.err)

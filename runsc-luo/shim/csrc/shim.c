@@ -60,7 +60,7 @@
 // these against the Go package.
 #define GUEST_MAGIC "LSGUEST"
 enum {
-	GUEST_VERSION = 2,
+	GUEST_VERSION = 3,
 	HELLO_SIZE = 16,
 	REQ_SIZE = 48,
 	RESP_SIZE = 24,
@@ -335,6 +335,14 @@ static int sink_take(struct sink *s, size_t len)
 	return len == 0 ? 0 : -1;
 }
 
+// ERESTART_SENTRY is the errno of a call that a restart's pause
+// interrupted (Linux's ERESTARTSYS); its result is the bytes done.
+#define ERESTART_SENTRY 512
+
+// restart_done is the bytes done by the last call that returned
+// -ERESTART_SENTRY. Under mu.
+static long restart_done;
+
 // call_locked makes one guest call: op with args and the payload pay (npay
 // iovecs, paylen bytes). Data frames go to sink, the reply payload to
 // reply (up to replycap bytes; its length in *replylen), a file frame's
@@ -347,6 +355,7 @@ static long call_locked(uint32_t op, const uint64_t args[5], const struct iovec 
 	int e = ensure_conn_locked();
 	if (e < 0)
 		return e;
+again:;
 	unsigned char h[REQ_SIZE] = {0};
 	put32(h, op);
 	put32(h + 4, (uint32_t)paylen);
@@ -405,6 +414,20 @@ static long call_locked(uint32_t op, const uint64_t args[5], const struct iovec 
 			if (len > sizeof(rb) || read_all(rb, len, NULL) < 0) {
 				fail_conn();
 				return -EIO;
+			}
+			if (err == ERESTART_SENTRY) {
+				// A restart's pause interrupted the call after res
+				// bytes: none, so it is sent again (it waits in the
+				// sentry until it serves again), or some, which the
+				// caller counts before asking for the rest.
+				if (res < 0 || (uint64_t)res > paylen + (sink ? sink->cap : 0)) {
+					fail_conn();
+					return -EIO;
+				}
+				if (res == 0)
+					goto again;
+				restart_done = res;
+				return -ERESTART_SENTRY;
 			}
 			if (err != 0)
 				return -(long)err;
@@ -683,6 +706,9 @@ int memfd_create(const char *name, unsigned int flags)
 
 // ---- read, write and friends ----
 
+// do_read is read, pread, readv and preadv. A call interrupted by a
+// restart's pause after some bytes is repeated for the rest (the sink
+// carries on where it stopped), so the program sees one call.
 static ssize_t do_read(int fd, const struct iovec *iov, int n, int64_t off)
 {
 	size_t count = 0;
@@ -692,16 +718,37 @@ static ssize_t do_read(int fd, const struct iovec *iov, int n, int64_t off)
 		count = MAX_WRITE_PAYLOAD;
 	LOCKED_SFD(fd, sfd);
 	struct sink s = {.iov = iov, .niov = n, .cap = count};
-	uint64_t args[5] = {(uint64_t)sfd, count, (uint64_t)off};
-	long r = call_locked(off < 0 ? OP_READ : OP_PREAD64, args, NULL, 0, 0, &s, NULL, 0, NULL, NULL);
-	if (r >= 0 && (size_t)r != s.got) {
-		fail_conn();
-		r = -EIO;
+	size_t done = 0;
+	long r;
+	for (;;) {
+		uint64_t args[5] = {(uint64_t)sfd, count - done, off < 0 ? (uint64_t)off : (uint64_t)off + done};
+		r = call_locked(off < 0 ? OP_READ : OP_PREAD64, args, NULL, 0, 0, &s, NULL, 0, NULL, NULL);
+		if (r == -ERESTART_SENTRY) {
+			done += (size_t)restart_done;
+			if (done != s.got) {
+				fail_conn();
+				r = -EIO;
+				break;
+			}
+			if (done < count)
+				continue;
+			r = 0;
+		}
+		if (r >= 0 && done + (size_t)r != s.got) {
+			fail_conn();
+			r = -EIO;
+		}
+		break;
 	}
+	if (r >= 0)
+		r += (long)done;
+	else if (done > 0)
+		r = (long)done;
 	pthread_mutex_unlock(&mu);
 	return ret(r);
 }
 
+// do_write is write, pwrite, writev and pwritev, restarted like do_read.
 static ssize_t do_write(int fd, const struct iovec *iov, int n, int64_t off)
 {
 	size_t count = 0;
@@ -710,8 +757,44 @@ static ssize_t do_write(int fd, const struct iovec *iov, int n, int64_t off)
 	if (count > MAX_WRITE_PAYLOAD)
 		count = MAX_WRITE_PAYLOAD;
 	LOCKED_SFD(fd, sfd);
-	uint64_t args[5] = {(uint64_t)sfd, (uint64_t)off};
-	long r = call_locked(off < 0 ? OP_WRITE : OP_PWRITE64, args, iov, n, count, NULL, NULL, 0, NULL, NULL);
+	size_t done = 0;
+	long r;
+	for (;;) {
+		// The iovecs of the bytes not written yet.
+		struct iovec stackv[8];
+		struct iovec *rest = stackv;
+		if (n > 8 && (rest = malloc(sizeof(*rest) * n)) == NULL) {
+			r = -ENOMEM;
+			break;
+		}
+		int nr = 0;
+		size_t skip = done;
+		for (int i = 0; i < n; i++) {
+			if (skip >= iov[i].iov_len) {
+				skip -= iov[i].iov_len;
+				continue;
+			}
+			rest[nr].iov_base = (char *)iov[i].iov_base + skip;
+			rest[nr].iov_len = iov[i].iov_len - skip;
+			skip = 0;
+			nr++;
+		}
+		uint64_t args[5] = {(uint64_t)sfd, off < 0 ? (uint64_t)off : (uint64_t)off + done};
+		r = call_locked(off < 0 ? OP_WRITE : OP_PWRITE64, args, rest, nr, count - done, NULL, NULL, 0, NULL, NULL);
+		if (rest != stackv)
+			free(rest);
+		if (r == -ERESTART_SENTRY) {
+			done += (size_t)restart_done;
+			if (done < count)
+				continue;
+			r = 0;
+		}
+		break;
+	}
+	if (r >= 0)
+		r += (long)done;
+	else if (done > 0)
+		r = (long)done;
 	pthread_mutex_unlock(&mu);
 	return ret(r);
 }
