@@ -491,9 +491,10 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 			return err
 		}
 	}
-	// Check every record, then restore all folios under one KHO lock.
+	// Check every record, then restore all folios under one KHO lock. A
+	// folio named twice fails its second restore (restore is one-shot);
+	// the error then says which records name it.
 	addrs := make([]uint64, 0, len(recs))
-	seen := make(map[uint64]int, len(recs))
 	for i, r := range recs {
 		if r.PFN == 0 {
 			h.discardFolios(recs)
@@ -503,11 +504,6 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 			h.discardFolios(recs)
 			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i, r.PFN, r.Index, addr, r.Flags, unix.EINVAL)
 		}
-		if j, ok := seen[r.PFN]; ok {
-			h.discardFolios(recs)
-			return fmt.Errorf("memfd_luo_folio_ser[%d] and [%d] of memfd_luo_ser at %#x: both name the folio at pfn %#x: %w", j, i, addr, r.PFN, unix.EINVAL)
-		}
-		seen[r.PFN] = i
 		addrs = append(addrs, r.PFN<<pgalloc.PageShift)
 	}
 	restored := make([]pgalloc.Folio, len(addrs))
@@ -525,6 +521,11 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 		return err
 	}
 	if err != nil {
+		for j := range n {
+			if recs[j].PFN == recs[n].PFN {
+				return fail(fmt.Errorf("memfd_luo_folio_ser[%d] and [%d] of memfd_luo_ser at %#x: both name the folio at pfn %#x: %w", j, n, addr, recs[n].PFN, unix.EINVAL))
+			}
+		}
 		return fail(fmt.Errorf("folio %d of memfd_luo_ser at %#x: %w", n, addr, err))
 	}
 	if err := checkCoverage(rec.size, recs, restored); err != nil {
