@@ -60,15 +60,31 @@ func (f *File) Mmap(opts vfs.MmapOpts) (vfs.Mapping, error) {
 	m.f, m.shared = f, shared
 	m.mu.Unlock()
 	if stop > first {
-		if err := f.fillLocked(first, stop); err != nil {
-			return nil, err
-		}
 		// At most one folio per page, and no more than the cache holds.
 		fs := make([]mappedFolio, 0, min(stop-first, uint64(f.cache.Len())))
+		// One pass when the range needs no fill (every page has a folio,
+		// uptodate and dirty, as a retrieved file's have), else a fill
+		// and a second pass.
+		idx, filled := first, true
 		f.ascendLocked(first, stop-1, func(e entry) bool {
+			if e.head() > idx || !e.uptodate() || !e.dirty() {
+				filled = false
+				return false
+			}
 			fs = append(fs, mappedFolioOf(e, first, stop))
+			idx = e.last + 1
 			return true
 		})
+		if !filled || idx < stop {
+			if err := f.fillLocked(first, stop); err != nil {
+				return nil, err
+			}
+			fs = fs[:0]
+			f.ascendLocked(first, stop-1, func(e entry) bool {
+				fs = append(fs, mappedFolioOf(e, first, stop))
+				return true
+			})
+		}
 		m.mu.Lock()
 		m.folios = fs
 		m.mu.Unlock()
