@@ -20,8 +20,10 @@ type Events struct {
 	interval time.Duration
 }
 
-func (*Events) Name() string     { return "events" }
-func (*Events) Synopsis() string { return "print a container's events (restarts, recoveries, exit) as JSON lines" }
+func (*Events) Name() string { return "events" }
+func (*Events) Synopsis() string {
+	return "print a container's events (restarts, recoveries, exit) as JSON lines"
+}
 func (*Events) Usage() string {
 	return `events [--stats] [--interval DURATION] ID
 
@@ -136,4 +138,3 @@ func statsOf(root, id string, st *container.OCIState) stats {
 	}
 	return s
 }
-

@@ -277,7 +277,7 @@ func ReadOCIState(root, id string) (*OCIState, error) {
 		return nil, err
 	}
 	out := &OCIState{
-		State: specs.State{Version: specs.Version, ID: id, Bundle: rec.Bundle, Annotations: rec.Annotations},
+		State:   specs.State{Version: specs.Version, ID: id, Bundle: rec.Bundle, Annotations: rec.Annotations},
 		Created: st.Created, Livesentry: &Extras{State: st},
 	}
 	out.Livesentry.Restarts, _ = ReadRestarts(root, id)

@@ -333,4 +333,3 @@ func prepareProcess(s *specs.Spec, withShim bool, lun string) (*prepared, error)
 	}
 	return &prepared{path: path, args: p.Args, env: env, c: c}, nil
 }
-
