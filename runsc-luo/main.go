@@ -109,5 +109,15 @@ func main() {
 		subcommands.DefaultCommander.Explain(os.Stderr)
 		os.Exit(int(subcommands.ExitUsageError))
 	}
+	// "COMMAND -h" is "help COMMAND": usage on stdout, status 0.
+	for _, a := range flag.Args()[1:] {
+		if a == "--" {
+			break
+		}
+		if a == "-h" || a == "-help" || a == "--help" {
+			flag.CommandLine.Parse([]string{"help", flag.Arg(0)})
+			break
+		}
+	}
 	os.Exit(int(subcommands.Execute(context.Background(), c)))
 }

@@ -16,7 +16,7 @@ type Delete struct {
 }
 
 func (*Delete) Name() string     { return "delete" }
-func (*Delete) Synopsis() string { return "remove a stopped sandbox's state" }
+func (*Delete) Synopsis() string { return "remove stopped (or created) containers' state" }
 func (*Delete) Usage() string {
 	return "delete [--force] ID...\n\nRemoves each sandbox's state, sockets and logs. A running sandbox needs\n--force, which kills it first; a created container is deleted without it.\n"
 }

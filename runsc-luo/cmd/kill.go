@@ -19,7 +19,9 @@ type Kill struct {
 }
 
 func (*Kill) Name() string     { return "kill" }
-func (*Kill) Synopsis() string { return "send a signal to a sandbox's guests (SIGTERM stops it)" }
+func (*Kill) Synopsis() string {
+	return "send a signal to a container's process (--all: every guest; SIGTERM stops it)"
+}
 func (*Kill) Usage() string {
 	return `kill [--all] ID [SIGNAL]
 

@@ -26,7 +26,7 @@ type Run struct {
 }
 
 func (*Run) Name() string     { return "run" }
-func (*Run) Synopsis() string { return "start a sandbox and its entrypoint guest" }
+func (*Run) Synopsis() string { return "run a container from an OCI bundle, or a sandbox with an entrypoint" }
 func (*Run) Usage() string {
 	return `run [--memory SIZE] [--detach] [--shim=false] ID -- ENTRYPOINT ARGS
 run [--bundle DIR] [--memory SIZE] [--detach] [--pid-file FILE] ID

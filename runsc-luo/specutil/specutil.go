@@ -245,11 +245,41 @@ func checkLinux(s *specs.Spec) error {
 		}
 	}
 	if r := l.Resources; r != nil {
-		if r.CPU != nil || r.Pids != nil || r.BlockIO != nil || len(r.HugepageLimits) > 0 || r.Network != nil || len(r.Rdma) > 0 || len(r.Unified) > 0 {
-			return invalid("linux.resources: only memory.limit is supported (it sizes the memory file); livesentry creates no cgroups, remove cpu, pids, blockIO, hugepageLimits, network, rdma and unified")
+		var set []string
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{
+			{"cpu", cpuLimited(r.CPU)}, {"pids", r.Pids != nil && r.Pids.Limit > 0},
+			{"blockIO", r.BlockIO != nil}, {"hugepageLimits", len(r.HugepageLimits) > 0},
+			{"network", r.Network != nil}, {"rdma", len(r.Rdma) > 0}, {"unified", len(r.Unified) > 0},
+		} {
+			if f.set {
+				set = append(set, f.name)
+			}
+		}
+		if len(set) > 0 {
+			return invalid("linux.resources.%s: not supported, livesentry creates no cgroups (only memory.limit is read: it sizes the memory file); remove %s", strings.Join(set, ", "), strings.Join(set, ", "))
 		}
 	}
 	return nil
+}
+
+// defaultShares is the kernel's default CPU weight, which container
+// managers write into every configuration (ctr does): asking for it asks
+// for nothing.
+const defaultShares = 1024
+
+// cpuLimited reports whether c limits anything beyond the defaults:
+// container managers fill in zero values and the default weight.
+func cpuLimited(c *specs.LinuxCPU) bool {
+	if c == nil {
+		return false
+	}
+	nz := func(p *uint64) bool { return p != nil && *p != 0 }
+	nzi := func(p *int64) bool { return p != nil && *p != 0 }
+	return c.Shares != nil && *c.Shares != 0 && *c.Shares != defaultShares || nzi(c.Quota) || nz(c.Period) || nzi(c.RealtimeRuntime) || nz(c.RealtimePeriod) ||
+		c.Cpus != "" || c.Mems != "" || nzi(c.Idle) || nz(c.Burst)
 }
 
 // DefaultDevices are the device nodes a container gets in /dev, bound from
