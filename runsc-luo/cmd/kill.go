@@ -18,7 +18,7 @@ type Kill struct {
 	all bool
 }
 
-func (*Kill) Name() string     { return "kill" }
+func (*Kill) Name() string { return "kill" }
 func (*Kill) Synopsis() string {
 	return "send a signal to a container's process (--all: every guest; SIGTERM stops it)"
 }

@@ -25,8 +25,10 @@ type Run struct {
 	consoleSocket string
 }
 
-func (*Run) Name() string     { return "run" }
-func (*Run) Synopsis() string { return "run a container from an OCI bundle, or a sandbox with an entrypoint" }
+func (*Run) Name() string { return "run" }
+func (*Run) Synopsis() string {
+	return "run a container from an OCI bundle, or a sandbox with an entrypoint"
+}
 func (*Run) Usage() string {
 	return `run [--memory SIZE] [--detach] [--shim=false] ID -- ENTRYPOINT ARGS
 run [--bundle DIR] [--memory SIZE] [--detach] [--pid-file FILE] ID
