@@ -141,7 +141,9 @@ func (r *Run) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomman
 	if err != nil {
 		return fatalf("%v", err)
 	}
-	os.RemoveAll(sandbox.Dir(cfg.Root, id))
+	if err := container.Remove(cfg.Root, id); err != nil {
+		printError(err.Error())
+	}
 	if st.ExitStatus != nil {
 		return subcommands.ExitStatus(*st.ExitStatus)
 	}

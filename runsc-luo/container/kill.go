@@ -139,8 +139,5 @@ func Delete(root, id string, force bool) error {
 			return err
 		}
 	}
-	if err := os.RemoveAll(sandbox.Dir(root, id)); err != nil {
-		return fmt.Errorf("removing %q: %w", id, err)
-	}
-	return nil
+	return Remove(root, id)
 }

@@ -447,6 +447,34 @@ func SignalProcess(root, id string, sig unix.Signal) error {
 	return fmt.Errorf("container %q: its process is not running", id)
 }
 
+// supervisorExitTimeout bounds the wait for a stopped sandbox's supervisor
+// to exit.
+const supervisorExitTimeout = 5 * time.Second
+
+// awaitSupervisor waits until the supervisor of a stopped sandbox has
+// exited: removing the sandbox's directory under a supervisor still
+// looking at it would make it take the sandbox for crashed.
+func awaitSupervisor(root, id string) {
+	rec, err := readOCI(root, id)
+	if err != nil || rec.PID <= 0 {
+		return
+	}
+	deadline := time.Now().Add(supervisorExitTimeout)
+	for sandbox.Alive(rec.PID) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Remove removes a stopped sandbox's directory once its supervisor is
+// gone.
+func Remove(root, id string) error {
+	awaitSupervisor(root, id)
+	if err := os.RemoveAll(sandbox.Dir(root, id)); err != nil {
+		return fmt.Errorf("removing %q: %w", id, err)
+	}
+	return nil
+}
+
 // WaitExit waits until sandbox id stops and returns its exit status.
 func WaitExit(root, id string) (int, error) {
 	st, err := WaitStopped(root, id, 0)

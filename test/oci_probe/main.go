@@ -23,8 +23,9 @@ type Report struct {
 	UID       int      `json:"uid"`
 	GID       int      `json:"gid"`
 	Groups    []int    `json:"groups"`
-	NofileCur uint64   `json:"nofile_cur"`
 	NofileMax uint64   `json:"nofile_max"`
+	CoreCur   uint64   `json:"core_cur"`
+	CoreMax   uint64   `json:"core_max"`
 	Hostname  string   `json:"hostname"`
 	PID       int      `json:"pid"`
 	// GuestSocket says whether $LIVESENTRY_GUEST_SOCKET is a socket.
@@ -39,7 +40,11 @@ func main() {
 	r.Groups, _ = os.Getgroups()
 	var lim unix.Rlimit
 	unix.Getrlimit(unix.RLIMIT_NOFILE, &lim)
-	r.NofileCur, r.NofileMax = lim.Cur, lim.Max
+	// The Go runtime raises its soft NOFILE limit: only the hard one is
+	// as the container set it.
+	r.NofileMax = lim.Max
+	unix.Getrlimit(unix.RLIMIT_CORE, &lim)
+	r.CoreCur, r.CoreMax = lim.Cur, lim.Max
 	r.Hostname, _ = os.Hostname()
 	if fi, err := os.Stat(os.Getenv("LIVESENTRY_GUEST_SOCKET")); err == nil {
 		r.GuestSocket = fi.Mode()&os.ModeSocket != 0
