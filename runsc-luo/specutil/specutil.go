@@ -175,6 +175,7 @@ func Check(s *specs.Spec, bundle string) error {
 	if fi, err := os.Stat(RootfsPath(s, bundle)); err != nil || !fi.IsDir() {
 		return invalid("root.path %s is not a directory", RootfsPath(s, bundle))
 	}
+	//lint:ignore SA1019 a deprecated hook is still a hook to refuse.
 	if s.Hooks != nil && (len(s.Hooks.Prestart)+len(s.Hooks.CreateRuntime)+len(s.Hooks.CreateContainer)+
 		len(s.Hooks.StartContainer)+len(s.Hooks.Poststart)+len(s.Hooks.Poststop) > 0) {
 		return invalid("hooks are not supported: remove them")

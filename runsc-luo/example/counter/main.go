@@ -37,12 +37,13 @@ const (
 )
 
 func main() {
-	if err := run(); err != nil {
-		fmt.Fprintf(os.Stderr, "counter: %v\n", err)
-		os.Exit(1)
-	}
+	err := run()
+	fmt.Fprintf(os.Stderr, "counter: %v\n", err)
+	os.Exit(1)
 }
 
+// run runs one launch; it holds until the restart stops the process and
+// returns only on failure.
 func run() error {
 	gen := guest.LiveupdateNumber()
 	c, err := guest.Dial("")
