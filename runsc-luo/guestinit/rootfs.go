@@ -52,15 +52,48 @@ func parseOptions(opts []string) (flags, prop uintptr, data string) {
 	return flags, prop, strings.Join(d, ",")
 }
 
-// inRoot returns dest below rootfs, refusing a destination that leaves it
-// through "..".
+// maxSymlinks bounds the symbolic links inRoot follows, as Linux's
+// MAXSYMLINKS.
+const maxSymlinks = 40
+
+// inRoot returns the host path of dest inside rootfs, resolving symbolic
+// links as the container would see them (an absolute link is taken from
+// rootfs, ".." stops at rootfs), so that no mount of the configuration can
+// land outside the root filesystem through a link in it. Components that do
+// not exist yet are kept as they are (the mount point is created).
 func inRoot(rootfs, dest string) (string, error) {
-	clean := filepath.Clean("/" + dest)
-	p := filepath.Join(rootfs, clean)
-	if !strings.HasPrefix(p, rootfs) {
-		return "", fmt.Errorf("mount destination %q leaves the root filesystem", dest)
+	rest := strings.Split(filepath.Clean("/"+dest), "/")
+	cur := "/"
+	links := 0
+	for len(rest) > 0 {
+		c := rest[0]
+		rest = rest[1:]
+		if c == "" || c == "." {
+			continue
+		}
+		if c == ".." {
+			cur = filepath.Dir(cur)
+			continue
+		}
+		next := filepath.Join(cur, c)
+		fi, err := os.Lstat(filepath.Join(rootfs, next))
+		if err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			cur = next
+			continue
+		}
+		if links++; links > maxSymlinks {
+			return "", fmt.Errorf("mount destination %q: too many symbolic links", dest)
+		}
+		target, err := os.Readlink(filepath.Join(rootfs, next))
+		if err != nil {
+			return "", fmt.Errorf("mount destination %q: %w", dest, err)
+		}
+		if filepath.IsAbs(target) {
+			cur = "/"
+		}
+		rest = append(strings.Split(target, "/"), rest...)
 	}
-	return p, nil
+	return filepath.Join(rootfs, cur), nil
 }
 
 // mkTarget creates a mount point: a directory, or an empty file when the
@@ -189,7 +222,10 @@ func mountOne(rootfs, bundle string, m specs.Mount) error {
 // /dev tmpfs, with runc's /dev symlinks.
 func defaultDevices(rootfs string) error {
 	for _, d := range specutil.DefaultDevices {
-		target := filepath.Join(rootfs, d)
+		target, err := inRoot(rootfs, d)
+		if err != nil {
+			return err
+		}
 		if err := mkTarget(target, false); err != nil {
 			return fmt.Errorf("device %s: %w", d, err)
 		}
@@ -197,8 +233,12 @@ func defaultDevices(rootfs string) error {
 			return fmt.Errorf("binding device %s: %w", d, err)
 		}
 	}
+	dev, err := inRoot(rootfs, "/dev")
+	if err != nil {
+		return err
+	}
 	for name, to := range map[string]string{"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"} {
-		p := filepath.Join(rootfs, "dev", name)
+		p := filepath.Join(dev, name)
 		if _, err := os.Lstat(p); err == nil {
 			continue
 		}
@@ -212,7 +252,10 @@ func defaultDevices(rootfs string) error {
 // bindGuestFiles mounts a small tmpfs at GuestDir and binds the guest
 // socket and the shim library into it, then makes it read-only.
 func bindGuestFiles(rootfs, guestSock, lib string) error {
-	dir := filepath.Join(rootfs, GuestDir)
+	dir, err := inRoot(rootfs, GuestDir)
+	if err != nil {
+		return err
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("creating %s in the root filesystem: %w", GuestDir, err)
 	}
