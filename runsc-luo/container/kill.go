@@ -91,7 +91,7 @@ func Kill(root, id string, sig unix.Signal) error {
 		return nil
 	}
 	if st.Status != sandbox.StatusRunning {
-		return fmt.Errorf("sandbox %q: container not running (%s)", id, st.Status)
+		return fmt.Errorf("sandbox %q: container not running (%s); \"runsc-luo delete %s\" removes it", id, st.Status, id)
 	}
 	err = sandbox.CallWithin(root, id, boot.MethodSignal, &boot.SignalArgs{Signal: int(sig)}, &boot.Empty{}, signalTimeout)
 	var re urpc.RemoteError

@@ -431,7 +431,7 @@ func SignalProcess(root, id string, sig unix.Signal) error {
 		return err
 	}
 	if st.Status != sandbox.StatusRunning {
-		return fmt.Errorf("container %q: container not running (%s)", id, st.Status)
+		return fmt.Errorf("container %q: container not running (%s); \"runsc-luo delete %s\" removes it", id, st.Status, id)
 	}
 	if st.EntrypointPID <= 0 {
 		return fmt.Errorf("container %q has no process to signal", id)

@@ -127,7 +127,7 @@ func ReadState(root, id string) (*State, error) {
 func readStateFile(root, id string) (*State, error) {
 	b, err := os.ReadFile(StatePath(root, id))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("sandbox %q does not exist in %s", id, root)
+		return nil, fmt.Errorf("sandbox %q does not exist in %s (\"runsc-luo --root %s list\" shows those that do)", id, root, root)
 	}
 	if err != nil {
 		return nil, err
