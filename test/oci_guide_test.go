@@ -19,7 +19,8 @@ func TestOCIGuideCounterUpgradesLive(t *testing.T) {
 	counter, counterV2, _ := ociBinaries(t)
 	c := newCLI(t)
 	bundle := c.ociBundle(counter)
-	c.must("--debug", "run", "--detach", "--bundle", bundle, "guide")
+	debugLog := filepath.Join(t.TempDir(), "debug.log")
+	c.must("--debug", "--debug-log", debugLog, "run", "--detach", "--bundle", bundle, "guide")
 	log := filepath.Join(c.root, "guide", "entrypoint.log")
 	waitFor(t, log, "counter 1: generation 0 count 1", 10*time.Second)
 	c.restart("guide")
@@ -54,6 +55,18 @@ func TestOCIGuideCounterUpgradesLive(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(c.root, "guide", "sentry.log")); !strings.Contains(string(b), "\nD") && !strings.HasPrefix(string(b), "D") {
 		t.Errorf("no debug line in sentry.log:\n%s", b)
+	}
+	// Every sentry wrote debug lines to --debug-log: the first one and the
+	// two a restart started.
+	b, _ = os.ReadFile(debugLog)
+	pids := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 3 && strings.HasPrefix(f[0], "D") {
+			pids[f[2]] = true
+		}
+	}
+	if st := c.state("guide"); !pids[fmt.Sprint(st.PID)] || len(pids) < 3 {
+		t.Errorf("--debug-log has debug lines of processes %v; want the serving sentry %d among at least 3", pids, st.PID)
 	}
 	c.must("kill", "guide", "KILL")
 	c.must("delete", "guide")

@@ -171,3 +171,24 @@ func TestOCIForegroundRunStopsOnSIGTERM(t *testing.T) {
 		t.Errorf("processes left: %v", pids)
 	}
 }
+
+// kill without --all signals the container's process (through its init,
+// into its pid namespace), which handles it and exits by itself.
+func TestOCIKillSignalsTheProcess(t *testing.T) {
+	_, _, probe := ociBinaries(t)
+	c := newCLI(t)
+	bundle := c.ociBundle(probe, "--trap-usr1")
+	c.must("run", "--detach", "--bundle", bundle, "usr1")
+	c.probeReports("usr1", 1)
+	c.must("kill", "usr1", "USR1")
+	if out := strings.TrimSpace(c.must("wait", "usr1")); out != `{"id":"usr1","exitStatus":0}` {
+		t.Errorf("wait: %s", out)
+	}
+	if b, _ := os.ReadFile(filepath.Join(c.root, "usr1", "entrypoint.log")); !strings.Contains(string(b), "got SIGUSR1") {
+		t.Errorf("the process did not get SIGUSR1:\n%s", b)
+	}
+	if _, errOut, code := c.run("kill", "usr1", "USR1"); code != 1 || !strings.Contains(errOut, "container not running") {
+		t.Errorf("kill of a stopped container: exit %d: %s", code, errOut)
+	}
+	c.must("delete", "usr1")
+}

@@ -1,13 +1,15 @@
 // Command oci_probe is the process of the OCI end-to-end tests: it prints,
 // as one JSON line, what the container gave it (arguments, environment,
 // working directory, credentials, rlimits, hostname, pid, the guest
-// socket), then holds (--hold) or exits with --exit's status.
+// socket), then holds (--hold) or exits with --exit's status. With
+// --trap-usr1 it holds until SIGUSR1, prints "got SIGUSR1" and exits 0.
 package main
 
 import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"time"
@@ -58,6 +60,13 @@ func main() {
 	fmt.Println(string(b))
 	code := 0
 	for _, a := range os.Args[1:] {
+		if a == "--trap-usr1" {
+			sigs := make(chan os.Signal, 1)
+			signal.Notify(sigs, unix.SIGUSR1)
+			<-sigs
+			fmt.Println("got SIGUSR1")
+			os.Exit(0)
+		}
 		if v, ok := strings.CutPrefix(a, "--exit="); ok {
 			code, _ = strconv.Atoi(v)
 		}
