@@ -265,7 +265,7 @@ func TestOCILifecycle(t *testing.T) {
 	}
 
 	st = c.ociState("life")
-	if st.Status != specs.StateStopped || st.Pid != 0 || st.Livesentry.PID != 0 || st.Livesentry.EntrypointPID != 0 {
+	if st.Status != specs.StateStopped || st.Pid != 0 || st.Livesentry.PID != 0 || st.Livesentry.EntrypointPID != 0 || st.Livesentry.LastPID == 0 {
 		t.Errorf("a stopped container reports a pid: %+v", st)
 	}
 	deadline := time.Now().Add(5 * time.Second)

@@ -30,7 +30,7 @@ func (*Run) Synopsis() string {
 	return "run a container from an OCI bundle, or a sandbox with an entrypoint"
 }
 func (*Run) Usage() string {
-	return `run [--memory SIZE] [--detach] [--shim=false] ID -- ENTRYPOINT ARGS
+	return `run [--memory SIZE] [--detach] [--shim=false] ID [-- ENTRYPOINT ARGS]
 run [--bundle DIR] [--memory SIZE] [--detach] [--pid-file FILE] ID
 
 The second form runs an OCI bundle (DIR, default the current directory when
@@ -44,6 +44,8 @@ The first form starts the sentry of sandbox ID as a daemon (state and sockets in
 launches ENTRYPOINT as its first guest, with LIVESENTRY_GUEST_SOCKET set; the
 sentry relaunches it after every live restart, and the sandbox stops when it
 exits. Without --detach, run waits for that and exits with its status.
+Without ENTRYPOINT (and no config.json in the current directory), the
+sandbox starts with no guest; "exec" starts some.
 
 The entrypoint runs under the libc shim (LD_PRELOAD), so that an unmodified
 dynamically linked program reaches the sentry through open("/dev/liveupdate"),
@@ -100,9 +102,6 @@ func (r *Run) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomman
 			return fatalf("%v", err)
 		}
 	} else {
-		if len(entry) == 0 {
-			return usage(f, "run: give an entrypoint (run ID -- PROGRAM ARGS) or a bundle (--bundle DIR, or a config.json in the current directory)")
-		}
 		if r.pidFile != "" || r.consoleSocket != "" {
 			return usagef("run: --pid-file and --console-socket go with --bundle")
 		}

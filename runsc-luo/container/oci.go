@@ -288,7 +288,9 @@ func ReadOCIState(root, id string) (*OCIState, error) {
 	switch {
 	case st.Status == sandbox.StatusStopped:
 		out.Status = specs.StateStopped
-		// Nothing of a stopped sandbox runs: no pid to report.
+		// Nothing of a stopped sandbox runs: no pid to report (the last
+		// sentry's is kept apart, as last_pid).
+		st.LastPID = st.PID
 		st.PID, st.EntrypointPID, st.Guests = 0, 0, nil
 		out.Livesentry.SupervisorPID = 0
 	case isCreated(root, id):
