@@ -129,6 +129,10 @@ func TestOCIRefusesBadInput(t *testing.T) {
 		{name: "kill of a missing container is refused", args: func(string) []string { return []string{"kill", "bad"} }, code: 1, errSub: "does not exist"},
 		{name: "delete of a missing container is refused", args: func(string) []string { return []string{"delete", "bad"} }, code: 1, errSub: "does not exist"},
 		{name: "ps of a missing container is refused", args: func(string) []string { return []string{"ps", "bad"} }, code: 1, errSub: "does not exist"},
+		{name: "a missing entrypoint program is refused", args: func(string) []string { return []string{"run", "--detach", "bad", "--", "/nonexistent/prog"} },
+			code: 1, errSub: "no such file or directory"},
+		{name: "a memory size above 1 PiB is a usage error", args: func(string) []string { return []string{"run", "--memory=2000T", "bad", "--", "/bin/true"} },
+			code: 2, errSub: "--memory"},
 		{name: "an unknown log format is a usage error", args: func(string) []string { return []string{"--log-format=xml", "list"} }, code: 2, errSub: "must be text or json"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
