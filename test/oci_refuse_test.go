@@ -141,12 +141,12 @@ func TestOCIRefusesBadInput(t *testing.T) {
 			if tc.setup != nil {
 				tc.setup(bundle)
 			}
-			_, errOut, code := c.runFiles(tc.args(bundle)...)
+			out, errOut, code := c.runFiles(tc.args(bundle)...)
 			if code != tc.code || !strings.Contains(errOut, tc.errSub) {
 				t.Errorf("exit %d, stderr %q; want exit %d and %q", code, errOut, tc.code, tc.errSub)
 			}
-			if n := strings.Count("\n"+errOut, "\nrunsc-luo: "); n != 1 {
-				t.Errorf("the error is printed %d times, want once:\n%s", n, errOut)
+			if n := strings.Count("\n"+errOut+out, "\nrunsc-luo"); n != 1 {
+				t.Errorf("the error is printed %d times, want once:\n%s%s", n, errOut, out)
 			}
 			if ents, _ := os.ReadDir(c.root); len(ents) != 0 {
 				t.Errorf("left behind in --root: %v", ents)

@@ -73,12 +73,19 @@ func reportStatus(root, id, msg string) {
 
 // Stage1 runs stage 1 and returns the exit status of the container's
 // process (128+signal if a signal ended it); errors preparing the container
-// are reported in init.status and on stderr, with status 1.
+// are reported in init.status (which "create" prints) and, at a relaunch
+// after a restart, on stderr (entrypoint.log), with status 1.
 func Stage1(o Stage1Options) int {
 	root := o.Globals.Root
+	// At create (the start FIFO exists) "create" prints the error; at a
+	// relaunch after a restart, only the entrypoint's output can tell.
+	_, ferr := os.Lstat(sandbox.StartFIFOPath(root, o.ID))
+	atCreate := ferr == nil
 	fail := func(err error) int {
 		reportStatus(root, o.ID, "error: "+err.Error())
-		fmt.Fprintf(os.Stderr, "runsc-luo init: %v\n", err)
+		if !atCreate {
+			fmt.Fprintf(os.Stderr, "runsc-luo init: %v\n", err)
+		}
 		return 1
 	}
 	s, bundle, err := specutil.Load(o.Bundle)
