@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
@@ -154,7 +155,7 @@ func awaitInit(root, id string) error {
 			if string(b) == "ready" {
 				return nil
 			}
-			return fmt.Errorf("preparing the container's process: %s", trimPrefix(string(b), "error: "))
+			return fmt.Errorf("preparing the container's process: %s", strings.TrimPrefix(string(b), "error: "))
 		}
 		if st, err := sandbox.ReadState(root, id); err == nil && st.Status == sandbox.StatusStopped {
 			return fmt.Errorf("the container's init exited before it was ready: %s", st.Error)
@@ -164,13 +165,6 @@ func awaitInit(root, id string) error {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-func trimPrefix(s, p string) string {
-	if len(s) >= len(p) && s[:len(p)] == p {
-		return s[len(p):]
-	}
-	return s
 }
 
 // writePIDFile writes pid to path atomically, as runc does.
