@@ -226,6 +226,12 @@ func restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 		return t, nil
 	case errors.As(err, &re):
 		err = errors.New(re.Message)
+		// A refusal changed nothing: judging it from the state could take
+		// another restart's handoff, running at the same time, for its
+		// own. (urpc carries only the message.)
+		if strings.Contains(re.Message, boot.ErrRefused.Error()) || strings.Contains(re.Message, refusedBusy) {
+			return t, &RestartError{Outcome: RolledBack, Err: err}
+		}
 	case a.Mode == handover.ModeExec:
 		// The connection ended with the execve; the new image reports
 		// through LastRestart.
@@ -240,6 +246,10 @@ func restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 	}
 	return t, &RestartError{Outcome: o, Err: err}
 }
+
+// refusedBusy is how the sentry refuses a restart while another one (or a
+// stop) is in progress (boot's controller.Restart).
+const refusedBusy = "already restarting or stopping"
 
 // awaitExecRestart waits for the exec'd image to report restart number
 // gen.
