@@ -5,6 +5,7 @@ go 1.26.8
 require (
 	github.com/google/btree v1.1.3
 	github.com/google/subcommands v1.2.0
+	github.com/opencontainers/runtime-spec v1.2.1
 	golang.org/x/sys v0.50.0
 	gonum.org/v1/plot v0.17.0
 	gvisor.dev/gvisor v0.0.0-20260905035102-160fafc42237

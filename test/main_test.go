@@ -143,16 +143,19 @@ func (c *cli) must(args ...string) string {
 	return out
 }
 
-// sandboxState is what "runsc-luo state" prints.
+// sandboxState is livesentry's part of what "runsc-luo state" prints
+// (under "livesentry", next to the runtime spec's state).
 type sandboxState = sandbox.State
 
 func (c *cli) state(id string) sandboxState {
 	c.t.Helper()
-	var st sandboxState
-	if err := json.Unmarshal([]byte(c.must("state", id)), &st); err != nil {
+	var st struct {
+		Livesentry *sandboxState `json:"livesentry"`
+	}
+	if err := json.Unmarshal([]byte(c.must("state", id)), &st); err != nil || st.Livesentry == nil {
 		c.t.Fatalf("state of %s: %v", id, err)
 	}
-	return st
+	return *st.Livesentry
 }
 
 // timing is "restart --format json": the handover package's Timing.

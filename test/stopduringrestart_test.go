@@ -69,7 +69,7 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 				}
 				// Then the stop is applied.
 				st := c.waitStopped(id, 10*time.Second)
-				if st.PID != before.PID || st.LiveupdateNumber != 0 {
+				if st.LastPID != before.PID || st.LiveupdateNumber != 0 {
 					t.Fatalf("stopped: %+v, before: %+v", st, before)
 				}
 				for _, p := range []string{st.GuestSocket, st.ControlSocket} {

@@ -16,9 +16,9 @@ type Delete struct {
 }
 
 func (*Delete) Name() string     { return "delete" }
-func (*Delete) Synopsis() string { return "remove a stopped sandbox's state" }
+func (*Delete) Synopsis() string { return "remove stopped (or created) containers' state" }
 func (*Delete) Usage() string {
-	return "delete [--force] ID\n\nRemoves the sandbox's state, sockets and logs. A running sandbox needs --force, which kills it first.\n"
+	return "delete [--force] ID...\n\nRemoves each sandbox's state, sockets and logs. A running sandbox needs\n--force, which kills it first; a created container is deleted without it.\n"
 }
 func (d *Delete) SetFlags(f *flag.FlagSet) {
 	f.BoolVar(&d.force, "force", false, "kill a running sandbox first")
@@ -26,15 +26,18 @@ func (d *Delete) SetFlags(f *flag.FlagSet) {
 
 func (d *Delete) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
 	cfg := configOf(args)
-	if f.NArg() != 1 {
-		f.Usage()
-		return subcommands.ExitUsageError
+	if f.NArg() < 1 {
+		return usage(f, "delete: want at least one container ID")
 	}
-	if err := container.Delete(cfg.Root, f.Arg(0), d.force); err != nil {
-		return fatalf("%v", err)
+	status := subcommands.ExitSuccess
+	for _, id := range f.Args() {
+		if err := container.Delete(cfg.Root, id, d.force); err != nil {
+			status = fatalf("%v", err)
+			continue
+		}
+		if cfg.Debug {
+			fmt.Fprintf(os.Stderr, "deleted %s\n", id)
+		}
 	}
-	if cfg.Debug {
-		fmt.Fprintf(os.Stderr, "deleted %s\n", f.Arg(0))
-	}
-	return subcommands.ExitSuccess
+	return status
 }

@@ -29,6 +29,13 @@ sentry restarts live; the relaunched guest retrieves the memfds, verifies
 every byte and finishes the sessions. Prints what happened and the timing
 (the phases are defined in "runsc-luo help restart"), and removes everything
 it made.
+
+Words: a sentry is the livesentry kernel process, replaced by a restart; LUO
+(Live Update Orchestrator, /dev/liveupdate) is how the guest names what must
+survive it: files preserved in named sessions, retrieved and finished after
+it; the blackout is the time guests are paused; ingest (and adopt) is the new
+sentry reading which pages are preserved and taking them over; ready is the
+new sentry serving. docs/guests.md has the full list.
 `
 }
 func (d *Demo) SetFlags(f *flag.FlagSet) {

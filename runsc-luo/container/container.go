@@ -27,6 +27,13 @@ type StartOptions struct {
 	// NoShim launches the entrypoint (at every launch, across restarts)
 	// without the libc shim.
 	NoShim bool
+	// Prepare, if set, runs once the sandbox's directory exists and
+	// before its supervisor starts (it writes what the entrypoint reads).
+	Prepare func(dir string) error
+	// Attach gives the supervisor this process's stdout and stderr: it
+	// copies the entrypoint's output (every launch of it) there, as a
+	// container manager expects of "create".
+	Attach bool
 }
 
 // Start creates sandbox id under g.Root, starts its supervisor (this
@@ -39,22 +46,34 @@ func Start(g sandbox.Globals, id string, size uint64, entry []string) error {
 
 // StartWith is Start with options.
 func StartWith(g sandbox.Globals, id string, size uint64, entry []string, opts StartOptions) error {
+	_, err := startSupervised(g, id, size, entry, opts)
+	return err
+}
+
+// startSupervised is StartWith; it returns the supervisor's pid, which it
+// records in the sandbox's oci.json.
+func startSupervised(g sandbox.Globals, id string, size uint64, entry []string, opts StartOptions) (int, error) {
 	if err := sandbox.CheckID(id); err != nil {
-		return err
+		return 0, err
 	}
 	dir := sandbox.Dir(g.Root, id)
 	if err := os.MkdirAll(g.Root, 0o711); err != nil {
-		return fmt.Errorf("creating root %s: %w", g.Root, err)
+		return 0, fmt.Errorf("creating root %s: %w", g.Root, err)
 	}
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		if os.IsExist(err) {
-			return fmt.Errorf("sandbox %q already exists in %s", id, g.Root)
+			return 0, fmt.Errorf("sandbox %q already exists in %s: pick another ID, or delete it first", id, g.Root)
 		}
-		return err
+		return 0, err
 	}
-	fail := func(err error) error {
+	fail := func(err error) (int, error) {
 		os.RemoveAll(dir)
-		return err
+		return 0, err
+	}
+	if opts.Prepare != nil {
+		if err := opts.Prepare(dir); err != nil {
+			return fail(err)
+		}
 	}
 	exe, err := os.Executable()
 	if err != nil {
@@ -72,10 +91,13 @@ func StartWith(g sandbox.Globals, id string, size uint64, entry []string, opts S
 	defer pr.Close()
 	// The supervisor starts the sentry, which reports its boot on the
 	// ready pipe; the supervisor outlives every sentry of the sandbox.
-	args := append(g.Args(), "supervise", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", fmt.Sprintf("--shim=%t", !opts.NoShim), "--")
+	args := append(g.Args(), "supervise", "--id="+id, fmt.Sprintf("--memory=%d", size), "--ready-fd=3", fmt.Sprintf("--shim=%t", !opts.NoShim), fmt.Sprintf("--attach=%t", opts.Attach), "--")
 	cmd := exec.Command(exe, append(args, entry...)...)
 	cmd.ExtraFiles = []*os.File{pw}
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if opts.Attach {
+		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		pw.Close()
@@ -85,12 +107,25 @@ func StartWith(g sandbox.Globals, id string, size uint64, entry []string, opts S
 	msg, _ := io.ReadAll(pr)
 	if string(msg) != "ok" {
 		cmd.Wait()
-		log, _ := os.ReadFile(sandbox.SentryLogPath(g.Root, id))
-		return fail(fmt.Errorf("the sentry of %q failed to start: %s\n%s", id, strings.TrimPrefix(string(msg), "error: "), log))
+		reason := strings.TrimPrefix(string(msg), "error: ")
+		if reason == "" {
+			reason = "it exited without saying why"
+		}
+		// The log holds the same error as the ready pipe; anything else
+		// in it (a crash) is shown too.
+		if log, _ := os.ReadFile(sandbox.SentryLogPath(g.Root, id)); len(log) > 0 && !strings.Contains(string(log), reason) {
+			reason += "\n" + strings.TrimSpace(string(log))
+		}
+		return fail(fmt.Errorf("the sentry of %q failed to start: %s", id, reason))
 	}
-	// The sentry is a daemon now; do not wait for it.
+	pid := cmd.Process.Pid
+	// The supervisor is a daemon now; do not wait for it (a container
+	// manager that is a child subreaper adopts and reaps it).
 	cmd.Process.Release()
-	return nil
+	if err := updateOCI(g.Root, id, func(r *OCIRecord) { r.PID = pid }); err != nil {
+		return pid, err
+	}
+	return pid, nil
 }
 
 // WaitStopped polls the state of sandbox id until it is stopped, for at
@@ -155,8 +190,15 @@ func (e *RestartError) Unwrap() error { return e.Err }
 
 // Restart restarts sandbox id live and returns the timing. An error that
 // reached the sandbox is a *RestartError saying how the sandbox was left;
-// it is judged from the sandbox's state afterwards, never assumed.
+// it is judged from the sandbox's state afterwards, never assumed. The
+// outcome is kept in the sandbox's restarts.json.
 func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
+	t, err := restart(root, id, a)
+	recordRestart(root, id, a.Mode, t, err)
+	return t, err
+}
+
+func restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 	var t handover.Timing
 	if a.Binary != "" {
 		if _, err := os.Stat(a.Binary); err != nil {
@@ -168,7 +210,10 @@ func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 		return t, err
 	}
 	if st.Status != sandbox.StatusRunning {
-		return t, fmt.Errorf("sandbox %q is %s", id, st.Status)
+		return t, fmt.Errorf("sandbox %q is %s: only a running sandbox restarts", id, st.Status)
+	}
+	if isCreated(root, id) {
+		return t, fmt.Errorf("container %q is created but not started: start it first (runsc-luo start %s)", id, id)
 	}
 	timeout := a.Timeout
 	if timeout <= 0 {
@@ -181,6 +226,12 @@ func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 		return t, nil
 	case errors.As(err, &re):
 		err = errors.New(re.Message)
+		// A refusal changed nothing: judging it from the state could take
+		// another restart's handoff, running at the same time, for its
+		// own. (urpc carries only the message.)
+		if strings.Contains(re.Message, boot.ErrRefused.Error()) || strings.Contains(re.Message, refusedBusy) {
+			return t, &RestartError{Outcome: RolledBack, Err: err}
+		}
 	case a.Mode == handover.ModeExec:
 		// The connection ended with the execve; the new image reports
 		// through LastRestart.
@@ -195,6 +246,10 @@ func Restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 	}
 	return t, &RestartError{Outcome: o, Err: err}
 }
+
+// refusedBusy is how the sentry refuses a restart while another one (or a
+// stop) is in progress (boot's controller.Restart).
+const refusedBusy = "already restarting or stopping"
 
 // awaitExecRestart waits for the exec'd image to report restart number
 // gen.

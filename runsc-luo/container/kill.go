@@ -91,7 +91,7 @@ func Kill(root, id string, sig unix.Signal) error {
 		return nil
 	}
 	if st.Status != sandbox.StatusRunning {
-		return fmt.Errorf("sandbox %q is not running (%s)", id, st.Status)
+		return fmt.Errorf("sandbox %q: container not running (%s); \"runsc-luo delete %s\" removes it", id, st.Status, id)
 	}
 	err = sandbox.CallWithin(root, id, boot.MethodSignal, &boot.SignalArgs{Signal: int(sig)}, &boot.Empty{}, signalTimeout)
 	var re urpc.RemoteError
@@ -131,15 +131,13 @@ func Delete(root, id string, force bool) error {
 		return err
 	}
 	if st.Status == sandbox.StatusRunning {
-		if !force {
+		// A created container is deleted without --force, as runc does.
+		if !force && !isCreated(root, id) {
 			return fmt.Errorf("sandbox %q is running; kill it first or use --force", id)
 		}
 		if err := Kill(root, id, unix.SIGKILL); err != nil {
 			return err
 		}
 	}
-	if err := os.RemoveAll(sandbox.Dir(root, id)); err != nil {
-		return fmt.Errorf("removing %q: %w", id, err)
-	}
-	return nil
+	return Remove(root, id)
 }

@@ -137,8 +137,12 @@ func (g *Guest) Run() error {
 		return fmt.Errorf("demo-guest: %w", err)
 	}
 	// Hold the session fds (and the connection) until the restart stops
-	// this process: closing them would unpreserve the files.
-	select {}
+	// this process: closing them would unpreserve the files. (A sleep, not
+	// an empty select: a statically linked build would take that for a
+	// deadlock and exit.)
+	for {
+		time.Sleep(time.Hour)
+	}
 }
 
 // preserve writes generation gen's contents and preserves them.

@@ -24,11 +24,27 @@ type Globals struct {
 	Debug bool
 	// LogFormat is "text" or "json".
 	LogFormat string
+	// Log is the file the runtime's log and errors are appended to, as
+	// runc's --log (a container manager reads the last error from it);
+	// empty: stderr only.
+	Log string
+	// DebugLog is the file debug messages are appended to (with Debug);
+	// empty: they go where the log goes.
+	DebugLog string
 }
 
-// Args returns the global flags as arguments for a child runsc-luo.
+// Args returns the global flags as arguments for a child runsc-luo (a
+// supervisor, every sentry it or a restart starts, a container's init), so
+// that --debug and the log files reach all of them.
 func (g Globals) Args() []string {
-	return []string{"--root=" + g.Root, fmt.Sprintf("--debug=%t", g.Debug), "--log-format=" + g.LogFormat}
+	args := []string{"--root=" + g.Root, fmt.Sprintf("--debug=%t", g.Debug), "--log-format=" + g.LogFormat}
+	if g.Log != "" {
+		args = append(args, "--log="+g.Log)
+	}
+	if g.DebugLog != "" {
+		args = append(args, "--debug-log="+g.DebugLog)
+	}
+	return args
 }
 
 // DefaultRoot is $XDG_RUNTIME_DIR/runsc-luo, else /var/run/runsc-luo.
@@ -67,6 +83,22 @@ func SentryLogPath(root, id string) string { return filepath.Join(Dir(root, id),
 func EntrypointLogPath(root, id string) string {
 	return filepath.Join(Dir(root, id), "entrypoint.log")
 }
+
+// OCIPath is the file holding a sandbox's container record (bundle,
+// annotations, the pid a container manager waits on).
+func OCIPath(root, id string) string { return filepath.Join(Dir(root, id), "oci.json") }
+
+// StartFIFOPath is the FIFO a created container's init waits on until
+// "start" opens it (runc's exec.fifo): while it exists the container is
+// "created".
+func StartFIFOPath(root, id string) string { return filepath.Join(Dir(root, id), "start.fifo") }
+
+// InitStatusPath is where a container's init reports that its process is
+// prepared ("ready") or why it could not be ("error: ...").
+func InitStatusPath(root, id string) string { return filepath.Join(Dir(root, id), "init.status") }
+
+// RestartsPath is the file keeping the last restarts of a sandbox.
+func RestartsPath(root, id string) string { return filepath.Join(Dir(root, id), "restarts.json") }
 
 var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 

@@ -45,6 +45,9 @@ type State struct {
 	// Supervised says a supervisor holds the memory file: a crash of the
 	// sentry is recovered. Without one it loses the sandbox.
 	Supervised bool `json:"supervised"`
+	// LastPID is, in what "state" prints for a stopped sandbox (which
+	// reports no pid), the pid of the sentry that stopped it.
+	LastPID int `json:"last_pid,omitempty"`
 
 	// Gone is set by ReadState: the file says running, but the sentry
 	// process is gone (it died without stopping its guests).
@@ -127,7 +130,7 @@ func ReadState(root, id string) (*State, error) {
 func readStateFile(root, id string) (*State, error) {
 	b, err := os.ReadFile(StatePath(root, id))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("sandbox %q does not exist in %s", id, root)
+		return nil, fmt.Errorf("sandbox %q does not exist in %s (\"runsc-luo --root %s list\" shows those that do)", id, root, root)
 	}
 	if err != nil {
 		return nil, err

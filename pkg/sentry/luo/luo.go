@@ -388,6 +388,11 @@ type FileStatus struct {
 	// State is "preserved", "frozen", "not retrieved", "retrieved" or
 	// "retrieve failed: <error>".
 	State string `json:"state"`
+	// Bytes is the file's size and AllocatedBytes the memory it holds
+	// (st_blocks), both known while LUO holds the file itself: preserved
+	// (outgoing) or retrieved; nil for an incoming file not retrieved yet.
+	Bytes          *int64 `json:"bytes,omitempty"`
+	AllocatedBytes *int64 `json:"allocated_bytes,omitempty"`
 }
 
 // Status returns a snapshot of every session and file.
@@ -415,7 +420,13 @@ func (s *Session) status(dir string) SessionStatus {
 	defer s.mu.Unlock()
 	ss := SessionStatus{Name: s.name, Direction: dir, Retrieved: s.retrieved, Files: []FileStatus{}}
 	for _, f := range s.files {
-		ss.Files = append(ss.Files, FileStatus{Token: f.token, Compatible: f.compatible(), State: f.state()})
+		fs := FileStatus{Token: f.token, Compatible: f.compatible(), State: f.state()}
+		if f.file != nil {
+			st := f.file.Stat()
+			alloc := st.Blocks * 512
+			fs.Bytes, fs.AllocatedBytes = &st.Size, &alloc
+		}
+		ss.Files = append(ss.Files, fs)
 	}
 	sort.Slice(ss.Files, func(i, j int) bool { return ss.Files[i].Token < ss.Files[j].Token })
 	return ss
