@@ -256,19 +256,14 @@ func TestMemfdCallsThroughTheGuestProtocol(t *testing.T) {
 // rawConn is a guest speaking the protocol by hand.
 func rawConn(t *testing.T, s *sandbox, hello bool) net.Conn {
 	t.Helper()
+	if hello {
+		return rawConnVersion(t, s, abiguest.Version)
+	}
 	c, err := net.Dial("unix", s.path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	if hello {
-		var b [abiguest.HelloSize]byte
-		abiguest.Hello{Version: abiguest.Version}.Encode(b[:])
-		c.Write(b[:])
-		if _, err := io.ReadFull(c, b[:]); err != nil {
-			t.Fatalf("reading hello: %v", err)
-		}
-	}
 	return c
 }
 
