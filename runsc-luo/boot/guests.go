@@ -181,21 +181,37 @@ func (s *Sentry) launchEntrypoint() error {
 const oldGuestsTimeout = 5 * time.Second
 
 // awaitOldGuests waits until the guests of the previous sentry (transfer
-// mode) are gone, so that two entrypoints never run at once; after
-// oldGuestsTimeout it kills what is left.
+// mode) have been reaped, so that two entrypoints never run at once, not
+// even as a zombie: the previous sentry kills and reaps them after the
+// commit. If it died before it could (or after oldGuestsTimeout), they
+// are killed here, and still waited for until their new parent (the
+// supervisor, a subreaper) has reaped them.
 func (s *Sentry) awaitOldGuests() {
 	deadline := time.Now().Add(oldGuestsTimeout)
-	for _, pid := range s.waitFor {
-		for sandbox.Alive(pid) {
-			if time.Now().After(deadline) {
-				log.Warningf("guest %d of the previous sentry still runs after %v: killing it", pid, oldGuestsTimeout)
-				unix.Kill(pid, unix.SIGKILL)
+	for i, pid := range s.waitFor {
+		start := s.waitStart[i]
+		for exists(pid, start) {
+			if !sandbox.Alive(s.waitFrom) || time.Now().After(deadline) {
+				if sandbox.Is(pid, start) {
+					log.Warningf("guest %d of the previous sentry %d still runs: killing it", pid, s.waitFrom)
+					unix.Kill(pid, unix.SIGKILL)
+				}
+			}
+			if time.Now().After(deadline.Add(oldGuestsTimeout)) {
+				log.Warningf("guest %d of the previous sentry %d has not been reaped after %v", pid, s.waitFrom, 2*oldGuestsTimeout)
 				break
 			}
 			time.Sleep(time.Millisecond)
 		}
 	}
 	s.waitFor = nil
+}
+
+// exists reports whether pid is the process that started at start, alive
+// or a zombie not yet reaped.
+func exists(pid int, start uint64) bool {
+	p, ok := sandbox.ReadProc(pid)
+	return ok && p.Start == start
 }
 
 // killGuests SIGKILLs every guest process the sentry launched and waits
