@@ -194,7 +194,7 @@ func (s *Sentry) awaitOldGuests() {
 			if !sandbox.Alive(s.waitFrom) || time.Now().After(deadline) {
 				if sandbox.Is(pid, start) {
 					log.Warningf("guest %d of the previous sentry %d still runs: killing it", pid, s.waitFrom)
-					unix.Kill(pid, unix.SIGKILL)
+					killGroup(pid)
 				}
 			}
 			if time.Now().After(deadline.Add(oldGuestsTimeout)) {
@@ -214,8 +214,17 @@ func exists(pid int, start uint64) bool {
 	return ok && p.Start == start
 }
 
-// killGuests SIGKILLs every guest process the sentry launched and waits
-// for them.
+// killGroup SIGKILLs a guest and its process group (each guest leads its
+// own): the children it started go with it, rather than outliving the
+// restart or the stop that ended it. (A pid that leads a group that still
+// exists is never reused.)
+func killGroup(pid int) {
+	unix.Kill(-pid, unix.SIGKILL)
+	unix.Kill(pid, unix.SIGKILL)
+}
+
+// killGuests SIGKILLs every guest process the sentry launched, with their
+// process groups, and waits for them.
 func (s *Sentry) killGuests() {
 	s.mu.Lock()
 	procs := make([]*guestProc, 0, len(s.procs))
@@ -224,7 +233,7 @@ func (s *Sentry) killGuests() {
 	}
 	s.mu.Unlock()
 	for _, p := range procs {
-		unix.Kill(p.pid, unix.SIGKILL)
+		killGroup(p.pid)
 	}
 	for _, p := range procs {
 		<-p.done
@@ -247,7 +256,7 @@ func (s *Sentry) guestPIDs() []int {
 func stopOldGuests(pids []int) {
 	for _, pid := range pids {
 		if pid > 1 {
-			unix.Kill(pid, unix.SIGKILL)
+			killGroup(pid)
 			var ws unix.WaitStatus
 			unix.Wait4(pid, &ws, 0, nil)
 		}
