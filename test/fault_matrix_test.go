@@ -111,16 +111,17 @@ func TestFaultMatrix(t *testing.T) {
 		name := fc.mode + " " + fc.crash
 		t.Run(strings.NewReplacer("/", "-", "@", " at ").Replace(name), func(t *testing.T) {
 			start := time.Now()
-			code, verdict := runFaultCase(t, i, fc)
-			rows = append(rows, fmt.Sprintf("| %s | `%s` | %d | %s | %.1f s |", fc.mode, fc.crash, code, verdict, time.Since(start).Seconds()))
+			code, verdict, landed := runFaultCase(t, i, fc)
+			rows = append(rows, fmt.Sprintf("| %s | `%s` | %s | %d | %s | %.1f s |", fc.mode, fc.crash, landed, code, verdict, time.Since(start).Seconds()))
 		})
 	}
-	t.Logf("fault matrix:\n| mode | SIGKILL | restart exit | data | time |\n|---|---|---|---|---|\n%s", strings.Join(rows, "\n"))
+	t.Logf("fault matrix:\n| mode | SIGKILL | landed after | restart exit | data | time |\n|---|---|---|---|---|---|\n%s", strings.Join(rows, "\n"))
 }
 
-// runFaultCase runs one cell and returns restart's exit status and the
-// verdict on the data.
-func runFaultCase(t *testing.T, i int, fc faultCase) (int, string) {
+// runFaultCase runs one cell and returns restart's exit status, the
+// verdict on the data, and the last point of the restart the killing
+// process had reached when the SIGKILL went out ("-" if it never did).
+func runFaultCase(t *testing.T, i int, fc faultCase) (int, string, string) {
 	c := newCLI(t)
 	id := fmt.Sprintf("fault%d", i)
 	fdsBefore := openFDs(t)
@@ -132,6 +133,13 @@ func runFaultCase(t *testing.T, i int, fc faultCase) (int, string) {
 	events := len(guestEvents(c, id))
 	out, errOut, code := c.run("restart", "--format=json", "--timeout=5s", "--mode="+fc.mode, "--TESTONLY-crash-at="+fc.crash, id)
 	t.Logf("restart: exit %d\n%s%s", code, out, errOut)
+	landed := "-"
+	log, _ := os.ReadFile(filepath.Join(c.root, id, "sentry.log"))
+	if _, after, ok := strings.Cut(string(log), "TESTONLY: SIGKILL"); ok {
+		if _, p, ok := strings.Cut(after, "last point reached "); ok {
+			landed, _, _ = strings.Cut(p, "\n")
+		}
+	}
 	switch code {
 	case 0, 4:
 	case 3:
@@ -173,7 +181,7 @@ func runFaultCase(t *testing.T, i int, fc faultCase) (int, string) {
 	c.must("kill", id)
 	c.must("delete", id)
 	checkNothingLeft(t, c, mem, fdsBefore)
-	return code, verdict
+	return code, verdict, landed
 }
 
 // settle waits for the guest's first event after the n it had printed
