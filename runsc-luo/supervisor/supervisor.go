@@ -165,7 +165,11 @@ func Run(opts Options) error {
 		return fmt.Errorf("starting the sentry: %w", err)
 	}
 	opts.Ready.Close()
-	s.loop(cmd.Process.Pid)
+	// reapChildren reaps the sentries: release the handle (a pidfd)
+	// os/exec keeps until Wait.
+	pid := cmd.Process.Pid
+	cmd.Process.Release()
+	s.loop(pid)
 	return nil
 }
 
@@ -459,11 +463,15 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 		s.lost(fmt.Errorf("starting a sentry to recover the sandbox: %w", err))
 		return false
 	}
-	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d", dead, c.ID, cmd.Process.Pid)
+	// reapChildren reaps it: release the handle (a pidfd) os/exec keeps
+	// until Wait, or each recovery would leak one.
+	pid := cmd.Process.Pid
+	cmd.Process.Release()
+	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d", dead, c.ID, pid)
 	// Until it serves, the state names the recovering sentry (else it
 	// would name a dead one, and read as stopped).
 	if st, err := sandbox.ReadState(c.Root, c.ID); err == nil {
-		st.Status, st.PID, st.Guests, st.EntrypointPID = sandbox.StatusRunning, cmd.Process.Pid, nil, 0
+		st.Status, st.PID, st.Guests, st.EntrypointPID = sandbox.StatusRunning, pid, nil, 0
 		st.Error = fmt.Sprintf("recovering: sentry %d died", dead)
 		if err := sandbox.WriteState(st); err != nil {
 			log.Warningf("supervisor: %v", err)
@@ -482,12 +490,12 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 			}
 		case <-time.After(10 * time.Millisecond):
 		}
-		if !sandbox.Alive(cmd.Process.Pid) {
-			s.lost(fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", cmd.Process.Pid))
+		if !sandbox.Alive(pid) {
+			s.lost(fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", pid))
 			return false
 		}
 	}
-	unix.Kill(cmd.Process.Pid, unix.SIGKILL)
+	unix.Kill(pid, unix.SIGKILL)
 	s.lost(fmt.Errorf("the recovering sentry did not serve within %v", s.opts.ExecTimeout))
 	return false
 }
