@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -51,7 +52,11 @@ var (
 	reportEvery = flag.Int("report-every", 100, "print resources every N restarts")
 	runscFlag   = flag.String("runsc", "", "runsc-luo binary (default: built from this module)")
 	seed        = flag.Uint64("seed", 1, "seed of the guest's pattern")
-	writePause  = flag.Duration("write-pause", time.Millisecond, "the guest's pause after each MiB it writes (it shares the CPUs)")
+	writePause  = flag.Duration("write-pause", 2*time.Millisecond, "the guest's pause after each MiB it writes (it shares the CPUs)")
+	writers     = flag.Int("writers", 1, "guest processes, each rewriting its own preserved memfd of -size bytes")
+	pwrite      = flag.Bool("pwrite", false, "the guests rewrite with pwrite calls (paused by a restart) rather than through a mapping")
+	modes       = flag.String("modes", "transfer,exec", "restart modes, taken in turn")
+	session     = flag.String("session", "soak", "the guest's session name (internal)")
 	rssBound    = flag.String("rss-growth", "64M", "fail if a process's RSS grows more than this over the first report")
 	fdBound     = flag.Int("fd-growth", 4, "fail if a process's open fds grow more than this over the first report")
 )
@@ -99,17 +104,22 @@ func splitmix64(x uint64) uint64 {
 	return x ^ x>>31
 }
 
-// word is the pattern's word at index i of round r of generation gen.
-func word(gen, r, i uint64) uint64 {
-	h := splitmix64(*seed ^ splitmix64(gen<<32^r) ^ i*0x9e3779b97f4a7c15)
-	return r<<40 | (gen&0xff)<<32 | h&0xffffffff
+// key is the pattern's key for round r of generation gen.
+func key(gen, r uint64) uint64 { return splitmix64(*seed ^ splitmix64(gen<<32^r)) }
+
+// word is the pattern's word at index i of the round with key k: the
+// round, the generation's low byte, and 32 bits that depend on the index
+// and the key (cheap: a restart rewrites and reads hundreds of MiB).
+func word(gen, r, k, i uint64) uint64 {
+	return r<<40 | (gen&0xff)<<32 | ((i*0x9e3779b97f4a7c15)^k)>>32
 }
 
 // fill writes round r of generation gen over b, which starts at word i0,
 // in order.
 func fill(b []byte, gen, r, i0 uint64) {
+	k := key(gen, r)
 	for j := 0; j+8 <= len(b); j += 8 {
-		binary.LittleEndian.PutUint64(b[j:], word(gen, r, i0+uint64(j/8)))
+		binary.LittleEndian.PutUint64(b[j:], word(gen, r, k, i0+uint64(j/8)))
 	}
 }
 
@@ -146,7 +156,7 @@ func runGuest(size int64) error {
 		return fmt.Errorf("mmap: %w", err)
 	}
 	fill(m, gen, 0, 0)
-	sess, err := c.CreateSession(dev, "soak")
+	sess, err := c.CreateSession(dev, *session)
 	if err != nil {
 		return err
 	}
@@ -156,10 +166,19 @@ func runGuest(size int64) error {
 	emit(event{Event: "writing", Generation: gen})
 	// Round after round, in order, until the restart stops this process
 	// (the session fd stays open: closing it would unpreserve).
+	buf := make([]byte, chunk)
 	for r := uint64(1); ; r++ {
 		for off := int64(0); off < size; off += chunk {
 			end := min(off+chunk, size)
-			fill(m[off:end], gen, r, uint64(off/8))
+			if *pwrite {
+				b := buf[:end-off]
+				fill(b, gen, r, uint64(off/8))
+				if n, err := c.Pwrite(fd, b, off); err != nil || n != len(b) {
+					return fmt.Errorf("pwrite of %d bytes at %d: %d, %v", len(b), off, n, err)
+				}
+			} else {
+				fill(m[off:end], gen, r, uint64(off/8))
+			}
 			if *writePause > 0 {
 				time.Sleep(*writePause)
 			}
@@ -172,9 +191,9 @@ func runGuest(size int64) error {
 // It finishes the session.
 func verify(c *guest.Conn, dev int, gen uint64, size int64) ([2]uint64, error) {
 	var rounds [2]uint64
-	sess, err := c.RetrieveSession(dev, "soak")
+	sess, err := c.RetrieveSession(dev, *session)
 	if err != nil {
-		return rounds, fmt.Errorf("retrieving session soak: %w", err)
+		return rounds, fmt.Errorf("retrieving session %s: %w", *session, err)
 	}
 	fd, err := c.RetrieveFD(sess, 1)
 	if err != nil {
@@ -185,7 +204,7 @@ func verify(c *guest.Conn, dev int, gen uint64, size int64) ([2]uint64, error) {
 		return rounds, fmt.Errorf("the retrieved memfd: size %d, want %d (%v)", st.Size, size, err)
 	}
 	buf := make([]byte, 4<<20)
-	var first, cur uint64
+	var first, cur, k uint64
 	cut := false
 	for off := int64(0); off < size; off += int64(len(buf)) {
 		b := buf[:min(int64(len(buf)), size-off)]
@@ -197,10 +216,15 @@ func verify(c *guest.Conn, dev int, gen uint64, size int64) ([2]uint64, error) {
 			w := binary.LittleEndian.Uint64(b[j:])
 			r := w >> 40
 			if i == 0 {
-				first, cur = r, r
+				first, cur, k = r, r, key(gen, r)
 			}
-			if w != word(gen, r, i) {
-				return rounds, fmt.Errorf("byte %d: word %#x is no word of generation %d (round %d would be %#x)", i*8, w, gen, r, word(gen, r, i))
+			if w != word(gen, r, k, i) {
+				if r+1 == cur && !cut {
+					k = key(gen, r)
+				}
+				if w != word(gen, r, k, i) {
+					return rounds, fmt.Errorf("byte %d: word %#x is no word of generation %d (round %d would be %#x)", i*8, w, gen, r, word(gen, r, key(gen, r), i))
+				}
 			}
 			switch {
 			case r == cur:
@@ -249,36 +273,40 @@ func (s *soakRun) state() (*sandbox.State, error) {
 	return &st, nil
 }
 
-// await waits for the guest's next events: want, in order, of generation
-// gen.
+// await waits until every guest of generation gen has printed each of
+// want (the events of a generation may interleave between guests).
 func (s *soakRun) await(gen uint64, want ...string) error {
 	deadline := time.Now().Add(2 * time.Minute)
-	for len(want) > 0 {
+	seen := map[string]int{}
+	for {
 		b, _ := os.ReadFile(filepath.Join(s.root, s.id, "entrypoint.log"))
-		var evs []event
-		for _, line := range strings.Split(string(b), "\n") {
+		lines := strings.Split(string(b), "\n")
+		// Only complete lines.
+		for ; s.events < len(lines)-1; s.events++ {
 			var e event
-			if json.Unmarshal([]byte(line), &e) == nil && e.Event != "" {
-				evs = append(evs, e)
+			if json.Unmarshal([]byte(lines[s.events]), &e) != nil || e.Event == "" {
+				continue
 			}
-		}
-		for s.events < len(evs) && len(want) > 0 {
-			e := evs[s.events]
-			s.events++
 			if e.Event == "failed" {
-				return fmt.Errorf("the guest of generation %d: %s", e.Generation, e.Error)
+				return fmt.Errorf("a guest of generation %d: %s", e.Generation, e.Error)
 			}
-			if e.Event != want[0] || e.Generation != gen {
-				return fmt.Errorf("guest event %q of generation %d, want %q of generation %d", e.Event, e.Generation, want[0], gen)
+			if e.Generation != gen {
+				return fmt.Errorf("guest event %q of generation %d, waiting for generation %d", e.Event, e.Generation, gen)
 			}
-			want = want[1:]
+			seen[e.Event]++
+		}
+		done := true
+		for _, w := range want {
+			done = done && seen[w] >= *writers
+		}
+		if done {
+			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("no %q event of generation %d within 2 minutes", want[0], gen)
+			return fmt.Errorf("generation %d: events %v within 2 minutes, want %v from each of %d guests", gen, seen, want, *writers)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	return nil
 }
 
 // resources are one report's measurements.
@@ -356,7 +384,7 @@ func ms(d time.Duration) float64 { return float64(d) / 1e6 }
 
 // soak is the driver.
 func soak(size uint64) error {
-	memory := 3*size + 64<<20
+	memory := uint64(*writers)*3*size + 64<<20
 	if *memoryFlag != "" {
 		var err error
 		if memory, err = sandbox.ParseSize(*memoryFlag); err != nil {
@@ -383,19 +411,37 @@ func soak(size uint64) error {
 			return fmt.Errorf("building runsc-luo: %v\n%s", err, out)
 		}
 	}
-	if _, err := s.cli("run", "--detach", fmt.Sprintf("--memory=%d", memory), s.id, "--", self, "-guest",
-		"-size", strconv.FormatUint(size, 10), "-seed", strconv.FormatUint(*seed, 10), "-write-pause", writePause.String()); err != nil {
+	// The entrypoint: the writers, each in its own session.
+	var guests []string
+	for w := 0; w < *writers; w++ {
+		guests = append(guests, fmt.Sprintf("%s -guest -size=%d -seed=%d -write-pause=%v -pwrite=%t -session=soak-%d &", self, size, *seed+uint64(w), *writePause, *pwrite, w))
+	}
+	if _, err := s.cli("run", "--detach", fmt.Sprintf("--memory=%d", memory), s.id, "--", "sh", "-c", strings.Join(guests, " ")+" wait"); err != nil {
 		return err
 	}
-	defer func() {
+	cleanup := func() {
 		s.cli("kill", s.id, "KILL")
 		s.cli("delete", "--force", s.id)
+	}
+	defer cleanup()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	go func() {
+		<-sigs
+		cleanup()
+		os.RemoveAll(root)
+		os.Exit(1)
 	}()
+	modeList := strings.Split(*modes, ",")
 	if err := s.await(0, "writing"); err != nil {
 		return err
 	}
-	fmt.Printf("soak: %d restarts of a sandbox whose guest rewrites a %d MiB preserved memfd (memory file %d MiB); modes alternate; every %dth restart is a SIGKILL of the serving sentry\n",
-		*count, size>>20, memory>>20, *killEvery)
+	how := "through its mapping"
+	if *pwrite {
+		how = "with pwrite"
+	}
+	fmt.Printf("soak: %d restarts (modes %s; every %dth a SIGKILL of the serving sentry) of a sandbox whose %d guests each rewrite a %d MiB preserved memfd %s (memory file %d MiB)\n",
+		*count, *modes, *killEvery, *writers, size>>20, how, memory>>20)
 	fmt.Printf("%8s %14s %14s %10s %10s %14s %12s %12s %12s\n", "restarts", "super RSS MiB", "sentry RSS MiB", "super fds", "sentry fds", "memfile MiB", "p50 ms", "p99 ms", "max ms")
 	blackouts := map[string][]time.Duration{}
 	var all, recoveries []time.Duration
@@ -424,10 +470,7 @@ func soak(size uint64) error {
 			}
 			recoveries = append(recoveries, time.Since(start))
 		} else {
-			mode := handover.ModeTransfer
-			if len(all)%2 == 1 {
-				mode = handover.ModeExec
-			}
+			mode := modeList[len(all)%len(modeList)]
 			out, err := s.cli("restart", "--format=json", "--mode="+mode, s.id)
 			if err != nil {
 				return fmt.Errorf("restart %d (%s mode): %w", i, mode, err)
@@ -465,16 +508,17 @@ func soak(size uint64) error {
 			check("sentry fds", r.sentryFDs > base.sentryFDs+*fdBound, fmt.Sprintf("%d, first %d", r.sentryFDs, base.sentryFDs))
 			// At most two generations' memfds (the retrieved one is
 			// freed in the background) and 64 MiB of the sentry's own.
-			check("memory file", r.memFile > 2*size+64<<20, fmt.Sprintf("%.1f MiB allocated, bound %.1f MiB", mib(r.memFile), mib(2*size+64<<20)))
+			bound := uint64(*writers)*2*size + 64<<20
+			check("memory file", r.memFile > bound, fmt.Sprintf("%.1f MiB allocated, bound %.1f MiB", mib(r.memFile), mib(bound)))
 		}
 	}
 	fmt.Printf("blackout (ms)    %8s %8s %8s %8s\n", "n", "p50", "p99", "max")
-	for _, mode := range []string{handover.ModeTransfer, handover.ModeExec} {
+	for _, mode := range modeList {
 		ds := blackouts[mode]
 		fmt.Printf("  %-14s %8d %8.2f %8.2f %8.2f\n", mode, len(ds), ms(percentile(ds, 0.5)), ms(percentile(ds, 0.99)), ms(percentile(ds, 1)))
 	}
 	fmt.Printf("  %-14s %8d %8.2f %8.2f %8.2f   (SIGKILL to serving again, polled by the CLI)\n", "recovery", len(recoveries), ms(percentile(recoveries, 0.5)), ms(percentile(recoveries, 0.99)), ms(percentile(recoveries, 1)))
-	fmt.Printf("bounds: RSS growth ≤ %s, fd growth ≤ %d over the first report; memory file ≤ 2 × size + 64 MiB\n", *rssBound, *fdBound)
+	fmt.Printf("bounds: RSS growth ≤ %s, fd growth ≤ %d over the first report; memory file ≤ 2 × writers × size + 64 MiB\n", *rssBound, *fdBound)
 	if len(failures) > 0 {
 		return errors.New(strings.Join(failures, "; "))
 	}
