@@ -222,7 +222,11 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 			// The old image's guests are this process's children now:
 			// stop them before the entrypoint is relaunched.
 			stopOldGuests(d.OldGuests)
-			log.Infof("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Mode, d.Version, t.LiveupdateNumber, t.Blackout)
+			logf := log.Infof
+			if d.Mode == handover.ModeRecover {
+				logf = log.Warningf
+			}
+			logf("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v (map %v, KHO %v, LUO %v)", in.s.cfg.ID, d.Mode, d.Version, t.LiveupdateNumber, t.Blackout, t.Map, t.Ingest, t.LUO)
 			return in.s, nil
 		}
 	}

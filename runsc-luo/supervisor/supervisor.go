@@ -420,6 +420,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	// Whatever the dead sentry left (guests, a new sentry it was
 	// starting) must not run alongside the recovered one.
 	killChildren()
+	killed := time.Since(at)
 	if s.frozen != nil {
 		// It died in a restart that no new sentry committed: the
 		// root page is as it froze, whatever a new sentry's ingest
@@ -467,7 +468,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	// until Wait, or each recovery would leak one.
 	pid := cmd.Process.Pid
 	cmd.Process.Release()
-	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d", dead, c.ID, pid)
+	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d (what it left killed and reaped in %v, sentry started %v after the death was noticed)", dead, c.ID, pid, killed, time.Since(at))
 	// Until it serves, the state names the recovering sentry (else it
 	// would name a dead one, and read as stopped).
 	if st, err := sandbox.ReadState(c.Root, c.ID); err == nil {
