@@ -22,6 +22,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -156,6 +158,7 @@ func Run(opts Options) error {
 	s := &Supervisor{opts: opts, events: make(chan event, 16)}
 	go s.accept(l)
 	go reapChildren()
+	go s.watch()
 	args := append(opts.Globals.Args(), "boot", "--id="+c.ID, fmt.Sprintf("--memory=%d", c.MemorySize), "--ready-fd=3", fmt.Sprintf("--shim=%t", !c.NoShim), "--")
 	cmd := exec.Command(opts.Exe, append(args, c.Entrypoint...)...)
 	cmd.ExtraFiles = []*os.File{opts.Ready}
@@ -264,10 +267,10 @@ func (s *Supervisor) loop(pid int) {
 		st, err := sandbox.ReadState(c.Root, c.ID)
 		if err == nil && st.Status == sandbox.StatusStopped && !st.Gone {
 			// The sandbox stopped; the sentry exits.
-			killChildren()
+			killChildren(0)
 			return
 		}
-		if sandbox.Alive(pid) && time.Since(endedAt) < s.opts.ExecTimeout {
+		if sandbox.Alive(pid) && !exiting(pid) && time.Since(endedAt) < s.opts.ExecTimeout {
 			// An exec-mode restart's new image registers again.
 			continue
 		}
@@ -333,15 +336,21 @@ const newSentryWait = 10 * time.Second
 // registers (its pid is returned), or exits untouched; the dead sentry's
 // guests are killed meanwhile (nobody serves them). 0 if no new sentry
 // registered.
+//
+// isNewSentry of a zombie is false: an exited new sentry is not waited
+// for.
 func (s *Supervisor) awaitNewSentry(dead int) int {
 	me := os.Getpid()
 	deadline := time.Now().Add(newSentryWait)
 	for time.Now().Before(deadline) {
+		// (The dead sentry's children are its own until it has exited.)
 		var pending []int
-		for _, pid := range children(me) {
-			if isNewSentry(pid) {
+		for _, pid := range append(children(me), children(dead)...) {
+			switch {
+			case pid == dead:
+			case isNewSentry(pid):
 				pending = append(pending, pid)
-			} else {
+			default:
 				unix.Kill(pid, unix.SIGKILL)
 			}
 		}
@@ -376,7 +385,7 @@ func isNewSentry(pid int) bool {
 // says stopped (unless the sentry wrote that itself).
 func (s *Supervisor) finishStop(dead int) {
 	c := &s.opts.Config
-	killChildren()
+	killChildren(dead)
 	os.Remove(sandbox.GuestPath(c.Root, c.ID))
 	os.Remove(sandbox.ControlPath(c.Root, c.ID))
 	st, err := sandbox.ReadState(c.Root, c.ID)
@@ -419,7 +428,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	}
 	// Whatever the dead sentry left (guests, a new sentry it was
 	// starting) must not run alongside the recovered one.
-	killChildren()
+	killChildren(dead)
 	killed := time.Since(at)
 	if s.frozen != nil {
 		// It died in a restart that no new sentry committed: the
@@ -504,7 +513,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 // lost records that no sentry serves the sandbox any more.
 func (s *Supervisor) lost(err error) {
 	c := &s.opts.Config
-	killChildren()
+	killChildren(0)
 	os.Remove(sandbox.GuestPath(c.Root, c.ID))
 	os.Remove(sandbox.ControlPath(c.Root, c.ID))
 	st := &sandbox.State{ID: c.ID, Status: sandbox.StatusStopped, Root: c.Root, Created: c.Created,
@@ -533,19 +542,82 @@ func reapChildren() {
 }
 
 // killChildren SIGKILLs every child of this process until none is left
-// (orphans keep arriving as their parents die), for 2 s at most.
-func killChildren() {
+// (orphans keep arriving as their parents die), for 2 s at most. dead, if
+// not 0, is a sentry that was SIGKILLed and is still exiting (tearing down
+// its address space, which takes about 35 ms per GiB it touched): it runs
+// no code any more and is not waited for; its children (guests, a new
+// sentry) are killed, with their process groups, and waited for until
+// they are zombies (they are reaped once dead is gone and they are this
+// process's).
+func killChildren(dead int) {
 	me := os.Getpid()
 	deadline := time.Now().Add(2 * time.Second)
 	for time.Now().Before(deadline) {
-		kids := children(me)
-		if len(kids) == 0 {
+		left := 0
+		for _, pid := range children(me) {
+			if pid != dead {
+				unix.Kill(pid, unix.SIGKILL)
+				left++
+			}
+		}
+		if dead > 0 {
+			for _, pid := range children(dead) {
+				if p, ok := sandbox.ReadProc(pid); ok && p.Alive() {
+					unix.Kill(-pid, unix.SIGKILL)
+					unix.Kill(pid, unix.SIGKILL)
+					left++
+				}
+			}
+		}
+		if left == 0 {
 			return
 		}
-		for _, pid := range kids {
-			unix.Kill(pid, unix.SIGKILL)
-		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// exiting reports whether pid has begun to exit (PF_EXITING in the flags of
+// /proc/PID/stat): a SIGKILLed process runs no code from then on, but its
+// fds (the supervisor connection) close only after its address space is
+// torn down.
+func exiting(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 7 {
+		return false
+	}
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	const pfExiting = 0x4
+	return err == nil && flags&pfExiting != 0
+}
+
+// watch notices the death of the serving sentry as soon as it begins to
+// exit, rather than when its connection ends after its teardown: it polls
+// the sentry's flags every 2 ms and reports a pid seen exiting twice in a
+// row (a thread of an exec-mode image that is replaced is seen once at
+// most).
+func (s *Supervisor) watch() {
+	seen, reported := 0, 0
+	for {
+		time.Sleep(2 * time.Millisecond)
+		pid := s.currentPID()
+		if pid == 0 || pid == reported || !exiting(pid) {
+			seen = 0
+			continue
+		}
+		if seen != pid {
+			seen = pid
+			continue
+		}
+		reported = pid
+		s.events <- event{ended: pid}
 	}
 }
 
