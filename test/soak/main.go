@@ -53,7 +53,7 @@ var (
 	runscFlag   = flag.String("runsc", "", "runsc-luo binary (default: built from this module)")
 	seed        = flag.Uint64("seed", 1, "seed of the guest's pattern")
 	writePause  = flag.Duration("write-pause", 2*time.Millisecond, "the guest's pause after each MiB it writes (it shares the CPUs)")
-	writers     = flag.Int("writers", 1, "guest processes, each rewriting its own preserved memfd of -size bytes")
+	writers     = flag.Int("writers", 1, "concurrent writers in the guest, each rewriting its own preserved memfd of -size bytes")
 	pwrite      = flag.Bool("pwrite", false, "the guests rewrite with pwrite calls (paused by a restart) rather than through a mapping")
 	modes       = flag.String("modes", "transfer,exec", "restart modes, taken in turn")
 	session     = flag.String("session", "soak", "the guest's session name (internal)")
@@ -104,8 +104,11 @@ func splitmix64(x uint64) uint64 {
 	return x ^ x>>31
 }
 
-// key is the pattern's key for round r of generation gen.
-func key(gen, r uint64) uint64 { return splitmix64(*seed ^ splitmix64(gen<<32^r)) }
+// key is the pattern's key for round r of generation gen of writer w's
+// memfd.
+func key(w int, gen, r uint64) uint64 {
+	return splitmix64(*seed ^ uint64(w)<<56 ^ splitmix64(gen<<32^r))
+}
 
 // word is the pattern's word at index i of the round with key k: the
 // round, the generation's low byte, and 32 bits that depend on the index
@@ -114,10 +117,10 @@ func word(gen, r, k, i uint64) uint64 {
 	return r<<40 | (gen&0xff)<<32 | ((i*0x9e3779b97f4a7c15)^k)>>32
 }
 
-// fill writes round r of generation gen over b, which starts at word i0,
-// in order.
-func fill(b []byte, gen, r, i0 uint64) {
-	k := key(gen, r)
+// fill writes round r of generation gen of writer w over b, which starts
+// at word i0, in order.
+func fill(b []byte, w int, gen, r, i0 uint64) {
+	k := key(w, gen, r)
 	for j := 0; j+8 <= len(b); j += 8 {
 		binary.LittleEndian.PutUint64(b[j:], word(gen, r, k, i0+uint64(j/8)))
 	}
@@ -126,7 +129,9 @@ func fill(b []byte, gen, r, i0 uint64) {
 const chunk = 1 << 20
 
 // runGuest is the guest: it verifies what the previous generation
-// preserved, preserves a new memfd, and rewrites it forever.
+// preserved, preserves -writers new memfds in one session, and rewrites
+// each forever from its own goroutine (with -pwrite, on its own
+// connection, which has a copy of the fd table).
 func runGuest(size int64) error {
 	gen := guest.LiveupdateNumber()
 	c, err := guest.Dial("")
@@ -138,46 +143,94 @@ func runGuest(size int64) error {
 		return fmt.Errorf("open /dev/liveupdate: %w", err)
 	}
 	if gen > 0 {
-		rounds, err := verify(c, dev, gen-1, size)
+		sess, err := c.RetrieveSession(dev, *session)
 		if err != nil {
-			return err
+			return fmt.Errorf("retrieving session %s: %w", *session, err)
 		}
+		var rounds [2]uint64
+		for w := 0; w < *writers; w++ {
+			fd, err := c.RetrieveFD(sess, uint64(w+1))
+			if err != nil {
+				return fmt.Errorf("retrieving memfd %d: %w", w, err)
+			}
+			if rounds, err = verify(c, fd, w, gen-1, size); err != nil {
+				return fmt.Errorf("memfd %d: %w", w, err)
+			}
+			c.Close(fd)
+		}
+		if err := c.FinishSession(sess); err != nil {
+			return fmt.Errorf("finishing the session: %w", err)
+		}
+		c.Close(sess)
 		emit(event{Event: "verified", Generation: gen, Rounds: rounds})
 	}
-	fd, err := c.MemfdCreate("soak", 0)
-	if err != nil {
-		return err
-	}
-	if err := c.Ftruncate(fd, size); err != nil {
-		return err
-	}
-	m, err := c.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		return fmt.Errorf("mmap: %w", err)
-	}
-	fill(m, gen, 0, 0)
 	sess, err := c.CreateSession(dev, *session)
 	if err != nil {
 		return err
 	}
-	if err := c.PreserveFD(sess, fd, 1); err != nil {
-		return fmt.Errorf("preserve: %w", err)
+	fds := make([]int, *writers)
+	maps := make([][]byte, *writers)
+	for w := range fds {
+		if fds[w], err = c.MemfdCreate(fmt.Sprintf("soak-%d", w), 0); err != nil {
+			return err
+		}
+		if err := c.Ftruncate(fds[w], size); err != nil {
+			return err
+		}
+		if maps[w], err = c.Mmap(fds[w], 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
+			return fmt.Errorf("mmap: %w", err)
+		}
+		fill(maps[w], w, gen, 0, 0)
+		if err := c.PreserveFD(sess, fds[w], uint64(w+1)); err != nil {
+			return fmt.Errorf("preserve: %w", err)
+		}
 	}
 	emit(event{Event: "writing", Generation: gen})
 	// Round after round, in order, until the restart stops this process
 	// (the session fd stays open: closing it would unpreserve).
+	errs := make(chan error, *writers)
+	for w := range fds {
+		conn := c
+		if *pwrite && w > 0 {
+			tok, err := c.ForkToken()
+			if err != nil {
+				return fmt.Errorf("fork token: %w", err)
+			}
+			if conn, err = guest.Dial(""); err != nil {
+				return err
+			}
+			if err := conn.Attach(tok); err != nil {
+				return fmt.Errorf("attach: %w", err)
+			}
+		}
+		go func() { errs <- rewrite(conn, fds[w], maps[w], w, gen, size) }()
+	}
+	return <-errs
+}
+
+// rewrite writes round after round of writer w's pattern over its memfd,
+// through the mapping m or, with -pwrite, with pwrite calls on c.
+func rewrite(c *guest.Conn, fd int, m []byte, w int, gen uint64, size int64) error {
 	buf := make([]byte, chunk)
 	for r := uint64(1); ; r++ {
 		for off := int64(0); off < size; off += chunk {
 			end := min(off+chunk, size)
 			if *pwrite {
 				b := buf[:end-off]
-				fill(b, gen, r, uint64(off/8))
-				if n, err := c.Pwrite(fd, b, off); err != nil || n != len(b) {
+				fill(b, w, gen, r, uint64(off/8))
+				n, err := c.Pwrite(fd, b, off)
+				var ce *guest.ConnError
+				if errors.As(err, &ce) {
+					// The sentry handed over and dropped this
+					// connection; the restart kills this process
+					// next.
+					select {}
+				}
+				if err != nil || n != len(b) {
 					return fmt.Errorf("pwrite of %d bytes at %d: %d, %v", len(b), off, n, err)
 				}
 			} else {
-				fill(m[off:end], gen, r, uint64(off/8))
+				fill(m[off:end], w, gen, r, uint64(off/8))
 			}
 			if *writePause > 0 {
 				time.Sleep(*writePause)
@@ -186,19 +239,10 @@ func runGuest(size int64) error {
 	}
 }
 
-// verify retrieves generation gen's memfd and checks every word: a
+// verify checks every word of writer w's memfd fd of generation gen: a
 // prefix of round r+1 and a suffix of round r (or one round throughout).
-// It finishes the session.
-func verify(c *guest.Conn, dev int, gen uint64, size int64) ([2]uint64, error) {
+func verify(c *guest.Conn, fd, w int, gen uint64, size int64) ([2]uint64, error) {
 	var rounds [2]uint64
-	sess, err := c.RetrieveSession(dev, *session)
-	if err != nil {
-		return rounds, fmt.Errorf("retrieving session %s: %w", *session, err)
-	}
-	fd, err := c.RetrieveFD(sess, 1)
-	if err != nil {
-		return rounds, fmt.Errorf("retrieving the memfd: %w", err)
-	}
 	st, err := c.Fstat(fd)
 	if err != nil || st.Size != size {
 		return rounds, fmt.Errorf("the retrieved memfd: size %d, want %d (%v)", st.Size, size, err)
@@ -213,17 +257,17 @@ func verify(c *guest.Conn, dev int, gen uint64, size int64) ([2]uint64, error) {
 		}
 		for j := 0; j+8 <= len(b); j += 8 {
 			i := uint64(off/8) + uint64(j/8)
-			w := binary.LittleEndian.Uint64(b[j:])
-			r := w >> 40
+			v := binary.LittleEndian.Uint64(b[j:])
+			r := v >> 40
 			if i == 0 {
-				first, cur, k = r, r, key(gen, r)
+				first, cur, k = r, r, key(w, gen, r)
 			}
-			if w != word(gen, r, k, i) {
+			if v != word(gen, r, k, i) {
 				if r+1 == cur && !cut {
-					k = key(gen, r)
+					k = key(w, gen, r)
 				}
-				if w != word(gen, r, k, i) {
-					return rounds, fmt.Errorf("byte %d: word %#x is no word of generation %d (round %d would be %#x)", i*8, w, gen, r, word(gen, r, key(gen, r), i))
+				if v != word(gen, r, k, i) {
+					return rounds, fmt.Errorf("byte %d: word %#x is no word of generation %d (round %d would be %#x)", i*8, v, gen, r, word(gen, r, key(w, gen, r), i))
 				}
 			}
 			switch {
@@ -235,11 +279,6 @@ func verify(c *guest.Conn, dev int, gen uint64, size int64) ([2]uint64, error) {
 			}
 		}
 	}
-	if err := c.FinishSession(sess); err != nil {
-		return rounds, fmt.Errorf("finishing the session: %w", err)
-	}
-	c.Close(sess)
-	c.Close(fd)
 	return [2]uint64{first, cur}, nil
 }
 
@@ -273,8 +312,8 @@ func (s *soakRun) state() (*sandbox.State, error) {
 	return &st, nil
 }
 
-// await waits until every guest of generation gen has printed each of
-// want (the events of a generation may interleave between guests).
+// await waits until the guest of generation gen has printed each of
+// want.
 func (s *soakRun) await(gen uint64, want ...string) error {
 	deadline := time.Now().Add(2 * time.Minute)
 	seen := map[string]int{}
@@ -297,13 +336,13 @@ func (s *soakRun) await(gen uint64, want ...string) error {
 		}
 		done := true
 		for _, w := range want {
-			done = done && seen[w] >= *writers
+			done = done && seen[w] >= 1
 		}
 		if done {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("generation %d: events %v within 2 minutes, want %v from each of %d guests", gen, seen, want, *writers)
+			return fmt.Errorf("generation %d: events %v within 2 minutes, want %v", gen, seen, want)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -411,12 +450,8 @@ func soak(size uint64) error {
 			return fmt.Errorf("building runsc-luo: %v\n%s", err, out)
 		}
 	}
-	// The entrypoint: the writers, each in its own session.
-	var guests []string
-	for w := 0; w < *writers; w++ {
-		guests = append(guests, fmt.Sprintf("%s -guest -size=%d -seed=%d -write-pause=%v -pwrite=%t -session=soak-%d &", self, size, *seed+uint64(w), *writePause, *pwrite, w))
-	}
-	if _, err := s.cli("run", "--detach", fmt.Sprintf("--memory=%d", memory), s.id, "--", "sh", "-c", strings.Join(guests, " ")+" wait"); err != nil {
+	if _, err := s.cli("run", "--detach", fmt.Sprintf("--memory=%d", memory), s.id, "--", self, "-guest", fmt.Sprintf("-size=%d", size), fmt.Sprintf("-seed=%d", *seed),
+		fmt.Sprintf("-writers=%d", *writers), fmt.Sprintf("-write-pause=%v", *writePause), fmt.Sprintf("-pwrite=%t", *pwrite)); err != nil {
 		return err
 	}
 	cleanup := func() {
@@ -440,7 +475,7 @@ func soak(size uint64) error {
 	if *pwrite {
 		how = "with pwrite"
 	}
-	fmt.Printf("soak: %d restarts (modes %s; every %dth a SIGKILL of the serving sentry) of a sandbox whose %d guests each rewrite a %d MiB preserved memfd %s (memory file %d MiB)\n",
+	fmt.Printf("soak: %d restarts (modes %s; every %dth a SIGKILL of the serving sentry) of a sandbox whose guest's %d writers each rewrite a %d MiB preserved memfd %s (memory file %d MiB)\n",
 		*count, *modes, *killEvery, *writers, size>>20, how, memory>>20)
 	fmt.Printf("%8s %14s %14s %10s %10s %14s %12s %12s %12s\n", "restarts", "super RSS MiB", "sentry RSS MiB", "super fds", "sentry fds", "memfile MiB", "p50 ms", "p99 ms", "max ms")
 	blackouts := map[string][]time.Duration{}
