@@ -185,26 +185,30 @@ func runGuest(size int64) error {
 			return fmt.Errorf("preserve: %w", err)
 		}
 	}
-	emit(event{Event: "writing", Generation: gen})
-	// Round after round, in order, until the restart stops this process
-	// (the session fd stays open: closing it would unpreserve).
-	errs := make(chan error, *writers)
-	for w := range fds {
-		conn := c
+	// Each pwrite writer but the first on a connection of its own.
+	conns := make([]*guest.Conn, *writers)
+	for w := range conns {
+		conns[w] = c
 		if *pwrite && w > 0 {
 			tok, err := c.ForkToken()
 			if err != nil {
 				return fmt.Errorf("fork token: %w", err)
 			}
-			if conn, err = guest.Dial(""); err != nil {
+			if conns[w], err = guest.Dial(""); err != nil {
 				return err
 			}
-			if err := conn.Attach(tok); err != nil {
+			if err := conns[w].Attach(tok); err != nil {
 				return fmt.Errorf("attach: %w", err)
 			}
 		}
-		go func() { errs <- rewrite(conn, fds[w], maps[w], w, gen, size) }()
 	}
+	// Round after round, in order, until the restart stops this process
+	// (the session fd stays open: closing it would unpreserve).
+	errs := make(chan error, *writers)
+	for w := range fds {
+		go func() { errs <- rewrite(conns[w], fds[w], maps[w], w, gen, size) }()
+	}
+	emit(event{Event: "writing", Generation: gen})
 	return <-errs
 }
 
