@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -576,12 +577,35 @@ func killChildren(dead int) {
 	}
 }
 
-// exiting reports whether pid has begun to exit (PF_EXITING in the flags of
-// /proc/PID/stat): a SIGKILLed process runs no code from then on, but its
-// fds (the supervisor connection) close only after its address space is
-// torn down.
+// exiting reports whether process pid has begun to exit: every thread of
+// it has PF_EXITING in its flags (/proc/PID/task/TID/stat). A SIGKILLed
+// process runs no code from then on, but its fds (the supervisor
+// connection) close only after its address space is torn down. (While a
+// thread execve's, the others exit, the thread-group leader among them,
+// but the exec'ing thread does not: an exec-mode restart is never taken
+// for a death.)
 func exiting(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	// The leader first: one read in the common case.
+	if !taskExiting(fmt.Sprintf("/proc/%d/stat", pid)) {
+		return false
+	}
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(dir, e.Name())); err == nil && !taskExiting(filepath.Join(dir, e.Name(), "stat")) {
+			return false
+		}
+	}
+	return true
+}
+
+// taskExiting reports whether the task whose stat file is path has
+// PF_EXITING in its flags (field 9); false if it is gone.
+func taskExiting(path string) bool {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return false
 	}
@@ -601,8 +625,7 @@ func exiting(pid int) bool {
 // watch notices the death of the serving sentry as soon as it begins to
 // exit, rather than when its connection ends after its teardown: it polls
 // the sentry's flags every 2 ms and reports a pid seen exiting twice in a
-// row (a thread of an exec-mode image that is replaced is seen once at
-// most).
+// row.
 func (s *Supervisor) watch() {
 	seen, reported := 0, 0
 	for {

@@ -426,7 +426,7 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 func ms(d time.Duration) float64 { return float64(d) / 1e6 }
 
 // soak is the driver.
-func soak(size uint64) error {
+func soak(size uint64) (err error) {
 	memory := uint64(*writers)*3*size + 64<<20
 	if *memoryFlag != "" {
 		var err error
@@ -463,6 +463,12 @@ func soak(size uint64) error {
 		s.cli("delete", "--force", s.id)
 	}
 	defer cleanup()
+	defer func() {
+		if err != nil {
+			b, _ := os.ReadFile(filepath.Join(root, s.id, "sentry.log"))
+			fmt.Fprintf(os.Stderr, "soak: sentry.log:\n%s\n", b)
+		}
+	}()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
 	go func() {
