@@ -267,8 +267,9 @@ func (s *Supervisor) loop(pid int) {
 		}
 		st, err := sandbox.ReadState(c.Root, c.ID)
 		if err == nil && st.Status == sandbox.StatusStopped && !st.Gone {
-			// The sandbox stopped; the sentry exits.
-			killChildren(0)
+			// The sandbox stopped; the sentry exits (and is not waited
+			// for: this process exits too).
+			killChildren(pid)
 			return
 		}
 		if sandbox.Alive(pid) && !exiting(pid) && time.Since(endedAt) < s.opts.ExecTimeout {
