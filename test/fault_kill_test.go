@@ -53,8 +53,17 @@ func TestFaultKillDuringAnExecModeRestartStopsTheSandbox(t *testing.T) {
 				}
 			}
 			c.must("delete", id)
-			if left := processesOf(c.root); len(left) != 0 {
-				t.Errorf("after delete: %v", left)
+			// (The supervisor exits on its own once the sandbox stopped,
+			// within milliseconds; delete does not wait for it.)
+			for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				left := processesOf(c.root)
+				if len(left) == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("after delete: %v", left)
+					break
+				}
 			}
 		})
 	}
