@@ -173,8 +173,16 @@ func TestFaultGuestChildrenDoNotOutliveARestart(t *testing.T) {
 		}
 	}
 	c.must("kill", id)
-	if got := count(); len(got) != 0 {
-		t.Errorf("after kill: the guests' children %v", got)
+	// (A killed child takes a moment to die.)
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		got := count()
+		if len(got) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("after kill: the guests' children %v", got)
+			break
+		}
 	}
 	c.must("delete", id)
 }

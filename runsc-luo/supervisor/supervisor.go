@@ -353,6 +353,9 @@ func (s *Supervisor) awaitNewSentry(dead int) int {
 			case isNewSentry(pid):
 				pending = append(pending, pid)
 			default:
+				// With its process group: a guest's children go
+				// with it.
+				unix.Kill(-pid, unix.SIGKILL)
 				unix.Kill(pid, unix.SIGKILL)
 			}
 		}
