@@ -52,6 +52,10 @@ type RestartArgs struct {
 	// were descheduled there (handover.OfferSent): a window in the middle
 	// of a restart, for tests.
 	TestOnlyAckDelay time.Duration `json:"testonly_ack_delay,omitempty"`
+	// TestOnlyCrashAt makes a process of the restart stop at once, as
+	// SIGKILL does, at a named point of either side (see ParseCrashAt),
+	// for tests.
+	TestOnlyCrashAt string `json:"testonly_crash_at,omitempty"`
 }
 
 // ErrRefused marks a restart refused before it started: nothing changed.
@@ -145,9 +149,17 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 	if timeout <= 0 {
 		timeout = DefaultRestartTimeout
 	}
+	var crash *CrashAt
+	if a.TestOnlyCrashAt != "" {
+		var err error
+		if crash, err = ParseCrashAt(a.TestOnlyCrashAt); err != nil {
+			return fmt.Errorf("%w: %w", ErrRefused, err)
+		}
+		crash.Old, crash.Guests, crash.Supervisor = os.Getpid(), s.guestPIDs(), s.supervisorPID()
+	}
 	switch a.Mode {
 	case "", handover.ModeTransfer:
-		t, err := s.restartTransfer(binary, timeout, a.TestOnlyAckDelay)
+		t, err := s.restartTransfer(binary, timeout, a.TestOnlyAckDelay, crash)
 		if err != nil && !s.isHandedOver() {
 			log.Warningf("transfer-mode restart failed, still serving: %v", err)
 			return fmt.Errorf("%w; the old sentry (pid %d) rolled back and is still serving", err, os.Getpid())
@@ -160,7 +172,7 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 		*out = t
 		return nil
 	case handover.ModeExec:
-		err := s.restartExec(binary, timeout)
+		err := s.restartExec(binary, timeout, crash)
 		log.Warningf("exec-mode restart failed, still serving: %v", err)
 		return fmt.Errorf("%w; the old sentry (pid %d) rolled back and is still serving", err, os.Getpid())
 	}

@@ -181,15 +181,24 @@ func (s *Sentry) launchEntrypoint() error {
 const oldGuestsTimeout = 5 * time.Second
 
 // awaitOldGuests waits until the guests of the previous sentry (transfer
-// mode) are gone, so that two entrypoints never run at once; after
-// oldGuestsTimeout it kills what is left.
+// mode) have been reaped, so that two entrypoints never run at once, not
+// even as a zombie: the previous sentry kills and reaps them after the
+// commit. If it died before it could (or after oldGuestsTimeout), they
+// are killed here, and still waited for until their new parent (the
+// supervisor, a subreaper) has reaped them.
 func (s *Sentry) awaitOldGuests() {
 	deadline := time.Now().Add(oldGuestsTimeout)
-	for _, pid := range s.waitFor {
-		for sandbox.Alive(pid) {
-			if time.Now().After(deadline) {
-				log.Warningf("guest %d of the previous sentry still runs after %v: killing it", pid, oldGuestsTimeout)
-				unix.Kill(pid, unix.SIGKILL)
+	for i, pid := range s.waitFor {
+		start := s.waitStart[i]
+		for exists(pid, start) {
+			if !sandbox.Alive(s.waitFrom) || time.Now().After(deadline) {
+				if sandbox.Is(pid, start) {
+					log.Warningf("guest %d of the previous sentry %d still runs: killing it", pid, s.waitFrom)
+					killGroup(pid)
+				}
+			}
+			if time.Now().After(deadline.Add(oldGuestsTimeout)) {
+				log.Warningf("guest %d of the previous sentry %d has not been reaped after %v", pid, s.waitFrom, 2*oldGuestsTimeout)
 				break
 			}
 			time.Sleep(time.Millisecond)
@@ -198,8 +207,24 @@ func (s *Sentry) awaitOldGuests() {
 	s.waitFor = nil
 }
 
-// killGuests SIGKILLs every guest process the sentry launched and waits
-// for them.
+// exists reports whether pid is the process that started at start, alive
+// or a zombie not yet reaped.
+func exists(pid int, start uint64) bool {
+	p, ok := sandbox.ReadProc(pid)
+	return ok && p.Start == start
+}
+
+// killGroup SIGKILLs a guest and its process group (each guest leads its
+// own): the children it started go with it, rather than outliving the
+// restart or the stop that ended it. (A pid that leads a group that still
+// exists is never reused.)
+func killGroup(pid int) {
+	unix.Kill(-pid, unix.SIGKILL)
+	unix.Kill(pid, unix.SIGKILL)
+}
+
+// killGuests SIGKILLs every guest process the sentry launched, with their
+// process groups, and waits for them.
 func (s *Sentry) killGuests() {
 	s.mu.Lock()
 	procs := make([]*guestProc, 0, len(s.procs))
@@ -208,7 +233,7 @@ func (s *Sentry) killGuests() {
 	}
 	s.mu.Unlock()
 	for _, p := range procs {
-		unix.Kill(p.pid, unix.SIGKILL)
+		killGroup(p.pid)
 	}
 	for _, p := range procs {
 		<-p.done
@@ -231,7 +256,7 @@ func (s *Sentry) guestPIDs() []int {
 func stopOldGuests(pids []int) {
 	for _, pid := range pids {
 		if pid > 1 {
-			unix.Kill(pid, unix.SIGKILL)
+			killGroup(pid)
 			var ws unix.WaitStatus
 			unix.Wait4(pid, &ws, 0, nil)
 		}

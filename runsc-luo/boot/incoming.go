@@ -1,12 +1,14 @@
 package boot
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"time"
 
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
@@ -19,6 +21,10 @@ type incoming struct {
 	opts Options
 	// s is the sentry Boot built.
 	s *Sentry
+	// ownRoot is what this sentry's KHO wrote into the root page it
+	// reuses (its outgoing root), while the page holds the old root
+	// again, from Boot until Commit (see keepOldRoot).
+	ownRoot []byte
 }
 
 var _ handover.Target = (*incoming)(nil)
@@ -49,26 +55,77 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 		// The memory file of a sentry that died, as it was then.
 		boot = kernel.Recover
 	}
+	oldRoot := make([]byte, pgalloc.PageSize)
+	if _, err := files[0].ReadAt(oldRoot, int64(d.Root)); err != nil {
+		for _, f := range files {
+			f.Close()
+		}
+		return fmt.Errorf("reading the KHO root page at %#x: %w", d.Root, err)
+	}
 	k, err := boot(files[0], d.Root, kernel.Options{Logf: log.Infof}, t)
 	if err != nil {
 		files[1].Close()
 		files[2].Close()
 		return fmt.Errorf("live-update boot from %s sentry %q: %w", d.Mode, d.Version, err)
 	}
+	if d.Mode != handover.ModeRecover {
+		in.ownRoot = keepOldRoot(k, d.Root, oldRoot)
+	}
 	s := newSentry(cfg, in.opts)
 	s.k, s.guestFile, s.controlFile = k, files[1], files[2]
 	if d.Mode == handover.ModeTransfer {
-		s.waitFor = d.OldGuests
+		// Their identity is taken now, while the old sentry holds them.
+		s.waitFor, s.waitFrom = d.OldGuests, d.PID
+		for _, pid := range d.OldGuests {
+			s.waitStart = append(s.waitStart, sandbox.StartTime(pid))
+		}
 	}
 	in.s = s
 	return nil
 }
 
-// Commit lets the memory file scrub what was not preserved and serves
-// guests: the blackout ends.
+// keepOldRoot writes the old root FDT back into the root page, which KHO's
+// ingest reused and rewrote as this sentry's (empty) outgoing root, and
+// returns what ingest wrote there. Until Commit, this sentry has changed
+// nothing else in the memory file (releases are held), so the file is
+// still the old sentry's state, as it froze: should this sentry die before
+// it commits, the old one rolls back, or the supervisor recovers the
+// sandbox from that page, with every byte. nil if KHO did not reuse the
+// page.
+func keepOldRoot(k *kernel.Kernel, root uint64, old []byte) []byte {
+	if k.KHO().RootAddr() != root {
+		return nil
+	}
+	page, err := k.MemoryFile().Slice(root/pgalloc.PageSize, 1)
+	if err != nil {
+		return nil
+	}
+	own := bytes.Clone(page)
+	copy(page, old)
+	return own
+}
+
+// Commit registers with the supervisor (which from then on recovers the
+// sandbox from this sentry's memory file and root page, not the old
+// sentry's), makes the root page this sentry's outgoing root, lets the
+// memory file scrub what was not preserved and serves guests: the
+// blackout ends. The registration comes first: until the scrub starts, a
+// crash of this sentry loses nothing, the root page still describing the
+// old sentry's state.
 func (in *incoming) Commit(*handover.Descriptor) error {
-	in.s.k.Commit()
-	return in.s.serve()
+	s := in.s
+	if !s.isRegistered() {
+		s.register()
+	}
+	if in.ownRoot != nil {
+		page, err := s.k.MemoryFile().Slice(s.k.KHO().RootAddr()/pgalloc.PageSize, 1)
+		if err != nil {
+			return fmt.Errorf("the KHO root page: %w", err)
+		}
+		copy(page, in.ownRoot)
+	}
+	s.k.Commit()
+	return s.serve()
 }
 
 // Serving records the restart and writes the state file: it names this
@@ -82,12 +139,23 @@ func (in *incoming) Serving(t handover.Timing) {
 		for _, ss := range s.k.LUO().Status().Sessions {
 			names = append(names, ss.Name)
 		}
-		s.recovery = &sandbox.RecoveryRecord{At: time.Now().UTC(), Reason: fmt.Sprintf("sentry %d died; recovered in %v", t.OldPID, t.Blackout), Sessions: names}
+		reason := fmt.Sprintf("sentry %d died; recovered in %v", t.OldPID, t.Blackout)
+		if dead := t.LiveupdateNumber - 1; dead > 0 && s.k.LUO().LiveupdateNumber() <= dead {
+			// The dead sentry came out of restart number dead and had
+			// not preserved anything since: its incoming sessions were
+			// not in its outgoing records (docs/crash.md).
+			reason += fmt.Sprintf("; lost: the sessions sentry %d had received at restart %d and not preserved again", t.OldPID, dead)
+		}
+		s.recovery = &sandbox.RecoveryRecord{At: time.Now().UTC(), Reason: reason, Sessions: names}
 	} else {
 		s.last = sandbox.RestartRecord{Generation: t.LiveupdateNumber, Timing: t}
 	}
 	s.mu.Unlock()
-	s.register()
+	if !s.isRegistered() {
+		s.register()
+	} else if err := s.writeState(""); err != nil {
+		log.Warningf("%v", err)
+	}
 }
 
 // Discard drops the booted kernel without touching the memory file's
@@ -124,7 +192,7 @@ func reads(c string) bool {
 // roll back to, so the sandbox is recorded as stopped, with the error.
 func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	in := &incoming{opts: opts}
-	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads()}
+	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
 	if fd >= 0 {
 		ch, err := handover.NewChannel(os.NewFile(uintptr(fd), "handover"))
 		if err != nil {
@@ -154,7 +222,11 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 			// The old image's guests are this process's children now:
 			// stop them before the entrypoint is relaunched.
 			stopOldGuests(d.OldGuests)
-			log.Infof("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Mode, d.Version, t.LiveupdateNumber, t.Blackout)
+			logf := log.Infof
+			if d.Mode == handover.ModeRecover {
+				logf = log.Warningf
+			}
+			logf("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v (map %v, KHO %v, LUO %v)", in.s.cfg.ID, d.Mode, d.Version, t.LiveupdateNumber, t.Blackout, t.Map, t.Ingest, t.LUO)
 			return in.s, nil
 		}
 	}

@@ -1,6 +1,7 @@
 package boot
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -9,9 +10,11 @@ import (
 	"time"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/log"
 )
@@ -35,6 +38,13 @@ func (o *outgoing) Pause(deadline time.Time) error {
 	if err := o.s.k.Pause(deadline); err != nil {
 		o.resumeAccepting()
 		return err
+	}
+	// The supervisor keeps the root page as it is now: a new sentry's
+	// ingest rewrites it (KHO reuses the page), and should this sentry
+	// die before a new one registers, the sandbox is recovered from it.
+	k := o.s.k
+	if page, err := k.MemoryFile().Slice(k.KHO().RootAddr()/pgalloc.PageSize, 1); err == nil {
+		o.s.notifySupervisor(&supervisor.Notice{Frozen: bytes.Clone(page)})
 	}
 	return nil
 }
@@ -77,6 +87,7 @@ func (o *outgoing) Abort() {
 
 // Resume resumes guest dispatch and accepting.
 func (o *outgoing) Resume() {
+	o.s.notifySupervisor(&supervisor.Notice{Thawed: true})
 	o.s.k.Resume()
 	o.resumeAccepting()
 }
@@ -161,7 +172,7 @@ func (s *Sentry) exitAfterHandoff() {
 // restartTransfer is a transfer-mode restart: a new sentry process takes
 // over; on any failure before the commit this one rolls back and goes on
 // serving.
-func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration) (handover.Timing, error) {
+func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration, crash *CrashAt) (handover.Timing, error) {
 	ch, peer, err := handover.Pair()
 	if err != nil {
 		return handover.Timing{}, err
@@ -175,6 +186,9 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration)
 	defer logf.Close()
 	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3")...)
 	cmd.ExtraFiles = []*os.File{peer}
+	if crash != nil {
+		cmd.Env = append(os.Environ(), crash.env())
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	fdMu.Lock()
@@ -195,12 +209,12 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration)
 			cmd.Process.Kill()
 			<-exited
 		},
-		Fault: func(p handover.Point) error {
+		Fault: crash.fault(func() int { return cmd.Process.Pid }, func(p handover.Point) error {
 			if p == handover.OfferSent && ackDelay > 0 {
 				time.Sleep(ackDelay)
 			}
 			return nil
-		},
+		}),
 	})
 	if err != nil {
 		return t, fmt.Errorf("new sentry %s: %w", binary, err)
@@ -210,7 +224,7 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration)
 
 // restartExec is an exec-mode restart: this process execve's binary. It
 // returns only on failure, after rolling back.
-func (s *Sentry) restartExec(binary string, timeout time.Duration) error {
+func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashAt) error {
 	// Check the new binary outside the blackout: after execve there is no
 	// way back.
 	info, err := ProbeABI(binary, timeout)
@@ -225,7 +239,17 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration) error {
 		Version:   s.opts.Version,
 		Deadline:  time.Now().Add(timeout),
 		PeerReads: info.Reads,
+		Fault:     crash.fault(os.Getpid, nil),
 		Exec: func(env string, fds []int) error {
+			// A stop asked for until now rolls the restart back (and
+			// is applied then); one asked for later waits on s.mu
+			// until execve has replaced this image, and reaches the
+			// new one through the supervisor (signal).
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.pendingStop != nil {
+				return fmt.Errorf("a stop was asked for (%s): %w", s.pendingStop.reason, unix.ECANCELED)
+			}
 			// Only the handed-over fds cross: a sweep since OfferExec
 			// cleared their FD_CLOEXEC may have set it again.
 			fdMu.Lock()
@@ -236,7 +260,11 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration) error {
 					return err
 				}
 			}
-			return unix.Exec(binary, argv, append(os.Environ(), env))
+			envv := append(os.Environ(), env)
+			if crash != nil {
+				envv = append(envv, crash.env())
+			}
+			return unix.Exec(binary, argv, envv)
 		},
 	})
 }

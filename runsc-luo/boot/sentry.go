@@ -21,8 +21,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/log"
 	"gvisor.dev/gvisor/pkg/urpc"
@@ -64,6 +66,10 @@ type Sentry struct {
 	// it stops after the commit: the entrypoint is relaunched only once
 	// they are gone.
 	waitFor []int
+	// waitStart are their start times (sandbox.StartTime), waitFrom the
+	// previous sentry's pid.
+	waitStart []uint64
+	waitFrom  int
 
 	mu sync.Mutex
 	// +checklocks:mu
@@ -108,6 +114,22 @@ type Sentry struct {
 	supervised bool
 	// +checklocks:mu
 	registered bool
+	// supervisor is the pid of the supervisor this sentry registered
+	// with, 0 if none.
+	//
+	// +checklocks:mu
+	supervisor int
+	// supervisorStop is a stop the supervisor passed on at registration.
+	//
+	// +checklocks:mu
+	supervisorStop *supervisor.StopRequest
+
+	// superMu serializes the notices to the supervisor.
+	superMu sync.Mutex
+	// superCh is the connection to the supervisor, nil without one.
+	//
+	// +checklocks:superMu
+	superCh *handover.Channel
 }
 
 func newSentry(cfg sandbox.Config, opts Options) *Sentry {
@@ -162,6 +184,12 @@ func (s *Sentry) Run() error {
 	}
 	if !s.isRegistered() {
 		s.register()
+	}
+	if st := s.stopAsked(); st != nil {
+		// A kill during the restart this sentry came out of.
+		log.Infof("the supervisor passed on a stop asked for during the restart: %s", st.Reason)
+		s.Stop(st.ExitStatus, st.Reason)
+		return nil
 	}
 	return s.launchEntrypoint()
 }
@@ -300,10 +328,19 @@ var stopGrace = 5 * time.Second
 // SIGTERM), and only guests still running after it are SIGKILLed (137).
 func (s *Sentry) signal(sig unix.Signal) error {
 	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+	if stops {
+		// Whatever happens to this process from now on (an exec-mode
+		// restart replacing it, a crash), the sandbox stops.
+		s.notifySupervisor(&supervisor.Notice{Stop: &supervisor.StopRequest{ExitStatus: 128 + int(sig), Reason: "killed by " + sig.String()}})
+	}
 	s.mu.Lock()
 	if done := s.restartDone; stops && done != nil {
 		// A stop must not run alongside a restart: wait for its outcome
-		// (bounded by the restart's timeout).
+		// (bounded by the restart's timeout). An exec-mode restart that
+		// has not called execve yet rolls back instead (restartExec).
+		if s.pendingStop == nil {
+			s.pendingStop = &stopRequest{128 + int(sig), "killed by " + sig.String()}
+		}
 		s.mu.Unlock()
 		<-done
 		s.mu.Lock()

@@ -68,15 +68,49 @@ func (s *Sentry) register() {
 		return
 	}
 	ch.SetDeadline(time.Time{})
+	s.mu.Lock()
+	s.supervisor = ok.PID
+	if ok.Stop != nil && s.supervisorStop == nil {
+		s.supervisorStop = ok.Stop
+	}
+	s.mu.Unlock()
+	s.superMu.Lock()
+	s.superCh = ch
+	s.superMu.Unlock()
 	s.setSupervised(true)
 	go func() {
 		var none struct{}
 		ch.Recv(&none)
+		s.superMu.Lock()
+		s.superCh = nil
+		s.superMu.Unlock()
+		ch.Close()
 		if !s.isHandedOver() {
 			log.Warningf("the supervisor is gone: a crash of this sentry would now lose the sandbox")
 			s.setSupervised(false)
 		}
 	}()
+}
+
+// notifySupervisor sends n to the supervisor, if this sentry has one. The
+// supervisor reads notices in order, before it notices this sentry's end.
+func (s *Sentry) notifySupervisor(n *supervisor.Notice) {
+	s.superMu.Lock()
+	defer s.superMu.Unlock()
+	if s.superCh == nil {
+		return
+	}
+	if err := s.superCh.Send(n); err != nil {
+		log.Warningf("telling the supervisor: %v", err)
+	}
+}
+
+// stopAsked returns the stop the supervisor passed on at registration
+// (one asked for during the restart this sentry came out of), if any.
+func (s *Sentry) stopAsked() *supervisor.StopRequest {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.supervisorStop
 }
 
 func (s *Sentry) setSupervised(v bool) {
@@ -94,4 +128,12 @@ func (s *Sentry) isRegistered() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.registered
+}
+
+// supervisorPID returns the pid of the supervisor this sentry registered
+// with, 0 if none.
+func (s *Sentry) supervisorPID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.supervisor
 }

@@ -25,6 +25,7 @@ type Restart struct {
 	format  string
 	// ackDelay is --TESTONLY-ack-delay (see boot.RestartArgs).
 	ackDelay time.Duration
+	crashAt  string // --TESTONLY-crash-at (boot.ParseCrashAt)
 	force    bool
 }
 
@@ -72,6 +73,7 @@ func (r *Restart) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&r.format, "format", "table", "output format: table or json")
 	f.BoolVar(&r.force, "force", false, "restart even though incoming sessions have not been retrieved (they are dropped)")
 	f.DurationVar(&r.ackDelay, "TESTONLY-ack-delay", 0, "for tests: the old sentry sleeps this long before it reads the new sentry's ack")
+	f.StringVar(&r.crashAt, "TESTONLY-crash-at", "", "for tests: WHO@POINT[+DELAY], a process of the restart SIGKILLed at a handover point")
 }
 
 func (r *Restart) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
@@ -89,7 +91,7 @@ func (r *Restart) Execute(_ context.Context, f *flag.FlagSet, args ...any) subco
 	if r.timeout <= 0 {
 		return usagef("--timeout %v: must be positive", r.timeout)
 	}
-	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, Force: r.force, TestOnlyAckDelay: r.ackDelay})
+	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, Force: r.force, TestOnlyAckDelay: r.ackDelay, TestOnlyCrashAt: r.crashAt})
 	var re *container.RestartError
 	if errors.As(err, &re) {
 		fatalf("restart of %q failed: %v", f.Arg(0), err)

@@ -235,7 +235,7 @@ func restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 	case a.Mode == handover.ModeExec:
 		// The connection ended with the execve; the new image reports
 		// through LastRestart.
-		if t, err = awaitExecRestart(root, id, st.LiveupdateNumber+1, timeout+5*time.Second); err == nil {
+		if t, err = awaitExecRestart(root, id, st.LiveupdateNumber+1, st.Recoveries, timeout+5*time.Second); err == nil {
 			return t, nil
 		}
 	}
@@ -253,7 +253,7 @@ const refusedBusy = "already restarting or stopping"
 
 // awaitExecRestart waits for the exec'd image to report restart number
 // gen.
-func awaitExecRestart(root, id string, gen uint64, timeout time.Duration) (handover.Timing, error) {
+func awaitExecRestart(root, id string, gen, recoveries uint64, timeout time.Duration) (handover.Timing, error) {
 	var t handover.Timing
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
@@ -272,6 +272,9 @@ func awaitExecRestart(root, id string, gen uint64, timeout time.Duration) (hando
 			}
 			if st.Status == sandbox.StatusStopped {
 				return t, fmt.Errorf("the sandbox stopped during the exec-mode restart: %s", st.Error)
+			}
+			if st.Recoveries > recoveries {
+				return t, errors.New("the sentry died during the exec-mode restart")
 			}
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -301,7 +304,8 @@ func outcome(root, id string, before *sandbox.State) Outcome {
 				}
 			}
 		}
-		if err == nil && st.Status == sandbox.StatusStopped && !sandbox.Alive(st.PID) || time.Now().After(deadline) {
+		// (A supervised sentry that is gone is being recovered.)
+		if err == nil && st.Status == sandbox.StatusStopped && !sandbox.Alive(st.PID) && !(st.Gone && st.Supervised) || time.Now().After(deadline) {
 			return Lost
 		}
 		time.Sleep(20 * time.Millisecond)

@@ -15,12 +15,16 @@
 package supervisor
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -69,9 +73,14 @@ type sentry struct {
 // event is something the main loop acts on.
 type event struct {
 	registered *sentry
-	// done is closed once the main loop has taken the registration.
+	// done is closed once the main loop has taken the registration; the
+	// answer is sent then.
 	done  chan struct{}
+	reply *Registered
 	ended int // pid whose connection ended
+	// notice came from sentry from.
+	notice *Notice
+	from   int
 }
 
 // Registered is the supervisor's answer to a registration, once it holds
@@ -79,6 +88,33 @@ type event struct {
 // it exit (a transfer-mode restart sends Serving after it).
 type Registered struct {
 	PID int `json:"pid"`
+	// Stop is a stop of the sandbox asked for before this sentry
+	// registered (during the restart it came out of): the sentry
+	// finishes the restart's handshake and stops the sandbox.
+	Stop *StopRequest `json:"stop,omitempty"`
+}
+
+// StopRequest is a stop of the sandbox: its exit status and why.
+type StopRequest struct {
+	ExitStatus int    `json:"exit_status"`
+	Reason     string `json:"reason"`
+}
+
+// Notice is what a registered sentry tells its supervisor afterwards, on
+// the same connection; one field is set.
+type Notice struct {
+	// Frozen is the KHO root page as it is once the sentry paused for a
+	// restart: until a new sentry registers (or Thawed), that page is the
+	// sandbox's state even if the new sentry had rewritten it (its KHO
+	// ingest reuses the page), and a recovery writes it back first.
+	Frozen []byte `json:"frozen,omitempty"`
+	// Thawed says the restart rolled back: the sentry serves and owns the
+	// root page again.
+	Thawed bool `json:"thawed,omitempty"`
+	// Stop says a stop of the sandbox was asked for (kill): if the
+	// sentry dies before it stops the sandbox, the supervisor finishes
+	// the stop instead of recovering.
+	Stop *StopRequest `json:"stop,omitempty"`
 }
 
 // Supervisor is one sandbox's supervisor.
@@ -91,6 +127,15 @@ type Supervisor struct {
 	//
 	// +checklocks:mu
 	current *sentry
+
+	// The fields below belong to the main loop.
+
+	// frozen is the current sentry's root page as it froze for a restart
+	// (Notice.Frozen), until a new sentry registers or the restart rolls
+	// back.
+	frozen []byte
+	// stopping is a stop of the sandbox asked for (Notice.Stop).
+	stopping *StopRequest
 }
 
 // Run starts the sandbox's first sentry and supervises it and its
@@ -114,6 +159,7 @@ func Run(opts Options) error {
 	s := &Supervisor{opts: opts, events: make(chan event, 16)}
 	go s.accept(l)
 	go reapChildren()
+	go s.watch()
 	args := append(opts.Globals.Args(), "boot", "--id="+c.ID, fmt.Sprintf("--memory=%d", c.MemorySize), "--ready-fd=3", fmt.Sprintf("--shim=%t", !c.NoShim), "--")
 	cmd := exec.Command(opts.Exe, append(args, c.Entrypoint...)...)
 	cmd.ExtraFiles = []*os.File{opts.Ready}
@@ -123,7 +169,11 @@ func Run(opts Options) error {
 		return fmt.Errorf("starting the sentry: %w", err)
 	}
 	opts.Ready.Close()
-	s.loop(cmd.Process.Pid)
+	// reapChildren reaps the sentries: release the handle (a pidfd)
+	// os/exec keeps until Wait.
+	pid := cmd.Process.Pid
+	cmd.Process.Release()
+	s.loop(pid)
 	return nil
 }
 
@@ -160,14 +210,22 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 		log.Warningf("supervisor: a bad registration (pid %d, %d files): %v", reg.PID, len(files), err)
 		return
 	}
-	done := make(chan struct{})
-	s.events <- event{registered: &sentry{reg: reg, files: files}, done: done}
-	<-done
-	if err := ch.Send(&Registered{PID: os.Getpid()}); err != nil {
+	e := event{registered: &sentry{reg: reg, files: files}, done: make(chan struct{}), reply: &Registered{PID: os.Getpid()}}
+	s.events <- e
+	<-e.done
+	if err := ch.Send(e.reply); err != nil {
 		log.Warningf("supervisor: answering sentry %d: %v", reg.PID, err)
 	}
-	var none struct{}
-	ch.Recv(&none) // Until the connection ends.
+	// Notices, until the connection ends.
+	for {
+		var n Notice
+		files, err := ch.Recv(&n)
+		closeFiles(files)
+		if err != nil {
+			break
+		}
+		s.events <- event{notice: &n, from: reg.PID}
+	}
 	s.events <- event{ended: reg.PID}
 }
 
@@ -182,16 +240,13 @@ func (s *Supervisor) loop(pid int) {
 		select {
 		case e := <-s.events:
 			if e.registered != nil {
-				s.mu.Lock()
-				old := s.current
-				s.current = e.registered
-				s.mu.Unlock()
-				if old != nil {
-					closeFiles(old.files)
-				}
-				close(e.done)
+				s.take(e)
 				pid, waiting = e.registered.reg.PID, false
 				log.Infof("supervisor: sentry %d serves sandbox %s", pid, c.ID)
+				continue
+			}
+			if e.notice != nil {
+				s.noticed(e.notice, e.from == pid)
 				continue
 			}
 			if e.ended != pid {
@@ -212,22 +267,147 @@ func (s *Supervisor) loop(pid int) {
 		}
 		st, err := sandbox.ReadState(c.Root, c.ID)
 		if err == nil && st.Status == sandbox.StatusStopped && !st.Gone {
-			// The sandbox stopped; the sentry exits.
-			killChildren()
+			// The sandbox stopped; the sentry exits (and is not waited
+			// for: this process exits too).
+			killChildren(pid)
 			return
 		}
-		if sandbox.Alive(pid) && time.Since(endedAt) < s.opts.ExecTimeout {
+		if sandbox.Alive(pid) && !exiting(pid) && time.Since(endedAt) < s.opts.ExecTimeout {
 			// An exec-mode restart's new image registers again.
 			continue
 		}
 		if sandbox.Alive(pid) {
 			unix.Kill(pid, unix.SIGKILL)
 		}
+		if s.stopping != nil {
+			// kill was asked for: the sandbox stops, it is not
+			// recovered.
+			s.finishStop(pid)
+			return
+		}
+		if next := s.awaitNewSentry(pid); next != 0 {
+			// The new sentry of a restart the dead one had committed
+			// serves.
+			pid, waiting = next, false
+			continue
+		}
 		if !s.recover(pid, endedAt) {
 			return
 		}
 		waiting = false
 	}
+}
+
+// take makes a registered sentry the sandbox's and answers it.
+func (s *Supervisor) take(e event) {
+	s.mu.Lock()
+	old := s.current
+	s.current = e.registered
+	s.mu.Unlock()
+	if old != nil {
+		closeFiles(old.files)
+	}
+	// The new sentry owns the root page now.
+	s.frozen = nil
+	e.reply.Stop = s.stopping
+	close(e.done)
+}
+
+// noticed records a notice of a sentry; current says it came from the
+// sandbox's current sentry.
+func (s *Supervisor) noticed(n *Notice, current bool) {
+	switch {
+	case n.Stop != nil:
+		s.stopping = n.Stop
+	case !current:
+	case n.Frozen != nil:
+		s.frozen = n.Frozen
+	case n.Thawed:
+		s.frozen = nil
+	}
+}
+
+// newSentryWait bounds how long a supervisor waits for the new sentry of a
+// transfer-mode restart whose old sentry died: the new one either got the
+// Commit and registers, or exits untouched once its channel ends.
+const newSentryWait = 10 * time.Second
+
+// awaitNewSentry is called when the serving sentry dead died. If it was in
+// a transfer-mode restart whose new sentry still runs (one of this
+// process's children by now), that sentry either had the Commit and
+// registers (its pid is returned), or exits untouched; the dead sentry's
+// guests are killed meanwhile (nobody serves them). 0 if no new sentry
+// registered.
+//
+// isNewSentry of a zombie is false: an exited new sentry is not waited
+// for.
+func (s *Supervisor) awaitNewSentry(dead int) int {
+	me := os.Getpid()
+	deadline := time.Now().Add(newSentryWait)
+	for time.Now().Before(deadline) {
+		// (The dead sentry's children are its own until it has exited.)
+		var pending []int
+		for _, pid := range append(children(me), children(dead)...) {
+			switch {
+			case pid == dead:
+			case isNewSentry(pid):
+				pending = append(pending, pid)
+			default:
+				// With its process group: a guest's children go
+				// with it.
+				unix.Kill(-pid, unix.SIGKILL)
+				unix.Kill(pid, unix.SIGKILL)
+			}
+		}
+		if len(pending) == 0 {
+			return 0
+		}
+		select {
+		case e := <-s.events:
+			switch {
+			case e.registered != nil:
+				s.take(e)
+				log.Warningf("supervisor: sentry %d died after committing its restart; sentry %d serves sandbox %s", dead, e.registered.reg.PID, s.opts.Config.ID)
+				return e.registered.reg.PID
+			case e.notice != nil:
+				s.noticed(e.notice, false)
+			}
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return 0
+}
+
+// isNewSentry reports whether pid is the new sentry of a transfer-mode
+// restart ("boot --handover-fd=N").
+func isNewSentry(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && bytes.Contains(b, []byte("\x00boot\x00")) && bytes.Contains(b, []byte("\x00--handover-fd="))
+}
+
+// finishStop stops the sandbox whose sentry dead died after a stop was
+// asked for: what it left is killed, its sockets removed, and the state
+// says stopped (unless the sentry wrote that itself).
+func (s *Supervisor) finishStop(dead int) {
+	c := &s.opts.Config
+	killChildren(dead)
+	os.Remove(sandbox.GuestPath(c.Root, c.ID))
+	os.Remove(sandbox.ControlPath(c.Root, c.ID))
+	st, err := sandbox.ReadState(c.Root, c.ID)
+	if err == nil && st.Status == sandbox.StatusStopped && !st.Gone {
+		return
+	}
+	if err != nil {
+		st = &sandbox.State{ID: c.ID, Root: c.Root, Created: c.Created, Recoveries: c.Recoveries}
+	}
+	st.Status, st.Gone, st.Guests, st.EntrypointPID = sandbox.StatusStopped, false, nil, 0
+	status := s.stopping.ExitStatus
+	st.ExitStatus = &status
+	st.Error = fmt.Sprintf("%s (the sentry, pid %d, died while stopping; the supervisor finished the stop)", s.stopping.Reason, dead)
+	if err := sandbox.WriteState(st); err != nil {
+		log.Warningf("supervisor: %v", err)
+	}
+	log.Infof("supervisor: sandbox %s stopped: %s", c.ID, st.Error)
 }
 
 func (s *Supervisor) currentPID() int {
@@ -253,7 +433,18 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	}
 	// Whatever the dead sentry left (guests, a new sentry it was
 	// starting) must not run alongside the recovered one.
-	killChildren()
+	killChildren(dead)
+	killed := time.Since(at)
+	if s.frozen != nil {
+		// It died in a restart that no new sentry committed: the
+		// root page is as it froze, whatever a new sentry's ingest
+		// wrote there since.
+		if _, err := cur.files[0].WriteAt(s.frozen, int64(cur.reg.Root)); err != nil {
+			s.lost(fmt.Errorf("restoring the KHO root page: %w", err))
+			return false
+		}
+		s.frozen = nil
+	}
 	c.Recoveries++
 	cfg, err := json.Marshal(c)
 	if err != nil {
@@ -287,7 +478,20 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 		s.lost(fmt.Errorf("starting a sentry to recover the sandbox: %w", err))
 		return false
 	}
-	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d", dead, c.ID, cmd.Process.Pid)
+	// reapChildren reaps it: release the handle (a pidfd) os/exec keeps
+	// until Wait, or each recovery would leak one.
+	pid := cmd.Process.Pid
+	cmd.Process.Release()
+	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d (what it left killed and reaped in %v, sentry started %v after the death was noticed)", dead, c.ID, pid, killed, time.Since(at))
+	// Until it serves, the state names the recovering sentry (else it
+	// would name a dead one, and read as stopped).
+	if st, err := sandbox.ReadState(c.Root, c.ID); err == nil {
+		st.Status, st.PID, st.Guests, st.EntrypointPID = sandbox.StatusRunning, pid, nil, 0
+		st.Error = fmt.Sprintf("recovering: sentry %d died", dead)
+		if err := sandbox.WriteState(st); err != nil {
+			log.Warningf("supervisor: %v", err)
+		}
+	}
 	// The new sentry registers once it serves; if it dies first, the
 	// sandbox is lost.
 	deadline := time.Now().Add(s.opts.ExecTimeout)
@@ -301,12 +505,12 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 			}
 		case <-time.After(10 * time.Millisecond):
 		}
-		if !sandbox.Alive(cmd.Process.Pid) {
-			s.lost(fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", cmd.Process.Pid))
+		if !sandbox.Alive(pid) {
+			s.lost(fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", pid))
 			return false
 		}
 	}
-	unix.Kill(cmd.Process.Pid, unix.SIGKILL)
+	unix.Kill(pid, unix.SIGKILL)
 	s.lost(fmt.Errorf("the recovering sentry did not serve within %v", s.opts.ExecTimeout))
 	return false
 }
@@ -314,7 +518,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 // lost records that no sentry serves the sandbox any more.
 func (s *Supervisor) lost(err error) {
 	c := &s.opts.Config
-	killChildren()
+	killChildren(0)
 	os.Remove(sandbox.GuestPath(c.Root, c.ID))
 	os.Remove(sandbox.ControlPath(c.Root, c.ID))
 	st := &sandbox.State{ID: c.ID, Status: sandbox.StatusStopped, Root: c.Root, Created: c.Created,
@@ -343,23 +547,109 @@ func reapChildren() {
 }
 
 // killChildren SIGKILLs every child of this process until none is left
-// (orphans keep arriving as their parents die), for 2 s at most.
-func killChildren() {
+// (orphans keep arriving as their parents die), for 2 s at most. dead, if
+// not 0, is a sentry that was SIGKILLed and is still exiting (tearing down
+// its address space, which takes about 35 ms per GiB it touched): it runs
+// no code any more and is not waited for; its children (guests, a new
+// sentry) are killed, with their process groups, and waited for until
+// they are zombies (they are reaped once dead is gone and they are this
+// process's).
+func killChildren(dead int) {
 	me := os.Getpid()
 	deadline := time.Now().Add(2 * time.Second)
 	for time.Now().Before(deadline) {
-		kids := children(me)
-		if len(kids) == 0 {
-			return
+		left := 0
+		for _, pid := range children(me) {
+			if pid != dead {
+				unix.Kill(pid, unix.SIGKILL)
+				left++
+			}
 		}
-		for _, pid := range kids {
-			unix.Kill(pid, unix.SIGKILL)
+		if dead > 0 {
+			for _, pid := range children(dead) {
+				if p, ok := sandbox.ReadProc(pid); ok && p.Alive() {
+					unix.Kill(-pid, unix.SIGKILL)
+					unix.Kill(pid, unix.SIGKILL)
+					left++
+				}
+			}
+		}
+		if left == 0 {
+			return
 		}
 		time.Sleep(time.Millisecond)
 	}
 }
 
-// children returns the live children of pid.
+// exiting reports whether process pid has begun to exit: every thread of
+// it has PF_EXITING in its flags (/proc/PID/task/TID/stat). A SIGKILLed
+// process runs no code from then on, but its fds (the supervisor
+// connection) close only after its address space is torn down. (While a
+// thread execve's, the others exit, the thread-group leader among them,
+// but the exec'ing thread does not: an exec-mode restart is never taken
+// for a death.)
+func exiting(pid int) bool {
+	// The leader first: one read in the common case.
+	if !taskExiting(fmt.Sprintf("/proc/%d/stat", pid)) {
+		return false
+	}
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(dir, e.Name())); err == nil && !taskExiting(filepath.Join(dir, e.Name(), "stat")) {
+			return false
+		}
+	}
+	return true
+}
+
+// taskExiting reports whether the task whose stat file is path has
+// PF_EXITING in its flags (field 9); false if it is gone.
+func taskExiting(path string) bool {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 7 {
+		return false
+	}
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	const pfExiting = 0x4
+	return err == nil && flags&pfExiting != 0
+}
+
+// watch notices the death of the serving sentry as soon as it begins to
+// exit, rather than when its connection ends after its teardown: it polls
+// the sentry's flags every 2 ms and reports a pid seen exiting twice in a
+// row.
+func (s *Supervisor) watch() {
+	seen, reported := 0, 0
+	for {
+		time.Sleep(2 * time.Millisecond)
+		pid := s.currentPID()
+		if pid == 0 || pid == reported || !exiting(pid) {
+			seen = 0
+			continue
+		}
+		if seen != pid {
+			seen = pid
+			continue
+		}
+		reported = pid
+		s.events <- event{ended: pid}
+	}
+}
+
+// children returns the children of pid, zombies included: a killed child
+// counts until it is reaped.
 func children(pid int) []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
@@ -371,7 +661,7 @@ func children(pid int) []int {
 		if _, err := fmt.Sscan(e.Name(), &p); err != nil {
 			continue
 		}
-		if pp, ok := sandbox.ReadProc(p); ok && pp.Alive() && pp.PPID == pid {
+		if pp, ok := sandbox.ReadProc(p); ok && pp.PPID == pid {
 			out = append(out, p)
 		}
 	}

@@ -67,8 +67,9 @@ type Target interface {
 // failure or an abrupt end.
 type Point string
 
-// The points of the outgoing side, in order. Exec mode passes the first
-// three; its OfferSent is just before execve.
+// The points of the outgoing side, then of the incoming side, in order.
+// In exec mode OfferSent is just before execve, and AcceptServing is after
+// the new image serves.
 const (
 	OfferReady      Point = "offer/ready"      // the new sentry said Ready; nothing is paused
 	OfferPaused     Point = "offer/paused"     // guests are paused
@@ -87,6 +88,15 @@ const (
 	AcceptServing   Point = "accept/serving"   // serving guests; Serving is next
 	AcceptDone      Point = "accept/done"      // Serving sent
 )
+
+// Points are every Point, the outgoing side's first, each side's in order.
+// Exec mode passes OfferPaused, OfferPrepared and OfferSent on the
+// outgoing side, and AcceptReceived, AcceptBooted and AcceptServing on the
+// incoming side.
+var Points = []Point{
+	OfferReady, OfferPaused, OfferPrepared, OfferSent, OfferAcked, OfferCommitted, OfferHandedOff, OfferConfirmed,
+	AcceptStart, AcceptReady, AcceptReceived, AcceptBooted, AcceptAcked, AcceptCommitted, AcceptServing, AcceptDone,
+}
 
 // ErrCrash, returned by a Fault hook, ends that side at once, as SIGKILL
 // would: no undo runs and its end of the channel closes.
@@ -525,6 +535,9 @@ func AcceptExec(d *Descriptor, files []*os.File, dst Target, opts Options) (Timi
 		return *t, err
 	}
 	if err := serve(d, t, dst); err != nil {
+		return *t, err
+	}
+	if err := opts.fault(AcceptServing); errors.Is(err, ErrCrash) {
 		return *t, err
 	}
 	return *t, nil

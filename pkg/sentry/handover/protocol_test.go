@@ -498,12 +498,19 @@ func TestExecRestartHandsOverThroughTheEnvironment(t *testing.T) {
 		}
 		files = append(files, os.NewFile(uintptr(g), "dup"))
 	}
-	tm, err := AcceptExec(d, files, newSide{w}, Options{Version: "new", PID: 100})
+	var points []Point
+	tm, err := AcceptExec(d, files, newSide{w}, Options{Version: "new", PID: 100, Fault: func(p Point) error {
+		points = append(points, p)
+		return nil
+	}})
 	if err != nil {
 		t.Fatalf("AcceptExec: %v", err)
 	}
 	if !w.snapshot().serving || tm.Mode != ModeExec || tm.LiveupdateNumber != 8 || tm.Blackout <= 0 {
 		t.Fatalf("serving %v, timing %+v", w.snapshot().serving, tm)
+	}
+	if want := []Point{AcceptReceived, AcceptBooted, AcceptServing}; !slices.Equal(points, want) {
+		t.Errorf("AcceptExec passed %v, want %v", points, want)
 	}
 }
 
