@@ -37,6 +37,15 @@ type Report struct {
 }
 
 func main() {
+	// The trap is set before the report is printed: the test signals as
+	// soon as it reads the report, and pid 1 of a pid namespace ignores
+	// a signal it has no handler for.
+	usr1 := make(chan os.Signal, 1)
+	for _, a := range os.Args[1:] {
+		if a == "--trap-usr1" {
+			signal.Notify(usr1, unix.SIGUSR1)
+		}
+	}
 	r := Report{Args: os.Args, Env: os.Environ(), UID: os.Getuid(), GID: os.Getgid(), PID: os.Getpid()}
 	r.Cwd, _ = os.Getwd()
 	r.Groups, _ = os.Getgroups()
@@ -61,9 +70,7 @@ func main() {
 	code := 0
 	for _, a := range os.Args[1:] {
 		if a == "--trap-usr1" {
-			sigs := make(chan os.Signal, 1)
-			signal.Notify(sigs, unix.SIGUSR1)
-			<-sigs
+			<-usr1
 			fmt.Println("got SIGUSR1")
 			os.Exit(0)
 		}
