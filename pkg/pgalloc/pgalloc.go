@@ -31,7 +31,6 @@ package pgalloc
 import (
 	"fmt"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 
@@ -178,12 +177,23 @@ type MemoryFile struct {
 	// +checklocks:mu
 	folios [MaxOrder + 1]uint64
 
-	// runs are the blocks Adopt received, in address order. A section
-	// that does not exist yet is filled from them when it is created, so
-	// Adopt does not write page metadata itself.
+	// set is the preserved set the file was adopted with, nil if none. A
+	// section that does not exist yet is filled from it when it is
+	// created, so Adopt does not write page metadata itself. set never
+	// changes once adopted, so the releaser may read it without mu.
 	//
 	// +checklocks:mu
-	runs []Run
+	set adoptedSet
+	// setSections[i] is set if set has a block in section i.
+	//
+	// +checklocks:mu
+	setSections []bool
+	// staleUnbuilt is set from Adopt until stale has been derived from
+	// set (staleRangesLocked): until then stalePages counts pages that
+	// stale does not list yet.
+	//
+	// +checklocks:mu
+	staleUnbuilt bool
 
 	// held is set between HoldReleases and ResumeReleases: the releaser
 	// punches nothing out of the file.
@@ -270,7 +280,7 @@ func newMemoryFile(file *os.File, size uint64, opts Options) (*MemoryFile, error
 		releaserStop: make(chan struct{}),
 		releaserDone: make(chan struct{}),
 		free:         newExtentSet(),
-		sections:     make([]*section, (size/PageSize+sectionPages-1)/sectionPages),
+		sections:     make([]*section, (size/PageSize+sectionPages-1)>>sectionShift),
 	}
 	f.cond.L = &f.mu
 	if !opts.NoHugepages && shmemHugepagesAllowed() {
@@ -333,6 +343,10 @@ func (f *MemoryFile) DupFile() (*os.File, error) {
 	return os.NewFile(uintptr(fd), f.file.Name()), nil
 }
 
+// numSections returns the number of sections of page metadata the file has
+// (len(f.sections), which never changes).
+func (f *MemoryFile) numSections() int { return int((f.pages + sectionPages - 1) >> sectionShift) }
+
 // Pages returns the number of pages in the file.
 func (f *MemoryFile) Pages() uint64 { return f.pages }
 
@@ -375,7 +389,7 @@ func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 	i := pfn >> sectionShift
 	s := f.sections[i]
 	if s == nil {
-		adopted := len(f.runs) > 0 && f.runsCrossLocked(i)
+		adopted := f.set != nil && f.setSections[i]
 		if !alloc && !adopted {
 			return nil
 		}
@@ -386,20 +400,6 @@ func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 		}
 	}
 	return &s[pfn&(sectionPages-1)]
-}
-
-// runsCrossLocked reports whether an adopted run has pages in section i.
-//
-// +checklocks:f.mu
-func (f *MemoryFile) runsCrossLocked(i uint64) bool {
-	start, end := i<<sectionShift, (i+1)<<sectionShift
-	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {
-		if r.End() <= pfn {
-			return -1
-		}
-		return 1
-	})
-	return j < len(f.runs) && f.runs[j].PFN < end
 }
 
 // Allocate returns a new folio of 2^order zeroed pages holding one
