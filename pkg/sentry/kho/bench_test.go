@@ -57,9 +57,9 @@ var layouts = []layout{
 // BenchmarkHandover measures the blackout part of KHO for 1 GiB and 8 GiB
 // of preserved memory in each layout and each format: FinalizeFormat in the
 // old sentry, then Ingest (which validates the map or tree, builds the runs
-// and runs pgalloc.AdoptRuns) in the new one. Preserving happens outside the
+// and runs pgalloc.AdoptBitmaps) in the new one. Preserving happens outside the
 // timer, as it does outside the blackout. Metrics: finalize-ms, ingest-ms
-// (Ingest including AdoptRuns), total-ms, ingest-ns/folio and total
+// (Ingest including AdoptBitmaps), total-ms, ingest-ns/folio and total
 // ns/folio.
 func BenchmarkHandover(b *testing.B) {
 	for _, format := range WriteFormats() {
@@ -335,22 +335,4 @@ func BenchmarkHandoverCostV2(b *testing.B) {
 		}
 		mf.Close()
 	}
-}
-
-// BenchmarkTrackerRuns measures building the runs Ingest hands to
-// pgalloc.AdoptRuns from the incoming bitmaps, for 2^21 order-0 folios on
-// every other page (8 GiB), per folio.
-func BenchmarkTrackerRuns(b *testing.B) {
-	const folios = 1 << 21
-	t := newMemTracker(2*folios + 16)
-	for i := uint64(0); i < folios; i++ {
-		t.set(2+2*i, 0)
-	}
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if runs := t.runs(); len(runs) != folios {
-			b.Fatalf("%d runs, want %d", len(runs), folios)
-		}
-	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/folios, "ns/folio")
 }

@@ -254,11 +254,11 @@ func Recover(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 }
 
 func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
-	in, runs, err := deserialize(mf, root, crashed)
+	in, set, err := deserialize(mf, root, crashed)
 	if err != nil {
 		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
 	}
-	if err := mf.AdoptRuns(runs); err != nil {
+	if err := mf.AdoptBitmaps(set); err != nil {
 		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
 	}
 	k := &KHO{mf: mf}

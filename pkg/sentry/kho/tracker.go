@@ -12,8 +12,13 @@ const bitmapWords = abikho.PreserveBits / 64
 
 // bitmap is struct kho_mem_phys_bits: one page of preservation bits. Bit i
 // of word w is bit 64*w+i, the same bit order as a Linux bitmap of unsigned
-// longs on a little-endian machine.
-type bitmap [bitmapWords]uint64
+// longs on a little-endian machine. It is pgalloc's Bitmap, so that the
+// incoming bitmaps are adopted as they are read.
+type bitmap = pgalloc.Bitmap
+
+// A kho bitmap and a pgalloc.Bitmap describe the same number of blocks.
+var _ [abikho.PreserveBits - pgalloc.BitmapBits]struct{}
+var _ [pgalloc.BitmapBits - abikho.PreserveBits]struct{}
 
 // memTracker is the incoming side's record of preserved blocks (the v6.19
 // struct kho_mem_track layout): per order, sparse bitmaps of
@@ -38,6 +43,23 @@ func newMemTracker(pages uint64) memTracker {
 		t.orders[o] = make([]*bitmap, (pages>>o)/abikho.PreserveBits+1)
 	}
 	return t
+}
+
+// bitmaps returns a copy of t's bitmaps for pgalloc.MemoryFile.AdoptBitmaps,
+// which keeps them unchanged while t's bits are cleared as blocks are
+// restored. It costs a copy of the bitmaps, not a step per block.
+func (t *memTracker) bitmaps() pgalloc.Bitmaps {
+	var s pgalloc.Bitmaps
+	for o, bms := range t.orders {
+		s[o] = make([]*pgalloc.Bitmap, len(bms))
+		for i, b := range bms {
+			if b != nil {
+				c := *b
+				s[o][i] = &c
+			}
+		}
+	}
+	return s
 }
 
 // locate returns the bitmap index, word and bit mask of the block (pfn, order).
