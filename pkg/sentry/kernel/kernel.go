@@ -54,6 +54,9 @@ type Kernel struct {
 	luo  *luo.LUO
 	logf func(format string, args ...any)
 
+	// background counts work started by Commit that Shutdown waits for.
+	background sync.WaitGroup
+
 	mu sync.Mutex
 
 	// cond is signalled (L is &mu) whenever active, pause, handedOver or
@@ -231,8 +234,18 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 
 // Commit ends the quarantine of a live-update boot: the previous sentry
 // has been told the handover is accepted, so the memory it did not
-// preserve may now be scrubbed in the background.
-func (k *Kernel) Commit() { k.mf.ResumeReleases() }
+// preserve may now be scrubbed in the background, and the blocks of LUO's
+// incoming records are freed, in the background too: freeing them builds
+// page metadata (luo.LUO.Deserialize), which must not delay the end of the
+// blackout. Shutdown waits for it.
+func (k *Kernel) Commit() {
+	k.mf.ResumeReleases()
+	k.background.Add(1)
+	go func() {
+		defer k.background.Done()
+		k.luo.ReleaseIncomingRecords()
+	}()
+}
 
 // MemoryFile returns the kernel's memory file.
 func (k *Kernel) MemoryFile() *pgalloc.MemoryFile { return k.mf }
@@ -519,6 +532,7 @@ func (k *Kernel) Shutdown() {
 		ch.timer.Stop()
 		ch.release()
 	}
+	k.background.Wait()
 	if handedOver {
 		// Calls held by the pause never run; the memory file is the next
 		// sentry's, so it is only unmapped.
