@@ -378,6 +378,34 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 	return f.mapping[off:end:end], nil
 }
 
+// ReadPages copies len(p) bytes, a whole number of pages, from pfn on into
+// p with pread(2), not through the mapping: the caller's page tables are
+// not populated, so reading a few scattered pages costs no page fault each
+// (what a new sentry reads of the previous one's map during a restart's
+// blackout). It checks the range against the file, so it is safe for
+// addresses read from untrusted data.
+func (f *MemoryFile) ReadPages(pfn uint64, p []byte) error {
+	n := uint64(len(p)) / PageSize
+	if uint64(len(p))%PageSize != 0 || n == 0 || pfn >= f.pages || n > f.pages-pfn {
+		return fmt.Errorf("pages [%#x, +%d bytes) outside the %d-page memory file: %w", pfn, len(p), f.pages, unix.ERANGE)
+	}
+	off := int64(pfn << PageShift)
+	for len(p) > 0 {
+		m, err := unix.Pread(f.FD(), p, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("reading pages at %#x of the memory file: %w", pfn, err)
+		}
+		if m == 0 {
+			return fmt.Errorf("reading pages at %#x of the memory file: short read: %w", pfn, unix.EIO)
+		}
+		p, off = p[m:], off+int64(m)
+	}
+	return nil
+}
+
 // pageInfoLocked returns the metadata entry of pfn, allocating its section
 // if asked to; nil if it is not allocated and alloc is false.
 //

@@ -294,16 +294,16 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, 
 	return in, in.mem.bitmaps(), nil
 }
 
-// readPage copies the page at the byte address addr of mf into p.
+// readPage copies the page at the byte address addr of mf into p, a page.
+// It reads with pread rather than through the mapping, so that the
+// scattered pages of a map cost no page fault each inside the blackout.
 func readPage(mf *pgalloc.MemoryFile, addr uint64, p []byte) error {
 	if addr == 0 || addr%abikho.PageSize != 0 {
 		return fmt.Errorf("address %#x is not a non-zero, page-aligned address: %w", addr, unix.EINVAL)
 	}
-	b, err := mf.Slice(addr>>abikho.PageShift, 1)
-	if err != nil {
+	if err := mf.ReadPages(addr>>abikho.PageShift, p[:abikho.PageSize]); err != nil {
 		return fmt.Errorf("address %#x: %w", addr, err)
 	}
-	copy(p, b)
 	return nil
 }
 
