@@ -378,6 +378,40 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 	return f.mapping[off:end:end], nil
 }
 
+// dropChunkPages is the part of the mapping DropPageTables unmaps under one
+// hold of the lock (256 MiB).
+const dropChunkPages = 1 << 16
+
+// DropPageTables removes this process's page-table entries for the whole
+// mapping, as munmap would, without unmapping it: madvise(MADV_DONTNEED) on
+// a shared file mapping only zaps the entries; the contents stay in the
+// file, and the next access to a page faults it back in. It changes nothing
+// anyone can observe, so it is safe while guests run.
+//
+// Its use is an exec-mode restart: execve tears down the address space
+// inside the blackout, and the cost of that is the page-table entries of
+// every page of the memory file this process touched (~15 ms per GiB of 4
+// KiB pages). Dropping them just before the pause leaves execve only those
+// touched since. It works a chunk at a time, holding the allocator's lock
+// for one chunk (so that Close cannot unmap the range under it), and stops
+// early once the file is closed.
+func (f *MemoryFile) DropPageTables() error {
+	for pfn := uint64(0); pfn < f.pages; pfn += dropChunkPages {
+		end := min(pfn+dropChunkPages, f.pages)
+		f.mu.Lock()
+		if f.closed {
+			f.mu.Unlock()
+			return nil
+		}
+		err := unix.Madvise(f.mapping[pfn<<PageShift:end<<PageShift], unix.MADV_DONTNEED)
+		f.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("dropping the page tables of pages [%#x, %#x) of the memory file: %w", pfn, end, err)
+		}
+	}
+	return nil
+}
+
 // ReadPages copies len(p) bytes, a whole number of pages, from pfn on into
 // p with pread(2), not through the mapping: the caller's page tables are
 // not populated, so reading a few scattered pages costs no page fault each
