@@ -15,13 +15,16 @@
 // releaser, in batches, so DecRef never makes a system call.
 //
 // A sentry that takes over a memory file from its predecessor opens it with
-// Open and calls Adopt with the blocks that were preserved: those become
+// Open and calls Adopt (blocks), AdoptRuns (runs of blocks) or AdoptBitmaps
+// (KHO's per-order bitmaps) with what was preserved: those blocks become
 // allocated folios with one reference, and every other page becomes stale.
 // Stale pages may still hold the previous sentry's data; they are punched
 // out (and so read as zero) before they are handed out again, lazily by the
 // allocation that needs them or in the background by the releaser, never
-// inside Adopt. Adopt costs time in proportion to the preserved set, not to
-// the file.
+// inside Adopt. Adopting costs time in proportion to the preserved set as
+// given (for AdoptBitmaps, to the bitmaps), not to the file: page metadata
+// and the list of stale ranges are derived from the adopted set later, when
+// first needed.
 //
 // Lock order: MemoryFile.mu is the only lock. The releaser never holds it
 // across a system call; an allocation that has to scrub stale or freed pages

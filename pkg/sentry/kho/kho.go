@@ -27,8 +27,8 @@
 // bitmaps, bit for bit) into bitmap pages listed by a khoser_mem_chunk
 // chain, and rewrites the root as kho-v1. The incoming side (Ingest) reads
 // the format from the root's compatible, validates the root and the map or
-// tree field by field, reads them before the allocator starts, hands every
-// preserved block to pgalloc.MemoryFile.AdoptRuns, and then lets subsystems
+// tree field by field, reads them before the allocator starts, hands the
+// bitmaps to pgalloc.MemoryFile.AdoptBitmaps, and then lets subsystems
 // restore what they preserved (RetrieveSubtree, RestoreFolio, RestorePages,
 // RestoreVmalloc), the same way whichever format crossed; ReleaseUnrestored
 // frees whatever nobody claimed.
@@ -222,10 +222,10 @@ func (k *KHO) setLocked(pfn uint64, order int) error {
 // alignment, order, element count, chain cycles) or every tree node and
 // leaf (bounds, alignment, cycles and shared nodes, key ranges, orders, no
 // node inside a preserved block), copies what it needs out of them, and
-// only then calls mf.AdoptRuns with every preserved block in address order,
-// as runs of consecutive equal-order blocks (so a contiguous preserved area
-// costs nothing per folio). On any error nothing is adopted and the error
-// names the field and the address; the caller may fall back to a cold boot.
+// only then calls mf.AdoptBitmaps with a copy of the bitmaps or leaves, so
+// that adopting costs time in proportion to the map, not to the folios. On
+// any error nothing is adopted and the error names the field and the
+// address; the caller may fall back to a cold boot.
 //
 // The chunk, bitmap and tree pages are not preserved: Adopt makes them
 // stale like every other page that was not preserved. The old root page is
