@@ -106,10 +106,9 @@ func (f *MemoryFile) AdoptBitmaps(set Bitmaps) error {
 					}
 				}
 				folios[o] += uint64(bits.OnesCount64(word))
-				lo := first + uint64(bits.TrailingZeros64(word))
-				for sec := lo << o >> sectionShift; sec <= last<<o>>sectionShift; sec++ {
-					sections[sec] = true
-				}
+				// A word covers 64 aligned blocks, at most 2^16
+				// aligned pages: all in one section.
+				sections[first<<o>>sectionShift] = true
 			}
 		}
 	}

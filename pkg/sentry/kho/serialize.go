@@ -352,7 +352,7 @@ func readMap(mf *pgalloc.MemoryFile, memMap uint64, t *memTracker) error {
 			if err := readPage(mf, ptr.Bitmap, bm[:]); err != nil {
 				return fmt.Errorf("map chunk at %#x, bitmap %d: bitmap: %w", addr, i, err)
 			}
-			b := new(bitmap)
+			b := newBitmap()
 			for w := range b {
 				b[w] = binary.LittleEndian.Uint64(bm[8*w:])
 			}

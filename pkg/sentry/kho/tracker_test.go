@@ -6,15 +6,25 @@ import (
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 )
 
-func TestTrackerBitmapsAreACopyThatRestoreDoesNotChange(t *testing.T) {
+func TestTrackerBitmapsDoNotChangeWhenBlocksAreTaken(t *testing.T) {
 	tr := newMemTracker(1 << 16)
 	tr.set(1024, 10)
 	tr.set(9, 0)
 	set := tr.bitmaps()
-	// Restoring clears the tracker's bit; pgalloc fills page metadata from
-	// its copy later, so the copy must keep it.
+	// Restoring takes the block in the tracker; pgalloc fills page
+	// metadata from the adopted bitmaps later, so they must keep it.
 	if !tr.clear(9, 0) {
 		t.Fatal("clear(9, 0) found no bit")
+	}
+	if tr.test(9, 0) || tr.clear(9, 0) {
+		t.Fatal("a taken block is still preserved in the tracker")
+	}
+	tr.unclear(9, 0)
+	if !tr.test(9, 0) {
+		t.Fatal("unclear did not give the block back")
+	}
+	if !tr.clear(9, 0) {
+		t.Fatal("clear(9, 0) after unclear found no bit")
 	}
 	for _, tc := range []struct {
 		name  string
@@ -22,15 +32,15 @@ func TestTrackerBitmapsAreACopyThatRestoreDoesNotChange(t *testing.T) {
 		bit   uint64
 		want  bool
 	}{
-		{"a block cleared in the tracker after the copy is still in the copy", 0, 9, true},
-		{"an order-10 block is in the copy", 10, 1, true},
-		{"an unset block is not in the copy", 0, 8, false},
+		{"a block taken in the tracker is still in the adopted bitmaps", 0, 9, true},
+		{"an order-10 block is in the adopted bitmaps", 10, 1, true},
+		{"an unset block is not in the adopted bitmaps", 0, 8, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := set[tc.order][tc.bit/pgalloc.BitmapBits]
 			got := b != nil && b[tc.bit%pgalloc.BitmapBits/64]&(1<<(tc.bit%64)) != 0
 			if got != tc.want {
-				t.Errorf("bit %d of order %d in the copy: %v, want %v", tc.bit, tc.order, got, tc.want)
+				t.Errorf("bit %d of order %d in the adopted bitmaps: %v, want %v", tc.bit, tc.order, got, tc.want)
 			}
 		})
 	}
@@ -61,4 +71,64 @@ func TestTrackerHeadOrder(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestIngestTakesItsBitmapsFromThePreparedPool(t *testing.T) {
+	forEachFormat(t, func(t *testing.T, format string) {
+		mf := newFile(t, 1<<30)
+		k, err := New(mf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Order-0 folios in two 128 MiB stretches (two leaves) and one
+		// order-9 folio (a third).
+		for _, pfn := range []uint64{2048, 2049, 40000, 40002} {
+			if err := k.PreserveFolio(pgalloc.Folio{PFN: pfn}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := k.PreserveFolio(pgalloc.Folio{PFN: 4096, Order: pgalloc.HugeOrder}); err != nil {
+			t.Fatal(err)
+		}
+		if err := k.FinalizeFormat(format); err != nil {
+			t.Fatal(err)
+		}
+		PrepareIngest(mf.Size())
+		pool.mu.Lock()
+		before := len(pool.pages)
+		slab := pool.pages
+		pool.mu.Unlock()
+		mf2 := reopen(t, mf)
+		k2, err := Ingest(mf2, k.RootAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool.mu.Lock()
+		used := before - len(pool.pages)
+		pool.mu.Unlock()
+		// Three preserved bitmaps (the root page shares the first) and one
+		// taken bitmap, for the root page Ingest restores.
+		if used != 4 {
+			t.Fatalf("Ingest took %d bitmaps from the pool of %d, want 4", used, before)
+		}
+		inSlab := func(b *bitmap) bool {
+			for i := range slab[:used] {
+				if b == &slab[i] {
+					return true
+				}
+			}
+			return false
+		}
+		k2.mu.Lock()
+		b0, b9 := k2.in.mem.orders[0][0], k2.in.mem.orders[pgalloc.HugeOrder][0]
+		k2.mu.Unlock()
+		if !inSlab(b0) || !inSlab(b9) {
+			t.Fatal("the incoming bitmaps are not the pool's pages")
+		}
+		for _, f := range []pgalloc.Folio{{PFN: 2048}, {PFN: 2049}, {PFN: 40000}, {PFN: 40002}, {PFN: 4096, Order: pgalloc.HugeOrder}} {
+			if got, err := k2.RestoreFolio(f.Addr()); err != nil || got != f {
+				t.Fatalf("RestoreFolio(%#x) = %v, %v; want %v", f.Addr(), got, err, f)
+			}
+		}
+	})
 }
