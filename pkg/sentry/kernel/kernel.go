@@ -160,6 +160,19 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 	return bootFrom(file, root, opts, t, kho.Ingest)
 }
 
+// PrepareIncoming readies this process, ahead of a restart's pause, for a
+// NewFromHandover of a memory file of up to memorySize bytes (0 means
+// pgalloc.DefaultSize): it faults in the memory KHO's Ingest will hold the
+// map in (kho.PrepareIngest), so that the blackout pays no page fault for
+// it. A new sentry calls it before it says it is ready; a larger file
+// still boots, with the rest of its map in fresh memory.
+func PrepareIncoming(memorySize uint64) {
+	if memorySize == 0 {
+		memorySize = pgalloc.DefaultSize
+	}
+	kho.PrepareIngest(memorySize)
+}
+
 // bootFrom maps file, reads KHO at root with ingest (which adopts the
 // preserved folios) and deserializes LUO, filling t's Map, Ingest and LUO.
 func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, ingest func(*pgalloc.MemoryFile, uint64) (*kho.KHO, error)) (*Kernel, error) {
