@@ -267,7 +267,10 @@ func BenchmarkPreserveUnpreserve(b *testing.B) {
 		k, mf := benchKHO(b, 1<<30+1<<20)
 		pages := mf.Pages() - 1
 		var mu sync.Mutex
-		t := newMemTracker(mf.Pages())
+		var t heapBitmaps
+		for o := range t {
+			t[o] = make([]*bitmap, (mf.Pages()>>o)/abikho.PreserveBits+1)
+		}
 		b.ResetTimer()
 		for i := 0; i < b.N; i++ {
 			f := pgalloc.Folio{PFN: 1 + uint64(i*7919)%pages}
@@ -354,4 +357,26 @@ func BenchmarkHandoverCostV2(b *testing.B) {
 		}
 		mf.Close()
 	}
+}
+
+// heapBitmaps is the outgoing tracker the kho-v2 tree replaced: per-order
+// bitmaps in the heap, set at preserve and cleared at unpreserve.
+type heapBitmaps [pgalloc.MaxOrder + 1][]*bitmap
+
+func (h *heapBitmaps) set(pfn uint64, order int) {
+	idx, w, m := locate(pfn, order)
+	if h[order][idx] == nil {
+		h[order][idx] = new(bitmap)
+	}
+	h[order][idx][w] |= m
+}
+
+func (h *heapBitmaps) clear(pfn uint64, order int) bool {
+	idx, w, m := locate(pfn, order)
+	b := h[order][idx]
+	if b == nil || b[w]&m == 0 {
+		return false
+	}
+	b[w] &^= m
+	return true
 }
