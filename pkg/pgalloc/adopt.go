@@ -130,8 +130,8 @@ func (f *MemoryFile) adoptRuns(runs []Run) error {
 // the first allocation or releaser round needs them.
 type adoptedSet interface {
 	// fill writes the metadata of every block whose head is in [start,
-	// end), one section, into sec (sec[0] is start).
-	fill(start, end uint64, sec *section)
+	// end), part of one section, into info (info[0] is start's).
+	fill(start, end uint64, info []pageInfo)
 	// gaps returns the ranges of [1, pages) that no block covers, in
 	// address order.
 	gaps(pages uint64) []pfnRange
@@ -140,7 +140,7 @@ type adoptedSet interface {
 // adoptSet makes a checked preserved set the file's allocator state:
 // folios[o] blocks of order o, sections[i] set for every section that holds
 // a block. Page metadata and stale ranges are derived from set later
-// (pageInfoLocked, staleRangesLocked), outside the restart's blackout.
+// (pageInfoLocked, buildStaleLocked), outside the restart's blackout.
 func (f *MemoryFile) adoptSet(set adoptedSet, folios [MaxOrder + 1]uint64, sections []bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -161,23 +161,11 @@ func (f *MemoryFile) adoptSet(set adoptedSet, folios [MaxOrder + 1]uint64, secti
 	return nil
 }
 
-// fillSectionLocked writes the metadata of every adopted block in section i
-// into s. Blocks never cross a section (a section is 1 GiB, a block at most
-// 4 MiB, both naturally aligned).
-//
-// Preconditions:
-//   - s is section i, new and empty.
-//
-// +checklocks:f.mu
-func (f *MemoryFile) fillSectionLocked(i uint64, s *section) {
-	f.set.fill(i<<sectionShift, (i+1)<<sectionShift, s)
-}
-
 // runSet is a preserved set given as sorted, disjoint runs.
 type runSet []Run
 
 // fill implements adoptedSet.fill.
-func (rs runSet) fill(start, end uint64, s *section) {
+func (rs runSet) fill(start, end uint64, info []pageInfo) {
 	j, _ := slices.BinarySearchFunc(rs, start, func(r Run, pfn uint64) int {
 		if r.End() <= pfn {
 			return -1
@@ -187,8 +175,14 @@ func (rs runSet) fill(start, end uint64, s *section) {
 	for ; j < len(rs) && rs[j].PFN < end; j++ {
 		r := rs[j]
 		n := uint64(1) << r.Order
-		for pfn := max(r.PFN, start); pfn < min(r.End(), end); pfn += n {
-			s[pfn-start] = pageInfo{refs: 1, order: r.Order, head: true}
+		// The first head of r at or after start (start is aligned to a
+		// chunk, not to every order).
+		first := r.PFN
+		if start > first {
+			first += (start - first + n - 1) &^ (n - 1)
+		}
+		for pfn := first; pfn < min(r.End(), end); pfn += n {
+			info[pfn-start] = pageInfo{refs: 1, order: r.Order, head: true}
 		}
 	}
 }

@@ -2,6 +2,7 @@ package pgalloc
 
 import (
 	"errors"
+	"math/bits"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -171,6 +172,60 @@ func TestAdoptBuildsNoStaleListUntilReleasesResume(t *testing.T) {
 			g.Drain()
 			if st := g.Stats(); st.StalePages != 0 || st.FreePages != uint64(len(blocks))+1 {
 				t.Fatalf("after Drain: %d stale pages, %d free; want 0 and %d", st.StalePages, st.FreePages, len(blocks)+1)
+			}
+		})
+	}
+}
+
+func TestAnAdoptedSectionIsFilledAChunkAtATime(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		adopt func(g *MemoryFile, blocks []Block) error
+	}{
+		{"runs", func(g *MemoryFile, blocks []Block) error { return g.Adopt(blocks) }},
+		{"bitmaps", func(g *MemoryFile, blocks []Block) error { return g.AdoptBitmaps(toBitmaps(g.Pages(), blocks)) }},
+	} {
+		t.Run("adopted from "+tc.name, func(t *testing.T) {
+			f := newTestFile(t, 64<<20)
+			g := reopen(t, f)
+			// An order-10 block spans chunks 2 and 3; an order-9 block
+			// fills chunk 6; order-0 blocks in chunk 9.
+			blocks := []Block{{PFN: 1024, Order: 10}, {PFN: 3072, Order: 9}, {PFN: 4608}, {PFN: 4610}}
+			if err := tc.adopt(g, blocks); err != nil {
+				t.Fatal(err)
+			}
+			unfilled := func() int {
+				g.mu.Lock()
+				defer g.mu.Unlock()
+				n := 0
+				for _, w := range g.sections[0].unfilled {
+					n += bits.OnesCount64(w)
+				}
+				return n
+			}
+			if fo, refs, ok := g.Lookup(3072); !ok || fo != (Folio{PFN: 3072, Order: 9}) || refs != 1 {
+				t.Fatalf("Lookup(3072) = %v, %d, %v", fo, refs, ok)
+			}
+			if n := unfilled(); n != sectionPages>>chunkShift-1 {
+				t.Fatalf("after one Lookup %d chunks are unfilled, want all but one", n)
+			}
+			for _, c := range []struct {
+				pfn  uint64
+				want Folio
+				ok   bool
+			}{
+				{1024, Folio{PFN: 1024, Order: 10}, true},
+				{1536, Folio{}, false}, // the first page of chunk 3, a tail
+				{4608, Folio{PFN: 4608}, true},
+				{4609, Folio{}, false},
+				{4610, Folio{PFN: 4610}, true},
+			} {
+				if fo, _, ok := g.Lookup(c.pfn); ok != c.ok || fo != c.want {
+					t.Errorf("Lookup(%d) = %v, %v; want %v, %v", c.pfn, fo, ok, c.want, c.ok)
+				}
+			}
+			if n := unfilled(); n != sectionPages>>chunkShift-4 {
+				t.Fatalf("after Lookups in 4 chunks %d are unfilled, want all but 4", n)
 			}
 		})
 	}

@@ -87,10 +87,25 @@ type pageInfo struct {
 	head  bool
 }
 
+// chunkShift is log2 of the pages whose metadata fills one page of a
+// section (512 entries of 8 bytes): the unit in which an adopted section
+// is filled.
+const chunkShift = PageShift - 3
+
 // section holds the page metadata of one GiB of the file. Sections are
 // allocated when the first folio head in them is, so the metadata costs
-// nothing for parts of the file that hold no folio.
-type section [sectionPages]pageInfo
+// nothing for parts of the file that hold no folio. A section that holds
+// adopted blocks is filled from the adopted set a chunk (512 entries, one
+// page of memory) at a time, when an entry of the chunk is first needed:
+// the first write to a page of fresh memory is a page fault, so filling
+// the whole section at once would cost 512 of them even for a handful of
+// 2 MiB folios.
+type section struct {
+	// unfilled has bit c set while chunk c has not been filled from the
+	// adopted set.
+	unfilled [sectionPages >> chunkShift / 64]uint64
+	info     [sectionPages]pageInfo
+}
 
 // Options configures a new MemoryFile.
 type Options struct {
@@ -444,7 +459,9 @@ func (f *MemoryFile) ReadPages(pfn uint64, p []byte) error {
 }
 
 // pageInfoLocked returns the metadata entry of pfn, allocating its section
-// if asked to; nil if it is not allocated and alloc is false.
+// if asked to; nil if it is not allocated and alloc is false. In a section
+// that holds adopted blocks, it first fills the chunk of pfn from the
+// adopted set if that has not been done.
 //
 // Preconditions:
 //   - pfn < f.pages.
@@ -461,10 +478,18 @@ func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 		s = new(section)
 		f.sections[i] = s
 		if adopted {
-			f.fillSectionLocked(i, s)
+			for w := range s.unfilled {
+				s.unfilled[w] = ^uint64(0)
+			}
 		}
 	}
-	return &s[pfn&(sectionPages-1)]
+	off := pfn & (sectionPages - 1)
+	if c := off >> chunkShift; s.unfilled[c/64]&(1<<(c%64)) != 0 {
+		s.unfilled[c/64] &^= 1 << (c % 64)
+		start := i<<sectionShift + c<<chunkShift
+		f.set.fill(start, start+1<<chunkShift, s.info[c<<chunkShift:(c+1)<<chunkShift])
+	}
+	return &s.info[off]
 }
 
 // Allocate returns a new folio of 2^order zeroed pages holding one
