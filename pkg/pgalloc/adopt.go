@@ -110,63 +110,97 @@ func (f *MemoryFile) AdoptRuns(runs []Run) error {
 	return f.adoptRuns(runs)
 }
 
-// adoptRuns adopts checked, sorted, disjoint runs. Page metadata is not
-// written here: a section is filled from the runs that cross it when it is
-// first needed (fillSectionLocked), outside the restart's blackout.
+// adoptRuns adopts checked, sorted, disjoint runs.
 func (f *MemoryFile) adoptRuns(runs []Run) error {
+	var folios [MaxOrder + 1]uint64
+	sections := make([]bool, f.numSections())
+	for _, r := range runs {
+		folios[r.Order] += uint64(r.Count)
+		for sec := r.PFN >> sectionShift; sec <= (r.End()-1)>>sectionShift; sec++ {
+			sections[sec] = true
+		}
+	}
+	return f.adoptSet(runSet(runs), folios, sections)
+}
+
+// adoptedSet is the preserved set a file was adopted with, in the form it
+// was given (runs or bitmaps). The allocator keeps it, unchanged, to derive
+// what Adopt does not build inside a restart's blackout: the page metadata
+// of a section when the section is first needed, and the stale ranges when
+// the first allocation or releaser round needs them.
+type adoptedSet interface {
+	// fill writes the metadata of every block whose head is in [start,
+	// end), part of one section, into info (info[0] is start's).
+	fill(start, end uint64, info []pageInfo)
+	// gaps returns the ranges of [1, pages) that no block covers, in
+	// address order.
+	gaps(pages uint64) []pfnRange
+}
+
+// adoptSet makes a checked preserved set the file's allocator state:
+// folios[o] blocks of order o, sections[i] set for every section that holds
+// a block. Page metadata and stale ranges are derived from set later
+// (pageInfoLocked, buildStaleLocked), outside the restart's blackout.
+func (f *MemoryFile) adoptSet(set adoptedSet, folios [MaxOrder + 1]uint64, sections []bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.adopted {
 		return fmt.Errorf("adopting a memory file whose allocator is already running: %w", unix.EBUSY)
 	}
-	stale := make([]pfnRange, 0, len(runs)+1)
-	next := uint64(1)
-	for _, r := range runs {
-		if r.PFN > next {
-			stale = append(stale, pfnRange{start: next, end: r.PFN})
-		}
-		f.folios[r.Order] += uint64(r.Count)
-		next = r.End()
-	}
-	if next < f.pages {
-		stale = append(stale, pfnRange{start: next, end: f.pages})
-	}
-	f.runs = runs
-	f.stale = stale
+	f.set, f.setSections = set, sections
+	f.folios = folios
 	f.stalePages = f.pages - 1
 	for o, n := range f.folios {
 		f.stalePages -= n << o
 	}
+	f.staleUnbuilt = f.stalePages > 0
 	f.adopted = true
-	if len(stale) > 0 {
+	if f.stalePages > 0 {
 		f.wakeReleaser()
 	}
 	return nil
 }
 
-// fillSectionLocked writes the metadata of every adopted block in section i
-// into s. Blocks never cross a section (a section is 1 GiB, a block at most
-// 4 MiB, both naturally aligned).
-//
-// Preconditions:
-//   - s is section i, new and empty.
-//
-// +checklocks:f.mu
-func (f *MemoryFile) fillSectionLocked(i uint64, s *section) {
-	start, end := i<<sectionShift, (i+1)<<sectionShift
-	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {
+// runSet is a preserved set given as sorted, disjoint runs.
+type runSet []Run
+
+// fill implements adoptedSet.fill.
+func (rs runSet) fill(start, end uint64, info []pageInfo) {
+	j, _ := slices.BinarySearchFunc(rs, start, func(r Run, pfn uint64) int {
 		if r.End() <= pfn {
 			return -1
 		}
 		return 1
 	})
-	for ; j < len(f.runs) && f.runs[j].PFN < end; j++ {
-		r := f.runs[j]
+	for ; j < len(rs) && rs[j].PFN < end; j++ {
+		r := rs[j]
 		n := uint64(1) << r.Order
-		for pfn := max(r.PFN, start); pfn < min(r.End(), end); pfn += n {
-			s[pfn-start] = pageInfo{refs: 1, order: r.Order, head: true}
+		// The first head of r at or after start (start is aligned to a
+		// chunk, not to every order).
+		first := r.PFN
+		if start > first {
+			first += (start - first + n - 1) &^ (n - 1)
+		}
+		for pfn := first; pfn < min(r.End(), end); pfn += n {
+			info[pfn-start] = pageInfo{refs: 1, order: r.Order, head: true}
 		}
 	}
+}
+
+// gaps implements adoptedSet.gaps.
+func (rs runSet) gaps(pages uint64) []pfnRange {
+	stale := make([]pfnRange, 0, len(rs)+1)
+	next := uint64(1)
+	for _, r := range rs {
+		if r.PFN > next {
+			stale = append(stale, pfnRange{start: next, end: r.PFN})
+		}
+		next = r.End()
+	}
+	if next < pages {
+		stale = append(stale, pfnRange{start: next, end: pages})
+	}
+	return stale
 }
 
 func cmpBlocks(a, b Block) int {

@@ -3,6 +3,7 @@ package pgalloc
 import (
 	"fmt"
 	"testing"
+	"time"
 )
 
 // BenchmarkAllocFree measures one Allocate and one DecRef of a folio, the
@@ -72,6 +73,44 @@ func BenchmarkAdopt(b *testing.B) {
 					}
 					b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/folio")
 					b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e6, "ms/adopt")
+				})
+			}
+		}
+	}
+}
+
+// BenchmarkAdoptBitmaps is BenchmarkAdopt for the same sets given as
+// per-order bitmaps, the form KHO reads: its cost follows the bitmaps, not
+// the blocks.
+func BenchmarkAdoptBitmaps(b *testing.B) {
+	for _, fileGiB := range []uint64{16, 256} {
+		for _, n := range []int{262144, 2097152} {
+			for _, layout := range []string{"contiguous", "every-other"} {
+				name := fmt.Sprintf("file=%dGiB/folios=%d/%s", fileGiB, n, layout)
+				b.Run(name, func(b *testing.B) {
+					blocks := preservedSet(n, layout == "every-other")
+					base := newTestFile(b, fileGiB<<30)
+					var d time.Duration
+					for i := 0; i < b.N; i++ {
+						set := toBitmaps(base.Pages(), blocks)
+						file, err := base.DupFile()
+						if err != nil {
+							b.Fatal(err)
+						}
+						g, err := Open(file, Options{})
+						if err != nil {
+							b.Fatal(err)
+						}
+						t0 := time.Now()
+						if err := g.AdoptBitmaps(set); err != nil {
+							b.Fatal(err)
+						}
+						d += time.Since(t0)
+						g.Close()
+					}
+					b.ReportMetric(float64(d.Nanoseconds())/float64(b.N)/float64(n), "ns/folio")
+					b.ReportMetric(float64(d.Nanoseconds())/float64(b.N)/1e6, "ms/adopt")
+					b.ReportMetric(0, "ns/op")
 				})
 			}
 		}

@@ -15,13 +15,16 @@
 // releaser, in batches, so DecRef never makes a system call.
 //
 // A sentry that takes over a memory file from its predecessor opens it with
-// Open and calls Adopt with the blocks that were preserved: those become
+// Open and calls Adopt (blocks), AdoptRuns (runs of blocks) or AdoptBitmaps
+// (KHO's per-order bitmaps) with what was preserved: those blocks become
 // allocated folios with one reference, and every other page becomes stale.
 // Stale pages may still hold the previous sentry's data; they are punched
 // out (and so read as zero) before they are handed out again, lazily by the
 // allocation that needs them or in the background by the releaser, never
-// inside Adopt. Adopt costs time in proportion to the preserved set, not to
-// the file.
+// inside Adopt. Adopting costs time in proportion to the preserved set as
+// given (for AdoptBitmaps, to the bitmaps), not to the file: page metadata
+// and the list of stale ranges are derived from the adopted set later, when
+// first needed.
 //
 // Lock order: MemoryFile.mu is the only lock. The releaser never holds it
 // across a system call; an allocation that has to scrub stale or freed pages
@@ -31,7 +34,6 @@ package pgalloc
 import (
 	"fmt"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 
@@ -85,10 +87,25 @@ type pageInfo struct {
 	head  bool
 }
 
+// chunkShift is log2 of the pages whose metadata fills one page of a
+// section (512 entries of 8 bytes): the unit in which an adopted section
+// is filled.
+const chunkShift = PageShift - 3
+
 // section holds the page metadata of one GiB of the file. Sections are
 // allocated when the first folio head in them is, so the metadata costs
-// nothing for parts of the file that hold no folio.
-type section [sectionPages]pageInfo
+// nothing for parts of the file that hold no folio. A section that holds
+// adopted blocks is filled from the adopted set a chunk (512 entries, one
+// page of memory) at a time, when an entry of the chunk is first needed:
+// the first write to a page of fresh memory is a page fault, so filling
+// the whole section at once would cost 512 of them even for a handful of
+// 2 MiB folios.
+type section struct {
+	// unfilled has bit c set while chunk c has not been filled from the
+	// adopted set.
+	unfilled [sectionPages >> chunkShift / 64]uint64
+	info     [sectionPages]pageInfo
+}
 
 // Options configures a new MemoryFile.
 type Options struct {
@@ -178,12 +195,23 @@ type MemoryFile struct {
 	// +checklocks:mu
 	folios [MaxOrder + 1]uint64
 
-	// runs are the blocks Adopt received, in address order. A section
-	// that does not exist yet is filled from them when it is created, so
-	// Adopt does not write page metadata itself.
+	// set is the preserved set the file was adopted with, nil if none. A
+	// section that does not exist yet is filled from it when it is
+	// created, so Adopt does not write page metadata itself. set never
+	// changes once adopted, so the releaser may read it without mu.
 	//
 	// +checklocks:mu
-	runs []Run
+	set adoptedSet
+	// setSections[i] is set if set has a block in section i.
+	//
+	// +checklocks:mu
+	setSections []bool
+	// staleUnbuilt is set from Adopt until stale has been derived from
+	// set (staleRangesLocked): until then stalePages counts pages that
+	// stale does not list yet.
+	//
+	// +checklocks:mu
+	staleUnbuilt bool
 
 	// held is set between HoldReleases and ResumeReleases: the releaser
 	// punches nothing out of the file.
@@ -270,7 +298,7 @@ func newMemoryFile(file *os.File, size uint64, opts Options) (*MemoryFile, error
 		releaserStop: make(chan struct{}),
 		releaserDone: make(chan struct{}),
 		free:         newExtentSet(),
-		sections:     make([]*section, (size/PageSize+sectionPages-1)/sectionPages),
+		sections:     make([]*section, (size/PageSize+sectionPages-1)>>sectionShift),
 	}
 	f.cond.L = &f.mu
 	if !opts.NoHugepages && shmemHugepagesAllowed() {
@@ -333,6 +361,10 @@ func (f *MemoryFile) DupFile() (*os.File, error) {
 	return os.NewFile(uintptr(fd), f.file.Name()), nil
 }
 
+// numSections returns the number of sections of page metadata the file has
+// (len(f.sections), which never changes).
+func (f *MemoryFile) numSections() int { return int((f.pages + sectionPages - 1) >> sectionShift) }
+
 // Pages returns the number of pages in the file.
 func (f *MemoryFile) Pages() uint64 { return f.pages }
 
@@ -364,8 +396,72 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 	return f.mapping[off:end:end], nil
 }
 
+// dropChunkPages is the part of the mapping DropPageTables unmaps under one
+// hold of the lock (64 MiB, about a millisecond with 4 KiB pages).
+const dropChunkPages = 1 << 14
+
+// DropPageTables removes this process's page-table entries for the whole
+// mapping, as munmap would, without unmapping it: madvise(MADV_DONTNEED) on
+// a shared file mapping only zaps the entries; the contents stay in the
+// file, and the next access to a page faults it back in. It changes nothing
+// anyone can observe, so it is safe while guests run.
+//
+// Its use is an exec-mode restart: execve tears down the address space
+// inside the blackout, and the cost of that is the page-table entries of
+// every page of the memory file this process touched (~15 ms per GiB of 4
+// KiB pages). Dropping them just before the pause leaves execve only those
+// touched since. It works a chunk at a time, holding the allocator's lock
+// for one chunk (so that Close cannot unmap the range under it), and stops
+// early once the file is closed.
+func (f *MemoryFile) DropPageTables() error {
+	for pfn := uint64(0); pfn < f.pages; pfn += dropChunkPages {
+		end := min(pfn+dropChunkPages, f.pages)
+		f.mu.Lock()
+		if f.closed {
+			f.mu.Unlock()
+			return nil
+		}
+		err := unix.Madvise(f.mapping[pfn<<PageShift:end<<PageShift], unix.MADV_DONTNEED)
+		f.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("dropping the page tables of pages [%#x, %#x) of the memory file: %w", pfn, end, err)
+		}
+	}
+	return nil
+}
+
+// ReadPages copies len(p) bytes, a whole number of pages, from pfn on into
+// p with pread(2), not through the mapping: the caller's page tables are
+// not populated, so reading a few scattered pages costs no page fault each
+// (what a new sentry reads of the previous one's map during a restart's
+// blackout). It checks the range against the file, so it is safe for
+// addresses read from untrusted data.
+func (f *MemoryFile) ReadPages(pfn uint64, p []byte) error {
+	n := uint64(len(p)) / PageSize
+	if uint64(len(p))%PageSize != 0 || n == 0 || pfn >= f.pages || n > f.pages-pfn {
+		return fmt.Errorf("pages [%#x, +%d bytes) outside the %d-page memory file: %w", pfn, len(p), f.pages, unix.ERANGE)
+	}
+	off := int64(pfn << PageShift)
+	for len(p) > 0 {
+		m, err := unix.Pread(f.FD(), p, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("reading pages at %#x of the memory file: %w", pfn, err)
+		}
+		if m == 0 {
+			return fmt.Errorf("reading pages at %#x of the memory file: short read: %w", pfn, unix.EIO)
+		}
+		p, off = p[m:], off+int64(m)
+	}
+	return nil
+}
+
 // pageInfoLocked returns the metadata entry of pfn, allocating its section
-// if asked to; nil if it is not allocated and alloc is false.
+// if asked to; nil if it is not allocated and alloc is false. In a section
+// that holds adopted blocks, it first fills the chunk of pfn from the
+// adopted set if that has not been done.
 //
 // Preconditions:
 //   - pfn < f.pages.
@@ -375,31 +471,25 @@ func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 	i := pfn >> sectionShift
 	s := f.sections[i]
 	if s == nil {
-		adopted := len(f.runs) > 0 && f.runsCrossLocked(i)
+		adopted := f.set != nil && f.setSections[i]
 		if !alloc && !adopted {
 			return nil
 		}
 		s = new(section)
 		f.sections[i] = s
 		if adopted {
-			f.fillSectionLocked(i, s)
+			for w := range s.unfilled {
+				s.unfilled[w] = ^uint64(0)
+			}
 		}
 	}
-	return &s[pfn&(sectionPages-1)]
-}
-
-// runsCrossLocked reports whether an adopted run has pages in section i.
-//
-// +checklocks:f.mu
-func (f *MemoryFile) runsCrossLocked(i uint64) bool {
-	start, end := i<<sectionShift, (i+1)<<sectionShift
-	j, _ := slices.BinarySearchFunc(f.runs, start, func(r Run, pfn uint64) int {
-		if r.End() <= pfn {
-			return -1
-		}
-		return 1
-	})
-	return j < len(f.runs) && f.runs[j].PFN < end
+	off := pfn & (sectionPages - 1)
+	if c := off >> chunkShift; s.unfilled[c/64]&(1<<(c%64)) != 0 {
+		s.unfilled[c/64] &^= 1 << (c % 64)
+		start := i<<sectionShift + c<<chunkShift
+		f.set.fill(start, start+1<<chunkShift, s.info[c<<chunkShift:(c+1)<<chunkShift])
+	}
+	return &s.info[off]
 }
 
 // Allocate returns a new folio of 2^order zeroed pages holding one

@@ -228,6 +228,40 @@ func TestSliceChecksBounds(t *testing.T) {
 	}
 }
 
+func TestReadPagesReadsTheFileAndChecksBounds(t *testing.T) {
+	f := newTestFile(t, 16<<20)
+	last, err := f.Slice(f.Pages()-1, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(last, 7)
+	tests := []struct {
+		name    string
+		pfn     uint64
+		bytes   int
+		wantErr bool
+	}{
+		{"the last page reads what the mapping holds", f.Pages() - 1, PageSize, false},
+		{"two pages from the start are in range", 0, 2 * PageSize, false},
+		{"a range past the end fails", f.Pages() - 1, 2 * PageSize, true},
+		{"a page past the end fails", f.Pages(), PageSize, true},
+		{"a partial page fails", 1, PageSize / 2, true},
+		{"an empty buffer fails", 1, 0, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := make([]byte, tc.bytes)
+			err := f.ReadPages(tc.pfn, p)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("ReadPages(%#x, %d bytes) = %v", tc.pfn, tc.bytes, err)
+			}
+			if err == nil && tc.pfn == f.Pages()-1 && !bytes.Equal(p, last) {
+				t.Fatal("ReadPages of the last page differs from the mapping")
+			}
+		})
+	}
+}
+
 // randomPreserved allocates random folios in f, fills each with a pattern
 // derived from its PFN and returns them.
 func randomPreserved(t *testing.T, f *MemoryFile, rng *rand.Rand, n int) []Block {

@@ -58,6 +58,30 @@ func coalesce(rs []pfnRange) []pfnRange {
 	return out
 }
 
+// buildStaleLocked lists the stale ranges, if Adopt left them to be
+// derived from the adopted set.
+//
+// +checklocks:f.mu
+func (f *MemoryFile) buildStaleLocked() {
+	if f.staleUnbuilt {
+		f.installStaleLocked(f.set.gaps(f.pages))
+	}
+}
+
+// installStaleLocked makes stale, derived from the adopted set, the list of
+// stale ranges.
+//
+// Preconditions:
+//   - f.staleUnbuilt is set: nothing stale has been taken yet.
+//
+// +checklocks:f.mu
+func (f *MemoryFile) installStaleLocked(stale []pfnRange) {
+	f.stale, f.staleHead, f.staleCursor, f.staleUnbuilt = stale, 0, [MaxOrder + 1]int{}, false
+	if len(stale) == 0 {
+		f.stale = nil
+	}
+}
+
 // takeStaleLocked removes [r.start, end) from the stale range r (the low end
 // of it) and returns its start.
 //
@@ -84,6 +108,7 @@ func (f *MemoryFile) takeStaleLocked(r *pfnRange, end uint64) uint64 {
 //
 // +checklocks:f.mu
 func (f *MemoryFile) scrubStaleLocked(order int) bool {
+	f.buildStaleLocked()
 	n := uint64(1) << order
 	i := max(f.staleCursor[order], f.staleHead)
 	for ; i < len(f.stale); i++ {
@@ -160,6 +185,18 @@ func (f *MemoryFile) releaserMain() {
 // releaseOnce runs one releaser round and reports whether it did anything.
 func (f *MemoryFile) releaseOnce() bool {
 	f.mu.Lock()
+	if f.staleUnbuilt && !f.held {
+		// Derive the stale ranges from the adopted set (which never
+		// changes) without holding the lock: an allocation may build
+		// them meanwhile, and then this copy is dropped.
+		set, pages := f.set, f.pages
+		f.mu.Unlock()
+		stale := set.gaps(pages)
+		f.mu.Lock()
+		if f.staleUnbuilt {
+			f.installStaleLocked(stale)
+		}
+	}
 	if f.held {
 		f.mu.Unlock()
 		return false
@@ -217,6 +254,7 @@ func (f *MemoryFile) releaseOnce() bool {
 func (f *MemoryFile) Drain() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.buildStaleLocked()
 	for {
 		switch {
 		case f.staleHead < len(f.stale):

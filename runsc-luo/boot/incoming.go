@@ -201,6 +201,9 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		if n := closeInherited(); n > 0 {
 			log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
 		}
+		// Before Ready: what the boot needs that does not depend on the
+		// handover is faulted in outside the blackout.
+		kernel.PrepareIncoming(0)
 		d, t, err := handover.Accept(ch, in, hopts)
 		if err != nil {
 			return nil, err

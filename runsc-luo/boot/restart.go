@@ -234,6 +234,13 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 	if info.Protocol != handover.ProtocolVersion {
 		return fmt.Errorf("%s speaks handover protocol %d, this sentry %d", binary, info.Protocol, handover.ProtocolVersion)
 	}
+	// execve tears down this process's address space inside the
+	// blackout, page-table entries of the memory file included: drop them
+	// now, while guests still run (a page touched from here on faults
+	// back in). Failing costs only time.
+	if err := s.k.MemoryFile().DropPageTables(); err != nil {
+		log.Warningf("exec restart: %v", err)
+	}
 	argv := append([]string{binary}, append(s.opts.Globals.Args(), "boot")...)
 	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec}, handover.Options{
 		Version:   s.opts.Version,

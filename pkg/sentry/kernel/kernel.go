@@ -55,6 +55,9 @@ type Kernel struct {
 	luo  *luo.LUO
 	logf func(format string, args ...any)
 
+	// background counts work started by Commit that Shutdown waits for.
+	background sync.WaitGroup
+
 	mu sync.Mutex
 
 	// cond is signalled (L is &mu) whenever active, pause, handedOver or
@@ -164,6 +167,19 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 	return bootFrom(file, root, opts, t, kho.Ingest)
 }
 
+// PrepareIncoming readies this process, ahead of a restart's pause, for a
+// NewFromHandover of a memory file of up to memorySize bytes (0 means
+// pgalloc.DefaultSize): it faults in the memory KHO's Ingest will hold the
+// map in (kho.PrepareIngest), so that the blackout pays no page fault for
+// it. A new sentry calls it before it says it is ready; a larger file
+// still boots, with the rest of its map in fresh memory.
+func PrepareIncoming(memorySize uint64) {
+	if memorySize == 0 {
+		memorySize = pgalloc.DefaultSize
+	}
+	kho.PrepareIngest(memorySize)
+}
+
 // bootFrom maps file, reads KHO at root with ingest (which adopts the
 // preserved folios) and deserializes LUO, filling t's Map, Ingest and LUO.
 func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, ingest func(*pgalloc.MemoryFile, uint64) (*kho.KHO, error)) (*Kernel, error) {
@@ -238,8 +254,18 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 
 // Commit ends the quarantine of a live-update boot: the previous sentry
 // has been told the handover is accepted, so the memory it did not
-// preserve may now be scrubbed in the background.
-func (k *Kernel) Commit() { k.mf.ResumeReleases() }
+// preserve may now be scrubbed in the background, and the blocks of LUO's
+// incoming records are freed, in the background too: freeing them builds
+// page metadata (luo.LUO.Deserialize), which must not delay the end of the
+// blackout. Shutdown waits for it.
+func (k *Kernel) Commit() {
+	k.mf.ResumeReleases()
+	k.background.Add(1)
+	go func() {
+		defer k.background.Done()
+		k.luo.ReleaseIncomingRecords()
+	}()
+}
 
 // MemoryFile returns the kernel's memory file.
 func (k *Kernel) MemoryFile() *pgalloc.MemoryFile { return k.mf }
@@ -531,6 +557,7 @@ func (k *Kernel) Shutdown() {
 		ch.timer.Stop()
 		ch.release()
 	}
+	k.background.Wait()
 	if handedOver {
 		// Calls held by the pause never run; the memory file is the next
 		// sentry's, so it is only unmapped.

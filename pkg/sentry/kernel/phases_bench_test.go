@@ -13,6 +13,7 @@ import (
 
 	"github.com/livesentry/livesentry/pkg/guest"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/pkg/sentry/kho"
 )
 
 var phaseSizes = flag.String("phases.sizes", "64M,1G", "comma-separated preserved sizes (M or G suffix) for BenchmarkRestartPhases")
@@ -137,11 +138,11 @@ func (f *phaseFixture) fill(smallFolios bool) error {
 // handed-over file (NewFromHandover) in the same process, then rolls back:
 // the new kernel is discarded uncommitted and the old one aborts and
 // resumes, so that the next iteration hands over the same state again.
-func (f *phaseFixture) restartOnce(b *testing.B, t *handover.Timing) {
+func (f *phaseFixture) restartOnce(b *testing.B, t *handover.Timing, peerReads []string) {
 	if err := f.k.Pause(time.Time{}); err != nil {
 		b.Fatal(err)
 	}
-	h, err := f.k.PrepareHandover(t, nil)
+	h, err := f.k.PrepareHandover(t, peerReads)
 	if err != nil {
 		b.Fatalf("PrepareHandover: %v", err)
 	}
@@ -187,9 +188,11 @@ func parsePhaseSize(s string) (uint64, error) {
 // (KHO ingest and adopt) and luo (memfd handler and LUO deserialize) in
 // the new one. Each is reported in ms per restart, ingest and luo also
 // per preserved folio, so that benchstat shows a phase that regresses or
-// starts growing with the memory preserved. ns/op is their sum plus the
-// pause and the fd dup (not the rollback that resets the state between
-// iterations).
+// starts growing with the memory preserved; phases-ms is their sum. Each
+// size and folio size runs in both KHO formats (kho-v2, what a restart
+// between two builds of today writes, and kho-v1). ns/op is the phases
+// plus the pause and the fd dup (not the rollback that resets the state
+// between iterations).
 //
 //	go test ./pkg/sentry/kernel -run '^$' -bench RestartPhases -benchtime 20x -count 5
 //	go test ./pkg/sentry/kernel -run '^$' -bench RestartPhases -phases.sizes=64M,4G -cpuprofile cpu.prof
@@ -206,34 +209,46 @@ func BenchmarkRestartPhases(b *testing.B) {
 			name  string
 			small bool
 		}{{"4KiB", true}, {"2MiB", false}} {
-			name := fmt.Sprintf("%dMiB/folio=%s", size>>20, folio.name)
 			var f *phaseFixture
-			b.Run(name, func(b *testing.B) {
-				if f == nil {
-					b.StopTimer()
-					f = newPhaseFixture(b, dir, size, folio.small)
-					b.StartTimer()
+			for _, format := range kho.WriteFormats() {
+				// The next sentry reads every format of this build but
+				// the KHO ones newer than format, so that format is the
+				// one written.
+				var peerReads []string
+				for _, r := range Reads() {
+					if !strings.HasPrefix(r, "kho-") || r <= format {
+						peerReads = append(peerReads, r)
+					}
 				}
-				var sum handover.Timing
-				for range b.N {
-					var t handover.Timing
-					f.restartOnce(b, &t)
-					sum.Freeze += t.Freeze
-					sum.Finalize += t.Finalize
-					sum.Map += t.Map
-					sum.Ingest += t.Ingest
-					sum.LUO += t.LUO
-				}
-				n := float64(b.N)
-				ms := func(d time.Duration) float64 { return float64(d) / 1e6 / n }
-				b.ReportMetric(ms(sum.Freeze), "freeze-ms")
-				b.ReportMetric(ms(sum.Finalize), "finalize-ms")
-				b.ReportMetric(ms(sum.Map), "map-ms")
-				b.ReportMetric(ms(sum.Ingest), "ingest-ms")
-				b.ReportMetric(ms(sum.LUO), "luo-ms")
-				b.ReportMetric(float64(sum.Ingest)/n/float64(f.folios), "ingest-ns/folio")
-				b.ReportMetric(float64(sum.LUO)/n/float64(f.folios), "luo-ns/folio")
-			})
+				name := fmt.Sprintf("%dMiB/folio=%s/%s", size>>20, folio.name, format)
+				b.Run(name, func(b *testing.B) {
+					if f == nil {
+						b.StopTimer()
+						f = newPhaseFixture(b, dir, size, folio.small)
+						b.StartTimer()
+					}
+					var sum handover.Timing
+					for range b.N {
+						var t handover.Timing
+						f.restartOnce(b, &t, peerReads)
+						sum.Freeze += t.Freeze
+						sum.Finalize += t.Finalize
+						sum.Map += t.Map
+						sum.Ingest += t.Ingest
+						sum.LUO += t.LUO
+					}
+					n := float64(b.N)
+					ms := func(d time.Duration) float64 { return float64(d) / 1e6 / n }
+					b.ReportMetric(ms(sum.Freeze), "freeze-ms")
+					b.ReportMetric(ms(sum.Finalize), "finalize-ms")
+					b.ReportMetric(ms(sum.Map), "map-ms")
+					b.ReportMetric(ms(sum.Ingest), "ingest-ms")
+					b.ReportMetric(ms(sum.LUO), "luo-ms")
+					b.ReportMetric(float64(sum.Ingest)/n/float64(f.folios), "ingest-ns/folio")
+					b.ReportMetric(float64(sum.LUO)/n/float64(f.folios), "luo-ns/folio")
+					b.ReportMetric(ms(sum.Freeze+sum.Finalize+sum.Map+sum.Ingest+sum.LUO), "phases-ms")
+				})
+			}
 			if f != nil {
 				f.cleanup()
 			}

@@ -27,8 +27,8 @@
 // bitmaps, bit for bit) into bitmap pages listed by a khoser_mem_chunk
 // chain, and rewrites the root as kho-v1. The incoming side (Ingest) reads
 // the format from the root's compatible, validates the root and the map or
-// tree field by field, reads them before the allocator starts, hands every
-// preserved block to pgalloc.MemoryFile.AdoptRuns, and then lets subsystems
+// tree field by field, reads them before the allocator starts, hands the
+// bitmaps to pgalloc.MemoryFile.AdoptBitmaps, and then lets subsystems
 // restore what they preserved (RetrieveSubtree, RestoreFolio, RestorePages,
 // RestoreVmalloc), the same way whichever format crossed; ReleaseUnrestored
 // frees whatever nobody claimed.
@@ -222,10 +222,10 @@ func (k *KHO) setLocked(pfn uint64, order int) error {
 // alignment, order, element count, chain cycles) or every tree node and
 // leaf (bounds, alignment, cycles and shared nodes, key ranges, orders, no
 // node inside a preserved block), copies what it needs out of them, and
-// only then calls mf.AdoptRuns with every preserved block in address order,
-// as runs of consecutive equal-order blocks (so a contiguous preserved area
-// costs nothing per folio). On any error nothing is adopted and the error
-// names the field and the address; the caller may fall back to a cold boot.
+// only then calls mf.AdoptBitmaps with a copy of the bitmaps or leaves, so
+// that adopting costs time in proportion to the map, not to the folios. On
+// any error nothing is adopted and the error names the field and the
+// address; the caller may fall back to a cold boot.
 //
 // The chunk, bitmap and tree pages are not preserved: Adopt makes them
 // stale like every other page that was not preserved. The old root page is
@@ -254,11 +254,11 @@ func Recover(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 }
 
 func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
-	in, runs, err := deserialize(mf, root, crashed)
+	in, set, err := deserialize(mf, root, crashed)
 	if err != nil {
 		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
 	}
-	if err := mf.AdoptRuns(runs); err != nil {
+	if err := mf.AdoptBitmaps(set); err != nil {
 		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
 	}
 	k := &KHO{mf: mf}

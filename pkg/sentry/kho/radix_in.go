@@ -31,7 +31,7 @@ type radixReader struct {
 // block.
 func readRadix(mf *pgalloc.MemoryFile, root uint64, t *memTracker) error {
 	r := &radixReader{mf: mf, pages: mf.Pages(), t: t, nodes: make(map[uint64]struct{})}
-	if err := r.node(root, abikho.RadixTreeMaxDepth-1, 0, abikho.PropPreservedMemoryMap); err != nil {
+	if err := r.node(root, abikho.RadixTreeMaxDepth-1, 0, origin{}); err != nil {
 		return err
 	}
 	for addr := range r.nodes {
@@ -43,6 +43,22 @@ func readRadix(mf *pgalloc.MemoryFile, root uint64, t *memTracker) error {
 		}
 	}
 	return nil
+}
+
+// origin says where a node's address was read: an entry of a table, or
+// the root FDT's preserved-memory-map for the zero origin. It is formatted
+// only when an error names it.
+type origin struct {
+	entry, level int
+	node         uint64
+}
+
+// String implements fmt.Stringer.
+func (o origin) String() string {
+	if o.node == 0 {
+		return abikho.PropPreservedMemoryMap
+	}
+	return fmt.Sprintf("entry %d of level-%d node %#x", o.entry, o.level, o.node)
 }
 
 // keysValid reports whether some key in [lo, lo+n) is the key of a block of
@@ -61,7 +77,7 @@ func (r *radixReader) keysValid(lo, n uint64) bool {
 // node reads the node at addr, at level (RadixTreeMaxDepth-1 for the root,
 // 0 for a leaf), whose keys start at prefix; from says where addr came
 // from, for errors.
-func (r *radixReader) node(addr uint64, level int, prefix uint64, from string) error {
+func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) error {
 	if _, ok := r.nodes[addr]; ok {
 		return fmt.Errorf("radix tree level-%d node at %#x (%s): page already in the tree (a cycle or a shared node): %w", level, addr, from, unix.EINVAL)
 	}
@@ -86,7 +102,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from string) e
 		if !r.keysValid(key, 1<<shift) {
 			return fmt.Errorf("radix tree level-%d node at %#x, entry %d: keys [%#x, +%#x) hold no block of order 0 to %d inside the %d-page memory file: %w", level, addr, i, key, uint64(1)<<shift, pgalloc.MaxOrder, r.pages, unix.EINVAL)
 		}
-		if err := r.node(e, level-1, key, fmt.Sprintf("entry %d of level-%d node %#x", i, level, addr)); err != nil {
+		if err := r.node(e, level-1, key, origin{entry: i, level: level, node: addr}); err != nil {
 			return err
 		}
 	}
@@ -94,7 +110,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from string) e
 }
 
 // leaf loads the leaf in r.page, read from addr, whose first key is key.
-func (r *radixReader) leaf(addr, key uint64, from string) error {
+func (r *radixReader) leaf(addr, key uint64, from origin) error {
 	// node checked that the leaf's keys hold a valid block, so the order
 	// bit is above the leaf's bits and decodes to an order in range.
 	pa, order, ok := abikho.RadixDecodeKey(key)
@@ -103,7 +119,7 @@ func (r *radixReader) leaf(addr, key uint64, from string) error {
 	}
 	start := pa >> abikho.PageShift // pfn of bit 0
 	idx := (start >> order) / abikho.RadixLeafBits
-	b := new(bitmap)
+	b := newBitmap()
 	for w := range b {
 		b[w] = binary.LittleEndian.Uint64(r.page[8*w:])
 	}

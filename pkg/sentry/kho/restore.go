@@ -84,7 +84,7 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 	})
 	if bad != nil {
 		for _, f := range folios {
-			k.in.mem.set(f.PFN, f.Order)
+			k.in.mem.unclear(f.PFN, f.Order)
 		}
 		return nil, bad
 	}
@@ -96,7 +96,7 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 		// not split yet and fail.
 		if err := k.mf.Split(f); err != nil {
 			for _, g := range folios[i:] {
-				k.in.mem.set(g.PFN, g.Order)
+				k.in.mem.unclear(g.PFN, g.Order)
 			}
 			for _, p := range pages {
 				k.mf.DecRef(p)

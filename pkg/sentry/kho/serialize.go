@@ -4,9 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"math"
-	"math/bits"
-	"slices"
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
@@ -239,49 +236,49 @@ func (w *v1Writer) free() {
 
 // deserialize reads and validates the handover at root in mf
 // (kho_populate + kho_mem_deserialize) and returns the incoming state and
-// the preserved blocks in address order, as runs. It changes nothing in mf, and it
-// copies every page it reads before it interprets it. emptyV2 accepts a
-// kho-v2 root without a tree (see Recover).
-func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, []pgalloc.Run, error) {
+// a copy of its bitmaps for pgalloc.MemoryFile.AdoptBitmaps. It changes
+// nothing in mf, and it copies every page it reads before it interprets
+// it. emptyV2 accepts a kho-v2 root without a tree (see Recover).
+func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, pgalloc.Bitmaps, error) {
 	var page [abikho.PageSize]byte
 	if err := readPage(mf, root, page[:]); err != nil {
-		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	tree, err := fdt.Parse(page[:], abikho.PageSize)
 	if err != nil {
-		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	h, _ := fdt.DecodeHeader(page[:])
 	in := &incoming{root: bytes.Clone(page[:h.TotalSize]), tree: tree}
 	compat, err := tree.String(abikho.PropCompatible)
 	if err != nil {
-		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	if compat != abikho.CompatibleV1 && compat != abikho.CompatibleV2 {
-		return nil, nil, fmt.Errorf("root FDT at %#x: compatible %q, but this sentry reads only %q: %w", root, compat, ReadFormats(), unix.EINVAL)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: compatible %q, but this sentry reads only %q: %w", root, compat, ReadFormats(), unix.EINVAL)
 	}
 	in.format = compat
 	memMap, err := tree.U64(abikho.PropPreservedMemoryMap)
 	if err != nil {
-		return nil, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	in.mem = newMemTracker(mf.Pages())
 	if memMap == 0 && emptyV2 && compat == abikho.CompatibleV2 {
 		if len(tree.Children) != 0 {
-			return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (nothing preserved) but the root names %d subtrees: %w", root, abikho.PropPreservedMemoryMap, len(tree.Children), unix.EINVAL)
+			return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %s is 0 (nothing preserved) but the root names %d subtrees: %w", root, abikho.PropPreservedMemoryMap, len(tree.Children), unix.EINVAL)
 		}
 		if root>>abikho.PageShift >= mf.Pages() {
-			return nil, nil, fmt.Errorf("root FDT at %#x: outside the %d-page memory file: %w", root, mf.Pages(), unix.EINVAL)
+			return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: outside the %d-page memory file: %w", root, mf.Pages(), unix.EINVAL)
 		}
 		in.mem.set(root>>abikho.PageShift, 0)
-		return in, in.mem.runs(), nil
+		return in, in.mem.bitmaps(), nil
 	}
 	if memMap == 0 {
 		what := "the map was not finalized"
 		if compat == abikho.CompatibleV2 {
 			what = "no radix tree"
 		}
-		return nil, nil, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
 	}
 	if compat == abikho.CompatibleV1 {
 		err = readMap(mf, memMap, &in.mem)
@@ -289,24 +286,24 @@ func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, 
 		err = readRadix(mf, memMap, &in.mem)
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, pgalloc.Bitmaps{}, err
 	}
 	if !in.mem.test(root>>abikho.PageShift, 0) {
-		return nil, nil, fmt.Errorf("root FDT at %#x: the root page is not preserved as an order-0 block: %w", root, unix.EINVAL)
+		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: the root page is not preserved as an order-0 block: %w", root, unix.EINVAL)
 	}
-	return in, in.mem.runs(), nil
+	return in, in.mem.bitmaps(), nil
 }
 
-// readPage copies the page at the byte address addr of mf into p.
+// readPage copies the page at the byte address addr of mf into p, a page.
+// It reads with pread rather than through the mapping, so that the
+// scattered pages of a map cost no page fault each inside the blackout.
 func readPage(mf *pgalloc.MemoryFile, addr uint64, p []byte) error {
 	if addr == 0 || addr%abikho.PageSize != 0 {
 		return fmt.Errorf("address %#x is not a non-zero, page-aligned address: %w", addr, unix.EINVAL)
 	}
-	b, err := mf.Slice(addr>>abikho.PageShift, 1)
-	if err != nil {
+	if err := mf.ReadPages(addr>>abikho.PageShift, p[:abikho.PageSize]); err != nil {
 		return fmt.Errorf("address %#x: %w", addr, err)
 	}
-	copy(p, b)
 	return nil
 }
 
@@ -355,7 +352,7 @@ func readMap(mf *pgalloc.MemoryFile, memMap uint64, t *memTracker) error {
 			if err := readPage(mf, ptr.Bitmap, bm[:]); err != nil {
 				return fmt.Errorf("map chunk at %#x, bitmap %d: bitmap: %w", addr, i, err)
 			}
-			b := new(bitmap)
+			b := newBitmap()
 			for w := range b {
 				b[w] = binary.LittleEndian.Uint64(bm[8*w:])
 			}
@@ -384,117 +381,4 @@ func firstSetFrom(b *bitmap, from uint64) (uint64, bool) {
 		}
 	}
 	return 0, false
-}
-
-// runs returns every marked block in address order, as runs of
-// consecutive blocks of one order, for pgalloc.MemoryFile.AdoptRuns: a
-// contiguous preserved area becomes one run, so adopting it costs nothing
-// per folio. Each order's bitmaps yield its runs in address order; when more
-// than one order is present, the per-order lists are merged.
-func (t *memTracker) runs() []pgalloc.Run {
-	var lists [][]pgalloc.Run
-	for o := range t.orders {
-		if l := t.appendRuns(nil, o); len(l) > 0 {
-			lists = append(lists, l)
-		}
-	}
-	switch len(lists) {
-	case 0:
-		return nil
-	case 1:
-		return lists[0]
-	}
-	total := 0
-	for _, l := range lists {
-		total += len(l)
-	}
-	out := make([]pgalloc.Run, 0, total)
-	for len(lists) > 0 {
-		m := 0
-		for i := 1; i < len(lists); i++ {
-			if lists[i][0].PFN < lists[m][0].PFN {
-				m = i
-			}
-		}
-		// Copy the part of lists[m] that precedes every other list's head.
-		next := ^uint64(0)
-		for i := range lists {
-			if i != m {
-				next = min(next, lists[i][0].PFN)
-			}
-		}
-		n := 1
-		for n < len(lists[m]) && lists[m][n].PFN < next {
-			n++
-		}
-		out = append(out, lists[m][:n]...)
-		if lists[m] = lists[m][n:]; len(lists[m]) == 0 {
-			lists = append(lists[:m], lists[m+1:]...)
-		}
-	}
-	return out
-}
-
-// appendRuns appends the runs of marked blocks of order o to out. It
-// counts the runs first (a run starts at every set bit whose predecessor is
-// clear) so that out grows once.
-func (t *memTracker) appendRuns(out []pgalloc.Run, o int) []pgalloc.Run {
-	n := 0
-	var carry uint64 // bit 63 of the previous word, if it is adjacent
-	prevIdx := -2
-	for idx, b := range t.orders[o] {
-		if b == nil {
-			continue
-		}
-		if idx != prevIdx+1 {
-			carry = 0
-		}
-		prevIdx = idx
-		for _, word := range b {
-			n += bits.OnesCount64(word &^ (word<<1 | carry))
-			carry = word >> 63
-		}
-	}
-	if n == 0 {
-		return out
-	}
-	out = slices.Grow(out, n)
-	for idx, b := range t.orders[o] {
-		if b == nil {
-			continue
-		}
-		base := uint64(idx) * abikho.PreserveBits
-		for w, word := range b {
-			if word == 0 {
-				continue
-			}
-			first := base + uint64(w)*64
-			i := uint64(0)
-			// Only a run that starts at bit 0 can continue the previous
-			// run (from the previous word or bitmap).
-			if word&1 != 0 {
-				ones := uint64(bits.TrailingZeros64(^word)) // 64 if all ones
-				pfn := first << o
-				if k := len(out); k > 0 && out[k-1].End() == pfn && int(out[k-1].Order) == o && uint64(out[k-1].Count)+ones <= math.MaxUint32 {
-					out[k-1].Count += uint32(ones)
-				} else {
-					out = append(out, pgalloc.Run{PFN: pfn, Count: uint32(ones), Order: uint8(o)})
-				}
-				i = ones
-			}
-			for i < 64 {
-				rest := word >> i
-				if rest == 0 {
-					break
-				}
-				i += uint64(bits.TrailingZeros64(rest))
-				// word>>i has i zero bits on top, so its complement
-				// has a zero below bit 64-i: ones <= 64-i.
-				ones := uint64(bits.TrailingZeros64(^(word >> i)))
-				out = append(out, pgalloc.Run{PFN: (first + i) << o, Count: uint32(ones), Order: uint8(o)})
-				i += ones
-			}
-		}
-	}
-	return out
 }

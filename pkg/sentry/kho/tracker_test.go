@@ -1,78 +1,49 @@
 package kho
 
 import (
-	"math/rand/v2"
-	"slices"
 	"testing"
 
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 )
 
-func TestTrackerRunsAreSortedAcrossOrders(t *testing.T) {
+func TestTrackerBitmapsDoNotChangeWhenBlocksAreTaken(t *testing.T) {
+	tr := newMemTracker(1 << 16)
+	tr.set(1024, 10)
+	tr.set(9, 0)
+	set := tr.bitmaps()
+	// Restoring takes the block in the tracker; pgalloc fills page
+	// metadata from the adopted bitmaps later, so they must keep it.
+	if !tr.clear(9, 0) {
+		t.Fatal("clear(9, 0) found no bit")
+	}
+	if tr.test(9, 0) || tr.clear(9, 0) {
+		t.Fatal("a taken block is still preserved in the tracker")
+	}
+	tr.unclear(9, 0)
+	if !tr.test(9, 0) {
+		t.Fatal("unclear did not give the block back")
+	}
+	if !tr.clear(9, 0) {
+		t.Fatal("clear(9, 0) after unclear found no bit")
+	}
 	for _, tc := range []struct {
-		name   string
-		orders []int
+		name  string
+		order int
+		bit   uint64
+		want  bool
 	}{
-		{"one order comes out in address order", []int{0}},
-		{"two orders are merged", []int{0, 9}},
-		{"every order is merged", []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10}},
+		{"a block taken in the tracker is still in the adopted bitmaps", 0, 9, true},
+		{"an order-10 block is in the adopted bitmaps", 10, 1, true},
+		{"an unset block is not in the adopted bitmaps", 0, 8, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			const pages = 1 << 22
-			rng := rand.New(rand.NewPCG(3, 4))
-			tr := newMemTracker(pages)
-			var want []pgalloc.Block
-			// Non-overlapping blocks: walk the file, each step a block of a
-			// random allowed order at the next aligned pfn, or a gap. Full
-			// 64-bit words of order 0 are included to cover the fast path.
-			for pfn := uint64(1 << 10); pfn < pages-1<<10; {
-				o := tc.orders[rng.IntN(len(tc.orders))]
-				pfn = (pfn + 1<<o - 1) &^ (1<<o - 1)
-				if rng.IntN(3) == 0 {
-					pfn += 1 << o
-					continue
-				}
-				n := 1
-				switch {
-				case o == 0 && rng.IntN(20) == 0:
-					n = 200 // full words
-				case rng.IntN(5) == 0:
-					n = 1 + rng.IntN(70) // runs inside and across words
-				}
-				for i := 0; i < n; i++ {
-					tr.set(pfn, o)
-					want = append(want, pgalloc.Block{PFN: pfn, Order: o})
-					pfn += 1 << o
-				}
-			}
-			var got []pgalloc.Block
-			var prevEnd uint64
-			for _, r := range tr.runs() {
-				if r.PFN < prevEnd || r.Count == 0 {
-					t.Fatalf("run %+v is empty or not after the previous one", r)
-				}
-				if r.PFN == prevEnd && len(got) > 0 && got[len(got)-1].Order == int(r.Order) {
-					t.Fatalf("run %+v could have been merged with the previous one", r)
-				}
-				for i := uint64(0); i < uint64(r.Count); i++ {
-					got = append(got, pgalloc.Block{PFN: r.PFN + i<<r.Order, Order: int(r.Order)})
-				}
-				prevEnd = r.End()
-			}
-			if !slices.Equal(got, want) {
-				t.Fatalf("runs() cover %d blocks, want %d (first difference at %d)", len(got), len(want), firstDiff(got, want))
+			b := set[tc.order][tc.bit/pgalloc.BitmapBits]
+			got := b != nil && b[tc.bit%pgalloc.BitmapBits/64]&(1<<(tc.bit%64)) != 0
+			if got != tc.want {
+				t.Errorf("bit %d of order %d in the adopted bitmaps: %v, want %v", tc.bit, tc.order, got, tc.want)
 			}
 		})
 	}
-}
-
-func firstDiff(a, b []pgalloc.Block) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 func TestTrackerHeadOrder(t *testing.T) {
@@ -100,4 +71,64 @@ func TestTrackerHeadOrder(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestIngestTakesItsBitmapsFromThePreparedPool(t *testing.T) {
+	forEachFormat(t, func(t *testing.T, format string) {
+		mf := newFile(t, 1<<30)
+		k, err := New(mf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Order-0 folios in two 128 MiB stretches (two leaves) and one
+		// order-9 folio (a third).
+		for _, pfn := range []uint64{2048, 2049, 40000, 40002} {
+			if err := k.PreserveFolio(pgalloc.Folio{PFN: pfn}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := k.PreserveFolio(pgalloc.Folio{PFN: 4096, Order: pgalloc.HugeOrder}); err != nil {
+			t.Fatal(err)
+		}
+		if err := k.FinalizeFormat(format); err != nil {
+			t.Fatal(err)
+		}
+		PrepareIngest(mf.Size())
+		pool.mu.Lock()
+		before := len(pool.pages)
+		slab := pool.pages
+		pool.mu.Unlock()
+		mf2 := reopen(t, mf)
+		k2, err := Ingest(mf2, k.RootAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool.mu.Lock()
+		used := before - len(pool.pages)
+		pool.mu.Unlock()
+		// Three preserved bitmaps (the root page shares the first) and one
+		// taken bitmap, for the root page Ingest restores.
+		if used != 4 {
+			t.Fatalf("Ingest took %d bitmaps from the pool of %d, want 4", used, before)
+		}
+		inSlab := func(b *bitmap) bool {
+			for i := range slab[:used] {
+				if b == &slab[i] {
+					return true
+				}
+			}
+			return false
+		}
+		k2.mu.Lock()
+		b0, b9 := k2.in.mem.orders[0][0], k2.in.mem.orders[pgalloc.HugeOrder][0]
+		k2.mu.Unlock()
+		if !inSlab(b0) || !inSlab(b9) {
+			t.Fatal("the incoming bitmaps are not the pool's pages")
+		}
+		for _, f := range []pgalloc.Folio{{PFN: 2048}, {PFN: 2049}, {PFN: 40000}, {PFN: 40002}, {PFN: 4096, Order: pgalloc.HugeOrder}} {
+			if got, err := k2.RestoreFolio(f.Addr()); err != nil || got != f {
+				t.Fatalf("RestoreFolio(%#x) = %v, %v; want %v", f.Addr(), got, err, f)
+			}
+		}
+	})
 }

@@ -331,7 +331,7 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 	}
 	if err != nil {
 		for _, f := range append(blocks, chunks...) {
-			mem.set(f.PFN, f.Order)
+			mem.unclear(f.PFN, f.Order)
 		}
 		return nil, fmt.Errorf("kho: restoring vmalloc: %w", err)
 	}

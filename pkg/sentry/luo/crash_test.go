@@ -61,6 +61,7 @@ func recoverFrom(tb testing.TB, file *os.File, root uint64) *sentry {
 		tb.Fatalf("Deserialize: %v", err)
 	}
 	mf.ResumeReleases()
+	n.l.ReleaseIncomingRecords()
 	return n
 }
 

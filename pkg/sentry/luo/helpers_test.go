@@ -154,8 +154,9 @@ func (s *sentry) handoverAfter(tb testing.TB, between func()) (*sentry, error) {
 		return nil, err
 	}
 	// The handover is accepted: this sentry may scrub what the previous
-	// one did not preserve.
+	// one did not preserve, and free the blocks of the records it read.
 	mf.ResumeReleases()
+	n.l.ReleaseIncomingRecords()
 	return n, nil
 }
 

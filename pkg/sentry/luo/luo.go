@@ -47,6 +47,7 @@ import (
 	"sync/atomic"
 
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"github.com/livesentry/livesentry/pkg/sentry/vfs"
 	"golang.org/x/sys/unix"
@@ -158,6 +159,12 @@ type LUO struct {
 	//
 	// +checklocks:mu
 	deserialized bool
+	// incomingRecords are the blocks the previous sentry's records were
+	// read from, restored by Deserialize and freed by
+	// ReleaseIncomingRecords, after the restart's blackout.
+	//
+	// +checklocks:mu
+	incomingRecords []pgalloc.Folio
 	// serialized holds what a successful Serialize wrote, until Abort.
 	//
 	// +checklocks:mu

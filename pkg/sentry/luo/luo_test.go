@@ -11,6 +11,7 @@ import (
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	abimemfd "github.com/livesentry/livesentry/pkg/abi/memfd"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"github.com/livesentry/livesentry/pkg/sentry/memfd"
 	"golang.org/x/sys/unix"
@@ -503,4 +504,56 @@ func TestTheSessionLimitIsCheckedBeforeTheName(t *testing.T) {
 	}
 	_, err := sessionIoctl(s, dev, abiluo.IoctlCreateSession, "s0")
 	wantErrno(t, "CREATE_SESSION of an existing name with the outgoing list full", err, unix.ENOMEM)
+}
+
+func TestDeserializeKeepsTheRecordBlocksUntilTheyAreReleased(t *testing.T) {
+	s := coldBoot(t)
+	dev, _ := s.openDevice(t)
+	sfd := s.createSession(t, dev, "kept")
+	fd := s.memfdWith(t, make([]byte, 1<<20))
+	if err := s.preserveFD(sfd, fd, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.l.Serialize(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.k.Finalize(); err != nil {
+		t.Fatal(err)
+	}
+	file, err := s.mf.DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mf, err := pgalloc.Open(file, pgalloc.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mf.Close()
+	k, err := kho.Ingest(mf, s.k.RootAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := luo.New(k)
+	if err := l.RegisterFileHandler(memfd.NewLUOHandler(mf, k)); err != nil {
+		t.Fatal(err)
+	}
+	before := mf.Stats().AllocatedPages
+	if err := l.Deserialize(); err != nil {
+		t.Fatal(err)
+	}
+	// Deserialize restores the record blocks but frees none: freeing
+	// would build page metadata inside the blackout.
+	if got := mf.Stats().AllocatedPages; got != before {
+		t.Fatalf("Deserialize changed the allocated pages from %d to %d", before, got)
+	}
+	l.ReleaseIncomingRecords()
+	released := mf.Stats().AllocatedPages
+	// The LUO FDT, the session header and the file records at least.
+	if released+3 > before {
+		t.Fatalf("ReleaseIncomingRecords freed %d pages of %d, want the record blocks (at least 3)", before-released, before)
+	}
+	l.ReleaseIncomingRecords()
+	if got := mf.Stats().AllocatedPages; got != released {
+		t.Fatalf("a second ReleaseIncomingRecords freed %d more pages", released-got)
+	}
 }

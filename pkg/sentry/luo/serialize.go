@@ -294,6 +294,13 @@ func (l *LUO) Abort() {
 // session name or token, or any address KHO does not know is an error that
 // names it, and the caller must refuse the handover. Without a "LUO"
 // subtree there is nothing to deserialize. It runs once.
+//
+// The blocks that held the records are copied and restored, but not freed:
+// freeing the first folio of a GiB of the memory file makes the allocator
+// build that GiB's page metadata, which does not belong inside a restart's
+// blackout. The caller frees them with ReleaseIncomingRecords once the
+// handover is committed (if it is refused, the file goes back to the
+// previous sentry untouched).
 func (l *LUO) Deserialize() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -309,14 +316,32 @@ func (l *LUO) Deserialize() error {
 		return fmt.Errorf("retrieving KHO subtree %q: %w", abiluo.FDTName, err)
 	}
 	in := &incomingState{luo: l}
-	defer in.free()
 	sessions, num, err := in.read(addr)
 	if err != nil {
+		in.free()
 		return fmt.Errorf("deserializing LUO: %w", err)
 	}
 	l.incoming = sessions
 	l.liveupdateNum = num
+	l.incomingRecords = in.blocks
 	return nil
+}
+
+// ReleaseIncomingRecords frees the blocks Deserialize read the previous
+// sentry's records from. It does nothing if there are none (a cold boot,
+// or a second call).
+func (l *LUO) ReleaseIncomingRecords() {
+	l.mu.Lock()
+	blocks := l.incomingRecords
+	l.incomingRecords = nil
+	l.mu.Unlock()
+	if len(blocks) == 0 {
+		return
+	}
+	mf := l.kho.MemoryFile()
+	for _, fo := range blocks {
+		mf.DecRef(fo)
+	}
 }
 
 // incomingState reads the previous sentry's records and frees the blocks
