@@ -39,6 +39,7 @@ import (
 
 	"github.com/livesentry/livesentry/pkg/guest"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/runsc-luo/container"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 	"golang.org/x/sys/unix"
 )
@@ -309,11 +310,14 @@ func (s *soakRun) state() (*sandbox.State, error) {
 	if err != nil {
 		return nil, err
 	}
-	var st sandbox.State
+	var st container.OCIState
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		return nil, fmt.Errorf("state: %w", err)
 	}
-	return &st, nil
+	if st.Livesentry == nil || st.Livesentry.State == nil {
+		return nil, fmt.Errorf("state: no livesentry part in %s", out)
+	}
+	return st.Livesentry.State, nil
 }
 
 // await waits until the guest of generation gen has printed each of

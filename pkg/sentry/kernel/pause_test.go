@@ -42,22 +42,6 @@ func rawResult(t *testing.T, c net.Conn) abiguest.ResponseHeader {
 	return h
 }
 
-// stuckCall leaves a guest inside a write call: its header promises a
-// payload it never finishes sending.
-func stuckCall(t *testing.T, s *sandbox) net.Conn {
-	t.Helper()
-	c := rawConn(t, s, true)
-	rawRequest(t, c, abiguest.OpMemfdCreate, 2, []byte("x\x00"), 0)
-	h := rawResult(t, c)
-	if h.Errno != 0 {
-		t.Fatalf("memfd_create: errno %d", h.Errno)
-	}
-	waitActive(t, s, 0)
-	rawRequest(t, c, abiguest.OpWrite, 1<<20, make([]byte, 4096), uint64(h.Result))
-	waitActive(t, s, 1)
-	return c
-}
-
 // busyCall is a call in progress that no pause can interrupt (one busy in
 // the sentry rather than waiting for its guest); calling the function
 // returned ends it.
