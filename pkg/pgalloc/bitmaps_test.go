@@ -177,7 +177,7 @@ func TestAdoptBuildsNoStaleListUntilReleasesResume(t *testing.T) {
 	}
 }
 
-func TestAnAdoptedSectionIsFilledAChunkAtATime(t *testing.T) {
+func TestAnAdoptedSectionIsFilledAChunkAtATimeOrAllAtOnce(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		adopt func(g *MemoryFile, blocks []Block) error
@@ -226,6 +226,15 @@ func TestAnAdoptedSectionIsFilledAChunkAtATime(t *testing.T) {
 			}
 			if n := unfilled(); n != sectionPages>>chunkShift-4 {
 				t.Fatalf("after Lookups in 4 chunks %d are unfilled, want all but 4", n)
+			}
+			// FillMetadata builds every chunk of the file's pages, and
+			// the answers stay the same.
+			g.FillMetadata()
+			if n, inFile := unfilled(), int(g.Pages()>>chunkShift); n != sectionPages>>chunkShift-inFile {
+				t.Fatalf("after FillMetadata %d chunks are unfilled, want only the %d beyond the file's %d", n, sectionPages>>chunkShift-inFile, inFile)
+			}
+			if fo, refs, ok := g.Lookup(4610); !ok || fo != (Folio{PFN: 4610}) || refs != 1 {
+				t.Fatalf("Lookup(4610) after FillMetadata = %v, %d, %v", fo, refs, ok)
 			}
 		})
 	}

@@ -492,6 +492,27 @@ func (f *MemoryFile) pageInfoLocked(pfn uint64, alloc bool) *pageInfo {
 	return &s.info[off]
 }
 
+// FillMetadata builds the page metadata of every adopted page whose chunk
+// has not been built yet, one chunk per hold of the lock, so that calls
+// running meanwhile wait for one chunk at most. A live-update boot runs it
+// in the background once the blackout is over: the first guest calls then
+// find the metadata of their folios ready instead of building it.
+func (f *MemoryFile) FillMetadata() {
+	f.mu.Lock()
+	n := uint64(len(f.sections))
+	f.mu.Unlock()
+	for i := range n {
+		for c := uint64(0); c < sectionPages>>chunkShift; c++ {
+			pfn := i<<sectionShift + c<<chunkShift
+			f.mu.Lock()
+			if pfn < f.pages && f.set != nil && f.setSections[i] {
+				f.pageInfoLocked(pfn, false)
+			}
+			f.mu.Unlock()
+		}
+	}
+}
+
 // Allocate returns a new folio of 2^order zeroed pages holding one
 // reference. It fails with ENOMEM when no naturally aligned free block of
 // that order is left, and with EINVAL for an order outside [0, MaxOrder] or

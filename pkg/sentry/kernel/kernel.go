@@ -257,13 +257,17 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 // preserve may now be scrubbed in the background, and the blocks of LUO's
 // incoming records are freed, in the background too: freeing them builds
 // page metadata (luo.LUO.Deserialize), which must not delay the end of the
-// blackout. Shutdown waits for it.
+// blackout. The page metadata of every adopted folio is built after
+// them, also in the background. Shutdown waits for both.
 func (k *Kernel) Commit() {
 	k.mf.ResumeReleases()
 	k.background.Add(1)
 	go func() {
 		defer k.background.Done()
 		k.luo.ReleaseIncomingRecords()
+		// The page metadata of the adopted folios, before the relaunched
+		// guests retrieve and map them.
+		k.mf.FillMetadata()
 	}()
 }
 
