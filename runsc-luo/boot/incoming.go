@@ -115,7 +115,8 @@ func keepOldRoot(k *kernel.Kernel, root uint64, old []byte) []byte {
 func (in *incoming) Commit(*handover.Descriptor) error {
 	s := in.s
 	if !s.isRegistered() {
-		s.register()
+		// The state file is written by Serving, after the blackout.
+		s.register(false)
 	}
 	if in.ownRoot != nil {
 		page, err := s.k.MemoryFile().Slice(s.k.KHO().RootAddr()/pgalloc.PageSize, 1)
@@ -152,7 +153,7 @@ func (in *incoming) Serving(t handover.Timing) {
 	}
 	s.mu.Unlock()
 	if !s.isRegistered() {
-		s.register()
+		s.register(true)
 	} else if err := s.writeState(""); err != nil {
 		log.Warningf("%v", err)
 	}

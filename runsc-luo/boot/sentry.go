@@ -183,7 +183,7 @@ func (s *Sentry) Run() error {
 		return err
 	}
 	if !s.isRegistered() {
-		s.register()
+		s.register(true)
 	}
 	if st := s.stopAsked(); st != nil {
 		// A kill during the restart this sentry came out of.

@@ -20,12 +20,22 @@ import (
 // before it tells the old one it serves, so that the old one's exit is
 // never taken for a crash. Without a supervisor (a
 // sandbox started by an older build, or one whose supervisor died) a crash
-// of this sentry loses the sandbox; the state file says so.
-func (s *Sentry) register() {
+// of this sentry loses the sandbox; the state file says so. With
+// writeState, the state file records the outcome at once; a restart's
+// Commit leaves that to Serving, after the blackout.
+func (s *Sentry) register(writeState bool) {
+	set := func(v bool) {
+		s.markSupervised(v)
+		if writeState {
+			if err := s.writeState(""); err != nil {
+				log.Warningf("%v", err)
+			}
+		}
+	}
 	c := &s.cfg
 	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sandbox.SupervisorPath(c.Root, c.ID), Net: "unix"})
 	if err != nil {
-		s.setSupervised(false)
+		set(false)
 		if !errors.Is(err, os.ErrNotExist) {
 			log.Warningf("no supervisor: %v", err)
 		}
@@ -34,18 +44,18 @@ func (s *Sentry) register() {
 	f, err := conn.File()
 	conn.Close()
 	if err != nil {
-		s.setSupervised(false)
+		set(false)
 		return
 	}
 	ch, err := handover.NewChannel(f)
 	if err != nil {
-		s.setSupervised(false)
+		set(false)
 		return
 	}
 	mem, err := s.k.MemoryFile().DupFile()
 	if err != nil {
 		ch.Close()
-		s.setSupervised(false)
+		set(false)
 		return
 	}
 	defer mem.Close()
@@ -63,7 +73,7 @@ func (s *Sentry) register() {
 	}
 	if err != nil {
 		ch.Close()
-		s.setSupervised(false)
+		set(false)
 		log.Warningf("registering with the supervisor: %v", err)
 		return
 	}
@@ -77,7 +87,7 @@ func (s *Sentry) register() {
 	s.superMu.Lock()
 	s.superCh = ch
 	s.superMu.Unlock()
-	s.setSupervised(true)
+	set(true)
 	go func() {
 		var none struct{}
 		ch.Recv(&none)
@@ -105,6 +115,14 @@ func (s *Sentry) notifySupervisor(n *supervisor.Notice) {
 	}
 }
 
+// markSupervised records whether this sentry is registered with a
+// supervisor, without writing the state file.
+func (s *Sentry) markSupervised(v bool) {
+	s.mu.Lock()
+	s.supervised, s.registered = v, true
+	s.mu.Unlock()
+}
+
 // stopAsked returns the stop the supervisor passed on at registration
 // (one asked for during the restart this sentry came out of), if any.
 func (s *Sentry) stopAsked() *supervisor.StopRequest {
@@ -114,9 +132,7 @@ func (s *Sentry) stopAsked() *supervisor.StopRequest {
 }
 
 func (s *Sentry) setSupervised(v bool) {
-	s.mu.Lock()
-	s.supervised, s.registered = v, true
-	s.mu.Unlock()
+	s.markSupervised(v)
 	if err := s.writeState(""); err != nil {
 		log.Warningf("%v", err)
 	}
