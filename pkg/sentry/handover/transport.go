@@ -73,45 +73,53 @@ func (c *Channel) Send(msg any, files ...*os.File) error {
 	if len(b) > maxMessage || len(files) > maxFiles {
 		return fmt.Errorf("%T: %d bytes and %d files exceed the limits (%d, %d)", msg, len(b), len(files), maxMessage, maxFiles)
 	}
-	var hdr [8]byte
-	binary.LittleEndian.PutUint32(hdr[0:], uint32(len(b)))
-	binary.LittleEndian.PutUint32(hdr[4:], uint32(len(files)))
-	var oob []byte
-	if len(files) > 0 {
-		// The fds are read through SyscallConn, not Fd: Fd would put
-		// each file's open file description, which other dups (a
-		// listener serving on it) share, into blocking mode.
-		fds := make([]int, len(files))
-		conns := make([]syscall.RawConn, len(files))
-		for i, f := range files {
-			rc, err := f.SyscallConn()
-			if err != nil {
-				return fmt.Errorf("sending %T: file %d: %w", msg, i, err)
-			}
-			conns[i] = rc
+	// The header and the body go in one sendmsg, the files with them:
+	// the receiver wakes once, with the whole message in its buffer.
+	buf := make([]byte, 8+len(b))
+	binary.LittleEndian.PutUint32(buf[0:], uint32(len(b)))
+	binary.LittleEndian.PutUint32(buf[4:], uint32(len(files)))
+	copy(buf[8:], b)
+	write := func(oob []byte) error {
+		n, _, err := c.conn.WriteMsgUnix(buf, oob, nil)
+		if err == nil && n < len(buf) {
+			// A stream socket may take part of a large message.
+			_, err = c.conn.Write(buf[n:])
 		}
-		var send func(i int) error
-		send = func(i int) error {
-			if i == len(conns) {
-				_, _, err := c.conn.WriteMsgUnix(hdr[:], unix.UnixRights(fds...), nil)
-				return err
-			}
-			var inner error
-			if err := conns[i].Control(func(fd uintptr) {
-				fds[i] = int(fd)
-				inner = send(i + 1)
-			}); err != nil {
-				return err
-			}
-			return inner
-		}
-		if err := send(0); err != nil {
+		return err
+	}
+	if len(files) == 0 {
+		if err := write(nil); err != nil {
 			return fmt.Errorf("sending %T: %w", msg, err)
 		}
-	} else if _, _, err := c.conn.WriteMsgUnix(hdr[:], oob, nil); err != nil {
-		return fmt.Errorf("sending %T: %w", msg, err)
+		return nil
 	}
-	if _, err := c.conn.Write(b); err != nil {
+	// The fds are read through SyscallConn, not Fd: Fd would put each
+	// file's open file description, which other dups (a listener serving
+	// on it) share, into blocking mode.
+	fds := make([]int, len(files))
+	conns := make([]syscall.RawConn, len(files))
+	for i, f := range files {
+		rc, err := f.SyscallConn()
+		if err != nil {
+			return fmt.Errorf("sending %T: file %d: %w", msg, i, err)
+		}
+		conns[i] = rc
+	}
+	var send func(i int) error
+	send = func(i int) error {
+		if i == len(conns) {
+			return write(unix.UnixRights(fds...))
+		}
+		var inner error
+		if err := conns[i].Control(func(fd uintptr) {
+			fds[i] = int(fd)
+			inner = send(i + 1)
+		}); err != nil {
+			return err
+		}
+		return inner
+	}
+	if err := send(0); err != nil {
 		return fmt.Errorf("sending %T: %w", msg, err)
 	}
 	return nil
@@ -176,6 +184,7 @@ func (c *Channel) AwaitCommit(oldPID int) error {
 		return fmt.Errorf("waiting for the old sentry's commit: %w", err)
 	}
 	var m Commit
+	c.Spin()
 	files, err := c.Recv(&m)
 	for _, f := range files {
 		f.Close()
@@ -220,4 +229,34 @@ func parseRights(oob []byte) ([]*os.File, error) {
 		return nil, errors.Join(errs...)
 	}
 	return files, nil
+}
+
+// spinWait bounds how long a side of the handshake polls for the other's
+// next message before it blocks (see Spin).
+const spinWait = 20 * time.Millisecond
+
+// Spin polls the channel until a message (or its end) is there to read,
+// for at most spinWait, yielding the CPU between polls; then the Recv
+// that follows does not block. Inside the blackout each side waits for
+// the other in turn, for a millisecond or less: a process that blocked
+// would wait again for its CPU to be woken, which in a VM costs as much
+// as the step itself. On a single CPU, the yield hands it to the peer.
+func (c *Channel) Spin() {
+	rc, err := c.conn.SyscallConn()
+	if err != nil {
+		return
+	}
+	var b [1]byte
+	deadline := time.Now().Add(spinWait)
+	for {
+		ready := false
+		rc.Control(func(fd uintptr) {
+			n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			ready = n > 0 || err == nil || (err != unix.EAGAIN && err != unix.EINTR)
+		})
+		if ready || time.Now().After(deadline) {
+			return
+		}
+		unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+	}
 }
