@@ -24,6 +24,11 @@ type radixReader struct {
 	// nodes is every node page visited, by address.
 	nodes map[uint64]struct{}
 	page  [abikho.PageSize]byte
+	// tables holds each level's table while the levels below it are
+	// read: on the heap, not in node's frame, whose 4 KiB a level would
+	// grow (copy) the goroutine's stack several times inside the
+	// blackout.
+	tables [abikho.RadixTreeMaxDepth][abikho.RadixTableEntries]uint64
 }
 
 // readRadix loads every block of the tree rooted at the byte address root
@@ -89,7 +94,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 		return r.leaf(addr, prefix, from)
 	}
 	// Copy the table: r.page is reused by the levels below.
-	var table [abikho.RadixTableEntries]uint64
+	table := &r.tables[level]
 	for i := range table {
 		table[i] = abikho.RadixNodeEntry(r.page[:], i)
 	}
