@@ -172,12 +172,20 @@ func NewFromHandover(file *os.File, root uint64, opts Options, t *handover.Timin
 // pgalloc.DefaultSize): it faults in the memory KHO's Ingest will hold the
 // map in (kho.PrepareIngest), so that the blackout pays no page fault for
 // it. A new sentry calls it before it says it is ready; a larger file
-// still boots, with the rest of its map in fresh memory.
-func PrepareIncoming(memorySize uint64) {
+// still boots, with the rest of its map in fresh memory. It then
+// rehearses the boot on a small state of its own (see rehearse); an error
+// of the rehearsal costs only the blackout time it was to save.
+func PrepareIncoming(memorySize uint64) error {
 	if memorySize == 0 {
 		memorySize = pgalloc.DefaultSize
 	}
+	// The rehearsal first: it takes pages from the pool it finds.
+	err := rehearse()
 	kho.PrepareIngest(memorySize)
+	if err != nil {
+		return fmt.Errorf("rehearsing a live-update boot: %w", err)
+	}
+	return nil
 }
 
 // bootFrom maps file, reads KHO at root with ingest (which adopts the

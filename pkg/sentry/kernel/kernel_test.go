@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -415,5 +416,26 @@ func TestPauseHoldsCallsUntilResume(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the call did not run after Resume")
+	}
+}
+
+func TestPrepareIncomingRehearsesABootAndLeavesNothing(t *testing.T) {
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := fds()
+	if err := PrepareIncoming(64 << 20); err != nil {
+		t.Fatal(err)
+	}
+	// Twice: the rehearsal's kernel is gone, nothing of it is reused.
+	if err := rehearse(); err != nil {
+		t.Fatal(err)
+	}
+	if after := fds(); after != before {
+		t.Errorf("%d fds open after two rehearsals, %d before: a memory file is left open", after, before)
 	}
 }
