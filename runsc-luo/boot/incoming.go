@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/pgalloc"
@@ -21,6 +23,9 @@ type incoming struct {
 	opts Options
 	// s is the sentry Boot built.
 	s *Sentry
+	// standby is the connection to the supervisor this sentry stood by
+	// on before Ready, nil without one.
+	standby *handover.Channel
 	// ownRoot is what this sentry's KHO wrote into the root page it
 	// reuses (its outgoing root), while the page holds the old root
 	// again, from Boot until Commit (see keepOldRoot).
@@ -73,6 +78,7 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	}
 	s := newSentry(cfg, in.opts)
 	s.k, s.guestFile, s.controlFile = k, files[1], files[2]
+	s.standby, in.standby = in.standby, nil
 	if d.Mode == handover.ModeTransfer {
 		// Their identity is taken now, while the old sentry holds them.
 		s.waitFor, s.waitFrom = d.OldGuests, d.PID
@@ -114,7 +120,11 @@ func keepOldRoot(k *kernel.Kernel, root uint64, old []byte) []byte {
 // old sentry's state.
 func (in *incoming) Commit(*handover.Descriptor) error {
 	s := in.s
-	if !s.isRegistered() {
+	switch {
+	case s.standby != nil:
+		s.promote(s.standby)
+		s.standby = nil
+	case !s.isRegistered():
 		// The state file is written by Serving, after the blackout.
 		s.register(false)
 	}
@@ -163,6 +173,9 @@ func (in *incoming) Serving(t handover.Timing) {
 // contents (releases are still held) and closes this process's copies of
 // the sockets, which stay the old sentry's.
 func (in *incoming) Discard() {
+	if in.s.standby != nil {
+		in.s.standby.Close()
+	}
 	in.s.k.MemoryFile().Close()
 	in.s.guestFile.Close()
 	in.s.controlFile.Close()
@@ -204,14 +217,33 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		}
 		// Before Ready: what the boot needs that does not depend on the
 		// handover is faulted in outside the blackout.
-		kernel.PrepareIncoming(0)
+		catchSignals()
+		if err := kernel.PrepareIncoming(0); err != nil {
+			log.Warningf("%v", err)
+		}
+		in.standby = standby(opts.Version)
+		// No collection inside the blackout: the boot allocates a few
+		// MiB, which would start one (its marking takes a CPU of two
+		// for milliseconds).
+		runtime.GC()
+		gcPercent := debug.SetGCPercent(-1)
+		growStack()
 		d, t, err := handover.Accept(ch, in, hopts)
+		debug.SetGCPercent(gcPercent)
+		if in.standby != nil {
+			// Boot did not take it: the handover failed before.
+			in.standby.Close()
+		}
 		if err != nil {
 			return nil, err
 		}
 		log.Infof("sandbox %s: live-update boot (transfer mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Version, t.LiveupdateNumber, t.Blackout)
 		return in.s, nil
 	}
+	// The blackout is on already: beside the boot, not before it.
+	go catchSignals()
+	gcPercent := debug.SetGCPercent(-1)
+	defer debug.SetGCPercent(gcPercent)
 	d, files, ok, err := handover.DecodeEnv(reads)
 	if !ok {
 		return nil, errors.New("no handover: neither a handover fd nor an exec-mode descriptor in the environment")
@@ -261,4 +293,24 @@ func failExec(d *handover.Descriptor, err error) {
 	}
 	os.Remove(sandbox.GuestPath(cfg.Root, cfg.ID))
 	os.Remove(sandbox.ControlPath(cfg.Root, cfg.ID))
+}
+
+// growStack grows this goroutine's stack to hold the boot: a goroutine
+// starts with a few KiB, and each time a call needs more the runtime
+// copies the whole stack into a new one twice as large, with a page fault
+// per new page. With the collector off (which alone shrinks stacks) the
+// stack stays grown for the blackout.
+//
+//go:noinline
+func growStack() byte {
+	var b [128 << 10]byte
+	return touchStack(b[:])
+}
+
+//go:noinline
+func touchStack(b []byte) byte {
+	for i := 0; i < len(b); i += 4096 {
+		b[i] = byte(i)
+	}
+	return b[len(b)-1]
 }

@@ -27,6 +27,8 @@ type outgoing struct {
 	// mem is the dup of the memory file handed over, between Prepare and
 	// Abort or Handoff.
 	mem *os.File
+	// peer is the new sentry's pid (transfer mode).
+	peer int
 }
 
 var _ handover.Source = (*outgoing)(nil)
@@ -104,8 +106,19 @@ func (o *outgoing) Handoff() {
 	o.s.mu.Lock()
 	o.s.handedOver = true
 	o.s.mu.Unlock()
+	if o.peer > 0 {
+		// Before this sentry's end: the supervisor then waits for the
+		// new one's registration, already on its way.
+		o.s.notifySupervisor(&supervisor.Notice{HandedOff: o.peer})
+	}
+	if o.mode == handover.ModeTransfer {
+		// Killed once the new sentry serves (restartTransfer).
+		o.s.stopGuests()
+	}
 	o.s.k.Handoff()
-	o.s.killGuests()
+	if o.mode != handover.ModeTransfer {
+		o.s.killGuests()
+	}
 	o.closeMem()
 }
 
@@ -186,8 +199,12 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	defer logf.Close()
 	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3")...)
 	cmd.ExtraFiles = []*os.File{peer}
+	cmd.Env = os.Environ()
 	if crash != nil {
-		cmd.Env = append(os.Environ(), crash.env())
+		cmd.Env = append(cmd.Env, crash.env())
+	}
+	if s.isSupervised() {
+		cmd.Env = append(cmd.Env, envSupervisor+"="+sandbox.SupervisorPath(s.cfg.Root, s.cfg.ID))
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -202,7 +219,7 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	}
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
-	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer}, handover.Options{
+	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer, peer: cmd.Process.Pid}, handover.Options{
 		Version:  s.opts.Version,
 		Deadline: time.Now().Add(timeout),
 		StopPeer: func() {
@@ -216,6 +233,11 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 			return nil
 		}),
 	})
+	if s.isHandedOver() {
+		// Stopped at the handoff; the new sentry relaunches the
+		// entrypoint once they are gone.
+		s.killGuests()
+	}
 	if err != nil {
 		return t, fmt.Errorf("new sentry %s: %w", binary, err)
 	}

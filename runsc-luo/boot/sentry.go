@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
@@ -124,6 +125,14 @@ type Sentry struct {
 	// +checklocks:mu
 	supervisorStop *supervisor.StopRequest
 
+	// standby is the connection on which this sentry, the new one of a
+	// transfer-mode restart, stood by with the supervisor (until Commit
+	// promotes it); answered is closed once the supervisor has answered
+	// the promotion (nil if none is due). Both belong to the restart's
+	// goroutine, then to Run.
+	standby  *handover.Channel
+	answered chan struct{}
+
 	// superMu serializes the notices to the supervisor.
 	superMu sync.Mutex
 	// superCh is the connection to the supervisor, nil without one.
@@ -145,6 +154,7 @@ func newSentry(cfg sandbox.Config, opts Options) *Sentry {
 // Every fd the process inherited without FD_CLOEXEC is closed first: the
 // caller marks the fds it keeps close-on-exec before.
 func New(cfg sandbox.Config, opts Options) (*Sentry, error) {
+	catchSignals()
 	if n := closeInherited(); n > 0 {
 		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
 	}
@@ -185,6 +195,8 @@ func (s *Sentry) Run() error {
 	if !s.isRegistered() {
 		s.register(true)
 	}
+	// A stop asked for during the restart comes with the answer.
+	s.awaitSupervisor()
 	if st := s.stopAsked(); st != nil {
 		// A kill during the restart this sentry came out of.
 		log.Infof("the supervisor passed on a stop asked for during the restart: %s", st.Reason)
@@ -232,14 +244,38 @@ func (s *Sentry) serve() error {
 	if err := s.startAccepting(); err != nil {
 		return err
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT)
-	go func() {
-		for sig := range sigs {
-			s.Stop(128+int(unix.SIGKILL), fmt.Sprintf("sentry killed by %v", sig))
-		}
-	}()
+	catchSignals()
+	signalled.Store(s)
 	return nil
+}
+
+var (
+	catchOnce sync.Once
+	// signalled is the sentry SIGTERM and SIGINT stop, once it serves.
+	signalled atomic.Pointer[Sentry]
+)
+
+// catchSignals makes SIGTERM and SIGINT stop the serving sentry; before
+// one serves, they end the process as their default action would. It is
+// called before a sentry boots, because the first signal.Notify of a
+// process takes a millisecond or more, which the end of a restart's
+// blackout should not pay.
+func catchSignals() {
+	catchOnce.Do(func() {
+		sigs := make(chan os.Signal, 1)
+		signal.Notify(sigs, unix.SIGTERM, unix.SIGINT)
+		go func() {
+			for sig := range sigs {
+				s := signalled.Load()
+				if s == nil {
+					signal.Reset(sig)
+					unix.Kill(os.Getpid(), sig.(unix.Signal))
+					continue
+				}
+				s.Stop(128+int(unix.SIGKILL), fmt.Sprintf("sentry killed by %v", sig))
+			}
+		}()
+	})
 }
 
 // writeState writes the state file for a running sandbox, unless the

@@ -61,15 +61,11 @@ func (s *Sentry) register(writeState bool) {
 	defer mem.Close()
 	reg := supervisor.Register{PID: os.Getpid(), Root: s.k.KHO().RootAddr(), MemorySize: s.k.MemoryFile().Size(),
 		LiveupdateNumber: s.k.LUO().LiveupdateNumber(), Version: s.opts.Version}
-	ch.SetDeadline(time.Now().Add(5 * time.Second))
+	ch.SetDeadline(time.Now().Add(superTimeout))
 	var ok supervisor.Registered
 	err = ch.Send(&reg, mem, s.guestFile, s.controlFile)
 	if err == nil {
-		var files []*os.File
-		files, err = ch.Recv(&ok)
-		for _, f := range files {
-			f.Close()
-		}
+		err = recvNoFiles(ch, &ok)
 	}
 	if err != nil {
 		ch.Close()
@@ -77,6 +73,117 @@ func (s *Sentry) register(writeState bool) {
 		log.Warningf("registering with the supervisor: %v", err)
 		return
 	}
+	s.takeAnswer(ch, &ok)
+	set(true)
+	go s.keepSupervisor(ch)
+}
+
+// superTimeout bounds each exchange with the supervisor.
+const superTimeout = 5 * time.Second
+
+// envSupervisor gives the new sentry of a transfer-mode restart the path
+// of the sandbox's supervisor socket, so that it registers as a standby
+// before it says Ready (a build that does not know it registers after the
+// commit, as a cold-booted sentry does).
+const envSupervisor = "LIVESENTRY_SUPERVISOR"
+
+// standby registers this process, the new sentry of a transfer-mode
+// restart, with the sandbox's supervisor before the blackout, and returns
+// the connection: the commit then costs one message (promote), which the
+// sentry needs no answer to before it serves. nil without a supervisor.
+func standby(version string) *handover.Channel {
+	path := os.Getenv(envSupervisor)
+	os.Unsetenv(envSupervisor)
+	if path == "" {
+		return nil
+	}
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		log.Warningf("no supervisor to stand by with: %v", err)
+		return nil
+	}
+	f, err := conn.File()
+	conn.Close()
+	if err != nil {
+		return nil
+	}
+	ch, err := handover.NewChannel(f)
+	if err != nil {
+		return nil
+	}
+	ch.SetDeadline(time.Now().Add(superTimeout))
+	var ok supervisor.Registered
+	err = ch.Send(&supervisor.Register{PID: os.Getpid(), Version: version, Standby: true})
+	if err == nil {
+		err = recvNoFiles(ch, &ok)
+	}
+	if err != nil {
+		ch.Close()
+		log.Warningf("standing by with the supervisor: %v", err)
+		return nil
+	}
+	ch.SetDeadline(time.Time{})
+	return ch
+}
+
+// promote registers this sentry, which stood by (standby), as the
+// sandbox's on the standby connection: one message, with the memory file
+// and the listening sockets, sent before the sentry changes anything (the
+// supervisor reads it before it notices the old sentry's end, which the
+// old sentry announces with Notice.HandedOff). The supervisor's answer is
+// awaited after the blackout, by awaitSupervisor.
+func (s *Sentry) promote(ch *handover.Channel) {
+	s.answered = make(chan struct{})
+	mem, err := s.k.MemoryFile().DupFile()
+	if err == nil {
+		reg := supervisor.Register{PID: os.Getpid(), Root: s.k.KHO().RootAddr(), MemorySize: s.k.MemoryFile().Size(),
+			LiveupdateNumber: s.k.LUO().LiveupdateNumber(), Version: s.opts.Version}
+		ch.SetDeadline(time.Now().Add(superTimeout))
+		err = ch.Send(&reg, mem, s.guestFile, s.controlFile)
+		mem.Close()
+	}
+	if err != nil {
+		ch.Close()
+		close(s.answered)
+		s.markSupervised(false)
+		log.Warningf("registering with the supervisor: %v", err)
+		return
+	}
+	s.markSupervised(true)
+	s.superMu.Lock()
+	s.superCh = ch
+	s.superMu.Unlock()
+	go func() {
+		var ok supervisor.Registered
+		err := recvNoFiles(ch, &ok)
+		if err == nil {
+			ch.SetDeadline(time.Time{})
+			s.takeAnswer(ch, &ok)
+		}
+		close(s.answered)
+		if err != nil {
+			s.superMu.Lock()
+			s.superCh = nil
+			s.superMu.Unlock()
+			ch.Close()
+			log.Warningf("registering with the supervisor: %v", err)
+			s.setSupervised(false)
+			return
+		}
+		s.keepSupervisor(ch)
+	}()
+}
+
+// awaitSupervisor waits for the supervisor's answer to promote, if one is
+// due.
+func (s *Sentry) awaitSupervisor() {
+	if s.answered != nil {
+		<-s.answered
+	}
+}
+
+// takeAnswer records the supervisor's answer to a registration on ch.
+func (s *Sentry) takeAnswer(ch *handover.Channel, ok *supervisor.Registered) {
 	ch.SetDeadline(time.Time{})
 	s.mu.Lock()
 	s.supervisor = ok.PID
@@ -87,19 +194,29 @@ func (s *Sentry) register(writeState bool) {
 	s.superMu.Lock()
 	s.superCh = ch
 	s.superMu.Unlock()
-	set(true)
-	go func() {
-		var none struct{}
-		ch.Recv(&none)
-		s.superMu.Lock()
-		s.superCh = nil
-		s.superMu.Unlock()
-		ch.Close()
-		if !s.isHandedOver() {
-			log.Warningf("the supervisor is gone: a crash of this sentry would now lose the sandbox")
-			s.setSupervised(false)
-		}
-	}()
+}
+
+// keepSupervisor waits for the end of the connection to the supervisor.
+func (s *Sentry) keepSupervisor(ch *handover.Channel) {
+	var none struct{}
+	ch.Recv(&none)
+	s.superMu.Lock()
+	s.superCh = nil
+	s.superMu.Unlock()
+	ch.Close()
+	if !s.isHandedOver() {
+		log.Warningf("the supervisor is gone: a crash of this sentry would now lose the sandbox")
+		s.setSupervised(false)
+	}
+}
+
+// recvNoFiles receives msg on ch; files that came with it are closed.
+func recvNoFiles(ch *handover.Channel, msg any) error {
+	files, err := ch.Recv(msg)
+	for _, f := range files {
+		f.Close()
+	}
+	return err
 }
 
 // notifySupervisor sends n to the supervisor, if this sentry has one. The
@@ -144,6 +261,14 @@ func (s *Sentry) isRegistered() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.registered
+}
+
+// isSupervised reports whether a supervisor holds this sentry's memory
+// file.
+func (s *Sentry) isSupervised() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.supervised
 }
 
 // supervisorPID returns the pid of the supervisor this sentry registered

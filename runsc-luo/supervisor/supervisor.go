@@ -23,8 +23,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -47,6 +45,12 @@ type Register struct {
 	LiveupdateNumber uint64 `json:"liveupdate_number"`
 	// Version is the sentry's version string.
 	Version string `json:"version"`
+	// Standby says the sentry does not serve yet: it is the new sentry
+	// of a transfer-mode restart, registering before the blackout so
+	// that its commit costs one message (this one again, with Standby
+	// false and the files), which needs no answer before it serves. No
+	// files come with a standby registration.
+	Standby bool `json:"standby,omitempty"`
 }
 
 // Options configures a supervisor.
@@ -115,6 +119,10 @@ type Notice struct {
 	// sentry dies before it stops the sandbox, the supervisor finishes
 	// the stop instead of recovering.
 	Stop *StopRequest `json:"stop,omitempty"`
+	// HandedOff is the pid of the new sentry this one committed a
+	// restart to: its end is no crash, and the new sentry's registration
+	// (already sent, on its own connection) is waited for.
+	HandedOff int `json:"handed_off,omitempty"`
 }
 
 // Supervisor is one sandbox's supervisor.
@@ -203,6 +211,31 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 	defer ch.Close()
 	var reg Register
 	files, err := ch.Recv(&reg)
+	if err == nil && reg.Standby {
+		// A restart's new sentry, before its blackout: answered at
+		// once; its registration proper follows when it commits, or
+		// the connection ends without one.
+		pid := reg.PID
+		if len(files) != 0 || pid <= 1 {
+			closeFiles(files)
+			log.Warningf("supervisor: a bad standby registration (pid %d, %d files)", pid, len(files))
+			return
+		}
+		if err := ch.Send(&Registered{PID: os.Getpid()}); err != nil {
+			return
+		}
+		reg = Register{}
+		if files, err = ch.Recv(&reg); err != nil {
+			s.events <- event{ended: pid}
+			return
+		}
+		if reg.PID != pid || reg.Standby {
+			closeFiles(files)
+			log.Warningf("supervisor: standby sentry %d registered as pid %d (standby %t)", pid, reg.PID, reg.Standby)
+			s.events <- event{ended: pid}
+			return
+		}
+	}
 	if err != nil || len(files) != 3 || reg.PID <= 1 || reg.Root == 0 {
 		for _, f := range files {
 			f.Close()
@@ -234,6 +267,9 @@ func (s *Supervisor) loop(pid int) {
 	c := &s.opts.Config
 	var endedAt time.Time
 	waiting := false
+	// handedTo is the new sentry the serving one committed a restart
+	// to (Notice.HandedOff), until it registers or is gone.
+	handedTo := 0
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -241,23 +277,41 @@ func (s *Supervisor) loop(pid int) {
 		case e := <-s.events:
 			if e.registered != nil {
 				s.take(e)
-				pid, waiting = e.registered.reg.PID, false
+				pid, waiting, handedTo = e.registered.reg.PID, false, 0
 				log.Infof("supervisor: sentry %d serves sandbox %s", pid, c.ID)
 				continue
 			}
 			if e.notice != nil {
+				if e.notice.HandedOff > 1 && e.from == pid {
+					handedTo = e.notice.HandedOff
+				}
 				s.noticed(e.notice, e.from == pid)
 				continue
 			}
-			if e.ended != pid {
+			switch {
+			case e.ended == handedTo && handedTo != 0:
+				// Gone before it registered: it never committed
+				// (its registration comes before it changes
+				// anything), so the old sentry's state stands.
+				handedTo = 0
+				if !waiting {
+					continue
+				}
+			case e.ended != pid:
 				// A sentry that handed over.
 				continue
+			default:
+				waiting, endedAt = true, time.Now()
 			}
-			waiting, endedAt = true, time.Now()
 		case <-tick.C:
 		}
+		if waiting && handedTo != 0 && time.Since(endedAt) < newSentryWait {
+			// The sentry handed the sandbox over and exited; its
+			// successor's registration is on the way.
+			continue
+		}
 		if !waiting {
-			if !sandbox.Alive(pid) && s.currentPID() == 0 {
+			if s.currentPID() == 0 && !sandbox.Alive(pid) {
 				// The first sentry died before it registered.
 				if st, err := sandbox.ReadState(c.Root, c.ID); err != nil || st.Status != sandbox.StatusRunning || st.Gone {
 					return
@@ -607,35 +661,68 @@ func exiting(pid int) bool {
 }
 
 // taskExiting reports whether the task whose stat file is path has
-// PF_EXITING in its flags (field 9); false if it is gone.
+// PF_EXITING in its flags; false if it is gone.
 func taskExiting(path string) bool {
 	b, err := os.ReadFile(path)
-	if err != nil {
-		return false
-	}
+	return err == nil && statExiting(b)
+}
+
+// statExiting reports whether a task's stat line has PF_EXITING in its
+// flags (field 9).
+func statExiting(b []byte) bool {
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
 		return false
 	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 7 {
-		return false
+	// Fields 3 to 9 follow the command name, each after one space.
+	b = b[i+1:]
+	for field := 2; field < 9; field++ {
+		j := bytes.IndexByte(b, ' ')
+		if j < 0 {
+			return false
+		}
+		b = b[j+1:]
 	}
-	flags, err := strconv.ParseUint(f[6], 10, 64)
+	var flags uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			break
+		}
+		flags = flags*10 + uint64(c-'0')
+	}
 	const pfExiting = 0x4
-	return err == nil && flags&pfExiting != 0
+	return flags&pfExiting != 0
 }
 
+// watchInterval is how often watch reads the serving sentry's flags.
+const watchInterval = 3 * time.Millisecond
+
 // watch notices the death of the serving sentry as soon as it begins to
-// exit, rather than when its connection ends after its teardown: it polls
-// the sentry's flags every 2 ms and reports a pid seen exiting twice in a
-// row.
+// exit, rather than when its connection ends after its teardown: it reads
+// the sentry's flags every watchInterval (one pread of its stat file,
+// kept open) and reports a pid seen exiting twice in a row.
 func (s *Supervisor) watch() {
+	fd, fdPID := -1, 0
+	var buf [1024]byte
 	seen, reported := 0, 0
 	for {
-		time.Sleep(2 * time.Millisecond)
+		time.Sleep(watchInterval)
 		pid := s.currentPID()
-		if pid == 0 || pid == reported || !exiting(pid) {
+		if pid == 0 || pid == reported {
+			seen = 0
+			continue
+		}
+		if pid != fdPID {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+			fd, _ = unix.Open(fmt.Sprintf("/proc/%d/stat", pid), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			fdPID = pid
+		}
+		n, err := unix.Pread(fd, buf[:], 0)
+		// The leader's flags first (one read in the common case),
+		// then every thread's.
+		if err != nil || n <= 0 || !statExiting(buf[:n]) || !exiting(pid) {
 			seen = 0
 			continue
 		}
