@@ -73,7 +73,8 @@ func TestTwentyRestartsInARowAlternatingModes(t *testing.T) {
 	c := newCLI(t)
 	const id = "twenty"
 	seed := rand.Uint64()
-	c.must(append([]string{"run", "--detach", "--memory=64M", id, "--"}, guestArgs("1M", seed, true)...)...)
+	// --debug: the supervisor logs each new sentry that stands by.
+	c.must(append([]string{"--debug", "run", "--detach", "--memory=64M", id, "--"}, guestArgs("1M", seed, true)...)...)
 	c.waitEvent(id, "preserved", 0, 30*time.Second)
 	for gen := uint64(1); gen <= 20; gen++ {
 		mode := []string{"transfer", "exec"}[gen%2]
@@ -86,8 +87,27 @@ func TestTwentyRestartsInARowAlternatingModes(t *testing.T) {
 		c.waitEvent(id, "verified", gen, 30*time.Second)
 		c.waitEvent(id, "preserved", gen, 30*time.Second)
 	}
-	if st := c.state(id); st.LiveupdateNumber != 20 {
+	st := c.state(id)
+	if st.LiveupdateNumber != 20 {
 		t.Fatalf("liveupdate number after 20 restarts: %d", st.LiveupdateNumber)
+	}
+	// Every new sentry registered with the supervisor (transfer mode:
+	// stood by before the blackout, registered with one message at its
+	// commit), and no old sentry's exit was taken for a crash.
+	if !st.Supervised || st.Recoveries != 0 {
+		t.Fatalf("after 20 restarts: supervised %t, %d recoveries", st.Supervised, st.Recoveries)
+	}
+	log, err := os.ReadFile(filepath.Join(c.root, id, "sentry.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), " stands by"); n != 10 {
+		t.Errorf("%d new sentries stood by with the supervisor, want 10 (one per transfer-mode restart):\n%s", n, log)
+	}
+	for _, bad := range []string{"standing by with the supervisor", "registering with the supervisor", "died after committing", "recovering sandbox"} {
+		if strings.Contains(string(log), bad) {
+			t.Errorf("sentry.log says %q:\n%s", bad, log)
+		}
 	}
 	c.must("kill", id)
 	c.must("delete", id)

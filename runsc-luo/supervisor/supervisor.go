@@ -224,6 +224,7 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 		if err := ch.Send(&Registered{PID: os.Getpid()}); err != nil {
 			return
 		}
+		log.Infof("supervisor: sentry %d stands by", pid)
 		reg = Register{}
 		if files, err = ch.Recv(&reg); err != nil {
 			s.events <- event{ended: pid}
