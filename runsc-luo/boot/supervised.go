@@ -33,7 +33,7 @@ func (s *Sentry) register(writeState bool) {
 		}
 	}
 	c := &s.cfg
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sandbox.SupervisorPath(c.Root, c.ID), Net: "unix"})
+	ch, err := dialSupervisor(sandbox.SupervisorPath(c.Root, c.ID))
 	if err != nil {
 		set(false)
 		if !errors.Is(err, os.ErrNotExist) {
@@ -41,29 +41,9 @@ func (s *Sentry) register(writeState bool) {
 		}
 		return
 	}
-	f, err := conn.File()
-	conn.Close()
-	if err != nil {
-		set(false)
-		return
-	}
-	ch, err := handover.NewChannel(f)
-	if err != nil {
-		set(false)
-		return
-	}
-	mem, err := s.k.MemoryFile().DupFile()
-	if err != nil {
-		ch.Close()
-		set(false)
-		return
-	}
-	defer mem.Close()
-	reg := supervisor.Register{PID: os.Getpid(), Root: s.k.KHO().RootAddr(), MemorySize: s.k.MemoryFile().Size(),
-		LiveupdateNumber: s.k.LUO().LiveupdateNumber(), Version: s.opts.Version}
 	ch.SetDeadline(time.Now().Add(superTimeout))
 	var ok supervisor.Registered
-	err = ch.Send(&reg, mem, s.guestFile, s.controlFile)
+	err = s.sendRegistration(ch)
 	if err == nil {
 		err = recvNoFiles(ch, &ok)
 	}
@@ -76,6 +56,33 @@ func (s *Sentry) register(writeState bool) {
 	s.takeAnswer(ch, &ok)
 	set(true)
 	go s.keepSupervisor(ch)
+}
+
+// dialSupervisor connects to the supervisor socket at path.
+func dialSupervisor(path string) (*handover.Channel, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	f, err := conn.File()
+	conn.Close()
+	if err != nil {
+		return nil, err
+	}
+	return handover.NewChannel(f)
+}
+
+// sendRegistration sends this sentry's registration on ch, with copies of
+// the memory file and the listening sockets.
+func (s *Sentry) sendRegistration(ch *handover.Channel) error {
+	mem, err := s.k.MemoryFile().DupFile()
+	if err != nil {
+		return err
+	}
+	defer mem.Close()
+	reg := supervisor.Register{PID: os.Getpid(), Root: s.k.KHO().RootAddr(), MemorySize: s.k.MemoryFile().Size(),
+		LiveupdateNumber: s.k.LUO().LiveupdateNumber(), Version: s.opts.Version}
+	return ch.Send(&reg, mem, s.guestFile, s.controlFile)
 }
 
 // superTimeout bounds each exchange with the supervisor.
@@ -97,18 +104,9 @@ func standby(version string) *handover.Channel {
 	if path == "" {
 		return nil
 	}
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	ch, err := dialSupervisor(path)
 	if err != nil {
 		log.Warningf("no supervisor to stand by with: %v", err)
-		return nil
-	}
-	f, err := conn.File()
-	conn.Close()
-	if err != nil {
-		return nil
-	}
-	ch, err := handover.NewChannel(f)
-	if err != nil {
 		return nil
 	}
 	ch.SetDeadline(time.Now().Add(superTimeout))
@@ -134,15 +132,8 @@ func standby(version string) *handover.Channel {
 // awaited after the blackout, by awaitSupervisor.
 func (s *Sentry) promote(ch *handover.Channel) {
 	s.answered = make(chan struct{})
-	mem, err := s.k.MemoryFile().DupFile()
-	if err == nil {
-		reg := supervisor.Register{PID: os.Getpid(), Root: s.k.KHO().RootAddr(), MemorySize: s.k.MemoryFile().Size(),
-			LiveupdateNumber: s.k.LUO().LiveupdateNumber(), Version: s.opts.Version}
-		ch.SetDeadline(time.Now().Add(superTimeout))
-		err = ch.Send(&reg, mem, s.guestFile, s.controlFile)
-		mem.Close()
-	}
-	if err != nil {
+	ch.SetDeadline(time.Now().Add(superTimeout))
+	if err := s.sendRegistration(ch); err != nil {
 		ch.Close()
 		close(s.answered)
 		s.markSupervised(false)
@@ -157,7 +148,6 @@ func (s *Sentry) promote(ch *handover.Channel) {
 		var ok supervisor.Registered
 		err := recvNoFiles(ch, &ok)
 		if err == nil {
-			ch.SetDeadline(time.Time{})
 			s.takeAnswer(ch, &ok)
 		}
 		close(s.answered)
