@@ -123,8 +123,10 @@ type Results struct {
 	Rows     []*Row
 	Notes    []string
 	Commands []string
-	Start    time.Time
-	Took     time.Duration
+	// Load is each run's 1-minute load average when it started.
+	Load  []string `json:",omitempty"`
+	Start time.Time
+	Took  time.Duration
 }
 
 func sizeLabel(n uint64) string {
@@ -205,7 +207,7 @@ func Run(c Config) (*Results, error) {
 			return nil, fmt.Errorf("unknown folio size %q (want 4K or 2M)", f)
 		}
 	}
-	res := &Results{Start: time.Now()}
+	res := &Results{Start: time.Now(), Load: loadAverage()}
 	gvisorWhy := ""
 	if has(c.Methods, methodGVisor) || has(c.Methods, methodGVisorDir) || has(c.Methods, methodGVisorBg) {
 		gvisorWhy = gvisorUsable(c)
@@ -401,6 +403,7 @@ func Merge(runs []*Results) *Results {
 		out.Rows = append(out.Rows, r.Rows...)
 		out.Notes = append(out.Notes, r.Notes...)
 		out.Commands = append(out.Commands, r.Commands...)
+		out.Load = append(out.Load, r.Load...)
 		out.Took += r.Took
 	}
 	return out
@@ -426,4 +429,18 @@ func LoadJSON(path string) (*Results, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return &r, nil
+}
+
+// loadAverage returns the 1-minute load average, as one string in a
+// slice, nil if it cannot be read.
+func loadAverage() []string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return nil
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return nil
+	}
+	return f[:1]
 }
