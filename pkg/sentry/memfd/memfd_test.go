@@ -628,7 +628,9 @@ func TestNewFromFolios(t *testing.T) {
 			return []CacheFolio{{Index: 5, Folio: a}, {Index: 2, Folio: b}}
 		}, field: "overlaps or precedes"},
 		{name: "overlapping folios are rejected", size: 1 << 30, fs: func(a, b pgalloc.Folio) []CacheFolio {
-			return []CacheFolio{{Index: 0, Folio: pgalloc.Folio{PFN: a.PFN &^ 1, Order: 1}}, {Index: 1, Folio: b}}
+			// PFN 2: any non-zero pfn aligned to order 1 (a.PFN &^ 1 is 0
+			// when a is pfn 1).
+			return []CacheFolio{{Index: 0, Folio: pgalloc.Folio{PFN: 2, Order: 1}}, {Index: 1, Folio: b}}
 		}, field: "overlaps or precedes"},
 		{name: "a folio beyond the size is rejected", size: 4096, fs: func(a, b pgalloc.Folio) []CacheFolio {
 			return []CacheFolio{{Index: 0, Folio: a}, {Index: 1, Folio: b}}
