@@ -132,7 +132,18 @@ func (e errFatal) Unwrap() error { return e.err }
 func (p *Process) serve() {
 	k := p.k
 	defer func() {
+		// A guest that dies while the kernel is paused for a restart
+		// is released only once the restart has its outcome, as its
+		// calls are held: like a frozen task's SIGKILL, its death takes
+		// effect after the thaw. After a handoff its fds (and so its
+		// sessions) cross to the next sentry; after a rollback they
+		// are closed here. Released at once, the sessions it held
+		// would be unpreserved before the freeze, or not, depending on
+		// a race with it.
 		k.mu.Lock()
+		for k.pause != pauseNone && !k.handedOver && !k.shutdown {
+			k.cond.Wait()
+		}
 		handedOver := k.handedOver
 		k.mu.Unlock()
 		if !handedOver {

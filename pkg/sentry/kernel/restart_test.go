@@ -141,3 +141,63 @@ func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
 		t.Fatalf("after abort and restart: %d bytes, %v", n, err)
 	}
 }
+
+// A guest that dies while the kernel is paused for a restart keeps its
+// sessions until the restart's outcome: after the handoff they cross,
+// after a rollback they are released as at any exit. Released at once,
+// they would be unpreserved before the freeze or not, by a race.
+func TestAGuestDyingDuringThePauseIsReleasedAfterTheOutcome(t *testing.T) {
+	for _, outcome := range []string{"handoff", "rollback"} {
+		t.Run(outcome, func(t *testing.T) {
+			s := newSandbox(t)
+			g := s.dial(t)
+			dev := mustFD(t)(g.OpenLiveUpdate())
+			data := []byte("preserved before the guest died")
+			preserveOne(t, g, dev, "dying", 1, data)
+			if err := s.k.Pause(time.Time{}); err != nil {
+				t.Fatal(err)
+			}
+			g.Disconnect()
+			// Long enough for the connection's end to be processed.
+			time.Sleep(100 * time.Millisecond)
+			if n := len(s.k.LUO().Status().Sessions); n != 1 {
+				t.Fatalf("%d sessions while paused after the guest died, want 1", n)
+			}
+			if outcome == "rollback" {
+				s.k.Resume()
+				deadline := time.Now().Add(5 * time.Second)
+				for len(s.k.LUO().Status().Sessions) != 0 {
+					if time.Now().After(deadline) {
+						t.Fatal("the dead guest's session is still there a rollback later")
+					}
+					time.Sleep(time.Millisecond)
+				}
+				return
+			}
+			h, err := s.k.PrepareHandover(nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			file, err := s.k.MemoryFile().DupFile()
+			if err != nil {
+				t.Fatal(err)
+			}
+			k2, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.k.Handoff()
+			k2.Commit()
+			t.Cleanup(k2.Shutdown)
+			s2 := startKernel(t, k2)
+			g2 := s2.dial(t)
+			dev2 := mustFD(t)(g2.OpenLiveUpdate())
+			sess := mustFD(t)(g2.RetrieveSession(dev2, "dying"))
+			fd := mustFD(t)(g2.RetrieveFD(sess, 1))
+			got := make([]byte, len(data))
+			if n, err := g2.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+				t.Fatalf("the dead guest's memfd after the restart: %q, %v", got[:n], err)
+			}
+		})
+	}
+}
