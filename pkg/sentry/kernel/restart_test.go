@@ -33,6 +33,12 @@ func restartInProcess(t testing.TB, s *sandbox) *sandbox {
 	if err := s.k.Pause(time.Time{}); err != nil {
 		t.Fatal(err)
 	}
+	return handOverPaused(t, s)
+}
+
+// handOverPaused is restartInProcess for a kernel already paused.
+func handOverPaused(t testing.TB, s *sandbox) *sandbox {
+	t.Helper()
 	h, err := s.k.PrepareHandover(nil, nil)
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
@@ -174,23 +180,7 @@ func TestAGuestDyingDuringThePauseIsReleasedAfterTheOutcome(t *testing.T) {
 				}
 				return
 			}
-			h, err := s.k.PrepareHandover(nil, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			file, err := s.k.MemoryFile().DupFile()
-			if err != nil {
-				t.Fatal(err)
-			}
-			k2, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf}, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			s.k.Handoff()
-			k2.Commit()
-			t.Cleanup(k2.Shutdown)
-			s2 := startKernel(t, k2)
-			g2 := s2.dial(t)
+			g2 := handOverPaused(t, s).dial(t)
 			dev2 := mustFD(t)(g2.OpenLiveUpdate())
 			sess := mustFD(t)(g2.RetrieveSession(dev2, "dying"))
 			fd := mustFD(t)(g2.RetrieveFD(sess, 1))
