@@ -247,6 +247,10 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 	e := event{registered: &sentry{reg: reg, files: files}, done: make(chan struct{}), reply: &Registered{PID: os.Getpid()}}
 	s.events <- e
 	<-e.done
+	if e.reply.PID == 0 {
+		// Refused: the connection ends unanswered.
+		return
+	}
 	if err := ch.Send(e.reply); err != nil {
 		log.Warningf("supervisor: answering sentry %d: %v", reg.PID, err)
 	}
@@ -346,10 +350,13 @@ func (s *Supervisor) loop(pid int) {
 			pid, waiting = next, false
 			continue
 		}
-		if !s.recover(pid, endedAt) {
+		next := s.recover(pid, endedAt)
+		if next == 0 {
 			return
 		}
-		waiting = false
+		// From now on the dead sentry's end, reported twice (by watch
+		// and by its connection), is not the sandbox's.
+		pid, waiting = next, false
 	}
 }
 
@@ -402,7 +409,8 @@ func (s *Supervisor) awaitNewSentry(dead int) int {
 	for time.Now().Before(deadline) {
 		// (The dead sentry's children are its own until it has exited.)
 		var pending []int
-		for _, pid := range append(children(me), children(dead)...) {
+		for _, c := range children(me, dead) {
+			pid := c.pid
 			switch {
 			case pid == dead:
 			case isNewSentry(pid):
@@ -475,8 +483,9 @@ func (s *Supervisor) currentPID() int {
 }
 
 // recover starts a new sentry on the memory file after sentry dead died
-// (noticed at at); false if the sandbox is lost.
-func (s *Supervisor) recover(dead int, at time.Time) bool {
+// (noticed at at) and returns its pid once it has registered; 0 if the
+// sandbox is lost.
+func (s *Supervisor) recover(dead int, at time.Time) int {
 	pausedAt := handover.Monotonic() - int64(time.Since(at))
 	c := &s.opts.Config
 	s.mu.Lock()
@@ -484,7 +493,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	s.mu.Unlock()
 	if cur == nil {
 		s.lost(fmt.Errorf("the sentry (pid %d) died before it served", dead))
-		return false
+		return 0
 	}
 	// Whatever the dead sentry left (guests, a new sentry it was
 	// starting) must not run alongside the recovered one.
@@ -496,7 +505,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 		// wrote there since.
 		if _, err := cur.files[0].WriteAt(s.frozen, int64(cur.reg.Root)); err != nil {
 			s.lost(fmt.Errorf("restoring the KHO root page: %w", err))
-			return false
+			return 0
 		}
 		s.frozen = nil
 	}
@@ -504,7 +513,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	cfg, err := json.Marshal(c)
 	if err != nil {
 		s.lost(err)
-		return false
+		return 0
 	}
 	d := &handover.Descriptor{
 		Protocol: handover.ProtocolVersion, Mode: handover.ModeRecover, Version: cur.reg.Version, PID: dead,
@@ -517,7 +526,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	env, err := handover.EncodeEnv(d)
 	if err != nil {
 		s.lost(err)
-		return false
+		return 0
 	}
 	logf, _ := os.OpenFile(sandbox.SentryLogPath(c.Root, c.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	cmd := exec.Command(s.opts.Exe, append(s.opts.Globals.Args(), "boot")...)
@@ -531,7 +540,7 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	}
 	if err != nil {
 		s.lost(fmt.Errorf("starting a sentry to recover the sandbox: %w", err))
-		return false
+		return 0
 	}
 	// reapChildren reaps it: release the handle (a pidfd) os/exec keeps
 	// until Wait, or each recovery would leak one.
@@ -553,21 +562,31 @@ func (s *Supervisor) recover(dead int, at time.Time) bool {
 	for time.Now().Before(deadline) {
 		select {
 		case e := <-s.events:
-			if e.registered != nil {
+			switch {
+			case e.registered == nil:
+			case e.registered.reg.PID != pid:
+				// A sentry killed above (the new sentry of the
+				// dead one's restart) whose registration was on
+				// its way: not the sandbox's.
+				closeFiles(e.registered.files)
+				e.reply.PID = 0
+				close(e.done)
+				log.Warningf("supervisor: ignoring the registration of sentry %d, killed with what sentry %d left", e.registered.reg.PID, dead)
+			default:
 				// Hand it back to the main loop, which takes it.
 				go func() { s.events <- e }()
-				return true
+				return pid
 			}
 		case <-time.After(10 * time.Millisecond):
 		}
 		if !sandbox.Alive(pid) {
 			s.lost(fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", pid))
-			return false
+			return 0
 		}
 	}
 	unix.Kill(pid, unix.SIGKILL)
 	s.lost(fmt.Errorf("the recovering sentry did not serve within %v", s.opts.ExecTimeout))
-	return false
+	return 0
 }
 
 // lost records that no sentry serves the sandbox any more.
@@ -614,19 +633,20 @@ func killChildren(dead int) {
 	deadline := time.Now().Add(2 * time.Second)
 	for time.Now().Before(deadline) {
 		left := 0
-		for _, pid := range children(me) {
-			if pid != dead {
-				unix.Kill(pid, unix.SIGKILL)
-				left++
-			}
-		}
+		parents := []int{me}
 		if dead > 0 {
-			for _, pid := range children(dead) {
-				if p, ok := sandbox.ReadProc(pid); ok && p.Alive() {
-					unix.Kill(-pid, unix.SIGKILL)
-					unix.Kill(pid, unix.SIGKILL)
-					left++
-				}
+			parents = append(parents, dead)
+		}
+		for _, c := range children(parents...) {
+			switch {
+			case c.pid == dead:
+			case c.ppid == me:
+				unix.Kill(c.pid, unix.SIGKILL)
+				left++
+			case c.alive:
+				unix.Kill(-c.pid, unix.SIGKILL)
+				unix.Kill(c.pid, unix.SIGKILL)
+				left++
 			}
 		}
 		if left == 0 {
@@ -736,21 +756,37 @@ func (s *Supervisor) watch() {
 	}
 }
 
-// children returns the children of pid, zombies included: a killed child
-// counts until it is reaped.
-func children(pid int) []int {
+// child is a process and its parent, as one read of /proc saw them.
+type child struct {
+	pid, ppid int
+	alive     bool
+}
+
+// children returns the children of the parents, zombies included (a
+// killed child counts until it is reaped), in one pass over /proc: a
+// process reparented from one parent to another while it runs (the orphan
+// of a dying sentry, adopted by this subreaper) is seen once, never
+// missed between two passes.
+func children(parents ...int) []child {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
 	}
-	var out []int
+	var out []child
 	for _, e := range ents {
 		var p int
 		if _, err := fmt.Sscan(e.Name(), &p); err != nil {
 			continue
 		}
-		if pp, ok := sandbox.ReadProc(p); ok && pp.PPID == pid {
-			out = append(out, p)
+		pp, ok := sandbox.ReadProc(p)
+		if !ok {
+			continue
+		}
+		for _, parent := range parents {
+			if pp.PPID == parent {
+				out = append(out, child{pid: p, ppid: pp.PPID, alive: pp.Alive()})
+				break
+			}
 		}
 	}
 	return out

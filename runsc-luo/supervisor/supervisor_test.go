@@ -3,7 +3,10 @@ package supervisor
 import (
 	"fmt"
 	"os"
+	"os/exec"
+	"slices"
 	"testing"
+	"time"
 )
 
 func TestStatExitingReadsTheFlagsField(t *testing.T) {
@@ -29,5 +32,47 @@ func TestStatExitingReadsTheFlagsField(t *testing.T) {
 	}
 	if statExiting(b) {
 		t.Errorf("this running process reads as exiting: %s", b)
+	}
+}
+
+// One pass over /proc names the children of each parent asked for, with
+// their parent and whether they still run.
+func TestChildrenOfSeveralParents(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "sleep 30 & echo $!; wait")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var grandchild int
+	if _, err := fmt.Fscan(out, &grandchild); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = exec.Command("kill", "-9", fmt.Sprint(grandchild)).Run() }()
+	me, sh := os.Getpid(), cmd.Process.Pid
+	got := children(me, sh)
+	want := []child{{pid: sh, ppid: me, alive: true}, {pid: grandchild, ppid: sh, alive: true}}
+	for _, w := range want {
+		if !slices.Contains(got, w) {
+			t.Errorf("children(%d, %d) = %+v, lacks %+v", me, sh, got, w)
+		}
+	}
+	for _, c := range got {
+		if c.ppid != me && c.ppid != sh {
+			t.Errorf("children(%d, %d) has %+v", me, sh, c)
+		}
+	}
+	// A killed child counts, as a zombie, until it is reaped.
+	cmd.Process.Kill()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if slices.Contains(children(me), child{pid: sh, ppid: me}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the killed child %d is not listed as a zombie: %+v", sh, children(me))
+		}
 	}
 }
