@@ -2,10 +2,10 @@ package sandbox
 
 import (
 	"bytes"
-	"fmt"
-	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Proc is what /proc/PID/stat says of a host process, read once.
@@ -26,10 +26,19 @@ func ReadProc(pid int) (p Proc, ok bool) {
 	if pid <= 0 {
 		return p, false
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	// Three system calls (os.ReadFile takes six): a supervisor reads every
+	// process's stat when a sentry dies.
+	var buf [1024]byte
+	fd, err := unix.Open("/proc/"+strconv.Itoa(pid)+"/stat", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return p, false
 	}
+	n, err := unix.Read(fd, buf[:])
+	unix.Close(fd)
+	if err != nil || n <= 0 {
+		return p, false
+	}
+	b := buf[:n]
 	// The fields after the command name, which ends at the last ')'.
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
