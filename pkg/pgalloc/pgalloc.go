@@ -34,6 +34,7 @@ package pgalloc
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 
@@ -509,6 +510,10 @@ func (f *MemoryFile) FillMetadata() {
 				f.pageInfoLocked(pfn, false)
 			}
 			f.mu.Unlock()
+			// Other goroutines first: with a CPU or two, this one
+			// would otherwise keep a P until it is preempted, 10 ms
+			// on, while a guest's first calls wait.
+			runtime.Gosched()
 		}
 	}
 }
