@@ -1,6 +1,10 @@
 package test
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -67,4 +71,62 @@ func TestASupervisorKilledIsReported(t *testing.T) {
 		t.Fatalf("state: %s", out)
 	}
 	c.must("kill", id)
+}
+
+// awaitSpare returns the pid of the sandbox's spare sentry other than
+// not, once one runs.
+func awaitSpare(t *testing.T, c *cli, not int) int {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		for _, pid := range processesMentioning("\x00--spare-fd=3") {
+			if pid != not && slices.Contains(processesMentioning(c.root), pid) {
+				return pid
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no spare sentry (other than %d) within 20 s", not)
+		}
+	}
+}
+
+// The supervisor keeps a spare sentry, started ahead of any crash, and a
+// recovery hands the sandbox to it: the spare serves, and the relaunched
+// guest verifies every byte. A spare that died is not used: the recovery
+// starts a sentry instead, and a new spare follows. Nothing is left after
+// kill and delete.
+func TestASpareSentryTakesTheRecoveryAndADeadOneIsReplaced(t *testing.T) {
+	c := newCLI(t)
+	const id = "spare"
+	c.must(append([]string{"run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", 23, true)...)...)
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	spare := awaitSpare(t, c, 0)
+	before := c.state(id)
+	syscall.Kill(before.PID, syscall.SIGKILL)
+	c.waitEvent(id, "verified", 1, 30*time.Second)
+	st := c.state(id)
+	if st.Status != "running" || st.PID != spare || st.Recoveries != 1 {
+		t.Fatalf("after the crash: pid %d (the spare was %d), %+v", st.PID, spare, st)
+	}
+	log, _ := os.ReadFile(filepath.Join(c.root, id, "sentry.log"))
+	if want := fmt.Sprintf("with spare sentry %d", spare); !strings.Contains(string(log), want) {
+		t.Fatalf("sentry.log does not say %q:\n%s", want, log)
+	}
+
+	// A new spare; killed, it is not used.
+	c.waitEvent(id, "preserved", 1, 30*time.Second)
+	spare2 := awaitSpare(t, c, spare)
+	syscall.Kill(spare2, syscall.SIGKILL)
+	before = c.state(id)
+	syscall.Kill(before.PID, syscall.SIGKILL)
+	c.waitEvent(id, "verified", 2, 30*time.Second)
+	st = c.state(id)
+	if st.Status != "running" || st.PID == spare2 || st.PID == before.PID || st.Recoveries != 2 {
+		t.Fatalf("after the second crash: pid %d (the dead spare was %d), %+v", st.PID, spare2, st)
+	}
+	awaitSpare(t, c, spare2)
+	c.must("kill", id)
+	c.must("delete", id)
+	if left := processesMentioning(c.root); len(left) != 0 {
+		t.Errorf("processes left after kill and delete: %v", left)
+	}
 }

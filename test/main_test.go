@@ -227,13 +227,14 @@ func processAlive(pid int) bool {
 	return i > 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
 }
 
-// withoutSupervisors drops the sandboxes' supervisors from pids: they name
-// the root and the entrypoint too, and outlive every sentry.
+// withoutSupervisors drops the sandboxes' supervisors and their spare
+// sentries from pids: they name the root (the supervisor the entrypoint
+// too) and outlive every sentry.
 func withoutSupervisors(pids []int) []int {
 	var out []int
 	for _, pid := range pids {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if !bytes.Contains(b, []byte("\x00supervise\x00")) {
+		if !bytes.Contains(b, []byte("\x00supervise\x00")) && !bytes.Contains(b, []byte("\x00--spare-fd=")) {
 			out = append(out, pid)
 		}
 	}

@@ -186,11 +186,17 @@ const oldGuestsTimeout = 5 * time.Second
 // commit. If it died before it could (or after oldGuestsTimeout), they
 // are killed here, and still waited for until their new parent (the
 // supervisor, a subreaper) has reaped them.
+//
+// After a recovery, what the dead sentry left was killed by the supervisor
+// and runs no code any more: it is waited for until it is a zombie, not
+// until it is reaped, which happens only once the dead sentry has been
+// torn down (its children are its own until then), up to a second or more
+// for a sentry that had gigabytes mapped.
 func (s *Sentry) awaitOldGuests() {
 	deadline := time.Now().Add(oldGuestsTimeout)
 	for i, pid := range s.waitFor {
 		start := s.waitStart[i]
-		for exists(pid, start) {
+		for exists(pid, start) && (!s.waitLive || sandbox.Is(pid, start)) {
 			if !sandbox.Alive(s.waitFrom) || time.Now().After(deadline) {
 				if sandbox.Is(pid, start) {
 					log.Warningf("guest %d of the previous sentry %d still runs: killing it", pid, s.waitFrom)

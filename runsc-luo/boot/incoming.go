@@ -79,9 +79,11 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	s := newSentry(cfg, in.opts)
 	s.k, s.guestFile, s.controlFile = k, files[1], files[2]
 	s.standby, in.standby = in.standby, nil
-	if d.Mode == handover.ModeTransfer {
-		// Their identity is taken now, while the old sentry holds them.
-		s.waitFor, s.waitFrom = d.OldGuests, d.PID
+	if d.Mode != handover.ModeExec {
+		// Their identity is taken now, while the old sentry (transfer)
+		// or the supervisor (recovery: what the dead sentry left, killed
+		// and exiting) holds them.
+		s.waitFor, s.waitFrom, s.waitLive = d.OldGuests, d.PID, d.Mode == handover.ModeRecover
 		for _, pid := range d.OldGuests {
 			s.waitStart = append(s.waitStart, sandbox.StartTime(pid))
 		}
@@ -255,9 +257,11 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	if err == nil {
 		var t handover.Timing
 		if t, err = handover.AcceptExec(d, files, in, hopts); err == nil {
-			// The old image's guests are this process's children now:
-			// stop them before the entrypoint is relaunched.
-			stopOldGuests(d.OldGuests)
+			if d.Mode == handover.ModeExec {
+				// The old image's guests are this process's children
+				// now: stop them before the entrypoint is relaunched.
+				stopOldGuests(d.OldGuests)
+			}
 			logf := log.Infof
 			if d.Mode == handover.ModeRecover {
 				logf = log.Warningf
@@ -281,7 +285,9 @@ func failExec(d *handover.Descriptor, err error) {
 	if d == nil {
 		return
 	}
-	stopOldGuests(d.OldGuests)
+	if d.Mode == handover.ModeExec {
+		stopOldGuests(d.OldGuests)
+	}
 	cfg, cerr := decodeConfig(d)
 	if cerr != nil {
 		return

@@ -64,13 +64,17 @@ type Sentry struct {
 	exited      chan struct{}
 	exitStatus  int
 	// waitFor are the guests of the previous sentry (transfer mode), which
-	// it stops after the commit: the entrypoint is relaunched only once
+	// it stops after the commit, or what a dead sentry left, which the
+	// supervisor killed (recovery): the entrypoint is relaunched only once
 	// they are gone.
 	waitFor []int
 	// waitStart are their start times (sandbox.StartTime), waitFrom the
 	// previous sentry's pid.
 	waitStart []uint64
 	waitFrom  int
+	// waitLive says waitFor are waited for only while they run (a
+	// recovery), not until they are reaped (a restart).
+	waitLive bool
 
 	mu sync.Mutex
 	// +checklocks:mu

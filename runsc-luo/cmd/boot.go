@@ -2,6 +2,7 @@ package cmd
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -19,25 +20,41 @@ type Boot struct {
 	memory     uint64
 	readyFD    int
 	handoverFD int
+	spareFD    int
 	shim       bool
 }
 
 func (*Boot) Name() string     { return "boot" }
 func (*Boot) Synopsis() string { return "run a sentry (internal)" }
 func (*Boot) Usage() string {
-	return "boot --id ID [--memory BYTES] [--ready-fd FD] [--shim=false] [-- ENTRYPOINT ARGS] | boot --handover-fd FD\n"
+	return "boot --id ID [--memory BYTES] [--ready-fd FD] [--shim=false] [-- ENTRYPOINT ARGS] | boot --handover-fd FD | boot --spare-fd FD\n"
 }
 func (b *Boot) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&b.id, "id", "", "sandbox ID (cold boot)")
 	f.Uint64Var(&b.memory, "memory", 0, "memory file size in bytes (cold boot)")
 	f.IntVar(&b.readyFD, "ready-fd", -1, "fd to report readiness on (cold boot)")
 	f.IntVar(&b.handoverFD, "handover-fd", -1, "fd of the transfer-mode handover socket")
+	f.IntVar(&b.spareFD, "spare-fd", -1, "fd of a spare sentry's channel to its supervisor, which sends a recovery on it")
 	f.BoolVar(&b.shim, "shim", true, "start the entrypoint under the libc shim (cold boot)")
 }
 
 func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
 	cfg := configOf(args)
 	opts := boot.Options{Globals: cfg.Globals, Version: cfg.Version}
+	if b.spareFD >= 0 {
+		s, err := boot.NewSpare(b.spareFD, opts)
+		if errors.Is(err, boot.ErrNoRecovery) {
+			return subcommands.ExitSuccess
+		}
+		if err != nil {
+			return fatalf("%v", err)
+		}
+		if err := s.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "runsc-luo: relaunching the entrypoint: %v\n", err)
+		}
+		s.Wait()
+		return subcommands.ExitSuccess
+	}
 	// An exec-mode restart re-enters here with the descriptor in the
 	// environment.
 	if b.handoverFD >= 0 || boot.HandoverInEnv() {

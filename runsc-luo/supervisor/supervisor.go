@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -144,7 +145,33 @@ type Supervisor struct {
 	frozen []byte
 	// stopping is a stop of the sandbox asked for (Notice.Stop).
 	stopping *StopRequest
+	// spare is the spare sentry, nil if none runs; servedAt is when a
+	// sentry last registered, spareAfter the earliest time to start a
+	// spare again after one failed or died.
+	spare      *spare
+	servedAt   time.Time
+	spareAfter time.Time
+	// spareChecked is when the spare was last seen alive.
+	spareChecked time.Time
 }
+
+// spare is a spare sentry ("boot --spare-fd"): started ahead of any crash,
+// prepared as a restart's new sentry is before its Ready, it waits on ch
+// for a recovery, so that a recovery does not pay for starting a process.
+type spare struct {
+	pid int
+	ch  *handover.Channel
+}
+
+// spareDelay is how long after a sentry registers the supervisor starts a
+// spare if it has none: the spare's start (a process and a rehearsed boot,
+// tens of milliseconds of CPU) stays out of the aftermath of the restart
+// or recovery, when the relaunched entrypoint reads its memory.
+const spareDelay = time.Second
+
+// spareRetry is how long the supervisor waits to start a spare again after
+// one could not start or died.
+const spareRetry = 10 * time.Second
 
 // Run starts the sandbox's first sentry and supervises it and its
 // successors until the sandbox stops. It returns an error only if the
@@ -225,18 +252,36 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 			return
 		}
 		log.Infof("supervisor: sentry %d stands by", pid)
-		reg = Register{}
-		if files, err = ch.Recv(&reg); err != nil {
-			s.events <- event{ended: pid}
-			return
-		}
-		if reg.PID != pid || reg.Standby {
-			closeFiles(files)
-			log.Warningf("supervisor: standby sentry %d registered as pid %d (standby %t)", pid, reg.PID, reg.Standby)
-			s.events <- event{ended: pid}
-			return
-		}
+		s.serveStandby(ch, pid)
+		return
 	}
+	s.serveRegistered(ch, reg, files, err)
+}
+
+// serveStandby reads the registration of sentry pid, which stands by on ch
+// (a restart's new sentry, or a spare sentry that was given a recovery),
+// then serves it as a registered sentry; if the connection ends without
+// one, the sentry never committed.
+func (s *Supervisor) serveStandby(ch *handover.Channel, pid int) {
+	var reg Register
+	files, err := ch.Recv(&reg)
+	if err != nil {
+		s.events <- event{ended: pid}
+		return
+	}
+	if reg.PID != pid || reg.Standby {
+		closeFiles(files)
+		log.Warningf("supervisor: standby sentry %d registered as pid %d (standby %t)", pid, reg.PID, reg.Standby)
+		s.events <- event{ended: pid}
+		return
+	}
+	s.serveRegistered(ch, reg, files, nil)
+}
+
+// serveRegistered takes a sentry's registration (reg, its files, or the
+// error receiving it), answers it once the main loop has taken it, then
+// reads its notices until its connection ends.
+func (s *Supervisor) serveRegistered(ch *handover.Channel, reg Register, files []*os.File, err error) {
 	if err != nil || len(files) != 3 || reg.PID <= 1 || reg.Root == 0 {
 		for _, f := range files {
 			f.Close()
@@ -322,6 +367,7 @@ func (s *Supervisor) loop(pid int) {
 					return
 				}
 			}
+			s.tendSpare()
 			continue
 		}
 		st, err := sandbox.ReadState(c.Root, c.ID)
@@ -371,6 +417,7 @@ func (s *Supervisor) take(e event) {
 	}
 	// The new sentry owns the root page now.
 	s.frozen = nil
+	s.servedAt = time.Now()
 	e.reply.Stop = s.stopping
 	close(e.done)
 }
@@ -412,7 +459,7 @@ func (s *Supervisor) awaitNewSentry(dead int) int {
 		for _, c := range children(me, dead) {
 			pid := c.pid
 			switch {
-			case pid == dead:
+			case pid == dead || pid == s.sparePID():
 			case isNewSentry(pid):
 				pending = append(pending, pid)
 			default:
@@ -497,7 +544,7 @@ func (s *Supervisor) recover(dead int, at time.Time) int {
 	}
 	// Whatever the dead sentry left (guests, a new sentry it was
 	// starting) must not run alongside the recovered one.
-	killChildren(dead)
+	left := killLeft(dead, s.sparePID())
 	killed := time.Since(at)
 	if s.frozen != nil {
 		// It died in a restart that no new sentry committed: the
@@ -518,46 +565,186 @@ func (s *Supervisor) recover(dead int, at time.Time) int {
 	d := &handover.Descriptor{
 		Protocol: handover.ProtocolVersion, Mode: handover.ModeRecover, Version: cur.reg.Version, PID: dead,
 		Root: cur.reg.Root, LiveupdateNumber: cur.reg.LiveupdateNumber, MemorySize: cur.reg.MemorySize,
-		Files:   handover.Files{MemoryFile: 3, GuestListener: 4, ControlListener: 5},
-		Sandbox: cfg,
-		Timing:  handover.Timing{Mode: handover.ModeRecover, OldPID: dead, OldVersion: cur.reg.Version, PausedAt: pausedAt},
+		Files:     handover.Files{MemoryFile: 3, GuestListener: 4, ControlListener: 5},
+		OldGuests: left,
+		Sandbox:   cfg,
+		Timing:    handover.Timing{Mode: handover.ModeRecover, OldPID: dead, OldVersion: cur.reg.Version, PausedAt: pausedAt},
 	}
+	// Until it serves, the state names the recovering sentry (else it
+	// would name a dead one, and read as stopped); written before the
+	// spare can serve and write its own.
+	if pid := s.sparePID(); pid != 0 {
+		// The root page as it is: a recovering sentry rewrites it
+		// (KHO reuses it as its outgoing root) but changes nothing else
+		// before it registers, so a spare that fails before then is
+		// replaced by a started sentry on this page again.
+		root := make([]byte, os.Getpagesize())
+		_, rerr := cur.files[0].ReadAt(root, int64(cur.reg.Root))
+		s.recovering(dead, pid)
+		if s.useSpare(d, cur.files) {
+			log.Warningf("supervisor: sentry %d died; recovering sandbox %s with spare sentry %d (what it left killed in %v, the recovery sent %v after the death was noticed)", dead, c.ID, pid, killed, time.Since(at))
+			next, err := s.awaitRecovering(dead, pid)
+			if err == nil {
+				return next
+			}
+			if rerr == nil {
+				_, rerr = cur.files[0].WriteAt(root, int64(cur.reg.Root))
+			}
+			if rerr != nil {
+				s.lost(fmt.Errorf("%v, and the KHO root page could not be restored for another: %v", err, rerr))
+				return 0
+			}
+			log.Warningf("supervisor: %v; starting a sentry", err)
+		}
+	}
+	pid := s.startRecovering(d, cur.files)
+	if pid == 0 {
+		return 0
+	}
+	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d (what it left killed in %v, sentry started %v after the death was noticed)", dead, c.ID, pid, killed, time.Since(at))
+	s.recovering(dead, pid)
+	next, err := s.awaitRecovering(dead, pid)
+	if err != nil {
+		s.lost(err)
+	}
+	return next
+}
+
+// recovering writes the state of a sandbox that sentry pid recovers after
+// sentry dead died.
+func (s *Supervisor) recovering(dead, pid int) {
+	c := &s.opts.Config
+	st, err := sandbox.ReadState(c.Root, c.ID)
+	if err != nil {
+		return
+	}
+	st.Status, st.PID, st.Guests, st.EntrypointPID = sandbox.StatusRunning, pid, nil, 0
+	st.Error = fmt.Sprintf("recovering: sentry %d died", dead)
+	if err := sandbox.WriteState(st); err != nil {
+		log.Warningf("supervisor: %v", err)
+	}
+}
+
+// useSpare hands the recovery d, with the memory file and the listening
+// sockets, to the spare sentry; false if it could not take it (it is
+// killed then). Either way the spare is used up.
+func (s *Supervisor) useSpare(d *handover.Descriptor, files []*os.File) bool {
+	sp := s.spare
+	s.spare = nil
+	if !sandbox.Alive(sp.pid) || exiting(sp.pid) {
+		sp.ch.Close()
+		log.Warningf("supervisor: the spare sentry %d is gone; starting a sentry", sp.pid)
+		return false
+	}
+	spared := *d
+	spared.Files = handover.Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2}
+	spared.Timing.SentAt = handover.Monotonic()
+	if err := sp.ch.Send(&spared, files...); err != nil {
+		sp.ch.Close()
+		log.Warningf("supervisor: the spare sentry %d did not take the recovery (%v); starting a sentry", sp.pid, err)
+		unix.Kill(sp.pid, unix.SIGKILL)
+		return false
+	}
+	// It registers on the same channel, as a standby sentry would.
+	go func() {
+		defer sp.ch.Close()
+		s.serveStandby(sp.ch, sp.pid)
+	}()
+	return true
+}
+
+// startRecovering starts a sentry with the recovery d in its environment
+// and the memory file and the listening sockets as fds 3 to 5, and returns
+// its pid; 0 if the sandbox is lost.
+func (s *Supervisor) startRecovering(d *handover.Descriptor, files []*os.File) int {
 	d.Timing.SentAt = handover.Monotonic()
 	env, err := handover.EncodeEnv(d)
 	if err != nil {
 		s.lost(err)
 		return 0
 	}
-	logf, _ := os.OpenFile(sandbox.SentryLogPath(c.Root, c.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	cmd := exec.Command(s.opts.Exe, append(s.opts.Globals.Args(), "boot")...)
-	cmd.Env = append(os.Environ(), env)
-	cmd.ExtraFiles = cur.files
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	err = cmd.Start()
-	if logf != nil {
-		logf.Close()
-	}
+	pid, err := s.spawn(append(os.Environ(), env), files)
 	if err != nil {
 		s.lost(fmt.Errorf("starting a sentry to recover the sandbox: %w", err))
 		return 0
 	}
-	// reapChildren reaps it: release the handle (a pidfd) os/exec keeps
-	// until Wait, or each recovery would leak one.
+	return pid
+}
+
+// spawn starts "runsc-luo boot ARGS" in its own session, with env, files as
+// fds 3 on, and its output appended to the sandbox's sentry log, and
+// returns its pid. reapChildren reaps it.
+func (s *Supervisor) spawn(env []string, files []*os.File, args ...string) (int, error) {
+	c := &s.opts.Config
+	logf, _ := os.OpenFile(sandbox.SentryLogPath(c.Root, c.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	cmd := exec.Command(s.opts.Exe, append(append(s.opts.Globals.Args(), "boot"), args...)...)
+	cmd.Env = env
+	cmd.ExtraFiles = files
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err := cmd.Start()
+	if logf != nil {
+		logf.Close()
+	}
+	if err != nil {
+		return 0, err
+	}
+	// Release the handle (a pidfd) os/exec keeps until Wait, or each
+	// sentry started would leak one.
 	pid := cmd.Process.Pid
 	cmd.Process.Release()
-	log.Warningf("supervisor: sentry %d died; recovering sandbox %s with sentry %d (what it left killed and reaped in %v, sentry started %v after the death was noticed)", dead, c.ID, pid, killed, time.Since(at))
-	// Until it serves, the state names the recovering sentry (else it
-	// would name a dead one, and read as stopped).
-	if st, err := sandbox.ReadState(c.Root, c.ID); err == nil {
-		st.Status, st.PID, st.Guests, st.EntrypointPID = sandbox.StatusRunning, pid, nil, 0
-		st.Error = fmt.Sprintf("recovering: sentry %d died", dead)
-		if err := sandbox.WriteState(st); err != nil {
-			log.Warningf("supervisor: %v", err)
-		}
+	return pid, nil
+}
+
+// sparePID is the spare sentry's pid, 0 if none runs.
+func (s *Supervisor) sparePID() int {
+	if s.spare == nil {
+		return 0
 	}
-	// The new sentry registers once it serves; if it dies first, the
-	// sandbox is lost.
+	return s.spare.pid
+}
+
+// tendSpare starts a spare sentry when a sentry has served for spareDelay
+// without one, and forgets one that died.
+func (s *Supervisor) tendSpare() {
+	now := time.Now()
+	if sp := s.spare; sp != nil {
+		if now.Sub(s.spareChecked) < spareDelay {
+			return
+		}
+		s.spareChecked = now
+		if !sandbox.Alive(sp.pid) {
+			log.Warningf("supervisor: the spare sentry %d died; another is started in %v", sp.pid, spareRetry)
+			sp.ch.Close()
+			s.spare, s.spareAfter = nil, now.Add(spareRetry)
+		}
+		return
+	}
+	if s.currentPID() == 0 || s.stopping != nil || now.Sub(s.servedAt) < spareDelay || now.Before(s.spareAfter) {
+		return
+	}
+	ch, peer, err := handover.Pair()
+	if err != nil {
+		log.Warningf("supervisor: a spare sentry's channel: %v", err)
+		s.spareAfter = now.Add(spareRetry)
+		return
+	}
+	pid, err := s.spawn(os.Environ(), []*os.File{peer}, "--spare-fd=3")
+	peer.Close()
+	if err != nil {
+		ch.Close()
+		log.Warningf("supervisor: starting a spare sentry: %v", err)
+		s.spareAfter = now.Add(spareRetry)
+		return
+	}
+	s.spare, s.spareChecked = &spare{pid: pid, ch: ch}, now
+	log.Debugf("supervisor: spare sentry %d started", pid)
+}
+
+// awaitRecovering waits for the recovering sentry pid to register, and
+// returns pid once it has; an error if it died first or did not serve in
+// time (it is killed then).
+func (s *Supervisor) awaitRecovering(dead, pid int) (int, error) {
 	deadline := time.Now().Add(s.opts.ExecTimeout)
 	for time.Now().Before(deadline) {
 		select {
@@ -575,18 +762,16 @@ func (s *Supervisor) recover(dead int, at time.Time) int {
 			default:
 				// Hand it back to the main loop, which takes it.
 				go func() { s.events <- e }()
-				return pid
+				return pid, nil
 			}
 		case <-time.After(10 * time.Millisecond):
 		}
 		if !sandbox.Alive(pid) {
-			s.lost(fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", pid))
-			return 0
+			return 0, fmt.Errorf("the recovering sentry (pid %d) exited; see sentry.log", pid)
 		}
 	}
 	unix.Kill(pid, unix.SIGKILL)
-	s.lost(fmt.Errorf("the recovering sentry did not serve within %v", s.opts.ExecTimeout))
-	return 0
+	return 0, fmt.Errorf("the recovering sentry (pid %d) did not serve within %v", pid, s.opts.ExecTimeout)
 }
 
 // lost records that no sentry serves the sandbox any more.
@@ -756,6 +941,110 @@ func (s *Supervisor) watch() {
 	}
 }
 
+// killLeft SIGKILLs what the dead sentry left, before a recovery: every
+// child of this process but dead and keep (the spare sentry), and every
+// descendant of dead and of those, each with its process group. It returns
+// once each of them, and dead, runs no code any more (it is exiting, or a
+// zombie), or after 2 s: the kernel may still be tearing down their
+// address spaces, tens of milliseconds per GiB mapped, but nothing of
+// theirs can reach the recovering sentry. The pids returned are those not
+// yet reaped: the recovering sentry relaunches the entrypoint only once
+// they are zombies or gone. (A process reparented from a dying guest to
+// this subreaper is seen in the same pass as its child of this process,
+// before as its descendant.)
+func killLeft(dead, keep int) []int {
+	me := os.Getpid()
+	deadline := time.Now().Add(2 * time.Second)
+	idled := make(map[int]bool)
+	for {
+		procs := processes()
+		kids := make(map[int][]int)
+		for _, p := range procs {
+			kids[p.PPID] = append(kids[p.PPID], p.PID)
+		}
+		byPID := make(map[int]sandbox.Proc, len(procs))
+		for _, p := range procs {
+			byPID[p.PID] = p
+		}
+		var left []int
+		running := 0
+		var visit func(pid int)
+		visit = func(pid int) {
+			if pid == keep || pid == me {
+				return
+			}
+			if !idled[pid] {
+				idle(pid)
+				idled[pid] = true
+			}
+			if pid != dead {
+				p := byPID[pid]
+				if p.Alive() {
+					unix.Kill(-pid, unix.SIGKILL)
+					unix.Kill(pid, unix.SIGKILL)
+				}
+				left = append(left, pid)
+			}
+			if p := byPID[pid]; p.Alive() && !exiting(pid) {
+				running++
+			}
+			for _, c := range kids[pid] {
+				visit(c)
+			}
+		}
+		for _, pid := range kids[me] {
+			visit(pid)
+		}
+		if p, ok := byPID[dead]; ok && p.PPID != me {
+			// (Not this process's child: its own sentry, when the
+			// supervisor is not its parent.)
+			visit(dead)
+		}
+		if running == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// idle makes every thread of pid SCHED_IDLE, so that the kernel's
+// teardown of a killed process (its exit runs in its own threads, and
+// unmapping gigabytes of memory-file pages takes tens of milliseconds per
+// GiB) takes only the CPU time the recovering sentry leaves: on a small
+// machine it would otherwise take a CPU from the recovery. Errors are
+// ignored (a thread that is gone needs nothing).
+func idle(pid int) {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if tid, err := strconv.Atoi(e.Name()); err == nil {
+			unix.SchedSetAttr(tid, &unix.SchedAttr{Policy: unix.SCHED_IDLE}, 0)
+		}
+	}
+}
+
+// processes reads every process's stat, in one pass over /proc.
+func processes() []sandbox.Proc {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	out := make([]sandbox.Proc, 0, len(ents))
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if p, ok := sandbox.ReadProc(pid); ok {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // child is a process and its parent, as one read of /proc saw them.
 type child struct {
 	pid, ppid int
@@ -768,23 +1057,11 @@ type child struct {
 // of a dying sentry, adopted by this subreaper) is seen once, never
 // missed between two passes.
 func children(parents ...int) []child {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
 	var out []child
-	for _, e := range ents {
-		var p int
-		if _, err := fmt.Sscan(e.Name(), &p); err != nil {
-			continue
-		}
-		pp, ok := sandbox.ReadProc(p)
-		if !ok {
-			continue
-		}
+	for _, p := range processes() {
 		for _, parent := range parents {
-			if pp.PPID == parent {
-				out = append(out, child{pid: p, ppid: pp.PPID, alive: pp.Alive()})
+			if p.PPID == parent {
+				out = append(out, child{pid: p.PID, ppid: p.PPID, alive: p.Alive()})
 				break
 			}
 		}

@@ -99,8 +99,10 @@ type Descriptor struct {
 }
 
 // Validate checks every field of a received descriptor; the error names the
-// first bad one. known reports whether the receiver understands an ABI
-// string.
+// first bad one. nfiles is how many files came with it in a message (whose
+// Files are indexes into them); 0 for a descriptor whose files are
+// inherited fds (exec mode, or a recovery started by the supervisor).
+// known reports whether the receiver understands an ABI string.
 func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 	if d.Protocol != ProtocolVersion {
 		return fmt.Errorf("handover descriptor: protocol %d, this sentry speaks %d", d.Protocol, ProtocolVersion)
@@ -129,11 +131,15 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 		name string
 		v    int
 	}{{"memory_file", d.Files.MemoryFile}, {"guest_listener", d.Files.GuestListener}, {"control_listener", d.Files.ControlListener}}
+	// Over a channel the files come with the descriptor and are named by
+	// index (transfer mode, and a recovery handed to a spare sentry);
+	// otherwise they are inherited fds.
+	inMessage := d.Mode == ModeTransfer || nfiles > 0
 	for i, f := range fs {
-		if d.Mode == ModeTransfer && (f.v < 0 || f.v >= nfiles) {
+		if inMessage && (f.v < 0 || f.v >= nfiles) {
 			return fmt.Errorf("handover descriptor: files.%s = %d, but %d files came", f.name, f.v, nfiles)
 		}
-		if d.Mode != ModeTransfer && f.v < 3 {
+		if !inMessage && f.v < 3 {
 			return fmt.Errorf("handover descriptor: files.%s = %d is not an inherited fd", f.name, f.v)
 		}
 		for _, g := range fs[:i] {

@@ -46,7 +46,12 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			d := goodDescriptor()
 			tc.modify(&d)
-			err := d.Validate(3, known)
+			nfiles := 3
+			if d.Mode == ModeExec {
+				// Its files are inherited, not in a message.
+				nfiles = 0
+			}
+			err := d.Validate(nfiles, known)
 			if tc.want == "" {
 				if err != nil {
 					t.Fatalf("Validate: %v", err)
@@ -100,6 +105,78 @@ func TestChannelCarriesDescriptorAndFiles(t *testing.T) {
 	}
 	for _, f := range files {
 		f.Close()
+	}
+}
+
+// A spare sentry receives a recovery with its three files by index, in the
+// order memory file, guest listener, control listener; another mode, or
+// a descriptor naming a file that did not come, is refused and every file
+// received closed.
+func TestRecvRecoveryTakesOnlyARecovery(t *testing.T) {
+	recovery := func() Descriptor {
+		d := goodDescriptor()
+		d.Mode, d.Timing.Mode = ModeRecover, ModeRecover
+		d.Files = Files{MemoryFile: 2, GuestListener: 0, ControlListener: 1}
+		return d
+	}
+	tests := []struct {
+		name   string
+		modify func(d *Descriptor)
+		want   string
+	}{
+		{"a recovery is taken", func(d *Descriptor) {}, ""},
+		{"a transfer descriptor is refused", func(d *Descriptor) { d.Mode, d.Timing.Mode = ModeTransfer, ModeTransfer }, `mode "transfer" over a recover channel`},
+		{"a file that did not come is refused", func(d *Descriptor) { d.Files.ControlListener = 3 }, "files.control_listener = 3, but 3 files came"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a, peer, err := Pair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			b, err := NewChannel(peer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			var sent []*os.File
+			for _, name := range []string{"guest", "control", "memory"} {
+				fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+				if err != nil {
+					t.Fatal(err)
+				}
+				f := os.NewFile(uintptr(fd), name)
+				defer f.Close()
+				f.WriteString(name)
+				sent = append(sent, f)
+			}
+			d := recovery()
+			tc.modify(&d)
+			if err := a.Send(&d, sent...); err != nil {
+				t.Fatal(err)
+			}
+			got, files, err := RecvRecovery(b, known)
+			if tc.want != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.want) || files != nil {
+					t.Fatalf("RecvRecovery: %v with %d files, want an error containing %q and no file", err, len(files), tc.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("RecvRecovery: %v", err)
+			}
+			defer closeFiles(files)
+			if got.Mode != ModeRecover || len(files) != 3 {
+				t.Fatalf("RecvRecovery: mode %q, %d files", got.Mode, len(files))
+			}
+			for i, want := range []string{"memory", "guest", "control"} {
+				buf := make([]byte, 16)
+				if n, _ := files[i].ReadAt(buf, 0); string(buf[:n]) != want {
+					t.Errorf("file %d reads %q, want %q", i, buf[:n], want)
+				}
+			}
+		})
 	}
 }
 

@@ -334,7 +334,7 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		}
 		return d, d.Timing, fmt.Errorf("handover refused: %w", err)
 	}
-	ordered, err := takeFiles(d, files, opts.known)
+	ordered, err := takeFiles(d, files, opts.known, ModeTransfer)
 	if err != nil {
 		return refuse(err)
 	}
@@ -408,17 +408,18 @@ func serve(d *Descriptor, t *Timing, dst Target) error {
 	return nil
 }
 
-// takeFiles validates a transfer-mode descriptor and returns the memory
-// file, guest listener and control listener; the other files are closed.
-// On error every file is closed.
-func takeFiles(d *Descriptor, files []*os.File, known func(string) bool) ([]*os.File, error) {
+// takeFiles validates a descriptor that came over a channel with its
+// files, which must be of mode, and returns the memory file, guest
+// listener and control listener; the other files are closed. On error
+// every file is closed.
+func takeFiles(d *Descriptor, files []*os.File, known func(string) bool, mode string) ([]*os.File, error) {
 	if err := d.Validate(len(files), known); err != nil {
 		closeFiles(files)
 		return nil, err
 	}
-	if d.Mode != ModeTransfer {
+	if d.Mode != mode {
 		closeFiles(files)
-		return nil, fmt.Errorf("handover descriptor: mode %q over a transfer channel", d.Mode)
+		return nil, fmt.Errorf("handover descriptor: mode %q over a %s channel", d.Mode, mode)
 	}
 	ordered := []*os.File{files[d.Files.MemoryFile], files[d.Files.GuestListener], files[d.Files.ControlListener]}
 	for i, f := range files {
@@ -427,6 +428,24 @@ func takeFiles(d *Descriptor, files []*os.File, known func(string) bool) ([]*os.
 		}
 	}
 	return ordered, nil
+}
+
+// RecvRecovery receives, on a spare sentry's channel, the descriptor of a
+// recovery (ModeRecover) with its files, named by index: the memory file,
+// the guest listener and the control listener, returned in that order.
+// The spare then boots with AcceptExec, as a sentry that found the
+// descriptor in its environment. On error every file is closed.
+func RecvRecovery(ch *Channel, known func(string) bool) (*Descriptor, []*os.File, error) {
+	d := new(Descriptor)
+	files, err := ch.Recv(d)
+	if err != nil {
+		return nil, nil, err
+	}
+	files, err = takeFiles(d, files, known, ModeRecover)
+	if err != nil {
+		return nil, nil, err
+	}
+	return d, files, nil
 }
 
 // recvNoFiles receives a message that must carry no files.

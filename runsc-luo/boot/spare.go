@@ -1,0 +1,74 @@
+package boot
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"runtime/debug"
+
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
+	"github.com/livesentry/livesentry/pkg/sentry/kernel"
+	"gvisor.dev/gvisor/pkg/log"
+)
+
+// ErrNoRecovery is NewSpare's error when the supervisor closed the spare's
+// channel without a recovery: the sandbox stopped, or the supervisor went
+// away. The spare exits quietly.
+var ErrNoRecovery = errors.New("the supervisor closed the spare's channel without a recovery")
+
+// NewSpare runs a spare sentry: a process the supervisor starts ahead of
+// any crash, so that a recovery does not pay for starting one. It does
+// before the crash what a sentry does before a restart's Ready (signal
+// handling, a rehearsed boot, one collection, a grown stack), then waits
+// on the channel at fd for the supervisor's recovery descriptor with the
+// memory file and the listening sockets (handover.RecvRecovery) and boots
+// from it as a recovering sentry started with the descriptor in its
+// environment would; it registers on the same channel. It returns once
+// the sentry serves guests; Run then relaunches the entrypoint.
+func NewSpare(fd int, opts Options) (*Sentry, error) {
+	ch, err := handover.NewChannel(os.NewFile(uintptr(fd), "spare"))
+	if err != nil {
+		return nil, err
+	}
+	if n := closeInherited(); n > 0 {
+		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+	}
+	catchSignals()
+	if err := kernel.PrepareIncoming(0); err != nil {
+		log.Warningf("%v", err)
+	}
+	runtime.GC()
+	growStack()
+	log.Debugf("spare sentry %d waits for a recovery", os.Getpid())
+	d, files, err := handover.RecvRecovery(ch, reads)
+	switch {
+	case errors.Is(err, io.EOF):
+		ch.Close()
+		return nil, ErrNoRecovery
+	case err != nil:
+		ch.Close()
+		return nil, fmt.Errorf("spare sentry: the supervisor's recovery: %w", err)
+	}
+	// No collection inside the recovery's blackout.
+	gcPercent := debug.SetGCPercent(-1)
+	defer debug.SetGCPercent(gcPercent)
+	// The channel is this sentry's connection to the supervisor, as a
+	// restart's new sentry's standby connection is: it registers on it
+	// at its commit with one message (promote).
+	in := &incoming{opts: opts, standby: ch}
+	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
+	t, err := handover.AcceptExec(d, files, in, hopts)
+	if in.standby != nil {
+		// Boot did not take it: the recovery failed before.
+		in.standby.Close()
+	}
+	if err != nil {
+		// The supervisor sees this process exit before it registers,
+		// and records the sandbox lost.
+		return nil, fmt.Errorf("recovery refused: %w", err)
+	}
+	log.Warningf("sandbox %s: live-update boot (%s mode) from %q, liveupdate number %d, blackout %v (map %v, KHO %v, LUO %v), by the spare sentry", in.s.cfg.ID, d.Mode, d.Version, t.LiveupdateNumber, t.Blackout, t.Map, t.Ingest, t.LUO)
+	return in.s, nil
+}
