@@ -42,23 +42,26 @@ const (
 
 // faultCases is the matrix: every process of a restart (the old sentry,
 // the new one, the guest, the supervisor) SIGKILLed at every point of the
-// restart protocol it passes, and inside LUO freeze + KHO finalize (a delay
-// after offer/paused) and inside the new sentry's boot (map, KHO ingest,
-// LUO deserialize: a delay after accept/received), in both modes.
+// restart protocol it passes, between LUO freeze and KHO finalize
+// (offer/frozen) and between KHO ingest and LUO deserialize
+// (accept/ingested), and a delay after offer/paused (inside LUO freeze or
+// KHO finalize, or after them) and after accept/received (inside the new
+// sentry's map, KHO ingest or LUO deserialize), in both modes.
 func faultCases() []faultCase {
 	fast := map[string]bool{
 		"transfer old@offer/prepared": true, "transfer old@offer/acked": true, "transfer old@offer/committed": true,
 		"transfer new@accept/booted": true, "transfer new@accept/committed": true, "transfer guest@offer/paused": true,
 		"transfer supervisor@offer/sent": true, "exec old@offer/prepared": true, "exec new@accept/booted": true,
 		"exec new@accept/serving": true, "transfer old@offer/paused+300us": true, "exec new@accept/received+300us": true,
+		"transfer old@offer/frozen": true, "transfer new@accept/ingested": true,
 	}
 	var cs []faultCase
 	add := func(mode, crash string) {
 		cs = append(cs, faultCase{mode: mode, crash: crash, fast: fast[mode+" "+crash]})
 	}
-	offer := []handover.Point{handover.OfferReady, handover.OfferPaused, handover.OfferPrepared, handover.OfferSent,
+	offer := []handover.Point{handover.OfferReady, handover.OfferPaused, handover.OfferFrozen, handover.OfferPrepared, handover.OfferSent,
 		handover.OfferAcked, handover.OfferCommitted, handover.OfferHandedOff, handover.OfferConfirmed}
-	accept := []handover.Point{handover.AcceptStart, handover.AcceptReady, handover.AcceptReceived, handover.AcceptBooted,
+	accept := []handover.Point{handover.AcceptStart, handover.AcceptReady, handover.AcceptReceived, handover.AcceptIngested, handover.AcceptBooted,
 		handover.AcceptAcked, handover.AcceptCommitted, handover.AcceptServing, handover.AcceptDone}
 	for _, p := range offer {
 		add(handover.ModeTransfer, "old@"+string(p))
@@ -75,8 +78,8 @@ func faultCases() []faultCase {
 			add(handover.ModeTransfer, who+"@"+string(p))
 		}
 	}
-	execOffer := []handover.Point{handover.OfferPaused, handover.OfferPrepared, handover.OfferSent}
-	execAccept := []handover.Point{handover.AcceptReceived, handover.AcceptBooted, handover.AcceptServing}
+	execOffer := []handover.Point{handover.OfferPaused, handover.OfferFrozen, handover.OfferPrepared, handover.OfferSent}
+	execAccept := []handover.Point{handover.AcceptReceived, handover.AcceptIngested, handover.AcceptBooted, handover.AcceptServing}
 	for _, p := range execOffer {
 		add(handover.ModeExec, "old@"+string(p))
 	}

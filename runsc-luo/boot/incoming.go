@@ -30,6 +30,9 @@ type incoming struct {
 	// reuses (its outgoing root), while the page holds the old root
 	// again, from Boot until Commit (see keepOldRoot).
 	ownRoot []byte
+	// fault is the restart's fault hook (handover.Options.Fault), which
+	// the boot calls inside, at handover.AcceptIngested.
+	fault func(handover.Point) error
 }
 
 var _ handover.Target = (*incoming)(nil)
@@ -67,7 +70,7 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 		}
 		return fmt.Errorf("reading the KHO root page at %#x: %w", d.Root, err)
 	}
-	k, err := boot(files[0], d.Root, kernel.Options{Logf: log.Infof}, t)
+	k, err := boot(files[0], d.Root, kernel.Options{Logf: log.Infof, Fault: in.fault}, t)
 	if err != nil {
 		files[1].Close()
 		files[2].Close()
@@ -207,8 +210,8 @@ func reads(c string) bool {
 // means the old sentry keeps the sandbox; in exec mode there is no one to
 // roll back to, so the sandbox is recorded as stopped, with the error.
 func NewFromHandover(fd int, opts Options) (*Sentry, error) {
-	in := &incoming{opts: opts}
 	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
+	in := &incoming{opts: opts, fault: hopts.Fault}
 	if fd >= 0 {
 		ch, err := handover.NewChannel(os.NewFile(uintptr(fd), "handover"))
 		if err != nil {

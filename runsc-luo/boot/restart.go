@@ -29,6 +29,9 @@ type outgoing struct {
 	mem *os.File
 	// peer is the new sentry's pid (transfer mode).
 	peer int
+	// fault is the restart's fault hook (handover.Options.Fault), which
+	// Prepare calls inside, at handover.OfferFrozen.
+	fault func(handover.Point) error
 }
 
 var _ handover.Source = (*outgoing)(nil)
@@ -55,7 +58,7 @@ func (o *outgoing) Pause(deadline time.Time) error {
 // sentry reads, and describes the result.
 func (o *outgoing) Prepare(d *handover.Descriptor, peerReads []string) ([]*os.File, error) {
 	s := o.s
-	h, err := s.k.PrepareHandover(&d.Timing, peerReads)
+	h, err := s.k.PrepareHandoverWith(&d.Timing, peerReads, o.fault)
 	if err != nil {
 		return nil, err
 	}
@@ -219,19 +222,20 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	}
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
-	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer, peer: cmd.Process.Pid}, handover.Options{
+	fault := crash.fault(func() int { return cmd.Process.Pid }, func(p handover.Point) error {
+		if p == handover.OfferSent && ackDelay > 0 {
+			time.Sleep(ackDelay)
+		}
+		return nil
+	})
+	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer, peer: cmd.Process.Pid, fault: fault}, handover.Options{
 		Version:  s.opts.Version,
 		Deadline: time.Now().Add(timeout),
 		StopPeer: func() {
 			cmd.Process.Kill()
 			<-exited
 		},
-		Fault: crash.fault(func() int { return cmd.Process.Pid }, func(p handover.Point) error {
-			if p == handover.OfferSent && ackDelay > 0 {
-				time.Sleep(ackDelay)
-			}
-			return nil
-		}),
+		Fault: fault,
 	})
 	if s.isHandedOver() {
 		// Stopped at the handoff; the new sentry relaunches the
@@ -264,11 +268,12 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 		log.Warningf("exec restart: %v", err)
 	}
 	argv := append([]string{binary}, append(s.opts.Globals.Args(), "boot")...)
-	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec}, handover.Options{
+	fault := crash.fault(os.Getpid, nil)
+	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec, fault: fault}, handover.Options{
 		Version:   s.opts.Version,
 		Deadline:  time.Now().Add(timeout),
 		PeerReads: info.Reads,
-		Fault:     crash.fault(os.Getpid, nil),
+		Fault:     fault,
 		Exec: func(env string, fds []int) error {
 			// A stop asked for until now rolls the restart back (and
 			// is applied then); one asked for later waits on s.mu

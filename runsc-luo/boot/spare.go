@@ -57,8 +57,8 @@ func NewSpare(fd int, opts Options) (*Sentry, error) {
 	// The channel is this sentry's connection to the supervisor, as a
 	// restart's new sentry's standby connection is: it registers on it
 	// at its commit with one message (promote).
-	in := &incoming{opts: opts, standby: ch}
 	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
+	in := &incoming{opts: opts, standby: ch, fault: hopts.Fault}
 	t, err := handover.AcceptExec(d, files, in, hopts)
 	if in.standby != nil {
 		// Boot did not take it: the recovery failed before.

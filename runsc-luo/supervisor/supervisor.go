@@ -2,8 +2,9 @@
 // sentry, like containerd-shim or conmon: it starts the first sentry, holds
 // a copy of the memory file and the listening sockets each serving sentry
 // registers, and, when the serving sentry dies without handing the sandbox
-// over, starts a new sentry on the same memory file (handover.ModeRecover),
-// which ingests it as after a planned restart and relaunches the
+// over, hands the same memory file to a new sentry (handover.ModeRecover):
+// the spare sentry it keeps started for that, or one it starts. That
+// sentry ingests the file as after a planned restart and relaunches the
 // entrypoint.
 //
 // Sentries register on the supervisor socket of the sandbox once they
@@ -720,7 +721,9 @@ func (s *Supervisor) tendSpare() {
 		}
 		return
 	}
-	if s.currentPID() == 0 || s.stopping != nil || now.Sub(s.servedAt) < spareDelay || now.Before(s.spareAfter) {
+	if s.currentPID() == 0 || s.stopping != nil || s.frozen != nil || now.Sub(s.servedAt) < spareDelay || now.Before(s.spareAfter) {
+		// (Not while the sentry is paused for a restart: the spare's
+		// start would take CPU from the blackout.)
 		return
 	}
 	ch, peer, err := handover.Pair()

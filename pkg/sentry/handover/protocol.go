@@ -73,6 +73,7 @@ type Point string
 const (
 	OfferReady      Point = "offer/ready"      // the new sentry said Ready; nothing is paused
 	OfferPaused     Point = "offer/paused"     // guests are paused
+	OfferFrozen     Point = "offer/frozen"     // LUO frozen; KHO finalize is next (inside Source.Prepare)
 	OfferPrepared   Point = "offer/prepared"   // LUO frozen, KHO finalized
 	OfferSent       Point = "offer/sent"       // the descriptor and files are sent; the ack is next
 	OfferAcked      Point = "offer/acked"      // an accepted ack was read; the Commit is next
@@ -82,6 +83,7 @@ const (
 	AcceptStart     Point = "accept/start"     // before Ready
 	AcceptReady     Point = "accept/ready"     // Ready sent; waiting for the descriptor
 	AcceptReceived  Point = "accept/received"  // the descriptor is received and valid; Boot is next
+	AcceptIngested  Point = "accept/ingested"  // the memory file mapped, KHO ingested; LUO deserialize is next (inside Target.Boot)
 	AcceptBooted    Point = "accept/booted"    // Boot done; the ack is next
 	AcceptAcked     Point = "accept/acked"     // the accepted ack is sent; waiting for the Commit
 	AcceptCommitted Point = "accept/committed" // the Commit arrived; Commit (scrub, serve) is next
@@ -90,12 +92,14 @@ const (
 )
 
 // Points are every Point, the outgoing side's first, each side's in order.
-// Exec mode passes OfferPaused, OfferPrepared and OfferSent on the
-// outgoing side, and AcceptReceived, AcceptBooted and AcceptServing on the
-// incoming side.
+// Exec mode passes OfferPaused, OfferFrozen, OfferPrepared and OfferSent
+// on the outgoing side, and AcceptReceived, AcceptIngested, AcceptBooted
+// and AcceptServing on the incoming side. OfferFrozen and AcceptIngested
+// are inside the Source's Prepare and the Target's Boot, which call the
+// hook there themselves (Options.Fault, passed on).
 var Points = []Point{
-	OfferReady, OfferPaused, OfferPrepared, OfferSent, OfferAcked, OfferCommitted, OfferHandedOff, OfferConfirmed,
-	AcceptStart, AcceptReady, AcceptReceived, AcceptBooted, AcceptAcked, AcceptCommitted, AcceptServing, AcceptDone,
+	OfferReady, OfferPaused, OfferFrozen, OfferPrepared, OfferSent, OfferAcked, OfferCommitted, OfferHandedOff, OfferConfirmed,
+	AcceptStart, AcceptReady, AcceptReceived, AcceptIngested, AcceptBooted, AcceptAcked, AcceptCommitted, AcceptServing, AcceptDone,
 }
 
 // ErrCrash, returned by a Fault hook, ends that side at once, as SIGKILL

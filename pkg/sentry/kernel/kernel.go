@@ -46,6 +46,10 @@ type Options struct {
 	// Logf, if not nil, receives one line per notable event (a guest
 	// connecting or dropped for a malformed frame).
 	Logf func(format string, args ...any)
+	// Fault, if not nil, is called by a live-update boot at
+	// handover.AcceptIngested, between KHO's ingest and LUO's
+	// deserialize: an error from it fails the boot.
+	Fault func(handover.Point) error
 }
 
 // Kernel is one sentry's state. It is safe for concurrent use.
@@ -209,6 +213,12 @@ func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, inge
 	}
 	t2 := time.Now()
 	t.Ingest = t2.Sub(t1)
+	if opts.Fault != nil {
+		if err := opts.Fault(handover.AcceptIngested); err != nil {
+			mf.Close()
+			return nil, err
+		}
+	}
 	l, err := newLUO(mf, k)
 	if err != nil {
 		mf.Close()
@@ -469,6 +479,13 @@ type Handover struct {
 // wrapping luo.ErrNoCommonFormat that names the subsystem and both lists.
 // Nil writes this build's default formats.
 func (k *Kernel) PrepareHandover(t *handover.Timing, peerReads []string) (Handover, error) {
+	return k.PrepareHandoverWith(t, peerReads, nil)
+}
+
+// PrepareHandoverWith is PrepareHandover with a fault hook, called at
+// handover.OfferFrozen, between LUO's freeze and KHO's finalize: an error
+// from it unfreezes LUO and is returned.
+func (k *Kernel) PrepareHandoverWith(t *handover.Timing, peerReads []string, fault func(handover.Point) error) (Handover, error) {
 	if t == nil {
 		t = new(handover.Timing)
 	}
@@ -488,6 +505,12 @@ func (k *Kernel) PrepareHandover(t *handover.Timing, peerReads []string) (Handov
 	}
 	t1 := time.Now()
 	t.Freeze = t1.Sub(t0)
+	if fault != nil {
+		if err := fault(handover.OfferFrozen); err != nil {
+			k.luo.Abort()
+			return Handover{}, err
+		}
+	}
 	if err := k.kho.FinalizeFormat(khoFormat); err != nil {
 		k.luo.Abort()
 		return Handover{}, fmt.Errorf("KHO finalize: %w", err)

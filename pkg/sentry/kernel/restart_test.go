@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"golang.org/x/sys/unix"
 )
 
@@ -189,5 +191,67 @@ func TestAGuestDyingDuringThePauseIsReleasedAfterTheOutcome(t *testing.T) {
 				t.Fatalf("the dead guest's memfd after the restart: %q, %v", got[:n], err)
 			}
 		})
+	}
+}
+
+// The fault hooks of a restart's two inner points run where they say:
+// offer/frozen after LUO's freeze and before KHO's finalize, and
+// accept/ingested after KHO's ingest and before LUO's deserialize. An
+// error at either fails that step; the old kernel rolls back, and a later
+// restart still carries every byte.
+func TestHandoverInnerFaultPoints(t *testing.T) {
+	s := newSandbox(t)
+	g := s.dial(t)
+	dev := mustFD(t)(g.OpenLiveUpdate())
+	data := bytes.Repeat([]byte("inner"), 5000)
+	preserveOne(t, g, dev, "s", 1, data)
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	injected := errors.New("injected")
+	var points []handover.Point
+	_, err := s.k.PrepareHandoverWith(nil, nil, func(p handover.Point) error {
+		points = append(points, p)
+		if st := s.k.LUO().Status(); st.Sessions[0].Files[0].State != "frozen" {
+			t.Errorf("at %s: LUO status %+v, want the file frozen", p, st)
+		}
+		return injected
+	})
+	if !errors.Is(err, injected) || !slices.Equal(points, []handover.Point{handover.OfferFrozen}) {
+		t.Fatalf("PrepareHandoverWith: %v at %v, want the injected error at offer/frozen", err, points)
+	}
+	if st := s.k.LUO().Status(); st.Sessions[0].Files[0].State != "preserved" {
+		t.Fatalf("after the failed prepare: %+v, want the file preserved and unfrozen", st)
+	}
+
+	h, err := s.k.PrepareHandover(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file, err := s.k.MemoryFile().DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	points = nil
+	_, err = NewFromHandover(file, h.Root, Options{Fault: func(p handover.Point) error {
+		points = append(points, p)
+		return injected
+	}}, nil)
+	if !errors.Is(err, injected) || !slices.Equal(points, []handover.Point{handover.AcceptIngested}) {
+		t.Fatalf("NewFromHandover: %v at %v, want the injected error at accept/ingested", err, points)
+	}
+	if err := s.k.AbortHandover(); err != nil {
+		t.Fatal(err)
+	}
+	s.k.Resume()
+
+	s2 := restartInProcess(t, s)
+	g2 := s2.dial(t)
+	dev2 := mustFD(t)(g2.OpenLiveUpdate())
+	sess := mustFD(t)(g2.RetrieveSession(dev2, "s"))
+	fd := mustFD(t)(g2.RetrieveFD(sess, 1))
+	got := make([]byte, len(data))
+	if n, err := g2.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("after both failures and a restart: %d bytes, %v", n, err)
 	}
 }
