@@ -2,7 +2,9 @@ package test
 
 import (
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -128,5 +130,50 @@ func TestASpareSentryTakesTheRecoveryAndADeadOneIsReplaced(t *testing.T) {
 	c.must("delete", id)
 	if left := processesMentioning(c.root); len(left) != 0 {
 		t.Errorf("processes left after kill and delete: %v", left)
+	}
+}
+
+// A caller of "run --detach" that leaked an fd into it (here the write end
+// of a pipe it then reads to its end) gets it back closed: the supervisor,
+// a daemon that lives as long as the sandbox, closes what it inherited
+// without being given it, and so the sentries never see it either.
+func TestRunKeepsNoFdItsCallerLeaked(t *testing.T) {
+	c := newCLI(t)
+	const id = "leak"
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	cmd := exec.Command(runsc, "--root="+c.root, "run", "--detach", "--memory=64M", id, "--", "sleep", "600")
+	// fd 5 of "run", not close-on-exec: whatever it starts inherits it
+	// unless it closes it.
+	cmd.ExtraFiles = []*os.File{null, null, pw}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("run: %v\n%s", err, out)
+	}
+	pw.Close()
+	defer func() {
+		c.must("kill", id)
+		c.must("delete", id)
+	}()
+	done := make(chan error, 1)
+	go func() {
+		_, err := io.ReadAll(pr)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		pr.Close()
+		t.Fatalf("the pipe's write end is still open 5 s after run returned: held by %v", processesMentioning(c.root))
 	}
 }

@@ -1,10 +1,9 @@
 package boot
 
 import (
-	"os"
-	"strconv"
 	"sync"
 
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,42 +20,17 @@ import (
 // inherited by that one child.
 var fdMu sync.Mutex
 
-// eachFD calls fn with every open fd of this process above 2.
-func eachFD(fn func(fd int)) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err == nil && fd > 2 {
-			fn(fd)
-		}
-	}
-}
-
 // markCloseOnExec sets FD_CLOEXEC on every fd above 2.
 //
 // Preconditions: fdMu is locked.
 func markCloseOnExec() {
-	eachFD(func(fd int) {
+	sandbox.EachFD(func(fd int) {
 		if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && fl&unix.FD_CLOEXEC == 0 {
 			unix.FcntlInt(uintptr(fd), unix.F_SETFD, fl|unix.FD_CLOEXEC)
 		}
 	})
 }
 
-// closeInherited closes every fd above 2 that is not close-on-exec: at the
-// start of a sentry, once it has taken (and marked close-on-exec) the fds
-// it was given, anything else inherited is a leak of the process before it.
-// It returns how many it closed.
-func closeInherited() int {
-	n := 0
-	eachFD(func(fd int) {
-		if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && fl&unix.FD_CLOEXEC == 0 {
-			unix.Close(fd)
-			n++
-		}
-	})
-	return n
-}
+// closeInherited closes what this sentry inherited by mistake
+// (sandbox.CloseInherited).
+func closeInherited() int { return sandbox.CloseInherited() }

@@ -41,6 +41,10 @@ func (s *Supervise) Execute(_ context.Context, f *flag.FlagSet, args ...any) sub
 		return usagef("supervise: --ready-fd is required")
 	}
 	unix.CloseOnExec(s.readyFD)
+	// A daemon: what its caller leaked into it (a pipe the caller reads
+	// to its end, say) must not stay open for the sandbox's life, nor
+	// reach the sentries.
+	sandbox.CloseInherited()
 	exe, err := os.Executable()
 	if err != nil {
 		return fatalf("%v", err)
