@@ -213,18 +213,9 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
 	in := &incoming{opts: opts, fault: hopts.Fault}
 	if fd >= 0 {
-		ch, err := handover.NewChannel(os.NewFile(uintptr(fd), "handover"))
+		ch, err := prepareBoot(fd, "handover")
 		if err != nil {
 			return nil, err
-		}
-		if n := closeInherited(); n > 0 {
-			log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
-		}
-		// Before Ready: what the boot needs that does not depend on the
-		// handover is faulted in outside the blackout.
-		catchSignals()
-		if err := kernel.PrepareIncoming(0); err != nil {
-			log.Warningf("%v", err)
 		}
 		in.standby = standby(opts.Version)
 		// No collection inside the blackout: the boot allocates a few
@@ -280,6 +271,26 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	err = fmt.Errorf("%s refused: %w", mode, err)
 	failExec(d, err)
 	return nil, err
+}
+
+// prepareBoot takes the channel on fd (named name) and does, before a
+// sentry waits for its handover or recovery, what the boot needs that does
+// not depend on it: the fds inherited by mistake closed, signal handling
+// installed, a boot rehearsed (kernel.PrepareIncoming), so that none of it
+// is paid inside the blackout.
+func prepareBoot(fd int, name string) (*handover.Channel, error) {
+	ch, err := handover.NewChannel(os.NewFile(uintptr(fd), name))
+	if err != nil {
+		return nil, err
+	}
+	if n := closeInherited(); n > 0 {
+		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
+	}
+	catchSignals()
+	if err := kernel.PrepareIncoming(0); err != nil {
+		log.Warningf("%v", err)
+	}
+	return ch, nil
 }
 
 // failExec records an exec-mode restart that failed after execve: the old

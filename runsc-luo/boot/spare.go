@@ -28,16 +28,9 @@ var ErrNoRecovery = errors.New("the supervisor closed the spare's channel withou
 // environment would; it registers on the same channel. It returns once
 // the sentry serves guests; Run then relaunches the entrypoint.
 func NewSpare(fd int, opts Options) (*Sentry, error) {
-	ch, err := handover.NewChannel(os.NewFile(uintptr(fd), "spare"))
+	ch, err := prepareBoot(fd, "spare")
 	if err != nil {
 		return nil, err
-	}
-	if n := closeInherited(); n > 0 {
-		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
-	}
-	catchSignals()
-	if err := kernel.PrepareIncoming(0); err != nil {
-		log.Warningf("%v", err)
 	}
 	runtime.GC()
 	growStack()
