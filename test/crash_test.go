@@ -177,3 +177,45 @@ func TestRunKeepsNoFdItsCallerLeaked(t *testing.T) {
 		t.Fatalf("the pipe's write end is still open 5 s after run returned: held by %v", processesMentioning(c.root))
 	}
 }
+
+// A spare sentry that dies while it boots a recovery, before it registers
+// (after KHO's ingest rewrote the root page, or after its whole boot), is
+// replaced by a started sentry on the root page as the supervisor saved
+// it: the relaunched guest verifies every byte.
+func TestASpareThatDiesInItsRecoveryIsReplaced(t *testing.T) {
+	for _, point := range []string{"accept/ingested", "accept/booted"} {
+		t.Run(strings.ReplaceAll(point, "/", "-"), func(t *testing.T) {
+			c := newCLI(t)
+			const id = "sparedies"
+			cmd := exec.Command(runsc, append([]string{"--root=" + c.root, "run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", 29, true)...)...)
+			cmd.Env = append(os.Environ(), "LIVESENTRY_TESTONLY_SPARE_CRASH_AT="+point)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("run: %v\n%s", err, out)
+			}
+			c.waitEvent(id, "preserved", 0, 30*time.Second)
+			spare := awaitSpare(t, c, 0)
+			before := c.state(id)
+			syscall.Kill(before.PID, syscall.SIGKILL)
+			c.waitEvent(id, "verified", 1, 30*time.Second)
+			st := c.state(id)
+			if st.Status != "running" || st.PID == spare || st.PID == before.PID || st.Recoveries != 1 {
+				t.Fatalf("after the crash: pid %d (the spare was %d), %+v", st.PID, spare, st)
+			}
+			log, _ := os.ReadFile(filepath.Join(c.root, id, "sentry.log"))
+			for _, want := range []string{
+				fmt.Sprintf("with spare sentry %d", spare),
+				fmt.Sprintf("the recovering sentry (pid %d) exited", spare),
+				fmt.Sprintf("recovering sandbox %s with sentry %d", id, st.PID),
+			} {
+				if !strings.Contains(string(log), want) {
+					t.Errorf("sentry.log does not say %q:\n%s", want, log)
+				}
+			}
+			c.must("kill", id)
+			c.must("delete", id)
+			if left := processesMentioning(c.root); len(left) != 0 {
+				t.Errorf("processes left after kill and delete: %v", left)
+			}
+		})
+	}
+}

@@ -50,7 +50,11 @@ func NewSpare(fd int, opts Options) (*Sentry, error) {
 	// The channel is this sentry's connection to the supervisor, as a
 	// restart's new sentry's standby connection is: it registers on it
 	// at its commit with one message (promote).
-	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
+	crash := crashAtFromEnv()
+	if c := spareCrashAtFromEnv(); c != nil {
+		crash = c
+	}
+	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crash.fault(os.Getpid, nil)}
 	in := &incoming{opts: opts, standby: ch, fault: hopts.Fault}
 	t, err := handover.AcceptExec(d, files, in, hopts)
 	if in.standby != nil {

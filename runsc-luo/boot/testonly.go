@@ -18,6 +18,28 @@ import (
 // sentry removes it from its environment before it launches anything.
 const envCrashAt = "LIVESENTRY_TESTONLY_CRASH_AT"
 
+// envSpareCrashAt, in a spare sentry's environment (which it inherits from
+// the supervisor, and the supervisor from "run"), names an accept point at
+// which the spare SIGKILLs itself while it boots a recovery: a test of the
+// supervisor's fallback to a started sentry. Only a spare reads it.
+const envSpareCrashAt = "LIVESENTRY_TESTONLY_SPARE_CRASH_AT"
+
+// spareCrashAtFromEnv returns the CrashAt envSpareCrashAt asks for, nil if
+// none (or a point that is not an accept point, which is logged).
+func spareCrashAtFromEnv() *CrashAt {
+	v, ok := os.LookupEnv(envSpareCrashAt)
+	if !ok {
+		return nil
+	}
+	os.Unsetenv(envSpareCrashAt)
+	c, err := ParseCrashAt(CrashNew + "@" + v)
+	if err != nil || !strings.HasPrefix(v, "accept/") {
+		log.Warningf("TESTONLY: %s=%q: not an accept point (%v)", envSpareCrashAt, v, err)
+		return nil
+	}
+	return c
+}
+
 // Who can be SIGKILLed at a point by CrashAt.
 const (
 	CrashOld        = "old"        // the old sentry (exec mode: the old image)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,6 +36,7 @@ func crashInProcess(t *testing.T, s *sandbox) *sandbox {
 	if err != nil {
 		t.Fatalf("Recover: %v", err)
 	}
+	k2.Commit()
 	s2 := startKernel(t, k2)
 	t.Cleanup(k2.Shutdown)
 	return s2
@@ -252,5 +254,58 @@ func TestRecoverOfASentryThatNeverPreservedBootsEmpty(t *testing.T) {
 	s3 := crashInProcess(t, s2)
 	if st := s3.k.LUO().Status(); len(st.Sessions) != 1 || st.Sessions[0].Name != "later" {
 		t.Fatalf("sessions after the second crash: %+v", st.Sessions)
+	}
+}
+
+// A recovering kernel is quarantined until its Commit, as an incoming one
+// is: it scrubs nothing, so that one discarded before its Commit (the
+// supervisor's spare sentry dying in its recovery) leaves the file to the
+// next recovery, every byte there, once the root page it reused is put
+// back.
+func TestARecoveryDiscardedBeforeItsCommitLeavesTheFileRecoverable(t *testing.T) {
+	s := newSandbox(t)
+	g := s.dial(t)
+	dev := mustFD(t)(g.OpenLiveUpdate())
+	data := bytes.Repeat([]byte("quarantine"), 40000)
+	preserveOne(t, g, dev, "s", 1, data)
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	s.k.MemoryFile().HoldReleases()
+	root := s.k.KHO().RootAddr()
+	page, err := s.k.MemoryFile().Slice(root/pgalloc.PageSize, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	saved := bytes.Clone(page)
+	s.k.Handoff()
+	recoverFrom := func() *Kernel {
+		file, err := s.k.MemoryFile().DupFile()
+		if err != nil {
+			t.Fatal(err)
+		}
+		k, err := Recover(file, root, Options{Logf: t.Logf}, nil)
+		if err != nil {
+			t.Fatalf("Recover: %v", err)
+		}
+		return k
+	}
+	k2 := recoverFrom()
+	// Time for a releaser that was not held to scrub what it regards as
+	// stale (the dead kernel's tree pages among it).
+	time.Sleep(200 * time.Millisecond)
+	k2.MemoryFile().Close()
+	copy(page, saved)
+	k3 := recoverFrom()
+	k3.Commit()
+	s3 := startKernel(t, k3)
+	t.Cleanup(k3.Shutdown)
+	g3 := s3.dial(t)
+	dev3 := mustFD(t)(g3.OpenLiveUpdate())
+	sess := mustFD(t)(g3.RetrieveSession(dev3, "s"))
+	fd := mustFD(t)(g3.RetrieveFD(sess, 1))
+	got := make([]byte, len(data))
+	if n, err := g3.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("after a discarded recovery and another: %d bytes, %v", n, err)
 	}
 }

@@ -61,6 +61,10 @@ type Kernel struct {
 
 	// background counts work started by Commit that Shutdown waits for.
 	background sync.WaitGroup
+	// recovered says the kernel came from Recover: at Commit, if no
+	// session was recovered, what the dead sentry preserved without
+	// recording it is freed.
+	recovered bool
 
 	mu sync.Mutex
 
@@ -244,19 +248,19 @@ func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, inge
 // for what a crash may lose). Any error refuses the file like
 // NewFromHandover does.
 //
-// There is no previous sentry to roll back to, so the quarantine ends at
-// once (Recover commits itself) and, if no session was recovered, whatever
-// the dead sentry had preserved without recording it (a preserve in
-// flight) is freed. t gets the phases as with NewFromHandover.
+// The kernel is quarantined as after NewFromHandover until Commit: nothing
+// of the file but the root page (which KHO reuses as its outgoing root) is
+// written, so that should this sentry die before it commits, another can
+// recover the same file once the root page is put back. At Commit, if no
+// session was recovered, whatever the dead sentry had preserved without
+// recording it (a preserve in flight) is freed. t gets the phases as with
+// NewFromHandover.
 func Recover(file *os.File, root uint64, opts Options, t *handover.Timing) (*Kernel, error) {
 	kk, err := bootFrom(file, root, opts, t, kho.Recover)
 	if err != nil {
 		return nil, err
 	}
-	kk.Commit()
-	if len(kk.luo.Status().Sessions) == 0 {
-		kk.kho.ReleaseUnrestored()
-	}
+	kk.recovered = true
 	return kk, nil
 }
 
@@ -279,6 +283,9 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 // them, also in the background. Shutdown waits for both.
 func (k *Kernel) Commit() {
 	k.mf.ResumeReleases()
+	if k.recovered && len(k.luo.Status().Sessions) == 0 {
+		k.kho.ReleaseUnrestored()
+	}
 	k.background.Add(1)
 	go func() {
 		defer k.background.Done()
