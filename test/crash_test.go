@@ -35,11 +35,7 @@ func TestASentryKilledWhileServingComesBackWithItsMemory(t *testing.T) {
 	c.waitEvent(id, "preserved", 1, 30*time.Second)
 	c.restart(id)
 	c.waitEvent(id, "verified", 2, 30*time.Second)
-	c.must("kill", id)
-	c.must("delete", id)
-	if left := processesMentioning(c.root); len(left) != 0 {
-		t.Errorf("processes left after kill and delete: %v", left)
-	}
+	c.killAndDelete(id)
 }
 
 // SIGKILL of the supervisor is reported truthfully: the sentry goes on
@@ -126,11 +122,7 @@ func TestASpareSentryTakesTheRecoveryAndADeadOneIsReplaced(t *testing.T) {
 		t.Fatalf("after the second crash: pid %d (the dead spare was %d), %+v", st.PID, spare2, st)
 	}
 	awaitSpare(t, c, spare2)
-	c.must("kill", id)
-	c.must("delete", id)
-	if left := processesMentioning(c.root); len(left) != 0 {
-		t.Errorf("processes left after kill and delete: %v", left)
-	}
+	c.killAndDelete(id)
 }
 
 // A caller of "run --detach" that leaked an fd into it (here the write end
@@ -211,11 +203,7 @@ func TestASpareThatDiesInItsRecoveryIsReplaced(t *testing.T) {
 					t.Errorf("sentry.log does not say %q:\n%s", want, log)
 				}
 			}
-			c.must("kill", id)
-			c.must("delete", id)
-			if left := processesMentioning(c.root); len(left) != 0 {
-				t.Errorf("processes left after kill and delete: %v", left)
-			}
+			c.killAndDelete(id)
 		})
 	}
 }

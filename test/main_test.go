@@ -133,6 +133,17 @@ func (c *cli) runBinary(bin string, args ...string) (string, string, int) {
 	return stdout.String(), stderr.String(), code
 }
 
+// killAndDelete kills and deletes sandbox id and checks that no process of
+// the test's root is left (sentries, spares, supervisors, guests).
+func (c *cli) killAndDelete(id string) {
+	c.t.Helper()
+	c.must("kill", id)
+	c.must("delete", id)
+	if left := processesMentioning(c.root); len(left) != 0 {
+		c.t.Errorf("processes left after kill and delete: %v", left)
+	}
+}
+
 // must runs runsc-luo and fails the test unless it exits 0.
 func (c *cli) must(args ...string) string {
 	c.t.Helper()

@@ -300,12 +300,5 @@ func TestARecoveryDiscardedBeforeItsCommitLeavesTheFileRecoverable(t *testing.T)
 	k3.Commit()
 	s3 := startKernel(t, k3)
 	t.Cleanup(k3.Shutdown)
-	g3 := s3.dial(t)
-	dev3 := mustFD(t)(g3.OpenLiveUpdate())
-	sess := mustFD(t)(g3.RetrieveSession(dev3, "s"))
-	fd := mustFD(t)(g3.RetrieveFD(sess, 1))
-	got := make([]byte, len(data))
-	if n, err := g3.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
-		t.Fatalf("after a discarded recovery and another: %d bytes, %v", n, err)
-	}
+	retrieveOne(t, s3, "s", 1, data)
 }

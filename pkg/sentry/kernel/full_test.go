@@ -80,14 +80,7 @@ func TestAFullMemoryFileStillRestarts(t *testing.T) {
 			k2.Commit()
 			s2 := startKernel(t, k2)
 			t.Cleanup(k2.Shutdown)
-			g2 := s2.dial(t)
-			dev2 := mustFD(t)(g2.OpenLiveUpdate())
-			sess := mustFD(t)(g2.RetrieveSession(dev2, "kept"))
-			fd := mustFD(t)(g2.RetrieveFD(sess, 7))
-			got := make([]byte, len(data))
-			if n, err := g2.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
-				t.Fatalf("after the restart: %d bytes, %v", n, err)
-			}
+			g2, sess, _ := retrieveOne(t, s2, "kept", 7, data)
 			if err := g2.FinishSession(sess); err != nil {
 				t.Fatal(err)
 			}

@@ -13,6 +13,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// retrieveOne has a new guest of s retrieve session name and its file
+// token, and checks that the file reads data; it returns the guest, the
+// session and the file.
+func retrieveOne(t *testing.T, s *sandbox, name string, token uint64, data []byte) (g *guest.Conn, sess, fd int) {
+	t.Helper()
+	g = s.dial(t)
+	dev := mustFD(t)(g.OpenLiveUpdate())
+	sess = mustFD(t)(g.RetrieveSession(dev, name))
+	fd = mustFD(t)(g.RetrieveFD(sess, token))
+	got := make([]byte, len(data))
+	if n, err := g.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("session %s file %d: read %d bytes, %v; want its %d preserved bytes", name, token, n, err, len(data))
+	}
+	return g, sess, fd
+}
+
 // preserveOne has g create a memfd with contents data and preserve it in a
 // new session name under token; it returns the session fd and the memfd.
 func preserveOne(t *testing.T, g *guest.Conn, dev int, name string, token uint64, data []byte) (sess, fd int) {
@@ -139,15 +155,7 @@ func TestAbortedHandoverResumesWithEverythingIntact(t *testing.T) {
 	}
 	copy(data[100:], "more")
 	// And a later restart carries the session.
-	s2 := restartInProcess(t, s)
-	g2 := s2.dial(t)
-	dev2 := mustFD(t)(g2.OpenLiveUpdate())
-	sess := mustFD(t)(g2.RetrieveSession(dev2, "s"))
-	fd2 := mustFD(t)(g2.RetrieveFD(sess, 1))
-	got := make([]byte, len(data))
-	if n, err := g2.Pread(fd2, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
-		t.Fatalf("after abort and restart: %d bytes, %v", n, err)
-	}
+	retrieveOne(t, restartInProcess(t, s), "s", 1, data)
 }
 
 // A guest that dies while the kernel is paused for a restart keeps its
@@ -245,13 +253,5 @@ func TestHandoverInnerFaultPoints(t *testing.T) {
 	}
 	s.k.Resume()
 
-	s2 := restartInProcess(t, s)
-	g2 := s2.dial(t)
-	dev2 := mustFD(t)(g2.OpenLiveUpdate())
-	sess := mustFD(t)(g2.RetrieveSession(dev2, "s"))
-	fd := mustFD(t)(g2.RetrieveFD(sess, 1))
-	got := make([]byte, len(data))
-	if n, err := g2.Pread(fd, got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
-		t.Fatalf("after both failures and a restart: %d bytes, %v", n, err)
-	}
+	retrieveOne(t, restartInProcess(t, s), "s", 1, data)
 }
