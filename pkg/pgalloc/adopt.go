@@ -129,9 +129,9 @@ func (f *MemoryFile) adoptRuns(runs []Run) error {
 // of a section when the section is first needed, and the stale ranges when
 // the first allocation or releaser round needs them.
 type adoptedSet interface {
-	// fill writes the metadata of every block whose head is in [start,
-	// end), part of one section, into info (info[0] is start's).
-	fill(start, end uint64, info []pageInfo)
+	// fill calls set with the head pfn and metadata of every block whose
+	// head is in [start, end), part of one section.
+	fill(start, end uint64, set func(pfn uint64, pi pageInfo))
 	// gaps returns the ranges of [1, pages) that no block covers, in
 	// address order.
 	gaps(pages uint64) []pfnRange
@@ -165,7 +165,7 @@ func (f *MemoryFile) adoptSet(set adoptedSet, folios [MaxOrder + 1]uint64, secti
 type runSet []Run
 
 // fill implements adoptedSet.fill.
-func (rs runSet) fill(start, end uint64, info []pageInfo) {
+func (rs runSet) fill(start, end uint64, set func(pfn uint64, pi pageInfo)) {
 	j, _ := slices.BinarySearchFunc(rs, start, func(r Run, pfn uint64) int {
 		if r.End() <= pfn {
 			return -1
@@ -182,7 +182,7 @@ func (rs runSet) fill(start, end uint64, info []pageInfo) {
 			first += (start - first + n - 1) &^ (n - 1)
 		}
 		for pfn := first; pfn < min(r.End(), end); pfn += n {
-			info[pfn-start] = pageInfo{refs: 1, order: r.Order, head: true}
+			set(pfn, pageInfo{refs: 1, order: r.Order, head: true})
 		}
 	}
 }

@@ -85,3 +85,58 @@ func TestAdoptRunsRejectsBadRuns(t *testing.T) {
 		})
 	}
 }
+
+// A section of adopted 2 MiB blocks keeps only each chunk's head entry:
+// filling it, and looking up and referencing its folios, allocates none of
+// the chunks' other entries (2 MiB per GiB of fresh memory before). A
+// block smaller than 2 MiB allocates its chunk's, and only its chunk's.
+func TestPageMetadataOfLargeBlocksIsHeadsOnly(t *testing.T) {
+	f := newTestFile(t, 1<<30)
+	g := reopen(t, f)
+	const n = sectionPages>>chunkShift - 2
+	if err := g.AdoptRuns([]Run{{PFN: 1 << chunkShift, Count: n, Order: chunkShift}}); err != nil {
+		t.Fatal(err)
+	}
+	g.FillMetadata()
+	for pfn := uint64(1 << chunkShift); pfn < (n+1)<<chunkShift; pfn += 1 << chunkShift {
+		fo, refs, ok := g.Lookup(pfn)
+		if !ok || fo != (Folio{PFN: pfn, Order: chunkShift}) || refs != 1 {
+			t.Fatalf("Lookup(%#x) = %v, %d, %t", pfn, fo, refs, ok)
+		}
+		g.IncRef(fo)
+		g.DecRef(fo)
+	}
+	if _, _, ok := g.Lookup(1<<chunkShift + 1); ok {
+		t.Fatalf("a tail page of a 2 MiB folio looks like a folio")
+	}
+	rest := func() (n int) {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		for _, r := range g.sections[0].rest {
+			if r != nil {
+				n++
+			}
+		}
+		return n
+	}
+	if got := rest(); got != 0 {
+		t.Fatalf("%d chunks have all their entries allocated, want 0", got)
+	}
+	// The free chunks at either end: order-0 folios go there.
+	fo, err := g.Allocate(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fo.PFN%(1<<chunkShift) == 0 {
+		// The chunk's first page takes no array; the next one does.
+		if fo, err = g.Allocate(0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := rest(); got != 1 {
+		t.Fatalf("after allocating %v: %d chunks have all their entries allocated, want 1", fo, got)
+	}
+	if _, refs, ok := g.Lookup(fo.PFN); !ok || refs != 1 {
+		t.Fatalf("Lookup(%#x) of a new order-0 folio: %d, %t", fo.PFN, refs, ok)
+	}
+}

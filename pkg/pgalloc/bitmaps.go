@@ -139,13 +139,13 @@ func checkOverlap(set *Bitmaps, o int, first, word uint64) error {
 }
 
 // fill implements adoptedSet.fill.
-func (s *Bitmaps) fill(start, end uint64, info []pageInfo) {
+func (s *Bitmaps) fill(start, end uint64, set func(pfn uint64, pi pageInfo)) {
 	for o := range s {
 		// Blocks whose head is in [start, end): start is aligned to a
 		// chunk, not to every order, so round up.
 		lo := (start + 1<<o - 1) >> o
 		for bi, ok := s.firstSet(o, lo, (end+1<<o-1)>>o); ok; bi, ok = s.firstSet(o, bi+1, (end+1<<o-1)>>o) {
-			info[bi<<o-start] = pageInfo{refs: 1, order: uint8(o), head: true}
+			set(bi<<o, pageInfo{refs: 1, order: uint8(o), head: true})
 		}
 	}
 }

@@ -155,11 +155,24 @@ func pageCacheBytesPerFolio(tb testing.TB, n int) float64 {
 		tb.Fatal(err)
 	}
 	// Have the memory file allocate its own page metadata first (8 bytes
-	// a page, per GiB of file): it is not the page cache's.
+	// a page of order-0 folios, allocated as they are): it is not the
+	// page cache's. The pages allocated and freed here are the ones the
+	// page cache gets (the lowest free).
 	warm, err := mf.Allocate(0)
 	if err != nil {
 		tb.Fatal(err)
 	}
+	pages := make([]pgalloc.Folio, n)
+	for i := range pages {
+		if pages[i], err = mf.Allocate(0); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	for _, fo := range pages {
+		mf.DecRef(fo)
+	}
+	pages = nil
+	mf.Drain()
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
