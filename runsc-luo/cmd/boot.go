@@ -41,34 +41,33 @@ func (b *Boot) SetFlags(f *flag.FlagSet) {
 func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
 	cfg := configOf(args)
 	opts := boot.Options{Globals: cfg.Globals, Version: cfg.Version}
-	if b.spareFD >= 0 {
+	switch {
+	case b.spareFD >= 0:
 		s, err := boot.NewSpare(b.spareFD, opts)
 		if errors.Is(err, boot.ErrNoRecovery) {
 			return subcommands.ExitSuccess
 		}
-		if err != nil {
-			return fatalf("%v", err)
-		}
-		if err := s.Run(); err != nil {
-			fmt.Fprintf(os.Stderr, "runsc-luo: relaunching the entrypoint: %v\n", err)
-		}
-		s.Wait()
-		return subcommands.ExitSuccess
-	}
-	// An exec-mode restart re-enters here with the descriptor in the
-	// environment.
-	if b.handoverFD >= 0 || boot.HandoverInEnv() {
-		s, err := boot.NewFromHandover(b.handoverFD, opts)
-		if err != nil {
-			return fatalf("%v", err)
-		}
-		if err := s.Run(); err != nil {
-			fmt.Fprintf(os.Stderr, "runsc-luo: relaunching the entrypoint: %v\n", err)
-		}
-		s.Wait()
-		return subcommands.ExitSuccess
+		return serveBooted(s, err)
+	case b.handoverFD >= 0 || boot.HandoverInEnv():
+		// (An exec-mode restart re-enters here with the descriptor in
+		// the environment.)
+		return serveBooted(boot.NewFromHandover(b.handoverFD, opts))
 	}
 	return b.coldBoot(sandbox.Config{ID: b.id, Root: cfg.Root, MemorySize: b.memory, Entrypoint: f.Args(), NoShim: !b.shim}, opts)
+}
+
+// serveBooted relaunches the entrypoint of a sentry that booted from a
+// restart or a recovery (s, or the error that stopped it) and serves until
+// the sandbox stops.
+func serveBooted(s *boot.Sentry, err error) subcommands.ExitStatus {
+	if err != nil {
+		return fatalf("%v", err)
+	}
+	if err := s.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "runsc-luo: relaunching the entrypoint: %v\n", err)
+	}
+	s.Wait()
+	return subcommands.ExitSuccess
 }
 
 // coldBoot starts a new sandbox and reports on the ready fd whether it

@@ -962,11 +962,9 @@ func killLeft(dead, keep int) []int {
 	for {
 		procs := processes()
 		kids := make(map[int][]int)
-		for _, p := range procs {
-			kids[p.PPID] = append(kids[p.PPID], p.PID)
-		}
 		byPID := make(map[int]sandbox.Proc, len(procs))
 		for _, p := range procs {
+			kids[p.PPID] = append(kids[p.PPID], p.PID)
 			byPID[p.PID] = p
 		}
 		var left []int

@@ -65,17 +65,25 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 	}
 }
 
-func TestChannelCarriesDescriptorAndFiles(t *testing.T) {
+// channelPair returns the two ends of a connected channel, closed when the
+// test ends.
+func channelPair(t *testing.T) (a, b *Channel) {
+	t.Helper()
 	a, peer, err := Pair()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer a.Close()
-	b, err := NewChannel(peer)
+	t.Cleanup(func() { a.Close() })
+	b, err = NewChannel(peer)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
+	t.Cleanup(func() { b.Close() })
+	return a, b
+}
+
+func TestChannelCarriesDescriptorAndFiles(t *testing.T) {
+	a, b := channelPair(t)
 	fd, err := unix.MemfdCreate("handover-test", unix.MFD_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
@@ -130,16 +138,7 @@ func TestRecvRecoveryTakesOnlyARecovery(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			a, peer, err := Pair()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer a.Close()
-			b, err := NewChannel(peer)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
+			a, b := channelPair(t)
 			var sent []*os.File
 			for _, name := range []string{"guest", "control", "memory"} {
 				fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
