@@ -78,6 +78,12 @@ type KHO struct {
 	//
 	// +checklocks:mu
 	in *incoming
+
+	// carried is set when the outgoing state is the incoming one, taken
+	// as it was (see Ingest): every incoming block stays preserved until
+	// its owner drops it, so freeing a restored block clears its bit
+	// first (releaseLocked). Set once by Ingest, read without mu.
+	carried bool
 }
 
 // outgoing is what this sentry will hand over.
@@ -227,15 +233,23 @@ func (k *KHO) setLocked(pfn uint64, order int) error {
 // any error nothing is adopted and the error names the field and the
 // address; the caller may fall back to a cold boot.
 //
-// The chunk, bitmap and tree pages are not preserved: Adopt makes them
-// stale like every other page that was not preserved. The old root page is
-// preserved; once parsed (Dump keeps a copy) Ingest restores it and reuses
-// it for the fresh, empty outgoing root of the next restart. Ingest
-// allocates nothing from mf and so scrubs none of the previous sentry's
-// unpreserved pages: with mf's releases held, the previous sentry can still
-// roll back. So the new outgoing radix tree is made at the first preserve
-// (or FinalizeFormat); until then the outgoing root says
-// preserved-memory-map = 0.
+// A kho-v2 handover is carried: the incoming root page, its radix tree and
+// everything the tree marks become the outgoing state as they are, so that
+// the root keeps describing every incoming block at every instant and a
+// crash of this sentry loses none of them (docs/crash.md). The tree's node
+// pages are adopted as this sentry's own allocated pages; an incoming block
+// stays marked preserved until its owner drops it (UnpreserveFree,
+// UnpreserveFolio, RestoreFree, ReleaseRestored, ReleaseUnrestored), and
+// nothing is written into the file until then. Only a root that this
+// sentry would have written itself, with no subtree but LUO's, is carried
+// (Carried reports it). Otherwise, and for kho-v1, the chunk, bitmap and
+// tree pages are not preserved (Adopt makes them stale like every other
+// page that was not preserved), and the old root page, once parsed (Dump
+// keeps a copy), is restored and reused for a fresh, empty outgoing root;
+// the new radix tree is made at the first preserve (or FinalizeFormat).
+// Either way Ingest allocates nothing from mf and so scrubs none of the
+// previous sentry's unpreserved pages: with mf's releases held, the
+// previous sentry can still roll back.
 func Ingest(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 	return ingest(mf, root, false)
 }
@@ -254,7 +268,7 @@ func Recover(mf *pgalloc.MemoryFile, root uint64) (*KHO, error) {
 }
 
 func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
-	in, set, err := deserialize(mf, root, crashed)
+	in, set, carry, err := deserialize(mf, root, crashed)
 	if err != nil {
 		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
 	}
@@ -265,6 +279,21 @@ func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.in = in
+	if carry != nil {
+		// The tree's node pages were adopted with the preserved blocks
+		// (deserialize marked them): they are the outgoing tree's now,
+		// not incoming blocks anyone may restore.
+		for _, n := range carry.tree.nodes {
+			in.mem.clear(n.PFN, 0)
+		}
+		old, err := k.restoreFolioLocked(root)
+		if err != nil {
+			return nil, fmt.Errorf("kho: restoring the incoming root page: %w", err)
+		}
+		k.out = outgoing{tree: carry.tree, root: old, format: abikho.CompatibleV2, subtrees: carry.subtrees}
+		k.carried = true
+		return k, nil
+	}
 	// The old root page was checked to be a preserved order-0 page, so it
 	// is an adopted folio now. It has been parsed (in.root keeps a copy):
 	// restore it and reuse it as the outgoing root. Linux allocates a
@@ -280,6 +309,10 @@ func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
 	}
 	return k, nil
 }
+
+// Carried reports whether Ingest carried the incoming kho-v2 state over as
+// the outgoing one (see Ingest).
+func (k *KHO) Carried() bool { return k.carried }
 
 // RootAddr returns the byte address of the outgoing root FDT page: what
 // crosses the restart together with the memory file's fd.

@@ -255,3 +255,24 @@ func (t *radixTree) free() {
 
 // zeroPage is a page of zeros, to compare with.
 var zeroPage [abikho.PageSize]byte
+
+// Settle gives a carried outgoing tree (see Ingest) the kho-v1 reserve a
+// tree made in this sentry takes as it grows (radixTree.reserve), so that
+// a restart to a kho-v1 sentry still needs no free page. Ingest cannot
+// allocate; a new sentry calls Settle once it has committed. It is best
+// effort: without the reserve, a kho-v1 Finalize allocates its pages.
+func (k *KHO) Settle() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	t := &k.out.tree
+	if !k.carried || t.root == (pgalloc.Folio{}) {
+		return
+	}
+	for len(t.reserve) < t.v1ReserveNeed() {
+		f, err := t.allocNode()
+		if err != nil {
+			return
+		}
+		t.reserve = append(t.reserve, f)
+	}
+}

@@ -21,6 +21,9 @@ type radixReader struct {
 	mf    *pgalloc.MemoryFile
 	pages uint64
 	t     *memTracker
+	// out, if not nil, gets the tree as an outgoing radixTree over the
+	// same pages: its root, every node page and a view of every leaf.
+	out *radixTree
 	// nodes is every node page visited, by address.
 	nodes map[uint64]struct{}
 	page  [abikho.PageSize]byte
@@ -33,9 +36,15 @@ type radixReader struct {
 
 // readRadix loads every block of the tree rooted at the byte address root
 // into t, and checks that no page of the tree lies inside a preserved
-// block.
-func readRadix(mf *pgalloc.MemoryFile, root uint64, t *memTracker) error {
+// block. If out is not nil it is made the same tree, in place (see
+// KHO.carried).
+func readRadix(mf *pgalloc.MemoryFile, root uint64, t *memTracker, out *radixTree) error {
 	r := &radixReader{mf: mf, pages: mf.Pages(), t: t, nodes: make(map[uint64]struct{})}
+	if out != nil {
+		*out = newRadixTree(mf)
+		out.root = pgalloc.Folio{PFN: root >> abikho.PageShift}
+		r.out = out
+	}
 	if err := r.node(root, abikho.RadixTreeMaxDepth-1, 0, origin{}); err != nil {
 		return err
 	}
@@ -90,6 +99,9 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 		return fmt.Errorf("radix tree level-%d node (%s): %w", level, from, err)
 	}
 	r.nodes[addr] = struct{}{}
+	if r.out != nil {
+		r.out.nodes = append(r.out.nodes, pgalloc.Folio{PFN: addr >> abikho.PageShift})
+	}
 	if level == 0 {
 		return r.leaf(addr, prefix, from)
 	}
@@ -137,5 +149,9 @@ func (r *radixReader) leaf(addr, key uint64, from origin) error {
 		return fmt.Errorf("radix tree leaf at %#x (%s): bit 0 preserves pfn 0, which is reserved: %w", addr, from, unix.EINVAL)
 	}
 	r.t.orders[order][idx] = b
+	if r.out != nil {
+		r.out.leaves[order][idx] = r.mf.Bytes(pgalloc.Folio{PFN: addr >> abikho.PageShift})
+		r.out.nleaves[order]++
+	}
 	return nil
 }

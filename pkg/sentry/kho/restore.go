@@ -128,13 +128,36 @@ func (k *KHO) restoreFreeLocked(addr uint64) error {
 	if err != nil {
 		return err
 	}
-	k.mf.DecRef(f)
+	k.releaseLocked(f)
 	return nil
 }
 
+// ReleaseRestored drops one reference on each of fs, folios restored from
+// the incoming handover, after clearing their bits in the outgoing tree if
+// the handover was carried (see Ingest): once its owner lets it go, a
+// carried block is no longer preserved. Without a carried handover it is
+// DecRef. The caller must have unpublished whatever named fs first.
+func (k *KHO) ReleaseRestored(fs ...pgalloc.Folio) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, f := range fs {
+		k.releaseLocked(f)
+	}
+}
+
+// releaseLocked is ReleaseRestored for one folio.
+//
+// +checklocks:k.mu
+func (k *KHO) releaseLocked(f pgalloc.Folio) {
+	if k.carried {
+		k.out.tree.clear(f.PFN, f.Order)
+	}
+	k.mf.DecRef(f)
+}
+
 // ReleaseUnrestored frees every incoming preserved block that nobody
-// restored (drops the reference Adopt gave it) and returns the number of
-// pages freed. Afterwards nothing incoming can be restored. LUO calls it
+// restored (drops the reference Adopt gave it, after clearing its bit if
+// the handover was carried) and returns the number of pages freed. Afterwards nothing incoming can be restored. LUO calls it
 // when the incoming state is finished, so that nothing leaks; Linux has no
 // counterpart because unclaimed preserved pages stay reserved until the next
 // reboot.
@@ -144,8 +167,12 @@ func (k *KHO) ReleaseUnrestored() (pages uint64) {
 	if k.in == nil {
 		return 0
 	}
-	mf := k.mf
+	mf, tree, carried := k.mf, &k.out.tree, k.carried
 	k.in.mem.forEach(func(pfn uint64, order int) {
+		// releaseLocked, for the closure.
+		if carried {
+			tree.clear(pfn, order)
+		}
 		mf.DecRef(pgalloc.Folio{PFN: pfn, Order: order})
 		pages += 1 << order
 	})

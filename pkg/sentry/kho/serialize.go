@@ -7,6 +7,7 @@ import (
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
@@ -239,59 +240,106 @@ func (w *v1Writer) free() {
 // a copy of its bitmaps for pgalloc.MemoryFile.AdoptBitmaps. It changes
 // nothing in mf, and it copies every page it reads before it interprets
 // it. emptyV2 accepts a kho-v2 root without a tree (see Recover).
-func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, pgalloc.Bitmaps, error) {
+func deserialize(mf *pgalloc.MemoryFile, root uint64, emptyV2 bool) (*incoming, pgalloc.Bitmaps, *carryState, error) {
 	var page [abikho.PageSize]byte
 	if err := readPage(mf, root, page[:]); err != nil {
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	tree, err := fdt.Parse(page[:], abikho.PageSize)
 	if err != nil {
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	h, _ := fdt.DecodeHeader(page[:])
 	in := &incoming{root: bytes.Clone(page[:h.TotalSize]), tree: tree}
 	compat, err := tree.String(abikho.PropCompatible)
 	if err != nil {
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	if compat != abikho.CompatibleV1 && compat != abikho.CompatibleV2 {
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: compatible %q, but this sentry reads only %q: %w", root, compat, ReadFormats(), unix.EINVAL)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: compatible %q, but this sentry reads only %q: %w", root, compat, ReadFormats(), unix.EINVAL)
 	}
 	in.format = compat
 	memMap, err := tree.U64(abikho.PropPreservedMemoryMap)
 	if err != nil {
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %w", root, err)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: %w", root, err)
 	}
 	in.mem = newMemTracker(mf.Pages())
 	if memMap == 0 && emptyV2 && compat == abikho.CompatibleV2 {
 		if len(tree.Children) != 0 {
-			return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %s is 0 (nothing preserved) but the root names %d subtrees: %w", root, abikho.PropPreservedMemoryMap, len(tree.Children), unix.EINVAL)
+			return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: %s is 0 (nothing preserved) but the root names %d subtrees: %w", root, abikho.PropPreservedMemoryMap, len(tree.Children), unix.EINVAL)
 		}
 		if root>>abikho.PageShift >= mf.Pages() {
-			return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: outside the %d-page memory file: %w", root, mf.Pages(), unix.EINVAL)
+			return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: outside the %d-page memory file: %w", root, mf.Pages(), unix.EINVAL)
 		}
 		in.mem.set(root>>abikho.PageShift, 0)
-		return in, in.mem.bitmaps(), nil
+		return in, in.mem.bitmaps(), nil, nil
 	}
 	if memMap == 0 {
 		what := "the map was not finalized"
 		if compat == abikho.CompatibleV2 {
 			what = "no radix tree"
 		}
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: %s is 0 (%s): %w", root, abikho.PropPreservedMemoryMap, what, unix.EINVAL)
 	}
+	var carry *carryState
 	if compat == abikho.CompatibleV1 {
 		err = readMap(mf, memMap, &in.mem)
 	} else {
-		err = readRadix(mf, memMap, &in.mem)
+		carry = carryable(tree, memMap, in.root)
+		var t *radixTree
+		if carry != nil {
+			t = &carry.tree
+		}
+		err = readRadix(mf, memMap, &in.mem, t)
 	}
 	if err != nil {
-		return nil, pgalloc.Bitmaps{}, err
+		return nil, pgalloc.Bitmaps{}, nil, err
 	}
 	if !in.mem.test(root>>abikho.PageShift, 0) {
-		return nil, pgalloc.Bitmaps{}, fmt.Errorf("root FDT at %#x: the root page is not preserved as an order-0 block: %w", root, unix.EINVAL)
+		return nil, pgalloc.Bitmaps{}, nil, fmt.Errorf("root FDT at %#x: the root page is not preserved as an order-0 block: %w", root, unix.EINVAL)
 	}
-	return in, in.mem.bitmaps(), nil
+	if carry != nil {
+		// Adopted with the preserved blocks, to become the outgoing
+		// tree's pages (readRadix checked that none lies inside a
+		// preserved block).
+		for _, n := range carry.tree.nodes {
+			in.mem.set(n.PFN, 0)
+		}
+	}
+	return in, in.mem.bitmaps(), carry, nil
+}
+
+// carryState is the outgoing state Ingest takes over from a kho-v2
+// handover: its radix tree, read in place, and the root's subtrees.
+type carryState struct {
+	tree     radixTree
+	subtrees []subtree
+}
+
+// carriedSubtree is the one subtree a carried root may name: LUO's, whose
+// records LUO carries over with it (luo.LUO.Deserialize). A subsystem that
+// restored and freed its blob would leave a carried root naming freed
+// memory.
+const carriedSubtree = abiluo.FDTName
+
+// carryable returns the start of a carryState for the kho-v2 root blob
+// naming the tree at memMap, or nil if the root is not exactly what this
+// sentry writes (buildRoot) with no subtree but carriedSubtree: then it is
+// not carried, and the new sentry starts an outgoing state of its own.
+func carryable(tree *fdt.Node, memMap uint64, blob []byte) *carryState {
+	var subs []subtree
+	for _, c := range tree.Children {
+		addr, err := c.U64(abikho.PropPreservedData)
+		if c.Name != carriedSubtree || err != nil {
+			return nil
+		}
+		subs = append(subs, subtree{name: c.Name, addr: addr})
+	}
+	want, err := buildRoot(abikho.CompatibleV2, memMap, subs)
+	if err != nil || !bytes.Equal(want, blob) {
+		return nil
+	}
+	return &carryState{subtrees: subs}
 }
 
 // readPage copies the page at the byte address addr of mf into p, a page.

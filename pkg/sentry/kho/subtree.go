@@ -26,20 +26,13 @@ func subtreeProp(compat string) string {
 //
 // +checklocks:k.mu
 func (k *KHO) writeRootLocked() error {
-	root := &fdt.Node{}
-	root.SetString(abikho.PropCompatible, k.out.format)
 	memMap := k.out.v1Map
 	if k.out.format == abikho.CompatibleV2 {
 		memMap = k.out.tree.root.Addr()
 	}
-	root.SetU64(abikho.PropPreservedMemoryMap, memMap)
-	prop := subtreeProp(k.out.format)
-	for _, s := range k.out.subtrees {
-		root.AddChild(s.name).SetU64(prop, s.addr)
-	}
-	blob, err := fdt.Build(root)
+	blob, err := buildRoot(k.out.format, memMap, k.out.subtrees)
 	if err != nil {
-		return fmt.Errorf("kho: building the root FDT: %w", err)
+		return err
 	}
 	page := k.mf.Bytes(k.out.root)
 	if len(blob) > len(page) {
@@ -48,6 +41,23 @@ func (k *KHO) writeRootLocked() error {
 	n := copy(page, blob)
 	clear(page[n:])
 	return nil
+}
+
+// buildRoot returns the root FDT blob in format, naming memMap and
+// subtrees.
+func buildRoot(format string, memMap uint64, subtrees []subtree) ([]byte, error) {
+	root := &fdt.Node{}
+	root.SetString(abikho.PropCompatible, format)
+	root.SetU64(abikho.PropPreservedMemoryMap, memMap)
+	prop := subtreeProp(format)
+	for _, s := range subtrees {
+		root.AddChild(s.name).SetU64(prop, s.addr)
+	}
+	blob, err := fdt.Build(root)
+	if err != nil {
+		return nil, fmt.Errorf("kho: building the root FDT: %w", err)
+	}
+	return blob, nil
 }
 
 // AddSubtree adds a node called name to the outgoing root with property

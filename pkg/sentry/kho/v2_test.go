@@ -49,6 +49,13 @@ func walkTree(tb testing.TB, mf *pgalloc.MemoryFile, root uint64) []pgalloc.Foli
 	return out
 }
 
+// treeNodes returns the number of pages of k's outgoing tree.
+func treeNodes(k *KHO) uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return uint64(len(k.out.tree.nodes))
+}
+
 // treePages returns a copy of every page of k's outgoing tree, by address.
 func treePages(tb testing.TB, k *KHO) map[uint64][]byte {
 	tb.Helper()
@@ -344,48 +351,160 @@ func TestNewMakesTheTreeAtTheFirstPreserve(t *testing.T) {
 	}
 }
 
-// TestIngestMakesTheTreeAtTheFirstPreserve checks that Ingest allocates no
-// tree (it must not allocate) and that the first preserve makes one that
-// holds the reused root page too.
+// TestIngestMakesTheTreeAtTheFirstPreserve checks that Ingest of a kho-v1
+// map allocates no tree (it must not allocate) and that the first preserve
+// makes one that holds the reused root page too.
 func TestIngestMakesTheTreeAtTheFirstPreserve(t *testing.T) {
-	forEachFormat(t, func(t *testing.T, format string) {
-		k1, mf1 := newKHO(t, 64<<20)
-		f, err := k1.AllocPreserve(1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := k1.FinalizeFormat(format); err != nil {
-			t.Fatal(err)
-		}
-		mf2 := reopen(t, mf1)
-		k2, err := Ingest(mf2, k1.RootAddr())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := k2.IncomingFormat(); got != format {
-			t.Errorf("IncomingFormat = %q, want %q", got, format)
-		}
-		if m := memMapAddr(t, k2); m != 0 || k2.Format() != abikho.CompatibleV2 {
-			t.Errorf("after Ingest the outgoing root is %s with preserved-memory-map %#x, want kho-v2 and 0 (no tree yet)", k2.Format(), m)
-		}
-		if st := mf2.Stats(); st.AllocatedPages != 2 {
-			t.Errorf("after Ingest %d pages are allocated, want 2 (the adopted root and folio)", st.AllocatedPages)
-		}
-		mf2.ResumeReleases()
-		g, err := k2.RestoreFolio(f.Addr())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := k2.PreserveFolio(g); err != nil {
-			t.Fatal(err)
-		}
-		root := memMapAddr(t, k2)
-		want := []pgalloc.Folio{{PFN: k2.RootAddr() >> abikho.PageShift}, g}
-		sortFolios(want)
-		if got := walkTree(t, mf2, root); root == 0 || !slices.Equal(got, want) {
-			t.Errorf("after the first preserve the tree at %#x holds %v, want %v", root, got, want)
-		}
-	})
+	k1, mf1 := newKHO(t, 64<<20)
+	f, err := k1.AllocPreserve(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k1.FinalizeFormat(abikho.CompatibleV1); err != nil {
+		t.Fatal(err)
+	}
+	mf2 := reopen(t, mf1)
+	k2, err := Ingest(mf2, k1.RootAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2.Carried() {
+		t.Error("a kho-v1 handover was carried")
+	}
+	if m := memMapAddr(t, k2); m != 0 || k2.Format() != abikho.CompatibleV2 {
+		t.Errorf("after Ingest the outgoing root is %s with preserved-memory-map %#x, want kho-v2 and 0 (no tree yet)", k2.Format(), m)
+	}
+	if st := mf2.Stats(); st.AllocatedPages != 2 {
+		t.Errorf("after Ingest %d pages are allocated, want 2 (the adopted root and folio)", st.AllocatedPages)
+	}
+	mf2.ResumeReleases()
+	g, err := k2.RestoreFolio(f.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k2.PreserveFolio(g); err != nil {
+		t.Fatal(err)
+	}
+	root := memMapAddr(t, k2)
+	want := []pgalloc.Folio{{PFN: k2.RootAddr() >> abikho.PageShift}, g}
+	sortFolios(want)
+	if got := walkTree(t, mf2, root); root == 0 || !slices.Equal(got, want) {
+		t.Errorf("after the first preserve the tree at %#x holds %v, want %v", root, got, want)
+	}
+}
+
+// TestIngestCarriesAKhoV2Handover checks that Ingest of a kho-v2 handover
+// takes it over as the outgoing state without writing a byte: the same
+// root page, the same tree, every incoming block still preserved, so that
+// a crash right after the ingest loses nothing. A restored block stays
+// preserved until its owner frees it; a released one, until it is
+// released; and the tree goes on being the outgoing one for new preserves.
+func TestIngestCarriesAKhoV2Handover(t *testing.T) {
+	k1, mf1 := newKHO(t, 64<<20)
+	a, err := k1.AllocPreserve(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := k1.AllocPreserve(3 * abikho.PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(mf1.Bytes(a), 1)
+	if err := k1.FinalizeFormat(abikho.CompatibleV2); err != nil {
+		t.Fatal(err)
+	}
+	root := k1.RootAddr()
+	rootPage := append([]byte(nil), page(t, mf1, root)...)
+	tree := walkTree(t, mf1, memMapAddr(t, k1))
+
+	mf2 := reopen(t, mf1)
+	k2, err := Ingest(mf2, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k2.Carried() || k2.RootAddr() != root {
+		t.Fatalf("Carried %v, root %#x, want a carried handover at the incoming root %#x", k2.Carried(), k2.RootAddr(), root)
+	}
+	if !bytes.Equal(page(t, mf2, root), rootPage) {
+		t.Error("Ingest rewrote the root page")
+	}
+	if got := walkTree(t, mf2, memMapAddr(t, k2)); !slices.Equal(got, tree) {
+		t.Errorf("after Ingest the outgoing tree holds %v, want the incoming %v", got, tree)
+	}
+	// The tree's pages are allocated: the root FDT, a, b and the nodes.
+	if st := mf2.Stats(); st.AllocatedPages != 1+1+b.Pages()+treeNodes(k2) {
+		t.Errorf("after Ingest %d pages are allocated, want the root FDT, the two blocks and %d tree nodes", st.AllocatedPages, treeNodes(k2))
+	}
+	mf2.ResumeReleases()
+
+	// Restored, a is still preserved; freed by its owner, it is not.
+	ra, err := k2.RestoreFolio(a.Addr())
+	if err != nil || ra != a {
+		t.Fatalf("RestoreFolio = %v, %v", ra, err)
+	}
+	if got := walkTree(t, mf2, memMapAddr(t, k2)); !slices.Equal(got, tree) {
+		t.Errorf("after a restore the tree holds %v, want %v", got, tree)
+	}
+	k2.ReleaseRestored(ra)
+	if got := walkTree(t, mf2, memMapAddr(t, k2)); slices.Contains(got, a) || !slices.Contains(got, b) {
+		t.Errorf("after a is released the tree holds %v, want b and not a", got)
+	}
+	// A new preserve lands in the same tree.
+	c, err := k2.AllocPreserve(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := walkTree(t, mf2, memMapAddr(t, k2)); !slices.Contains(got, c) || !slices.Contains(got, b) {
+		t.Errorf("after a new preserve the tree holds %v, want b and c", got)
+	}
+	// Releasing what nobody restored unpreserves it.
+	if n := k2.ReleaseUnrestored(); n != b.Pages() {
+		t.Errorf("ReleaseUnrestored = %d pages, want %d", n, b.Pages())
+	}
+	want := []pgalloc.Folio{{PFN: root >> abikho.PageShift}, c}
+	sortFolios(want)
+	if got := walkTree(t, mf2, memMapAddr(t, k2)); !slices.Equal(got, want) {
+		t.Errorf("at the end the tree holds %v, want %v", got, want)
+	}
+	// And the next sentry reads exactly that.
+	if err := k2.FinalizeFormat(abikho.CompatibleV2); err != nil {
+		t.Fatal(err)
+	}
+	mf3 := reopen(t, mf2)
+	k3, err := Ingest(mf3, k2.RootAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k3.RestoreFolio(c.Addr()); err != nil {
+		t.Errorf("the next sentry cannot restore the new block: %v", err)
+	}
+	if _, err := k3.RestoreFolio(b.Addr()); err == nil {
+		t.Error("the next sentry restored a released block")
+	}
+}
+
+// TestIngestCarriesOnlyWhatItWouldWrite checks that a kho-v2 root naming a
+// subtree other than LUO's is not carried: its owner would free the blob a
+// carried root still named.
+func TestIngestCarriesOnlyWhatItWouldWrite(t *testing.T) {
+	k1, mf1 := newKHO(t, 64<<20)
+	blob, err := k1.AllocPreserve(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k1.AddSubtree("other", blob.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := k1.FinalizeFormat(abikho.CompatibleV2); err != nil {
+		t.Fatal(err)
+	}
+	k2, err := Ingest(reopen(t, mf1), k1.RootAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2.Carried() {
+		t.Error("a root with a subtree other than LUO's was carried")
+	}
 }
 
 // TestRestartsAcrossFormats hands one folio through kho-v1, kho-v2 and

@@ -20,6 +20,11 @@ type Vmalloc struct {
 	blocks []pgalloc.Folio
 	order  int
 	size   uint64
+	// carriedBy is the KHO of a carried handover this area was restored
+	// from (see Ingest), nil otherwise: its blocks and its chunk pages
+	// (kept in chunks) stay preserved until Free.
+	carriedBy *KHO
+	chunks    []pgalloc.Folio
 }
 
 // AllocVmalloc returns a zeroed Vmalloc of size bytes made of order-0 pages
@@ -118,12 +123,19 @@ func (v *Vmalloc) copy(p []byte, off uint64, write bool) int {
 }
 
 // Free drops the reference on every block of v (after UnpreserveVmalloc, or
-// once a restored area has been read). v must not be used afterwards.
+// once a restored area has been read). An area restored from a carried
+// handover also lets go of its chunk pages, and its blocks and chunk pages
+// stop being preserved (KHO.ReleaseRestored). v must not be used
+// afterwards.
 func (v *Vmalloc) Free() {
-	for _, f := range v.blocks {
-		v.mf.DecRef(f)
+	if v.carriedBy != nil {
+		v.carriedBy.ReleaseRestored(append(v.blocks, v.chunks...)...)
+	} else {
+		for _, f := range v.blocks {
+			v.mf.DecRef(f)
+		}
 	}
-	v.blocks = nil
+	v.blocks, v.chunks = nil, nil
 	v.size = 0
 }
 
@@ -291,7 +303,8 @@ func (k *KHO) UnpreserveVmalloc(desc abikho.Vmalloc) error {
 // RestoreVmalloc restores the area desc describes, preserved by the previous
 // sentry: it walks the chunk chain, restores every block (which must be a
 // preserved, unrestored block of desc's order) and restores and frees every
-// chunk page. The number of pages must equal total_pages. It checks
+// chunk page (from a carried handover the chunk pages are freed with the
+// area, see Free). The number of pages must equal total_pages. It checks
 // everything before it restores anything: on any error (EINVAL, naming the
 // field and address) nothing is restored. It mirrors kho_restore_vmalloc.
 func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
@@ -335,8 +348,15 @@ func (k *KHO) RestoreVmalloc(desc abikho.Vmalloc) (*Vmalloc, error) {
 		}
 		return nil, fmt.Errorf("kho: restoring vmalloc: %w", err)
 	}
+	v := &Vmalloc{mf: k.mf, blocks: blocks, order: order, size: count << abikho.PageShift}
+	if k.carried {
+		// The chunks stay, preserved, as long as the area: a carried
+		// record may name it until its owner frees it.
+		v.carriedBy, v.chunks = k, chunks
+		return v, nil
+	}
 	for _, c := range chunks {
 		k.mf.DecRef(c)
 	}
-	return &Vmalloc{mf: k.mf, blocks: blocks, order: order, size: count << abikho.PageShift}, nil
+	return v, nil
 }
