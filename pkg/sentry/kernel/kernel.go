@@ -276,10 +276,12 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 
 // Commit ends the quarantine of a live-update boot: the previous sentry
 // has been told the handover is accepted, so the memory it did not
-// preserve may now be scrubbed in the background, and the blocks of LUO's
-// incoming records are freed, in the background too: freeing them builds
-// page metadata (luo.LUO.Deserialize), which must not delay the end of the
-// blackout. The page metadata of every adopted folio is built after
+// preserve may now be scrubbed in the background, and, in the background
+// too, a carried handover is settled (LUO's liveupdate-number, its spare
+// header block, KHO's kho-v1 reserve) or the blocks of LUO's incoming
+// records, when they were not carried, are freed: allocating and freeing
+// build page metadata (luo.LUO.Deserialize), which must not delay the end
+// of the blackout. The page metadata of every adopted folio is built after
 // them, also in the background. Shutdown waits for both.
 func (k *Kernel) Commit() {
 	k.mf.ResumeReleases()
@@ -289,6 +291,10 @@ func (k *Kernel) Commit() {
 	k.background.Add(1)
 	go func() {
 		defer k.background.Done()
+		// A carried handover (kho.Ingest, luo's carry.go) gets what
+		// the new sentry could not allocate before it committed.
+		k.luo.Settle()
+		k.kho.Settle()
 		k.luo.ReleaseIncomingRecords()
 		// The page metadata of the adopted folios, before the relaunched
 		// guests retrieve and map them.

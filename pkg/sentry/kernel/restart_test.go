@@ -57,7 +57,24 @@ func restartInProcess(t testing.TB, s *sandbox) *sandbox {
 // handOverPaused is restartInProcess for a kernel already paused.
 func handOverPaused(t testing.TB, s *sandbox) *sandbox {
 	t.Helper()
-	h, err := s.k.PrepareHandover(nil, nil)
+	return handOverPausedTo(t, s, nil)
+}
+
+// negotiatedRestart is restartInProcess to a sentry of the same build as
+// two of them negotiate it (the newest formats, kho-v2).
+func negotiatedRestart(t testing.TB, s *sandbox) *sandbox {
+	t.Helper()
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	return handOverPausedTo(t, s, Reads())
+}
+
+// handOverPausedTo is handOverPaused to a sentry that reads peerReads
+// (nil: the default formats).
+func handOverPausedTo(t testing.TB, s *sandbox, peerReads []string) *sandbox {
+	t.Helper()
+	h, err := s.k.PrepareHandover(nil, peerReads)
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
 	}

@@ -114,8 +114,11 @@ func TestAPreserveInFlightIsLostAndItsMemoryFreed(t *testing.T) {
 	}
 	n.fdt.close(t, r)
 	n.fdt.close(t, fd)
-	if got := allocatedAfterDrain(n); got != base {
-		t.Fatalf("after finishing the recovered session %d pages are allocated, want the cold-boot baseline %d: the half-done preserve leaked", got, base)
+	// The recovered sentry carried the dead one's state: LUO's records
+	// and KHO's radix tree stay (a few pages); the preserve in flight held
+	// 258 (its 1 MiB, the folio array and the record).
+	if got := allocatedAfterDrain(n); got < base || got-base > 16 {
+		t.Fatalf("after finishing the recovered session %d pages are allocated, want the cold-boot baseline %d plus at most 16 pages of carried records and tree: the half-done preserve leaked", got, base)
 	}
 }
 

@@ -167,6 +167,7 @@ func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
 	}
 	s := &Session{luo: l, name: name}
 	l.recMu.Lock()
+	l.unpublishIncomingLocked(name)
 	err := l.addSessionRecordLocked(s)
 	l.recMu.Unlock()
 	if err != nil {

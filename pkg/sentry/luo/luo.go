@@ -187,10 +187,25 @@ type LUO struct {
 	recMu sync.Mutex
 
 	// rec is the outgoing state in preserved memory, nil until the first
-	// session (or Serialize) makes it.
+	// session (or Serialize) makes it, or Deserialize carries the
+	// incoming one (carry.go).
 	//
 	// +checklocks:recMu
 	rec *records
+	// carried is set when rec was carried over from the previous sentry;
+	// settled once Settle has run.
+	//
+	// +checklocks:recMu
+	carried bool
+	// +checklocks:recMu
+	settled bool
+	// carriedNum is the liveupdate-number the carried FDT came with;
+	// bumped is set once it holds carriedNum + 1 (carry.go).
+	//
+	// +checklocks:recMu
+	carriedNum uint64
+	// +checklocks:recMu
+	bumped bool
 
 	filesMu sync.Mutex
 

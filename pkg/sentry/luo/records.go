@@ -47,18 +47,20 @@ import (
 const (
 	// recordBlockMin is the smallest record block: one page.
 	recordBlockMin = pgalloc.PageSize
-	// headerSentinel marks the luo-session-header value while the FDT is
-	// laid out, to find its offset.
+	// headerSentinel and numSentinel mark the luo-session-header and
+	// liveupdate-number values while the FDT is laid out, to find their
+	// offsets.
 	headerSentinel = 0x4c554f5f48445221
+	numSentinel    = 0x4c554f5f4e554d21
 )
 
 // records is LUO's outgoing state in preserved memory.
 type records struct {
-	// fdt is the LUO FDT page; hdrOff is the offset of its
-	// luo-session-header value (little endian, like every u64 of KHO's
-	// FDTs, and 8-byte aligned).
-	fdt    pgalloc.Folio
-	hdrOff int
+	// fdt is the LUO FDT page; hdrOff and numOff are the offsets of its
+	// luo-session-header and liveupdate-number values (little endian,
+	// like every u64 of KHO's FDTs, and 8-byte aligned).
+	fdt            pgalloc.Folio
+	hdrOff, numOff int
 	// hdr are the two header blocks of equal size; hdr[cur] is published
 	// and preserved, the other one only allocated.
 	hdr [2]pgalloc.Folio
@@ -109,24 +111,11 @@ func (l *LUO) ensureRecordsLocked() error {
 	if err := l.kho.UnpreserveFolio(r.hdr[1]); err != nil {
 		panic(fmt.Sprintf("luo: unpreserving the spare header block %v: %v", r.hdr[1], err))
 	}
-	root := &fdt.Node{}
-	root.SetString("compatible", abiluo.FDTCompatible)
-	root.SetU64(abiluo.FDTLiveupdateNum, l.liveupdateNum+1)
-	sn := root.AddChild(abiluo.FDTSessionNode)
-	sn.SetString("compatible", abiluo.FDTSessionCompatible)
-	sn.SetU64(abiluo.FDTSessionHeader, headerSentinel)
-	blob, err := fdt.Build(root)
-	if err != nil {
-		l.freeBlocks(blocks[:2], r.hdr[1])
-		return fmt.Errorf("building the LUO FDT: %w", err)
+	blob, hdrOff, numOff, err := buildFDT(l.liveupdateNum+1, r.hdr[0].Addr())
+	if err != nil || len(blob) > int(r.fdt.Size()) {
+		panic(fmt.Sprintf("luo: the LUO FDT (%d bytes) cannot be laid out: %v", len(blob), err))
 	}
-	var sentinel [8]byte
-	binary.LittleEndian.PutUint64(sentinel[:], headerSentinel)
-	r.hdrOff = bytes.Index(blob, sentinel[:])
-	if r.hdrOff < 0 || r.hdrOff%8 != 0 || len(blob) > int(r.fdt.Size()) {
-		panic(fmt.Sprintf("luo: the LUO FDT (%d bytes) has its %s value at offset %d", len(blob), abiluo.FDTSessionHeader, r.hdrOff))
-	}
-	binary.LittleEndian.PutUint64(blob[r.hdrOff:], r.hdr[0].Addr())
+	r.hdrOff, r.numOff = hdrOff, numOff
 	copy(l.mf().Bytes(r.fdt), blob)
 	if err := l.kho.AddSubtree(abiluo.FDTName, r.fdt.Addr()); err != nil {
 		l.freeBlocks(blocks[:2], r.hdr[1])
@@ -134,6 +123,38 @@ func (l *LUO) ensureRecordsLocked() error {
 	}
 	l.rec = r
 	return nil
+}
+
+// buildFDT returns the LUO FDT naming the header block at hdr, with
+// liveupdate-number num, and the offsets of the two values, each 8-byte
+// aligned (so that one store64 rewrites it).
+func buildFDT(num, hdr uint64) (blob []byte, hdrOff, numOff int, err error) {
+	root := &fdt.Node{}
+	root.SetString("compatible", abiluo.FDTCompatible)
+	root.SetU64(abiluo.FDTLiveupdateNum, numSentinel)
+	sn := root.AddChild(abiluo.FDTSessionNode)
+	sn.SetString("compatible", abiluo.FDTSessionCompatible)
+	sn.SetU64(abiluo.FDTSessionHeader, headerSentinel)
+	blob, err = fdt.Build(root)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("building the LUO FDT: %w", err)
+	}
+	find := func(v uint64) int {
+		var b [8]byte
+		binary.LittleEndian.PutUint64(b[:], v)
+		off := bytes.Index(blob, b[:])
+		if off < 0 || off%8 != 0 {
+			return -1
+		}
+		return off
+	}
+	hdrOff, numOff = find(headerSentinel), find(numSentinel)
+	if hdrOff < 0 || numOff < 0 {
+		return nil, 0, 0, fmt.Errorf("the LUO FDT has its values at offsets %d and %d, not 8-byte aligned", hdrOff, numOff)
+	}
+	binary.LittleEndian.PutUint64(blob[hdrOff:], hdr)
+	binary.LittleEndian.PutUint64(blob[numOff:], num)
+	return blob, hdrOff, numOff, nil
 }
 
 // freeBlocks unpreserves and frees preserved, last first, and frees
@@ -192,6 +213,7 @@ func (l *LUO) addSessionRecordLocked(s *Session) error {
 	if err := l.ensureRecordsLocked(); err != nil {
 		return err
 	}
+	l.bumpLocked()
 	r := l.rec
 	if len(r.slots) == r.hdrCap() {
 		if err := l.growHeaderLocked(); err != nil {
@@ -240,8 +262,34 @@ func (l *LUO) growHeaderLocked() error {
 	r.hdr = [2]pgalloc.Folio{a, b}
 	l.publishHeaderLocked(0)
 	_ = l.kho.UnpreserveFree(oldCur)
-	l.mf().DecRef(oldSpare)
+	if oldSpare != (pgalloc.Folio{}) {
+		l.mf().DecRef(oldSpare)
+	}
 	return nil
+}
+
+// spareLocked makes sure the records have a spare header block, the size
+// of the published one, and reports whether they do. Only carried records
+// (see carryLocked) start without one; Settle makes it after the commit,
+// and this makes it if Settle could not.
+//
+// +checklocks:l.recMu
+func (l *LUO) spareLocked() bool {
+	r := l.rec
+	spare := 1 - r.cur
+	if r.hdr[spare] != (pgalloc.Folio{}) {
+		return true
+	}
+	fo, err := l.kho.AllocPreserve(r.hdr[r.cur].Size())
+	if err != nil {
+		return false
+	}
+	// Preserved once so that its leaf exists (see switchHeaderLocked).
+	if err := l.kho.UnpreserveFolio(fo); err != nil {
+		panic(fmt.Sprintf("luo: unpreserving the new spare header block %v: %v", fo, err))
+	}
+	r.hdr[spare] = fo
+	return true
 }
 
 // removeSessionRecordLocked unpublishes s's record and then frees its file
@@ -254,9 +302,20 @@ func (l *LUO) removeSessionRecordLocked(s *Session) {
 	if r == nil || sr == nil {
 		return
 	}
+	l.bumpLocked()
 	i, n := sr.slot, len(r.slots)
 	hb := l.headerBytes()
-	if i != n-1 {
+	if i != n-1 && !l.spareLocked() {
+		// No spare, and no page to make one (carried records on a full
+		// memory file): the last record moves into s's slot, then the
+		// count drops. A crash between the two stores would leave a
+		// header with a torn record; the file had no free page.
+		copy(sessionSlot(hb, i), sessionSlot(hb, n-1))
+		last := r.slots[n-1]
+		last.slot = i
+		r.slots[i] = last
+		r.slots[n-1] = sr
+	} else if i != n-1 {
 		// The spare gets the same set in a new order, s last, and
 		// becomes the published block.
 		spare := 1 - r.cur
@@ -295,6 +354,7 @@ func (l *LUO) addFileRecordLocked(s *Session, lf *luoFile) error {
 	if r == nil || sr == nil {
 		panic(fmt.Sprintf("luo: preserving into session %q, which has no record", s.name))
 	}
+	l.bumpLocked()
 	slot := l.slotBytesLocked(sr)
 	if sr.files == (pgalloc.Folio{}) || uint64(sr.n+1)*abiluo.FileSerSize > sr.files.Size() {
 		size := uint64(recordBlockMin)

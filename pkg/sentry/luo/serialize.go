@@ -15,6 +15,9 @@ import (
 type serialized struct {
 	// plan is the handler that froze and wrote each file.
 	plan serializePlan
+	// bumped says the freeze stored the liveupdate-number of carried
+	// records (carry.go), which Abort puts back.
+	bumped bool
 }
 
 // serializePlan holds, for every outgoing session (in order) and every file
@@ -89,13 +92,14 @@ func (l *LUO) SerializeWith(opts SerializeOptions) error {
 	} else if err == nil {
 		l.rewriteFrozenLocked(plan)
 	}
+	bumped := err == nil && l.bumpLocked()
 	l.recMu.Unlock()
 	if err != nil {
 		l.unfreezeAllLocked(plan, len(l.outgoing))
 		l.frozen.Store(false)
 		return err
 	}
-	l.serialized = &serialized{plan: plan}
+	l.serialized = &serialized{plan: plan, bumped: bumped}
 	return nil
 }
 
@@ -126,6 +130,12 @@ func (l *LUO) planLocked(opts SerializeOptions) (serializePlan, error) {
 				return nil, fmt.Errorf("%w: %s: this sentry writes %q, the next one reads %q", ErrNoCommonFormat, f.Subsystem, f.Writes, opts.PeerReads)
 			}
 		}
+	}
+	l.recMu.Lock()
+	err := l.checkCarriedLocked(opts)
+	l.recMu.Unlock()
+	if err != nil {
+		return nil, err
 	}
 	plan := make(serializePlan, len(l.outgoing))
 	for i, s := range l.outgoing {
@@ -277,6 +287,11 @@ func (l *LUO) Abort() {
 		return
 	}
 	l.unfreezeAllLocked(l.serialized.plan, len(l.outgoing))
+	if l.serialized.bumped {
+		l.recMu.Lock()
+		l.unbumpLocked()
+		l.recMu.Unlock()
+	}
 	l.frozen.Store(false)
 	l.serialized = nil
 	closed := l.closedWhileSerialized
@@ -323,13 +338,17 @@ func (l *LUO) Deserialize() error {
 	}
 	l.incoming = sessions
 	l.liveupdateNum = num
-	l.incomingRecords = in.blocks
+	if !l.carryLocked(in, sessions) {
+		l.incomingRecords = in.blocks
+	}
 	return nil
 }
 
 // ReleaseIncomingRecords frees the blocks Deserialize read the previous
-// sentry's records from. It does nothing if there are none (a cold boot,
-// or a second call).
+// sentry's records from, unless it carried them (see carryLocked). It
+// does nothing if there are none (a cold boot, or a second call). If KHO
+// carried its own state but LUO could not carry the records, the carried
+// root still names them: the subtree goes first.
 func (l *LUO) ReleaseIncomingRecords() {
 	l.mu.Lock()
 	blocks := l.incomingRecords
@@ -338,27 +357,33 @@ func (l *LUO) ReleaseIncomingRecords() {
 	if len(blocks) == 0 {
 		return
 	}
-	mf := l.kho.MemoryFile()
-	for _, fo := range blocks {
-		mf.DecRef(fo)
+	if l.kho.Carried() {
+		_ = l.kho.RemoveSubtree(blocks[0].Addr())
 	}
+	l.kho.ReleaseRestored(blocks...)
 }
 
 // incomingState reads the previous sentry's records and frees the blocks
 // that held them once they are copied.
 type incomingState struct {
-	luo    *LUO
+	luo *LUO
+	// blocks are every block read, the LUO FDT first and the header
+	// second.
 	blocks []pgalloc.Folio
+	// fdtBlob is the LUO FDT; hdrAddr and num the values it holds.
+	fdtBlob      []byte
+	hdrAddr, num uint64
+	// files are each session's file array (the zero Folio for none),
+	// and compat each session's file records' compatible strings.
+	files  []pgalloc.Folio
+	compat [][]string
 	// data maps every file's handler data (its record's address) to the
 	// file, to refuse two files sharing one record.
 	data map[uint64]string
 }
 
 func (in *incomingState) free() {
-	mf := in.luo.kho.MemoryFile()
-	for _, fo := range in.blocks {
-		mf.DecRef(fo)
-	}
+	in.luo.kho.ReleaseRestored(in.blocks...)
 }
 
 // restore restores the preserved block at addr and returns its bytes.
@@ -406,6 +431,7 @@ func (in *incomingState) read(addr uint64) ([]*Session, uint64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
+	in.fdtBlob, in.hdrAddr, in.num = blob, hdrAddr, num
 	count := binary.LittleEndian.Uint64(hb)
 	if max := uint64(len(hb)-abiluo.SessionHeaderSerSize) / abiluo.SessionSerSize; count > max {
 		return nil, 0, fmt.Errorf("luo_session_header_ser.count %d at %#x: only %d records fit its %d-byte block: %w", count, hdrAddr, max, len(hb), unix.EINVAL)
@@ -441,12 +467,15 @@ func (in *incomingState) readFiles(i uint64, name string, ss abiluo.SessionSer) 
 		if ss.Files != 0 {
 			return nil, fmt.Errorf("session %q: luo_file_set_ser.files %#x with count 0: %w", name, ss.Files, unix.EINVAL)
 		}
+		in.files, in.compat = append(in.files, pgalloc.Folio{}), append(in.compat, nil)
 		return nil, nil
 	}
 	fb, err := in.restore(fmt.Sprintf("luo_file_ser array of session %q", name), ss.Files)
 	if err != nil {
 		return nil, err
 	}
+	in.files = append(in.files, in.blocks[len(in.blocks)-1])
+	var compats []string
 	if max := uint64(len(fb)) / abiluo.FileSerSize; ss.Count > max {
 		return nil, fmt.Errorf("session %q: luo_file_set_ser.count %d: only %d records fit the %d-byte block at %#x: %w", name, ss.Count, max, len(fb), ss.Files, unix.EINVAL)
 	}
@@ -476,7 +505,9 @@ func (in *incomingState) readFiles(i uint64, name string, ss abiluo.SessionSer) 
 		}
 		in.data[fs.Data] = who
 		files = append(files, &luoFile{token: fs.Token, handler: h, serializedData: fs.Data})
+		compats = append(compats, h.Compatible)
 	}
+	in.compat = append(in.compat, compats)
 	return files, nil
 }
 

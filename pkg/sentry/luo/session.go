@@ -37,7 +37,8 @@ type Session struct {
 	files []*luoFile
 
 	// rec is the session's part of LUO's records in preserved memory (an
-	// outgoing session's), guarded by LUO.recMu.
+	// outgoing session's, or a carried incoming one's until it is
+	// finished), guarded by LUO.recMu.
 	rec *sessionRecord
 }
 
@@ -298,7 +299,11 @@ func (s *Session) retrieveFD(fdt FDTable, token uint64) (int32, error) {
 		return -1, lf.retrieveErr
 	case lf.retrieveStatus == 0:
 		args := lf.args()
-		if err := lf.handler.Ops.Retrieve(&args); err != nil {
+		err := lf.handler.Ops.Retrieve(&args)
+		// What the handler keeps until finish, whether the retrieve
+		// worked or not (memfd, for a carried handover).
+		lf.privateData = args.PrivateData
+		if err != nil {
 			lf.retrieveStatus, lf.retrieveErr = -errnoOf(err), err
 			return -1, err
 		}
@@ -359,6 +364,11 @@ func (s *Session) finishLocked() error {
 			return unix.EBUSY
 		}
 	}
+	// A carried session's record goes first: from here a crash has lost
+	// the session, as the finish will have (carry.go).
+	s.luo.recMu.Lock()
+	s.luo.removeSessionRecordLocked(s)
+	s.luo.recMu.Unlock()
 	for len(s.files) > 0 {
 		lf := s.files[len(s.files)-1]
 		s.files = s.files[:len(s.files)-1]

@@ -404,7 +404,8 @@ func (h *luoHandler) unpreserve(args *luo.FileOpArgs) {
 }
 
 // readRecord restores the memfd_luo_ser block at addr (one-shot) and
-// decodes it in format ft.
+// decodes it in format ft. The block is returned, restored, even when it
+// does not decode.
 func (h *luoHandler) readRecord(addr uint64, ft format) (pgalloc.Folio, record, error) {
 	var rec record
 	if addr == 0 {
@@ -415,29 +416,28 @@ func (h *luoHandler) readRecord(addr uint64, ft format) (pgalloc.Folio, record, 
 		return pgalloc.Folio{}, rec, fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err)
 	}
 	if err := rec.decode(ft, h.mf.Bytes(fo)); err != nil {
-		h.mf.DecRef(fo)
-		return pgalloc.Folio{}, rec, fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err)
+		return fo, rec, fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err)
 	}
 	return fo, rec, nil
 }
 
-// folioRecords restores the folio array of rec and decodes its
-// nr_folios records.
-func (h *luoHandler) folioRecords(addr uint64, rec record) ([]abimemfd.FolioSer, error) {
+// folioRecords restores the folio array of rec and decodes its nr_folios
+// records. The array is returned, restored, even when its records do not
+// fit it; nil if it could not be restored.
+func (h *luoHandler) folioRecords(addr uint64, rec record) ([]abimemfd.FolioSer, *kho.Vmalloc, error) {
 	array, err := h.kho.RestoreVmalloc(rec.folios)
 	if err != nil {
-		return nil, fmt.Errorf("memfd_luo_ser at %#x: folio array: %w", addr, err)
+		return nil, nil, fmt.Errorf("memfd_luo_ser at %#x: folio array: %w", addr, err)
 	}
-	defer array.Free()
 	if rec.nrFolios > array.Len()/abimemfd.FolioSerSize {
-		return nil, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.nrFolios, array.Len(), unix.EINVAL)
+		return nil, array, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.nrFolios, array.Len(), unix.EINVAL)
 	}
 	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
 	recs := make([]abimemfd.FolioSer, rec.nrFolios)
 	for i := range recs {
 		recs[i] = abimemfd.DecodeFolioSer(array.Page(i / perPage)[(i%perPage)*abimemfd.FolioSerSize:])
 	}
-	return recs, nil
+	return recs, array, nil
 }
 
 // discardFolios mirrors memfd_luo_discard_folios: restore each folio and
@@ -456,10 +456,34 @@ func (h *luoHandler) discardFolios(recs []abimemfd.FolioSer) {
 // cannot be restored.
 func (h *luoHandler) discardAddrs(addrs []uint64) {
 	for _, a := range addrs {
-		if fo, err := h.kho.RestoreFolio(a); err == nil {
-			h.mf.DecRef(fo)
-		}
+		_ = h.kho.RestoreFree(a)
 	}
+}
+
+// carriedFile is what a retrieve keeps until finish when the handover was
+// carried (kho.KHO.Carried): the record, the folio array and the folios
+// the retrieve restored. The carried LUO records name them until the
+// session is finished, so none may be freed or change owner before: the
+// retrieved file's folios are pinned (a truncate or punch of the file only
+// drops the file's reference), and a retrieve that failed keeps what it
+// had restored. finish frees them, after LUO has unpublished the session.
+type carriedFile struct {
+	ser    pgalloc.Folio
+	array  *kho.Vmalloc
+	folios []pgalloc.Folio
+}
+
+// free lets go of everything c holds: no longer preserved, and freed unless
+// a retrieved file still holds it.
+func (c *carriedFile) free(h *luoHandler) {
+	h.kho.ReleaseRestored(c.folios...)
+	if c.array != nil {
+		c.array.Free()
+	}
+	if c.ser != (pgalloc.Folio{}) {
+		h.kho.ReleaseRestored(c.ser)
+	}
+	*c = carriedFile{}
 }
 
 // retrieve mirrors memfd_luo_retrieve and memfd_luo_retrieve_folios: a
@@ -467,15 +491,31 @@ func (h *luoHandler) discardAddrs(addrs []uint64) {
 // the preserved folios at their indices, with their flags. With memfd-v2 the
 // file is created sealable and gets the preserved seals; a seal outside
 // MEMFD_LUO_ALL_SEALS is EOPNOTSUPP, non-zero flags (unused, must be 0) are
-// EINVAL.
+// EINVAL. From a carried handover, what it restored is kept until finish
+// (carriedFile), whether it succeeds or not.
 func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
+	var kept *carriedFile
+	if h.kho.Carried() {
+		kept = &carriedFile{}
+		args.PrivateData = kept
+	}
+	return h.retrieveInto(args, ft, kept)
+}
+
+// retrieveInto is retrieve; kept, if not nil, gets everything restored
+// instead of it being freed.
+func (h *luoHandler) retrieveInto(args *luo.FileOpArgs, ft format, kept *carriedFile) error {
 	addr := args.SerializedData
 	serFolio, rec, err := h.readRecord(addr, ft)
+	// Seed fix 1: the record is freed on every path.
+	if kept != nil {
+		kept.ser = serFolio
+	} else if serFolio != (pgalloc.Folio{}) {
+		defer h.mf.DecRef(serFolio)
+	}
 	if err != nil {
 		return err
 	}
-	// Seed fix 1: the record is freed on every path.
-	defer h.mf.DecRef(serFolio)
 	if rec.seals&^abimemfd.AllSeals != 0 {
 		return fmt.Errorf("memfd_luo_ser at %#x: seals %#x: %s carries only %#x: %w", addr, rec.seals, ft, abimemfd.AllSeals, unix.EOPNOTSUPP)
 	}
@@ -487,8 +527,23 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	}
 	var recs []abimemfd.FolioSer
 	if rec.nrFolios > 0 {
-		if recs, err = h.folioRecords(addr, rec); err != nil {
+		var array *kho.Vmalloc
+		recs, array, err = h.folioRecords(addr, rec)
+		if kept != nil {
+			kept.array = array
+		} else if array != nil {
+			defer array.Free()
+		}
+		if err != nil {
 			return err
+		}
+	}
+	// discard drops the folios recs name, unless a carried record names
+	// them: then they stay preserved and unrestored, and are freed when
+	// nothing incoming is left (kho.KHO.ReleaseUnrestored).
+	discard := func() {
+		if kept == nil {
+			h.discardFolios(recs)
 		}
 	}
 	// Check every record, then restore all folios under one KHO lock. A
@@ -497,11 +552,11 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	addrs := make([]uint64, 0, len(recs))
 	for i, r := range recs {
 		if r.PFN == 0 {
-			h.discardFolios(recs)
+			discard()
 			return fmt.Errorf("memfd_luo_folio_ser[%d] (index %#x) of memfd_luo_ser at %#x: pfn 0: preserve leaves no hole, so the page would read as zeros that were never written: %w", i, r.Index, addr, unix.EINVAL)
 		}
 		if r.Flags&^abimemfd.FolioFlagsMask != 0 {
-			h.discardFolios(recs)
+			discard()
 			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i, r.PFN, r.Index, addr, r.Flags, unix.EINVAL)
 		}
 		addrs = append(addrs, r.PFN<<pgalloc.PageShift)
@@ -509,6 +564,11 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	restored := make([]pgalloc.Folio, len(addrs))
 	n, err := h.kho.RestoreFolios(addrs, restored)
 	fail := func(err error) error {
+		if kept != nil {
+			// Kept, each with the one reference Adopt gave it.
+			kept.folios = restored[:n]
+			return err
+		}
 		// put_folios: nothing was inserted yet (NewFromFolios takes all
 		// or nothing), so every restored folio is dropped here and the
 		// ones not restored yet are restored and dropped.
@@ -542,9 +602,21 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 		})
 		j++
 	}
+	if kept != nil {
+		// The pin: the page cache takes the reference Adopt gave.
+		h.mf.IncRefs(restored)
+	}
 	f, err := NewFromFolios(h.mf, int64(rec.size), int64(rec.pos), folios)
 	if err != nil {
+		if kept != nil {
+			for _, fo := range restored {
+				h.mf.DecRef(fo)
+			}
+		}
 		return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
+	}
+	if kept != nil {
+		kept.folios = restored
 	}
 	if ft == formatV2 {
 		// memfd_alloc_file("", MFD_ALLOW_SEALING), then memfd_add_seals.
@@ -583,22 +655,30 @@ func checkCoverage(size uint64, recs []abimemfd.FolioSer, restored []pgalloc.Fol
 
 // finish mirrors memfd_luo_finish: a file that was never retrieved has its
 // folios discarded and its record freed; after a retrieve (successful or
-// not) there is nothing left to do.
+// not) there is nothing left to do, except from a carried handover, where
+// what the retrieve kept (carriedFile) is let go now. LUO has unpublished
+// the session before it finishes its files.
 func (h *luoHandler) finish(args *luo.FileOpArgs, ft format) {
+	if c, ok := args.PrivateData.(*carriedFile); ok {
+		c.free(h)
+		return
+	}
 	// Seed fix 3: retrieve_status, so a failed retrieve, which already
 	// freed what it restored, is not cleaned up twice.
 	if args.RetrieveStatus != 0 {
 		return
 	}
 	serFolio, rec, err := h.readRecord(args.SerializedData, ft)
-	if err != nil {
+	if serFolio != (pgalloc.Folio{}) {
+		defer h.kho.ReleaseRestored(serFolio)
+	}
+	if err != nil || rec.nrFolios == 0 {
 		return
 	}
-	defer h.mf.DecRef(serFolio)
-	if rec.nrFolios == 0 {
-		return
+	recs, array, err := h.folioRecords(args.SerializedData, rec)
+	if array != nil {
+		defer array.Free()
 	}
-	recs, err := h.folioRecords(args.SerializedData, rec)
 	if err != nil {
 		return
 	}
