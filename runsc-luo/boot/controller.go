@@ -45,7 +45,8 @@ type RestartArgs struct {
 	// 0 means DefaultRestartTimeout.
 	Timeout time.Duration `json:"timeout"`
 	// Force restarts even though incoming sessions have not been
-	// retrieved (they are dropped, with their memory).
+	// retrieved: they are handed over again as they came if this sentry
+	// carried them (luo.LUO.Carried), dropped with their memory if not.
 	Force bool `json:"force,omitempty"`
 	// TestOnlyAckDelay makes the old sentry of a transfer-mode restart
 	// sleep this long before it reads the new sentry's ack, as if it
@@ -135,7 +136,11 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 	}
 	defer s.endRestart()
 	if names := s.k.UnretrievedSessions(); len(names) > 0 && !a.Force {
-		return fmt.Errorf("%w: incoming sessions %q have not been retrieved since the last restart; restarting now would drop them and their memory (retrieve or finish them first, or use --force): %w", ErrRefused, names, unix.EBUSY)
+		what := "restarting now would drop them and their memory (retrieve or finish them first, or use --force)"
+		if s.k.LUO().Carried() {
+			what = "restarting now would relaunch the guests before they have taken them over (retrieve or finish them first, or use --force, which hands them over again as they came)"
+		}
+		return fmt.Errorf("%w: incoming sessions %q have not been retrieved since the last restart; %s: %w", ErrRefused, names, what, unix.EBUSY)
 	}
 	binary := a.Binary
 	if binary == "" {

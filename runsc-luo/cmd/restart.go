@@ -52,8 +52,9 @@ Prints the timing breakdown, one phase a line:
   blackout   all of the above: guests paused until the new sentry serves them
 
 A restart refuses (nothing changes) while incoming sessions of the last
-restart have not been retrieved by the guests: it would drop them. --force
-restarts anyway. Of two restarts at once, one proceeds and the other is
+restart have not been retrieved by the guests. --force restarts anyway:
+the sessions are handed over again as they came (a sentry that booted from
+an older sentry's kho-v1 handover drops them instead). Of two restarts at once, one proceeds and the other is
 refused.
 
 Exit status:
@@ -71,7 +72,7 @@ func (r *Restart) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&r.binary, "binary", "", "sentry binary to restart into (default: the running one)")
 	f.DurationVar(&r.timeout, "timeout", boot.DefaultRestartTimeout, "how long the new sentry may take")
 	f.StringVar(&r.format, "format", "table", "output format: table or json")
-	f.BoolVar(&r.force, "force", false, "restart even though incoming sessions have not been retrieved (they are dropped)")
+	f.BoolVar(&r.force, "force", false, "restart even though incoming sessions have not been retrieved (they are handed over again as they came)")
 	f.DurationVar(&r.ackDelay, "TESTONLY-ack-delay", 0, "for tests: the old sentry sleeps this long before it reads the new sentry's ack")
 	f.StringVar(&r.crashAt, "TESTONLY-crash-at", "", "for tests: WHO@POINT[+DELAY], a process of the restart SIGKILLed at a handover point")
 }
