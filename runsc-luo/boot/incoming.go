@@ -102,9 +102,9 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 // still the old sentry's state, as it froze: should this sentry die before
 // it commits, the old one rolls back, or the supervisor recovers the
 // sandbox from that page, with every byte. nil if KHO did not reuse the
-// page.
+// page, or carried it over unchanged (kho.KHO.Carried).
 func keepOldRoot(k *kernel.Kernel, root uint64, old []byte) []byte {
-	if k.KHO().RootAddr() != root {
+	if k.KHO().RootAddr() != root || k.KHO().Carried() {
 		return nil
 	}
 	page, err := k.MemoryFile().Slice(root/pgalloc.PageSize, 1)
@@ -156,10 +156,12 @@ func (in *incoming) Serving(t handover.Timing) {
 			names = append(names, ss.Name)
 		}
 		reason := fmt.Sprintf("sentry %d died; recovered in %v", t.OldPID, t.Blackout)
-		if dead := t.LiveupdateNumber - 1; dead > 0 && s.k.LUO().LiveupdateNumber() <= dead {
+		if dead := t.LiveupdateNumber - 1; dead > 0 && s.k.LUO().LiveupdateNumber() <= dead && !s.k.LUO().Carried() {
 			// The dead sentry came out of restart number dead and had
-			// not preserved anything since: its incoming sessions were
-			// not in its outgoing records (docs/crash.md).
+			// not preserved anything since, and its records were not
+			// carried (a kho-v1 handover): its incoming sessions were
+			// not in its outgoing records (docs/crash.md). Carried
+			// records hold them.
 			reason += fmt.Sprintf("; lost: the sessions sentry %d had received at restart %d and not preserved again", t.OldPID, dead)
 		}
 		s.recovery = &sandbox.RecoveryRecord{At: time.Now().UTC(), Reason: reason, Sessions: names}
