@@ -54,6 +54,7 @@ func faultCases() []faultCase {
 		"transfer supervisor@offer/sent": true, "exec old@offer/prepared": true, "exec new@accept/booted": true,
 		"exec new@accept/serving": true, "transfer old@offer/paused+300us": true, "exec new@accept/received+300us": true,
 		"transfer old@offer/frozen": true, "transfer new@accept/ingested": true,
+		"transfer new@accept/serving": true, "transfer new@accept/done": true,
 	}
 	var cs []faultCase
 	add := func(mode, crash string) {
@@ -100,11 +101,12 @@ func faultCases() []faultCase {
 
 // TestFaultMatrix SIGKILLs each process of a live restart at each point of
 // the protocol, in both modes, and checks what is left: the guest's
-// preserved data verified byte for byte afterwards, or its loss reported
-// by a non-zero exit of restart; the state and list truthful; nothing of
-// the sandbox left after kill and delete (no process, socket, holder of
-// the memory file, or fd of the test). The fast subset runs by default;
-// -full (or LIVESENTRY_FAULT_FULL=1) runs every cell and logs the table.
+// preserved data verified byte for byte afterwards (a loss fails the cell,
+// even one that restart or the state reports); the state and list
+// truthful; nothing of the sandbox left after kill and delete (no process,
+// socket, holder of the memory file, or fd of the test). The fast subset
+// runs by default; -full (or LIVESENTRY_FAULT_FULL=1) runs every cell and
+// logs the table.
 func TestFaultMatrix(t *testing.T) {
 	var rows []string
 	for i, fc := range faultCases() {
@@ -174,6 +176,12 @@ func runFaultCase(t *testing.T, i int, fc faultCase) (int, string, string) {
 		verdict = verdictRecorded
 	default:
 		t.Fatalf("the preserved data was lost, restart exited %d, and the state does not say so: %+v", code, st)
+	}
+	// No cell loses data any more: the old sentry's state is recovered
+	// before its commit, and a new sentry carries its incoming sessions
+	// from its ingest on (docs/crash.md). A loss, even reported, fails.
+	if verdict != verdictVerified {
+		t.Errorf("the preserved data was lost (%s, restart exited %d): a crash at any point must keep it", verdict, code)
 	}
 	if strings.HasPrefix(fc.crash, "supervisor@") && code == 0 {
 		if st.Supervised {

@@ -11,15 +11,18 @@ import (
 	"time"
 )
 
-// A restart would drop the incoming sessions the relaunched guest has not
-// retrieved yet: it is refused, naming them, with the rollback exit status
-// (3), until they are retrieved or --force is given.
+// A restart before the relaunched guest has retrieved its incoming
+// sessions is refused, naming them, with the rollback exit status (3),
+// until they are retrieved or --force is given; --force hands them over
+// again as they came (they are carried), so a guest that retrieves them
+// after the second restart verifies every byte.
 func TestARestartBeforeTheGuestRetrievedIsRefused(t *testing.T) {
 	c := newCLI(t)
 	const id = "refuse"
-	// The relaunched guest of this entrypoint never retrieves anything:
-	// after the first restart it just sleeps.
-	entry := "if [ \"$LIVESENTRY_LIVEUPDATE_NUMBER\" = 0 ]; then exec " + strings.Join(guestArgs("1M", 5, false), " ") + "; else exec sleep 600; fi"
+	// The guest relaunched by the first restart never retrieves
+	// anything: it just sleeps. The one after the second retrieves what
+	// generation 0 preserved, handed over twice.
+	entry := "case \"$LIVESENTRY_LIVEUPDATE_NUMBER\" in 0) exec " + strings.Join(guestArgs("1M", 5, false), " ") + ";; 1) exec sleep 600;; *) LIVESENTRY_LIVEUPDATE_NUMBER=1 exec " + strings.Join(guestArgs("1M", 5, false), " ") + ";; esac"
 	c.must("run", "--detach", "--memory=64M", id, "--", "sh", "-c", entry)
 	c.waitEvent(id, "preserved", 0, 30*time.Second)
 	c.restart(id)
@@ -35,7 +38,12 @@ func TestARestartBeforeTheGuestRetrievedIsRefused(t *testing.T) {
 	if st := c.state(id); st.LiveupdateNumber != before.LiveupdateNumber+1 {
 		t.Fatalf("restart --force: %+v", st)
 	}
-	c.must("kill", id)
+	c.waitEvent(id, "verified", 1, 30*time.Second)
+	// That guest exits after verifying, and the sandbox with it.
+	if st := c.waitStopped(id, 30*time.Second); st.ExitStatus == nil || *st.ExitStatus != 0 {
+		t.Fatalf("the sandbox after the guest verified: %+v", st)
+	}
+	c.must("delete", id)
 }
 
 // Of two restarts started at once, exactly one proceeds; the other is
