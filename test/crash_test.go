@@ -207,3 +207,34 @@ func TestASpareThatDiesInItsRecoveryIsReplaced(t *testing.T) {
 		})
 	}
 }
+
+// A spare that dies after it has committed, registered and served (its
+// records carried unchanged, its scrub of what was not preserved begun) is
+// replaced: as a serving sentry that died, or, if the supervisor had not
+// read its registration yet, as a recovery that failed (the root page put
+// back is the one the spare carried). Either way another sentry recovers
+// the sandbox and the guest verifies every byte.
+func TestASpareThatDiesAfterItServedIsRecoveredInTurn(t *testing.T) {
+	c := newCLI(t)
+	const id = "sparedies2"
+	cmd := exec.Command(runsc, append([]string{"--root=" + c.root, "run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", 31, true)...)...)
+	cmd.Env = append(os.Environ(), "LIVESENTRY_TESTONLY_SPARE_CRASH_AT=accept/serving")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("run: %v\n%s", err, out)
+	}
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	spare := awaitSpare(t, c, 0)
+	before := c.state(id)
+	syscall.Kill(before.PID, syscall.SIGKILL)
+	c.waitEvent(id, "verified", 1, 30*time.Second)
+	st := c.state(id)
+	if st.Status != "running" || st.PID == spare || st.PID == before.PID || st.Recoveries == 0 {
+		t.Fatalf("after the crash: pid %d (the spare was %d), %+v", st.PID, spare, st)
+	}
+	log, _ := os.ReadFile(filepath.Join(c.root, id, "sentry.log"))
+	if !strings.Contains(string(log), fmt.Sprintf("with spare sentry %d", spare)) ||
+		!strings.Contains(string(log), fmt.Sprintf("sentry %d died", spare)) && !strings.Contains(string(log), fmt.Sprintf("the recovering sentry (pid %d) exited", spare)) {
+		t.Errorf("sentry.log does not say that spare %d recovered the sandbox and died:\n%s", spare, log)
+	}
+	c.killAndDelete(id)
+}
