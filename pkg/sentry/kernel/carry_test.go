@@ -2,11 +2,17 @@ package kernel
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"sort"
 	"testing"
+	"time"
 
+	"github.com/livesentry/livesentry/pkg/abi/fdt"
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
 
@@ -166,4 +172,71 @@ func equalStrings(a, b []string) bool {
 		}
 	}
 	return true
+}
+
+// TestARefusedCarriedHandoverLeavesTheOldStateWhole checks that a new
+// sentry that refuses a kho-v2 handover (its LUO records do not validate)
+// writes nothing: the previous sentry's tree still marks every block, so
+// that the same state, put right, is handed over with every byte.
+func TestARefusedCarriedHandoverLeavesTheOldStateWhole(t *testing.T) {
+	s1 := newSandbox(t)
+	g := s1.dial(t)
+	dev := mustFD(t)(g.OpenLiveUpdate())
+	data := bytes.Repeat([]byte("whole"), 5000)
+	preserveOne(t, g, dev, "s", 1, data)
+	if err := s1.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s1.k.PrepareHandover(nil, Reads())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The session header, found as the next sentry finds it.
+	mf := s1.k.MemoryFile()
+	u64 := func(blob []byte, path ...string) uint64 {
+		n, err := fdt.Parse(blob, len(blob))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range path[:len(path)-1] {
+			n = n.Child(c)
+		}
+		v, err := n.U64(path[len(path)-1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	page := func(addr uint64) []byte {
+		b, err := mf.Slice(addr/pgalloc.PageSize, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	luoFDT := u64(page(h.Root), abiluo.FDTName, abikho.PropPreservedData)
+	hdr := page(u64(page(luoFDT), abiluo.FDTSessionNode, abiluo.FDTSessionHeader))
+	count := binary.LittleEndian.Uint64(hdr)
+	binary.LittleEndian.PutUint64(hdr, 1<<40)
+	file, err := mf.DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf}, nil); err == nil {
+		t.Fatal("NewFromHandover accepted a session header count of 1<<40")
+	}
+	binary.LittleEndian.PutUint64(hdr, count)
+	file, err = mf.DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf}, nil)
+	if err != nil {
+		t.Fatalf("NewFromHandover after the refused one: %v", err)
+	}
+	s1.k.Handoff()
+	k2.Commit()
+	s2 := startKernel(t, k2)
+	t.Cleanup(k2.Shutdown)
+	retrieveOne(t, s2, "s", 1, data)
 }

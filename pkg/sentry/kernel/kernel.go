@@ -285,6 +285,7 @@ func newKernel(mf *pgalloc.MemoryFile, k *kho.KHO, l *luo.LUO, opts Options) *Ke
 // them, also in the background. Shutdown waits for both.
 func (k *Kernel) Commit() {
 	k.mf.ResumeReleases()
+	k.luo.Commit()
 	if k.recovered && len(k.luo.Status().Sessions) == 0 {
 		k.kho.ReleaseUnrestored()
 	}

@@ -60,7 +60,9 @@ func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
 // each must be a preserved, unrestored block of exactly that order. Like
 // Linux (split_page), it returns the range as n order-0 folios in address
 // order, each holding one reference. On failure it restores nothing. It
-// mirrors kho_restore_pages.
+// mirrors kho_restore_pages. From a carried handover the blocks stop being
+// preserved here: split, they could not be let go of as they were
+// preserved.
 func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -105,6 +107,11 @@ func (k *KHO) RestorePages(addr, n uint64) ([]pgalloc.Folio, error) {
 		}
 		for p := f.PFN; p < f.PFN+f.Pages(); p++ {
 			pages = append(pages, pgalloc.Folio{PFN: p})
+		}
+	}
+	if k.carried {
+		for _, f := range folios {
+			k.out.tree.clear(f.PFN, f.Order)
 		}
 	}
 	return pages, nil

@@ -112,17 +112,18 @@ func (l *LUO) unbumpLocked() {
 }
 
 // unpublishIncomingLocked unpublishes the record of the incoming session
-// called name, if it has one: a session of that name is being created.
+// called name, if it has one: a session of that name is being created. It
+// fails like removeSessionRecordLocked.
 //
 // +checklocks:l.mu
 // +checklocks:l.recMu
-func (l *LUO) unpublishIncomingLocked(name string) {
+func (l *LUO) unpublishIncomingLocked(name string) error {
 	for _, s := range l.incoming {
 		if s.name == name && s.rec != nil {
-			l.removeSessionRecordLocked(s)
-			return
+			return l.removeSessionRecordLocked(s)
 		}
 	}
+	return nil
 }
 
 // checkCarriedLocked fails a serialization for a next sentry that cannot

@@ -167,8 +167,10 @@ func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
 	}
 	s := &Session{luo: l, name: name}
 	l.recMu.Lock()
-	l.unpublishIncomingLocked(name)
-	err := l.addSessionRecordLocked(s)
+	err := l.unpublishIncomingLocked(name)
+	if err == nil {
+		err = l.addSessionRecordLocked(s)
+	}
 	l.recMu.Unlock()
 	if err != nil {
 		l.mu.Unlock()
@@ -182,7 +184,8 @@ func (l *LUO) createSession(fdt FDTable, name string) (int32, error) {
 	if err != nil {
 		l.mu.Lock()
 		l.recMu.Lock()
-		l.removeSessionRecordLocked(s)
+		// Records holding s have a spare: this cannot fail.
+		_ = l.removeSessionRecordLocked(s)
 		l.recMu.Unlock()
 		l.removeOutgoingLocked(s)
 		l.mu.Unlock()

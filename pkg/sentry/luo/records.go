@@ -213,6 +213,11 @@ func (l *LUO) addSessionRecordLocked(s *Session) error {
 	if err := l.ensureRecordsLocked(); err != nil {
 		return err
 	}
+	// Carried records get their spare before they hold a session of this
+	// sentry, whose close must not fail (removeSessionRecordLocked).
+	if !l.spareLocked() {
+		return fmt.Errorf("allocating LUO's spare header block: %w", unix.ENOMEM)
+	}
 	l.bumpLocked()
 	r := l.rec
 	if len(r.slots) == r.hdrCap() {
@@ -293,29 +298,27 @@ func (l *LUO) spareLocked() bool {
 }
 
 // removeSessionRecordLocked unpublishes s's record and then frees its file
-// array. The files' own records are the handlers' to free, afterwards.
+// array. The files' own records are the handlers' to free, afterwards. It
+// fails with ENOMEM, changing nothing, only for carried records (carry.go)
+// that have no spare header block yet and no free page to make one, when
+// s is not the last record: removing it from the middle takes the spare.
+// Records holding a session of this sentry always have a spare
+// (addSessionRecordLocked makes it first).
 //
 // +checklocks:l.recMu
-func (l *LUO) removeSessionRecordLocked(s *Session) {
+func (l *LUO) removeSessionRecordLocked(s *Session) error {
 	r := l.rec
 	sr := s.rec
 	if r == nil || sr == nil {
-		return
+		return nil
+	}
+	i, n := sr.slot, len(r.slots)
+	if i != n-1 && !l.spareLocked() {
+		return fmt.Errorf("removing session %q from LUO's records: no page for the spare header block: %w", s.name, unix.ENOMEM)
 	}
 	l.bumpLocked()
-	i, n := sr.slot, len(r.slots)
 	hb := l.headerBytes()
-	if i != n-1 && !l.spareLocked() {
-		// No spare, and no page to make one (carried records on a full
-		// memory file): the last record moves into s's slot, then the
-		// count drops. A crash between the two stores would leave a
-		// header with a torn record; the file had no free page.
-		copy(sessionSlot(hb, i), sessionSlot(hb, n-1))
-		last := r.slots[n-1]
-		last.slot = i
-		r.slots[i] = last
-		r.slots[n-1] = sr
-	} else if i != n-1 {
+	if i != n-1 {
 		// The spare gets the same set in a new order, s last, and
 		// becomes the published block.
 		spare := 1 - r.cur
@@ -342,6 +345,7 @@ func (l *LUO) removeSessionRecordLocked(s *Session) {
 	if sr.files != (pgalloc.Folio{}) {
 		_ = l.kho.UnpreserveFree(sr.files)
 	}
+	return nil
 }
 
 // addFileRecordLocked appends a luo_file_ser record for lf to s's array

@@ -344,11 +344,23 @@ func (l *LUO) Deserialize() error {
 	return nil
 }
 
+// Commit is called once the handover is committed, before guests are
+// served. If KHO carried its state but LUO could not carry the records
+// (their FDT is not laid out as this sentry lays it out), the carried root
+// still names the incoming LUO FDT: the subtree goes now, before a session
+// of this sentry needs the name, and the records' blocks are freed later
+// (ReleaseIncomingRecords).
+func (l *LUO) Commit() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.incomingRecords) > 0 && l.kho.Carried() {
+		_ = l.kho.RemoveSubtree(l.incomingRecords[0].Addr())
+	}
+}
+
 // ReleaseIncomingRecords frees the blocks Deserialize read the previous
 // sentry's records from, unless it carried them (see carryLocked). It
-// does nothing if there are none (a cold boot, or a second call). If KHO
-// carried its own state but LUO could not carry the records, the carried
-// root still names them: the subtree goes first.
+// does nothing if there are none (a cold boot, or a second call).
 func (l *LUO) ReleaseIncomingRecords() {
 	l.mu.Lock()
 	blocks := l.incomingRecords
@@ -356,9 +368,6 @@ func (l *LUO) ReleaseIncomingRecords() {
 	l.mu.Unlock()
 	if len(blocks) == 0 {
 		return
-	}
-	if l.kho.Carried() {
-		_ = l.kho.RemoveSubtree(blocks[0].Addr())
 	}
 	l.kho.ReleaseRestored(blocks...)
 }
@@ -382,8 +391,14 @@ type incomingState struct {
 	data map[uint64]string
 }
 
+// free drops the blocks of a Deserialize that failed: before the commit,
+// so plain references dropped, nothing written (a carried tree's bits
+// stay as the previous sentry left them: the file goes back to it).
 func (in *incomingState) free() {
-	in.luo.kho.ReleaseRestored(in.blocks...)
+	mf := in.luo.kho.MemoryFile()
+	for _, fo := range in.blocks {
+		mf.DecRef(fo)
+	}
 }
 
 // restore restores the preserved block at addr and returns its bytes.

@@ -2,6 +2,7 @@ package luo
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 
@@ -99,7 +100,11 @@ func (s *Session) release() {
 func (l *LUO) closeOutgoingLocked(s *Session) {
 	s.mu.Lock()
 	l.recMu.Lock()
-	l.removeSessionRecordLocked(s)
+	if err := l.removeSessionRecordLocked(s); err != nil {
+		// addSessionRecordLocked gave the records a spare before they
+		// held s.
+		panic(fmt.Sprintf("luo: closing session %q: %v", s.name, err))
+	}
 	l.recMu.Unlock()
 	s.unpreserveFilesLocked()
 	s.mu.Unlock()
@@ -367,8 +372,12 @@ func (s *Session) finishLocked() error {
 	// A carried session's record goes first: from here a crash has lost
 	// the session, as the finish will have (carry.go).
 	s.luo.recMu.Lock()
-	s.luo.removeSessionRecordLocked(s)
+	err := s.luo.removeSessionRecordLocked(s)
 	s.luo.recMu.Unlock()
+	if err != nil {
+		// Nothing finished: the guest may try again.
+		return errnoFor(err, unix.ENOMEM)
+	}
 	for len(s.files) > 0 {
 		lf := s.files[len(s.files)-1]
 		s.files = s.files[:len(s.files)-1]
