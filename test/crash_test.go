@@ -170,26 +170,35 @@ func TestRunKeepsNoFdItsCallerLeaked(t *testing.T) {
 	}
 }
 
+// crashWithDoomedSpare runs sandbox id with a spare sentry that SIGKILLs
+// itself at point of its recovery, SIGKILLs the serving sentry once the
+// spare is up, waits for the relaunched guest to verify every byte, and
+// returns the spare's pid, the state before the crash and after.
+func crashWithDoomedSpare(t *testing.T, c *cli, id, point string, seed uint64) (int, sandboxState, sandboxState) {
+	t.Helper()
+	cmd := exec.Command(runsc, append([]string{"--root=" + c.root, "run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", seed, true)...)...)
+	cmd.Env = append(os.Environ(), "LIVESENTRY_TESTONLY_SPARE_CRASH_AT="+point)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("run: %v\n%s", err, out)
+	}
+	c.waitEvent(id, "preserved", 0, 30*time.Second)
+	spare := awaitSpare(t, c, 0)
+	before := c.state(id)
+	syscall.Kill(before.PID, syscall.SIGKILL)
+	c.waitEvent(id, "verified", 1, 30*time.Second)
+	return spare, before, c.state(id)
+}
+
 // A spare sentry that dies while it boots a recovery, before it registers
-// (after KHO's ingest rewrote the root page, or after its whole boot), is
-// replaced by a started sentry on the root page as the supervisor saved
-// it: the relaunched guest verifies every byte.
+// (after KHO's ingest, or after its whole boot), is replaced by a started
+// sentry on the root page as the supervisor saved it: the relaunched
+// guest verifies every byte.
 func TestASpareThatDiesInItsRecoveryIsReplaced(t *testing.T) {
 	for _, point := range []string{"accept/ingested", "accept/booted"} {
 		t.Run(strings.ReplaceAll(point, "/", "-"), func(t *testing.T) {
 			c := newCLI(t)
 			const id = "sparedies"
-			cmd := exec.Command(runsc, append([]string{"--root=" + c.root, "run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", 29, true)...)...)
-			cmd.Env = append(os.Environ(), "LIVESENTRY_TESTONLY_SPARE_CRASH_AT="+point)
-			if out, err := cmd.CombinedOutput(); err != nil {
-				t.Fatalf("run: %v\n%s", err, out)
-			}
-			c.waitEvent(id, "preserved", 0, 30*time.Second)
-			spare := awaitSpare(t, c, 0)
-			before := c.state(id)
-			syscall.Kill(before.PID, syscall.SIGKILL)
-			c.waitEvent(id, "verified", 1, 30*time.Second)
-			st := c.state(id)
+			spare, before, st := crashWithDoomedSpare(t, c, id, point, 29)
 			if st.Status != "running" || st.PID == spare || st.PID == before.PID || st.Recoveries != 1 {
 				t.Fatalf("after the crash: pid %d (the spare was %d), %+v", st.PID, spare, st)
 			}
@@ -217,17 +226,7 @@ func TestASpareThatDiesInItsRecoveryIsReplaced(t *testing.T) {
 func TestASpareThatDiesAfterItServedIsRecoveredInTurn(t *testing.T) {
 	c := newCLI(t)
 	const id = "sparedies2"
-	cmd := exec.Command(runsc, append([]string{"--root=" + c.root, "run", "--detach", "--memory=128M", id, "--"}, guestArgs("8M", 31, true)...)...)
-	cmd.Env = append(os.Environ(), "LIVESENTRY_TESTONLY_SPARE_CRASH_AT=accept/serving")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("run: %v\n%s", err, out)
-	}
-	c.waitEvent(id, "preserved", 0, 30*time.Second)
-	spare := awaitSpare(t, c, 0)
-	before := c.state(id)
-	syscall.Kill(before.PID, syscall.SIGKILL)
-	c.waitEvent(id, "verified", 1, 30*time.Second)
-	st := c.state(id)
+	spare, before, st := crashWithDoomedSpare(t, c, id, "accept/serving", 31)
 	if st.Status != "running" || st.PID == spare || st.PID == before.PID || st.Recoveries == 0 {
 		t.Fatalf("after the crash: pid %d (the spare was %d), %+v", st.PID, spare, st)
 	}
