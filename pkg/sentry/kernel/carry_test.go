@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,6 +15,7 @@ import (
 	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 	"github.com/livesentry/livesentry/pkg/guest"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
+	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"golang.org/x/sys/unix"
 )
 
@@ -111,7 +114,7 @@ func TestIncomingSessionsSurviveTheNextCrash(t *testing.T) {
 	if got := s3.k.LUO().LiveupdateNumber(); got != num+1 {
 		t.Errorf("liveupdate number after a crash of a sentry that changed its records: %d, want %d", got, num+1)
 	}
-	if got, want := sessionNames(s3, "incoming"), []string{"A", "B", "C", "D"}; !equalStrings(got, want) {
+	if got, want := sessionNames(s3, "incoming"), []string{"A", "B", "C", "D"}; !slices.Equal(got, want) {
 		t.Fatalf("after the second crash: incoming %v, want %v", got, want)
 	}
 	// A's files: a1 with the write, a2 whole, at its size at preserve.
@@ -140,7 +143,7 @@ func TestIncomingSessionsSurviveTheNextCrash(t *testing.T) {
 	// C, never retrieved, crosses a planned restart too; then, finished,
 	// it is gone.
 	s4 := negotiatedRestart(t, s3)
-	if got := sessionNames(s4, "incoming"); !equalStrings(got, []string{"A", "B", "C", "D"}) {
+	if got := sessionNames(s4, "incoming"); !slices.Equal(got, []string{"A", "B", "C", "D"}) {
 		t.Fatalf("after a planned restart: incoming %v, want A, B, C and D", got)
 	}
 	g4 := s4.dial(t)
@@ -162,31 +165,13 @@ func TestIncomingSessionsSurviveTheNextCrash(t *testing.T) {
 	}
 }
 
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // TestARefusedCarriedHandoverLeavesTheOldStateWhole checks that a new
 // sentry that refuses a kho-v2 handover (its LUO records do not validate)
 // writes nothing: the previous sentry's tree still marks every block, so
 // that the same state, put right, is handed over with every byte.
 func TestARefusedCarriedHandoverLeavesTheOldStateWhole(t *testing.T) {
-	s1 := newSandbox(t)
-	g := s1.dial(t)
-	dev := mustFD(t)(g.OpenLiveUpdate())
 	data := bytes.Repeat([]byte("whole"), 5000)
-	preserveOne(t, g, dev, "s", 1, data)
-	if err := s1.k.Pause(time.Time{}); err != nil {
-		t.Fatal(err)
-	}
+	s1 := pausedWithOne(t, data)
 	h, err := s1.k.PrepareHandover(nil, Reads())
 	if err != nil {
 		t.Fatal(err)
@@ -226,17 +211,53 @@ func TestARefusedCarriedHandoverLeavesTheOldStateWhole(t *testing.T) {
 		t.Fatal("NewFromHandover accepted a session header count of 1<<40")
 	}
 	binary.LittleEndian.PutUint64(hdr, count)
-	file, err = mf.DupFile()
+	retrieveOne(t, acceptHandover(t, s1, h), "s", 1, data)
+}
+
+// TestACarriedRecordTheNextSentryCannotReadRefusesTheRestart checks that
+// a restart to a sentry that reads only memfd-v1 is refused before the
+// freeze while an incoming session carries a memfd-v2 record as it came
+// (carried records are handed over unchanged), naming the session.
+func TestACarriedRecordTheNextSentryCannotReadRefusesTheRestart(t *testing.T) {
+	data := []byte("written as memfd-v2")
+	s1 := pausedWithOne(t, data)
+	h, err := s1.k.PrepareHandover(nil, Reads())
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2, err := NewFromHandover(file, h.Root, Options{Logf: t.Logf}, nil)
-	if err != nil {
-		t.Fatalf("NewFromHandover after the refused one: %v", err)
+	s2 := acceptHandover(t, s1, h)
+	if err := s2.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
 	}
-	s1.k.Handoff()
-	k2.Commit()
-	s2 := startKernel(t, k2)
-	t.Cleanup(k2.Shutdown)
-	retrieveOne(t, s2, "s", 1, data)
+	var v1Only []string
+	for _, r := range Reads() {
+		if r != "memfd-v2" {
+			v1Only = append(v1Only, r)
+		}
+	}
+	_, err = s2.k.PrepareHandover(nil, v1Only)
+	if err == nil {
+		s2.k.AbortHandover()
+		s2.k.Resume()
+		t.Fatal("PrepareHandover to a memfd-v1 sentry with a carried memfd-v2 record succeeded")
+	}
+	if !errors.Is(err, luo.ErrNoCommonFormat) || !strings.Contains(err.Error(), `incoming session "s"`) {
+		t.Fatalf("PrepareHandover to a memfd-v1 sentry with a carried memfd-v2 record: %v, want ErrNoCommonFormat naming session s", err)
+	}
+	// Retrieved and finished, the session no longer stands in the way.
+	s2.k.Resume()
+	g, sess, _ := retrieveOne(t, s2, "s", 1, data)
+	if err := g.FinishSession(sess); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s2.k.PrepareHandover(nil, v1Only); err != nil {
+		t.Fatalf("PrepareHandover to a memfd-v1 sentry once the session is finished: %v", err)
+	}
+	if err := s2.k.AbortHandover(); err != nil {
+		t.Fatal(err)
+	}
+	s2.k.Resume()
 }

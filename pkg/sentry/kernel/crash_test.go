@@ -263,14 +263,8 @@ func TestRecoverOfASentryThatNeverPreservedBootsEmpty(t *testing.T) {
 // next recovery, every byte there, once the root page it reused is put
 // back.
 func TestARecoveryDiscardedBeforeItsCommitLeavesTheFileRecoverable(t *testing.T) {
-	s := newSandbox(t)
-	g := s.dial(t)
-	dev := mustFD(t)(g.OpenLiveUpdate())
 	data := bytes.Repeat([]byte("quarantine"), 40000)
-	preserveOne(t, g, dev, "s", 1, data)
-	if err := s.k.Pause(time.Time{}); err != nil {
-		t.Fatal(err)
-	}
+	s := pausedWithOne(t, data)
 	s.k.MemoryFile().HoldReleases()
 	root := s.k.KHO().RootAddr()
 	page, err := s.k.MemoryFile().Slice(root/pgalloc.PageSize, 1)

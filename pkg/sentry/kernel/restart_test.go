@@ -78,6 +78,13 @@ func handOverPausedTo(t testing.TB, s *sandbox, peerReads []string) *sandbox {
 	if err != nil {
 		t.Fatalf("PrepareHandover: %v", err)
 	}
+	return acceptHandover(t, s, h)
+}
+
+// acceptHandover boots a new kernel from h, s's prepared handover, hands
+// s's kernel off and serves the new one.
+func acceptHandover(t testing.TB, s *sandbox, h Handover) *sandbox {
+	t.Helper()
 	file, err := s.k.MemoryFile().DupFile()
 	if err != nil {
 		t.Fatal(err)
@@ -94,6 +101,19 @@ func handOverPausedTo(t testing.TB, s *sandbox, peerReads []string) *sandbox {
 	s2 := startKernel(t, k2)
 	t.Cleanup(k2.Shutdown)
 	return s2
+}
+
+// pausedWithOne returns a sandbox whose guest preserved one memfd holding
+// data in session "s" under token 1, its kernel paused.
+func pausedWithOne(t *testing.T, data []byte) *sandbox {
+	t.Helper()
+	s := newSandbox(t)
+	g := s.dial(t)
+	preserveOne(t, g, mustFD(t)(g.OpenLiveUpdate()), "s", 1, data)
+	if err := s.k.Pause(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 func TestRestartInProcessKeepsPreservedMemfds(t *testing.T) {
@@ -225,14 +245,8 @@ func TestAGuestDyingDuringThePauseIsReleasedAfterTheOutcome(t *testing.T) {
 // error at either fails that step; the old kernel rolls back, and a later
 // restart still carries every byte.
 func TestHandoverInnerFaultPoints(t *testing.T) {
-	s := newSandbox(t)
-	g := s.dial(t)
-	dev := mustFD(t)(g.OpenLiveUpdate())
 	data := bytes.Repeat([]byte("inner"), 5000)
-	preserveOne(t, g, dev, "s", 1, data)
-	if err := s.k.Pause(time.Time{}); err != nil {
-		t.Fatal(err)
-	}
+	s := pausedWithOne(t, data)
 	injected := errors.New("injected")
 	var points []handover.Point
 	_, err := s.k.PrepareHandoverWith(nil, nil, func(p handover.Point) error {

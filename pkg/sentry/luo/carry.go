@@ -3,8 +3,6 @@ package luo
 import (
 	"bytes"
 	"fmt"
-
-	abiluo "github.com/livesentry/livesentry/pkg/abi/luo"
 )
 
 // Carried records. When KHO carries the incoming handover over as its
@@ -145,8 +143,7 @@ func (l *LUO) checkCarriedLocked(opts SerializeOptions) error {
 			}
 		}
 	}
-	if !contains(opts.PeerReads, abiluo.FDTCompatible) {
-		return fmt.Errorf("%w: the carried LUO FDT is %q; the next sentry reads %q", ErrNoCommonFormat, abiluo.FDTCompatible, opts.PeerReads)
-	}
+	// The FDT and session formats are checked for every handover
+	// (planLocked).
 	return nil
 }

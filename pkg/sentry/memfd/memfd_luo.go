@@ -494,17 +494,13 @@ func (c *carriedFile) free(h *luoHandler) {
 // EINVAL. From a carried handover, what it restored is kept until finish
 // (carriedFile), whether it succeeds or not.
 func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
+	// kept, if not nil, gets everything restored instead of it being
+	// freed.
 	var kept *carriedFile
 	if h.kho.Carried() {
 		kept = &carriedFile{}
 		args.PrivateData = kept
 	}
-	return h.retrieveInto(args, ft, kept)
-}
-
-// retrieveInto is retrieve; kept, if not nil, gets everything restored
-// instead of it being freed.
-func (h *luoHandler) retrieveInto(args *luo.FileOpArgs, ft format, kept *carriedFile) error {
 	addr := args.SerializedData
 	serFolio, rec, err := h.readRecord(addr, ft)
 	// Seed fix 1: the record is freed on every path.
