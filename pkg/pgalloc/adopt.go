@@ -75,6 +75,17 @@ type Run struct {
 	Order uint8
 }
 
+// Pages returns the number of pages in r.
+func (r Run) Pages() uint64 { return uint64(r.Count) << r.Order }
+
+// Folio returns block i of r, as a folio. A memfd's page cache and its
+// mappings keep runs of folios allocated together rather than folios, so
+// that a GiB of 4 KiB folios is a few entries rather than 262,144.
+//
+// Preconditions:
+//   - i < r.Count.
+func (r Run) Folio(i uint64) Folio { return Folio{PFN: r.PFN + i<<r.Order, Order: int(r.Order)} }
+
 // maxRunCount is the largest Count of a Run.
 const maxRunCount = 1<<32 - 1
 

@@ -33,6 +33,7 @@ package pgalloc
 
 import (
 	"fmt"
+	"math/bits"
 	"os"
 	"runtime"
 	"strings"
@@ -427,6 +428,19 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 // hold of the lock (64 MiB, about a millisecond with 4 KiB pages).
 const dropChunkPages = 1 << 14
 
+// Populate maps pages [pfn, pfn+n) of the memory file into this process's
+// page tables with one system call (MADV_POPULATE_READ), where each first
+// access would otherwise fault on its own: a retrieve reads a GiB's folio
+// records, 1,536 pages, that the process that wrote them had mapped, not
+// this one. It is only a hint: an old kernel without MADV_POPULATE_READ
+// (before 5.14) leaves the faults to the accesses.
+func (f *MemoryFile) Populate(pfn, n uint64) {
+	if n == 0 || pfn >= f.pages || n > f.pages-pfn {
+		return
+	}
+	_ = unix.Madvise(f.mapping[pfn<<PageShift:(pfn+n)<<PageShift], unix.MADV_POPULATE_READ)
+}
+
 // DropPageTables removes this process's page-table entries for the whole
 // mapping, as munmap would, without unmapping it: madvise(MADV_DONTNEED) on
 // a shared file mapping only zaps the entries; the contents stay in the
@@ -557,20 +571,61 @@ func (f *MemoryFile) Allocate(order int) (Folio, error) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	pfn, err := f.allocLocked(order)
+	if err != nil {
+		return Folio{}, fmt.Errorf("allocating a folio of order %d: %w", order, err)
+	}
+	pi := f.pageInfoLocked(pfn, true)
+	*pi = pageInfo{refs: 1, order: uint8(order), head: true}
+	f.folios[order]++
+	return Folio{PFN: pfn, Order: order}, nil
+}
+
+// AllocatePages allocates n order-0 folios, contiguous in the file: the
+// folios of the returned run, each holding one reference, as n calls of
+// Allocate(0) would give them but next to each other, so that they are one
+// run of a memfd's page cache and one mmap of a guest. It takes the first
+// block of the smallest order that holds n pages, under Allocate's
+// placement policy, and frees the rest of it at once. It fails like
+// Allocate, with EINVAL for n of 0 or more than 2^MaxOrder.
+func (f *MemoryFile) AllocatePages(n uint64) (Run, error) {
+	if n == 0 || n > 1<<MaxOrder {
+		return Run{}, fmt.Errorf("allocating %d contiguous pages (1 to %d): %w", n, 1<<MaxOrder, unix.EINVAL)
+	}
+	order := bits.Len64(n - 1)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	pfn, err := f.allocLocked(order)
+	if err != nil {
+		return Run{}, fmt.Errorf("allocating %d contiguous pages: %w", n, err)
+	}
+	if end := pfn + 1<<order; pfn+n < end {
+		f.free.insert(pfn+n, end)
+	}
+	for i := range n {
+		*f.pageInfoLocked(pfn+i, true) = pageInfo{refs: 1, head: true}
+	}
+	f.folios[0] += n
+	return Run{PFN: pfn, Count: uint32(n)}, nil
+}
+
+// allocLocked takes a free, scrubbed block of 2^order pages from the free
+// set, scrubbing stale pages and releasing waste as needed, and returns its
+// first PFN; ENOMEM if there is none.
+//
+// +checklocks:f.mu
+func (f *MemoryFile) allocLocked(order int) (uint64, error) {
 	if !f.adopted {
-		return Folio{}, fmt.Errorf("allocating from a memory file that has not been adopted: %w", unix.EINVAL)
+		return 0, fmt.Errorf("the memory file has not been adopted: %w", unix.EINVAL)
 	}
 	for {
 		if pfn, ok := f.free.alloc(order); ok {
-			pi := f.pageInfoLocked(pfn, true)
-			*pi = pageInfo{refs: 1, order: uint8(order), head: true}
-			f.folios[order]++
-			return Folio{PFN: pfn, Order: order}, nil
+			return pfn, nil
 		}
 		if f.held {
 			// Scrubbing would punch pages the other sentry of a
 			// restart may still use (see HoldReleases).
-			return Folio{}, fmt.Errorf("allocating a folio of order %d: no scrubbed free memory while releases are held for a restart: %w", order, unix.ENOMEM)
+			return 0, fmt.Errorf("no scrubbed free memory while releases are held for a restart: %w", unix.ENOMEM)
 		}
 		if f.scrubStaleLocked(order) {
 			continue
@@ -583,7 +638,7 @@ func (f *MemoryFile) Allocate(order int) (Folio, error) {
 			f.cond.Wait()
 			continue
 		}
-		return Folio{}, fmt.Errorf("allocating a folio of order %d: %w", order, unix.ENOMEM)
+		return 0, unix.ENOMEM
 	}
 }
 
@@ -625,6 +680,35 @@ func (f *MemoryFile) IncRefs(fs []Folio) {
 	}
 }
 
+// IncRefRun takes a reference on each folio of r, under one lock.
+//
+// Preconditions:
+//   - Each folio of r is allocated (the caller holds a reference).
+func (f *MemoryFile) IncRefRun(r Run) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i := range uint64(r.Count) {
+		f.headLocked(r.Folio(i), "IncRefRun").refs++
+	}
+}
+
+// DecRefRun drops a reference on each folio of r, under one lock, as DecRef
+// does.
+//
+// Preconditions:
+//   - Each folio of r is allocated (the caller holds a reference).
+func (f *MemoryFile) DecRefRun(r Run) {
+	wake := false
+	f.mu.Lock()
+	for i := range uint64(r.Count) {
+		wake = f.decRefLocked(r.Folio(i)) || wake
+	}
+	f.mu.Unlock()
+	if wake {
+		f.wakeReleaser()
+	}
+}
+
 // DecRef drops a reference on fo. When the last one goes, the folio's pages
 // are released to the host in the background and become free again.
 //
@@ -641,6 +725,14 @@ func (f *MemoryFile) DecRef(fo Folio) {
 func (f *MemoryFile) decRef(fo Folio) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	return f.decRefLocked(fo)
+}
+
+// decRefLocked is decRef with f.mu held. Folios freed one after the other
+// in address order make one waste range.
+//
+// +checklocks:f.mu
+func (f *MemoryFile) decRefLocked(fo Folio) bool {
 	pi := f.headLocked(fo, "DecRef")
 	pi.refs--
 	if pi.refs > 0 {
@@ -648,7 +740,11 @@ func (f *MemoryFile) decRef(fo Folio) bool {
 	}
 	*pi = pageInfo{}
 	f.folios[fo.Order]--
-	f.waste = append(f.waste, pfnRange{start: fo.PFN, end: fo.PFN + fo.Pages()})
+	if n := len(f.waste); n > 0 && f.waste[n-1].end == fo.PFN {
+		f.waste[n-1].end += fo.Pages()
+	} else {
+		f.waste = append(f.waste, pfnRange{start: fo.PFN, end: fo.PFN + fo.Pages()})
+	}
 	wasEmpty := f.wastePages == 0
 	f.wastePages += fo.Pages()
 	return wasEmpty || f.wastePages >= releaseBatchPages && f.wastePages-fo.Pages() < releaseBatchPages
