@@ -41,6 +41,21 @@ func (k *KHO) RestoreFolios(addrs []uint64, out []pgalloc.Folio) (int, error) {
 	return len(addrs), nil
 }
 
+// RestoreRun restores the n folios of the given order that follow each
+// other from addr, as n RestoreFolio calls would, a word of KHO's bitmaps at
+// a time: each must be the head of a preserved block of that order, not
+// restored yet. It restores all of them, or none and fails with EINVAL;
+// RestoreFolios then says which one is not.
+func (k *KHO) RestoreRun(addr uint64, order int, n uint64) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	pfn := addr >> abikho.PageShift
+	if k.in == nil || n == 0 || order < 0 || order > pgalloc.MaxOrder || pfn&(1<<order-1) != 0 || !k.in.mem.clearRun(pfn, order, n) {
+		return fmt.Errorf("kho: restoring %d folios of order %d from %#x: not all preserved with that order and unrestored: %w", n, order, addr, unix.EINVAL)
+	}
+	return nil
+}
+
 // +checklocks:k.mu
 func (k *KHO) restoreFolioLocked(addr uint64) (pgalloc.Folio, error) {
 	if k.in == nil {
@@ -149,6 +164,15 @@ func (k *KHO) ReleaseRestored(fs ...pgalloc.Folio) {
 	defer k.mu.Unlock()
 	for _, f := range fs {
 		k.releaseLocked(f)
+	}
+}
+
+// ReleaseRestoredRun is ReleaseRestored for each folio of r.
+func (k *KHO) ReleaseRestoredRun(r pgalloc.Run) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for i := range uint64(r.Count) {
+		k.releaseLocked(r.Folio(i))
 	}
 }
 

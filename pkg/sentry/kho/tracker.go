@@ -96,6 +96,40 @@ func (t *memTracker) clear(pfn uint64, order int) bool {
 	return true
 }
 
+// clearRun is clear for the n blocks of the given order from pfn, a word
+// of the bitmaps at a time: all of them, or none if one of them is not a
+// preserved block of that order not taken yet.
+func (t *memTracker) clearRun(pfn uint64, order int, n uint64) bool {
+	first := pfn >> order
+	if limit := uint64(len(t.orders[order])) * abikho.PreserveBits; n == 0 || first >= limit || n > limit-first {
+		return false
+	}
+	for pass := 0; pass < 2; pass++ {
+		// The first pass checks, the second takes.
+		for b, end := first, first+n; b < end; {
+			idx, w := b/abikho.PreserveBits, int(b%abikho.PreserveBits/64)
+			lo := b % 64
+			cnt := min(64-lo, end-b)
+			mask := (^uint64(0) >> (64 - cnt)) << lo
+			if pass == 0 {
+				bm, tb := t.orders[order][idx], t.taken[order][idx]
+				if bm == nil || bm[w]&mask != mask || tb != nil && tb[w]&mask != 0 {
+					return false
+				}
+			} else {
+				tb := t.taken[order][idx]
+				if tb == nil {
+					tb = newBitmap()
+					t.taken[order][idx] = tb
+				}
+				tb[w] |= mask
+			}
+			b += cnt
+		}
+	}
+	return true
+}
+
 // unclear undoes clear(pfn, order), for a restore that fails part way.
 //
 // Preconditions:
