@@ -224,3 +224,52 @@ func TestAFolioNamedByTwoSessionsIsRefusedToTheSecond(t *testing.T) {
 		t.Fatalf("RETRIEVE_FD of b, whose record names a's folio: %v; want a refusal", err)
 	}
 }
+
+// TestARunOfFolioRecordsThatReachesAFreePageIsRefusedNamingIt: an 8-page
+// memfd whose last page was punched out before preserve (preserve fills
+// the hole with a page elsewhere) has its last record rewritten to name the
+// punched page. The records then look like one run of order-0 folios,
+// which a retrieve restores a bitmap word at a time; that fails on the
+// free page, and the folios are then restored one by one so that the error
+// names the record. Another session's file is untouched.
+func TestARunOfFolioRecordsThatReachesAFreePageIsRefusedNamingIt(t *testing.T) {
+	s, sers := bootRecordingSer(t)
+	dev, _ := s.openDevice(t)
+	fdA := s.memfdWith(t, bytes.Repeat([]byte("a"), pgalloc.PageSize))
+	fdB := s.memfdWith(t, bytes.Repeat([]byte("b"), 8*pgalloc.PageSize))
+	if err := s.memfd(t, fdB).Fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 7*pgalloc.PageSize, pgalloc.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	var serB uint64
+	for _, p := range []struct {
+		name string
+		fd   int32
+	}{{"a", fdA}, {"b", fdB}} {
+		sfd := s.createSession(t, dev, p.name)
+		if err := s.preserveFD(sfd, p.fd, 1); err != nil {
+			t.Fatal(err)
+		}
+		serB = *sers
+	}
+	_, arrayB := folioArray(t, s, serB)
+	first := abimemfd.DecodeFolioSer(arrayB).PFN
+	for i := range 7 {
+		if r := abimemfd.DecodeFolioSer(arrayB[i*abimemfd.FolioSerSize:]); r.PFN != first+uint64(i) {
+			t.Fatalf("b's page %d is at pfn %#x, want %#x: the test needs b's pages together", i, r.PFN, first+uint64(i))
+		}
+	}
+	if _, _, allocated := s.mf.Lookup(first + 7); allocated {
+		t.Fatalf("b's punched page, pfn %#x, is allocated again: the test needs it free", first+7)
+	}
+	r := abimemfd.DecodeFolioSer(arrayB[7*abimemfd.FolioSerSize:])
+	r.PFN = first + 7
+	r.Encode(arrayB[7*abimemfd.FolioSerSize:])
+	n := s.restart(t)
+	dev2, _ := n.openDevice(t)
+	rb := n.retrieveSession(t, dev2, "b")
+	if _, err := n.retrieveFD(rb, 1); !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "folio 7 of memfd_luo_ser") {
+		t.Fatalf("RETRIEVE_FD of b, whose last record names a free page: %v; want EINVAL naming folio 7", err)
+	}
+	ra := n.retrieveSession(t, dev2, "a")
+	n.verify(t, ra, 1, bytes.Repeat([]byte("a"), pgalloc.PageSize))
+}

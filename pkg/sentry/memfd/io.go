@@ -417,16 +417,19 @@ func (f *File) writeLocked(src writeSource, off, end int64) (int64, error) {
 	// shmem_write_end for every folio written to; fresh folios that took
 	// nothing go back.
 	done := uint64(off) + copied
-	for _, s := range segs {
+	used := len(segs)
+	for i, s := range segs {
 		ws := max(uint64(off), s.e.head()<<pageShift)
 		if ws >= done {
+			if used > i {
+				used = i
+			}
 			if s.fresh {
 				f.mf.DecRef(s.e.folio())
 			}
 			continue
 		}
 		if s.fresh {
-			f.insertLocked(s.e)
 			continue
 		}
 		if !s.e.uptodate() {
@@ -438,9 +441,10 @@ func (f *File) writeLocked(src writeSource, off, end int64) (int64, error) {
 			f.zeroRange(s.e.addr(s.e.head())+we-hs, (s.e.last+1)<<pageShift-we)
 		}
 		if fl := s.e.flags() | flagDirty | flagUptodate; fl != s.e.flags() {
-			f.cache.ReplaceOrInsert(s.e.withFlags(fl))
+			f.setFlagsLocked(s.e, fl)
 		}
 	}
+	f.insertFreshLocked(segs[:used])
 	f.releaseScratch(segs)
 	if int64(done) > f.size.Load() {
 		f.size.Store(int64(done))

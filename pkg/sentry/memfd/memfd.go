@@ -123,7 +123,7 @@ type File struct {
 	// cache is the page cache.
 	//
 	// +checklocks:mu
-	cache *btree.BTreeG[entry]
+	cache *btree.BTreeG[run]
 
 	// nrPages is the number of pages in cache (shmem's alloced).
 	//
@@ -215,7 +215,7 @@ func newFile(mf *pgalloc.MemoryFile, name string, seals uint32) *File {
 		ino:   lastIno.Add(1),
 		mode:  unix.S_IFREG | 0777,
 		seals: seals,
-		cache: btree.NewG(btreeDegree, entryLess),
+		cache: btree.NewG(btreeDegree, runLess),
 	}
 	f.refs.Store(1)
 	return f
@@ -239,12 +239,7 @@ func (f *File) DecRef() {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.cache.Ascend(func(e entry) bool {
-		f.mf.DecRef(e.folio())
-		return true
-	})
-	f.cache.Clear(false)
-	f.nrPages = 0
+	f.clearLocked()
 }
 
 // Name returns the memfd's name with its prefix, "memfd:<name>", as

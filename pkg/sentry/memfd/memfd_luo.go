@@ -272,7 +272,7 @@ func (h *luoHandler) makeUptodateDirtyLocked(f *File, folios []CacheFolio) {
 		if !c.Uptodate {
 			clear(h.mf.Bytes(c.Folio))
 		}
-		f.cache.ReplaceOrInsert(e.withFlags(flagDirty | flagUptodate))
+		f.setFlagsLocked(e, flagDirty|flagUptodate)
 		c.Dirty, c.Uptodate = true, true
 	}
 }
@@ -421,21 +421,38 @@ func (h *luoHandler) readRecord(addr uint64, ft format) (pgalloc.Folio, record, 
 	return fo, rec, nil
 }
 
+// folioArray restores the folio array of rec and checks that its
+// nr_folios records fit it. The array is returned, restored, even when they
+// do not; nil if it could not be restored.
+func (h *luoHandler) folioArray(addr uint64, rec record) (*kho.Vmalloc, error) {
+	array, err := h.kho.RestoreVmalloc(rec.folios)
+	if err != nil {
+		return nil, fmt.Errorf("memfd_luo_ser at %#x: folio array: %w", addr, err)
+	}
+	if rec.nrFolios > array.Len()/abimemfd.FolioSerSize {
+		return array, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.nrFolios, array.Len(), unix.EINVAL)
+	}
+	array.Populate()
+	return array, nil
+}
+
+// folioSerAt decodes record i of a folio array.
+func folioSerAt(array *kho.Vmalloc, i uint64) abimemfd.FolioSer {
+	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
+	return abimemfd.DecodeFolioSer(array.Page(int(i / perPage))[(i%perPage)*abimemfd.FolioSerSize:])
+}
+
 // folioRecords restores the folio array of rec and decodes its nr_folios
 // records. The array is returned, restored, even when its records do not
 // fit it; nil if it could not be restored.
 func (h *luoHandler) folioRecords(addr uint64, rec record) ([]abimemfd.FolioSer, *kho.Vmalloc, error) {
-	array, err := h.kho.RestoreVmalloc(rec.folios)
+	array, err := h.folioArray(addr, rec)
 	if err != nil {
-		return nil, nil, fmt.Errorf("memfd_luo_ser at %#x: folio array: %w", addr, err)
+		return nil, array, err
 	}
-	if rec.nrFolios > array.Len()/abimemfd.FolioSerSize {
-		return nil, array, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.nrFolios, array.Len(), unix.EINVAL)
-	}
-	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
 	recs := make([]abimemfd.FolioSer, rec.nrFolios)
 	for i := range recs {
-		recs[i] = abimemfd.DecodeFolioSer(array.Page(i / perPage)[(i%perPage)*abimemfd.FolioSerSize:])
+		recs[i] = folioSerAt(array, uint64(i))
 	}
 	return recs, array, nil
 }
@@ -470,13 +487,15 @@ func (h *luoHandler) discardAddrs(addrs []uint64) {
 type carriedFile struct {
 	ser    pgalloc.Folio
 	array  *kho.Vmalloc
-	folios []pgalloc.Folio
+	folios []pgalloc.Run
 }
 
 // free lets go of everything c holds: no longer preserved, and freed unless
 // a retrieved file still holds it.
 func (c *carriedFile) free(h *luoHandler) {
-	h.kho.ReleaseRestored(c.folios...)
+	for _, r := range c.folios {
+		h.kho.ReleaseRestoredRun(r)
+	}
 	if c.array != nil {
 		c.array.Free()
 	}
@@ -521,10 +540,9 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	if rec.size > MaxFileSize || rec.pos > MaxFileSize {
 		return fmt.Errorf("memfd_luo_ser at %#x: size %d or pos %d beyond the maximum file size: %w", addr, rec.size, rec.pos, unix.EINVAL)
 	}
-	var recs []abimemfd.FolioSer
+	var array *kho.Vmalloc
 	if rec.nrFolios > 0 {
-		var array *kho.Vmalloc
-		recs, array, err = h.folioRecords(addr, rec)
+		array, err = h.folioArray(addr, rec)
 		if kept != nil {
 			kept.array = array
 		} else if array != nil {
@@ -534,86 +552,133 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 			return err
 		}
 	}
-	// discard drops the folios recs name, unless a carried record names
-	// them: then they stay preserved and unrestored, and are freed when
-	// nothing incoming is left (kho.KHO.ReleaseUnrestored).
-	discard := func() {
-		if kept == nil {
-			h.discardFolios(recs)
-		}
-	}
-	// Check every record, then restore all folios under one KHO lock. A
-	// folio named twice fails its second restore (restore is one-shot);
-	// the error then says which records name it.
-	addrs := make([]uint64, 0, len(recs))
-	for i, r := range recs {
-		if r.PFN == 0 {
-			discard()
-			return fmt.Errorf("memfd_luo_folio_ser[%d] (index %#x) of memfd_luo_ser at %#x: pfn 0: preserve leaves no hole, so the page would read as zeros that were never written: %w", i, r.Index, addr, unix.EINVAL)
-		}
-		if r.Flags&^abimemfd.FolioFlagsMask != 0 {
-			discard()
-			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i, r.PFN, r.Index, addr, r.Flags, unix.EINVAL)
-		}
-		addrs = append(addrs, r.PFN<<pgalloc.PageShift)
-	}
-	restored := make([]pgalloc.Folio, len(addrs))
-	n, err := h.kho.RestoreFolios(addrs, restored)
-	fail := func(err error) error {
+	nr := rec.nrFolios
+	recAt := func(i uint64) abimemfd.FolioSer { return folioSerAt(array, i) }
+	// Walk the records a batch at a time: check each, restore the batch
+	// under one KHO lock, and append its folios to the new page cache in
+	// runs. Nothing here costs memory per folio: a GiB of 4 KiB folios
+	// allocated together is a few runs. restored gets every folio
+	// restored, in runs, until the file takes them.
+	var restored []pgalloc.Run
+	fail := func(err error, from uint64) error {
 		if kept != nil {
-			// Kept, each with the one reference Adopt gave it.
-			kept.folios = restored[:n]
+			// Kept, each with the one reference Adopt gave it; the
+			// folios not restored stay preserved and unrestored, and
+			// are freed when nothing incoming is left
+			// (kho.KHO.ReleaseUnrestored).
+			kept.folios = restored
 			return err
 		}
-		// put_folios: nothing was inserted yet (NewFromFolios takes all
-		// or nothing), so every restored folio is dropped here and the
-		// ones not restored yet are restored and dropped.
-		for _, fo := range restored[:n] {
-			h.mf.DecRef(fo)
+		// put_folios: nothing was inserted yet, so every restored folio
+		// is dropped here and the records from `from` on are restored
+		// and dropped.
+		for _, r := range restored {
+			h.mf.DecRefRun(r)
 		}
-		if n < len(addrs) {
-			h.discardAddrs(addrs[n+1:])
+		for i := from; i < nr; i++ {
+			if r := recAt(i); r.PFN != 0 {
+				// Seed fix 2: restore by address (PFN_PHYS), never by PFN.
+				_ = h.kho.RestoreFree(r.PFN << pgalloc.PageShift)
+			}
 		}
 		return err
 	}
-	if err != nil {
-		for j := range n {
-			if recs[j].PFN == recs[n].PFN {
-				return fail(fmt.Errorf("memfd_luo_folio_ser[%d] and [%d] of memfd_luo_ser at %#x: both name the folio at pfn %#x: %w", j, n, addr, recs[n].PFN, unix.EINVAL))
+	// A batch is the records of one page of the array.
+	const batch = pgalloc.PageSize / abimemfd.FolioSerSize
+	var recs [batch]abimemfd.FolioSer
+	var addrs [batch]uint64
+	var got [batch]pgalloc.Folio
+	var b cacheBuilder
+	pages := (rec.size + pgalloc.PageSize - 1) / pgalloc.PageSize
+	for i := uint64(0); i < nr; i += batch {
+		k := min(batch, nr-i)
+		page := array.Page(int(i / batch))
+		for j := range k {
+			r := abimemfd.DecodeFolioSer(page[j*abimemfd.FolioSerSize:])
+			if r.PFN == 0 {
+				return fail(fmt.Errorf("memfd_luo_folio_ser[%d] (index %#x) of memfd_luo_ser at %#x: pfn 0: preserve leaves no hole, so the page would read as zeros that were never written: %w", i+j, r.Index, addr, unix.EINVAL), i)
+			}
+			if r.Flags&^abimemfd.FolioFlagsMask != 0 {
+				return fail(fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x, index %#x) of memfd_luo_ser at %#x: unknown flags %#x: %w", i+j, r.PFN, r.Index, addr, r.Flags, unix.EINVAL), i)
+			}
+			recs[j], addrs[j] = r, r.PFN<<pgalloc.PageShift
+		}
+		// Restore a folio alone, to learn its order from KHO's map, then
+		// the records that continue it (the next block of that order, at
+		// the next index, with the same flags) as one run, a word of
+		// KHO's bitmaps at a time; one by one if that fails, so that the
+		// error names the folio, and each is then a run of its own.
+		for j := uint64(0); j < k; {
+			e := j + 1
+			n, rerr := h.kho.RestoreFolios(addrs[j:e], got[j:e])
+			uniform := true
+			if rerr == nil {
+				step, o := got[j].Pages(), got[j].Order
+				for e < k && recs[e].PFN == recs[e-1].PFN+step && recs[e].Index == recs[e-1].Index+step && recs[e].Flags == recs[j].Flags {
+					got[e] = pgalloc.Folio{PFN: recs[e].PFN, Order: o}
+					e++
+				}
+				n = int(e - j)
+				if e > j+1 && h.kho.RestoreRun(addrs[j+1], o, e-j-1) != nil {
+					uniform = false
+					n, rerr = h.kho.RestoreFolios(addrs[j+1:e], got[j+1:e])
+					n++
+				}
+			}
+			for x := j; x < j+uint64(n); x++ {
+				restored = appendRun(restored, got[x])
+			}
+			if rerr != nil {
+				bad := i + j + uint64(n)
+				pfn := recs[j+uint64(n)].PFN
+				for x := range bad {
+					if recAt(x).PFN == pfn {
+						return fail(fmt.Errorf("memfd_luo_folio_ser[%d] and [%d] of memfd_luo_ser at %#x: both name the folio at pfn %#x: %w", x, bad, addr, pfn, unix.EINVAL), bad+1)
+					}
+				}
+				return fail(fmt.Errorf("folio %d of memfd_luo_ser at %#x: %w", bad, addr, rerr), bad+1)
+			}
+			for j < e {
+				m := e - j
+				if !uniform {
+					m = 1
+				}
+				// Every page index exactly once, in index order, as
+				// preserve writes them: Linux reads a missing page as
+				// zeros, and preserve fills every hole, so a gap means the
+				// record lost folios. The records of a run follow each
+				// other.
+				if r := &recs[j]; r.Index != b.next {
+					what := "leaves a hole before it"
+					if r.Index < b.next {
+						what = "overlaps the folio before it"
+					}
+					return fail(fmt.Errorf("memfd_luo_ser at %#x: memfd_luo_folio_ser[%d] (pfn %#x): index %#x %s (page %#x is next): %w", addr, i+j, r.PFN, r.Index, what, b.next, unix.EINVAL), i+e)
+				}
+				c := CacheFolio{
+					Index:    recs[j].Index,
+					Folio:    got[j],
+					Dirty:    recs[j].Flags&abimemfd.FolioDirty != 0,
+					Uptodate: recs[j].Flags&abimemfd.FolioUptodate != 0,
+				}
+				if err := b.addRun(int(i+j), c, m, rec.size); err != nil {
+					return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err), i+e)
+				}
+				j += m
 			}
 		}
-		return fail(fmt.Errorf("folio %d of memfd_luo_ser at %#x: %w", n, addr, err))
 	}
-	if err := checkCoverage(rec.size, recs, restored); err != nil {
-		return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
-	}
-	folios := make([]CacheFolio, 0, len(addrs))
-	j := 0
-	for _, r := range recs {
-		folios = append(folios, CacheFolio{
-			Index:    r.Index,
-			Folio:    restored[j],
-			Dirty:    r.Flags&abimemfd.FolioDirty != 0,
-			Uptodate: r.Flags&abimemfd.FolioUptodate != 0,
-		})
-		j++
+	if b.next < pages {
+		return fail(fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d: the folios cover %d pages, the %d-byte file has %d: %w", addr, nr, b.next, rec.size, pages, unix.EINVAL), nr)
 	}
 	if kept != nil {
 		// The pin: the page cache takes the reference Adopt gave.
-		h.mf.IncRefs(restored)
-	}
-	f, err := NewFromFolios(h.mf, int64(rec.size), int64(rec.pos), folios)
-	if err != nil {
-		if kept != nil {
-			for _, fo := range restored {
-				h.mf.DecRef(fo)
-			}
+		for _, r := range restored {
+			h.mf.IncRefRun(r)
 		}
-		return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err))
-	}
-	if kept != nil {
 		kept.folios = restored
 	}
+	f := b.file(h.mf, int64(rec.size), int64(rec.pos))
 	if ft == formatV2 {
 		// memfd_alloc_file("", MFD_ALLOW_SEALING), then memfd_add_seals.
 		if err := f.allowSealingAndAdd(rec.seals); err != nil {
@@ -622,30 +687,6 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 		}
 	}
 	args.File = f
-	return nil
-}
-
-// checkCoverage checks that the folios recs name, restored with their
-// orders from KHO's map, cover every page index of a file of size bytes
-// exactly once, in index order (as preserve writes them). Linux reads a
-// missing page as zeros; preserve fills every hole, so a gap means the
-// record lost folios.
-func checkCoverage(size uint64, recs []abimemfd.FolioSer, restored []pgalloc.Folio) error {
-	pages := (size + pgalloc.PageSize - 1) / pgalloc.PageSize
-	next := uint64(0)
-	for i, r := range recs {
-		if r.Index != next {
-			what := "leaves a hole before it"
-			if r.Index < next {
-				what = "overlaps the folio before it"
-			}
-			return fmt.Errorf("memfd_luo_folio_ser[%d] (pfn %#x): index %#x %s (page %#x is next): %w", i, r.PFN, r.Index, what, next, unix.EINVAL)
-		}
-		next += restored[i].Pages()
-	}
-	if next < pages {
-		return fmt.Errorf("nr_folios %d: the folios cover %d pages, the %d-byte file has %d: %w", len(recs), next, size, pages, unix.EINVAL)
-	}
 	return nil
 }
 
@@ -679,4 +720,16 @@ func (h *luoHandler) finish(args *luo.FileOpArgs, ft format) {
 		return
 	}
 	h.discardFolios(recs)
+}
+
+// appendRun appends folio fo to runs, as part of the last run if it
+// follows it in the memory file with the same order.
+func appendRun(runs []pgalloc.Run, fo pgalloc.Folio) []pgalloc.Run {
+	if n := len(runs); n > 0 {
+		if r := &runs[n-1]; int(r.Order) == fo.Order && r.End() == fo.PFN && r.Count < maxRunFolios {
+			r.Count++
+			return runs
+		}
+	}
+	return append(runs, pgalloc.Run{PFN: fo.PFN, Count: 1, Order: uint8(fo.Order)})
 }

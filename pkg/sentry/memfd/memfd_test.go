@@ -437,7 +437,7 @@ func flagsOf(f *File) []CacheFolio {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	var out []CacheFolio
-	f.cache.Ascend(func(e entry) bool {
+	f.ascendLocked(0, maxIndex, func(e entry) bool {
 		out = append(out, cacheFolio(e))
 		return true
 	})

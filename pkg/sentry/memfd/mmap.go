@@ -60,43 +60,43 @@ func (f *File) Mmap(opts vfs.MmapOpts) (vfs.Mapping, error) {
 	m.f, m.shared = f, shared
 	m.mu.Unlock()
 	if stop > first {
-		// At most one folio per page, and no more than the cache holds.
-		fs := make([]mappedFolio, 0, min(stop-first, uint64(f.cache.Len())))
 		// One pass when the range needs no fill (every page has a folio,
 		// uptodate and dirty, as a retrieved file's have), else a fill
 		// and a second pass.
+		var rs []mappedRun
 		idx, filled := first, true
-		f.ascendLocked(first, stop-1, func(e entry) bool {
-			if e.head() > idx || !e.uptodate() || !e.dirty() {
+		f.ascendRunsLocked(first, stop-1, func(r run) bool {
+			if r.head() > idx || r.flags() != flagUptodate|flagDirty {
 				filled = false
 				return false
 			}
-			fs = append(fs, mappedFolioOf(e, first, stop))
-			idx = e.last + 1
+			rs = append(rs, mappedRunOf(r, first, stop))
+			idx = r.last + 1
 			return true
 		})
 		if !filled || idx < stop {
 			if err := f.fillLocked(first, stop); err != nil {
 				return nil, err
 			}
-			fs = fs[:0]
-			f.ascendLocked(first, stop-1, func(e entry) bool {
-				fs = append(fs, mappedFolioOf(e, first, stop))
+			rs = rs[:0]
+			f.ascendRunsLocked(first, stop-1, func(r run) bool {
+				rs = append(rs, mappedRunOf(r, first, stop))
 				return true
 			})
 		}
+		for _, mr := range rs {
+			f.mf.IncRefRun(mr.r.pg())
+		}
 		m.mu.Lock()
-		m.folios = fs
+		m.runs = rs
 		m.mu.Unlock()
 	}
 	m.mu.Lock()
+	m.first = first
 	m.mapped = make([]uint64, (pages+63)/64)
-	pins := make([]pgalloc.Folio, len(m.folios))
-	for i, mf := range m.folios {
-		setBits(m.mapped, mf.first, mf.first+mf.pages)
-		pins[i] = mf.folio
+	for _, mr := range m.runs {
+		setBits(m.mapped, mr.lo, mr.hi)
 	}
-	f.mf.IncRefs(pins)
 	m.mu.Unlock()
 	f.IncRef()
 	if shared && writable {
@@ -140,15 +140,13 @@ func (f *File) fillLocked(first, stop uint64) error {
 		f.releaseScratch(segs)
 		return err
 	}
-	for _, s := range segs {
-		f.insertLocked(s.e)
-	}
+	f.insertFreshLocked(segs)
 	f.releaseScratch(segs)
 	for _, e := range stale {
 		if !e.uptodate() {
 			f.zeroRange(e.addr(e.head()), e.pages()<<pageShift)
 		}
-		f.cache.ReplaceOrInsert(e.withFlags(flagUptodate | flagDirty))
+		f.setFlagsLocked(e, flagUptodate|flagDirty)
 	}
 	return nil
 }
@@ -176,11 +174,16 @@ type Mapping struct {
 	// +checklocks:mu
 	countedWritable bool
 
-	// folios are the mapping's folios in mapping order; runs are derived
-	// from them.
+	// first is the file page index of the mapping's first page.
 	//
 	// +checklocks:mu
-	folios []mappedFolio
+	first uint64
+
+	// runs are the mapping's folios, in runs of the page cache, in mapping
+	// order.
+	//
+	// +checklocks:mu
+	runs []mappedRun
 
 	// mapped has a bit per page of the mapping that is still mapped and
 	// has a folio.
@@ -193,25 +196,40 @@ type Mapping struct {
 	released bool
 }
 
-// mappedFolio is a folio of a mapping: pages [first, first+pages) of the
-// mapping are its pages from page skip on.
-type mappedFolio struct {
-	folio pgalloc.Folio
-	first uint64
-	pages uint64
-	skip  uint64
-	// live is the number of those pages still mapped.
-	live uint64
+// mappedRun is a run of folios of a mapping: the folios of page-cache run
+// r that hold a page of the mapping, which maps their pages [lo, hi) of
+// the mapping (r may start before lo and end after hi: the mapping's ends
+// need not be folio boundaries). Each folio is pinned (one memory-file
+// reference) while a page of it in [lo, hi) is mapped.
+type mappedRun struct {
+	r      run
+	lo, hi uint64
 }
 
-// mappedFolioOf returns the part of cache entry e inside file pages
-// [first, stop), as a folio of a mapping that starts at page first.
-func mappedFolioOf(e entry, first, stop uint64) mappedFolio {
-	h := max(e.head(), first)
-	t := min(e.last+1, stop)
-	n := t - h
-	return mappedFolio{folio: e.folio(), first: h - first, pages: n, skip: h - e.head(), live: n}
+// mappedRunOf returns the folios of cache run r that hold a page of file
+// pages [first, stop), as a run of a mapping that starts at page first.
+func mappedRunOf(r run, first, stop uint64) mappedRun {
+	i, j := uint64(0), r.n
+	if first > r.head() {
+		i = r.index(first)
+	}
+	if stop <= r.last {
+		j = r.index(stop-1) + 1
+	}
+	c := r.slice(i, j)
+	return mappedRun{r: c, lo: max(c.head(), first) - first, hi: min(c.last+1, stop) - first}
 }
+
+// pages returns mapping pages [lo, hi) of folio i of mr, for a mapping
+// whose first page is file page first.
+func (mr mappedRun) pages(i, first uint64) (lo, hi uint64) {
+	e := mr.r.folio(i)
+	return max(e.head(), first+mr.lo) - first, min(e.last+1, first+mr.hi) - first
+}
+
+// folioAt returns the number, in mr, of the folio that holds mapping page
+// p.
+func (mr mappedRun) folioAt(p, first uint64) uint64 { return mr.r.index(p + first) }
 
 var _ vfs.Mapping = (*Mapping)(nil)
 
@@ -228,11 +246,11 @@ func (m *Mapping) Runs() []abiguest.MmapRun {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var runs []abiguest.MmapRun
-	for _, mf := range m.folios {
+	for _, mr := range m.runs {
 		r := abiguest.MmapRun{
-			MapOffset:  mf.first << pageShift,
-			FileOffset: (mf.folio.PFN + mf.skip) << pageShift,
-			Length:     mf.pages << pageShift,
+			MapOffset:  mr.lo << pageShift,
+			FileOffset: (mr.r.pfn() + mr.lo + m.first - mr.r.head()) << pageShift,
+			Length:     (mr.hi - mr.lo) << pageShift,
 		}
 		if n := len(runs); n > 0 {
 			last := &runs[n-1]
@@ -264,26 +282,54 @@ func (m *Mapping) unmapLocked(first, stop uint64) {
 	if m.released {
 		return
 	}
-	for i := range m.folios {
-		mf := &m.folios[i]
-		s, t := max(first, mf.first), min(stop, mf.first+mf.pages)
-		for p := s; p < t; p++ {
-			if m.mapped[p/64]&(1<<(p%64)) == 0 {
+	unpin := runBatch{apply: m.f.mf.DecRefRun}
+	for _, mr := range m.runs {
+		s, t := max(first, mr.lo), min(stop, mr.hi)
+		if s >= t {
+			continue
+		}
+		for i := mr.folioAt(s, m.first); i <= mr.folioAt(t-1, m.first); i++ {
+			lo, hi := mr.pages(i, m.first)
+			if !anyBits(m.mapped, lo, hi) {
 				continue
 			}
-			m.mapped[p/64] &^= 1 << (p % 64)
-			mf.live--
-			if mf.live == 0 {
-				m.f.mf.DecRef(mf.folio)
+			clearBits(m.mapped, max(lo, s), min(hi, t))
+			if !anyBits(m.mapped, lo, hi) {
+				unpin.add(mr.r.folio(i).folio())
 			}
 		}
 	}
+	unpin.flush()
 	for _, w := range m.mapped {
 		if w != 0 {
 			return
 		}
 	}
 	m.releaseLocked()
+}
+
+// runBatch gathers folios to pin or unpin, so that folios that follow
+// each other in the memory file are passed to apply as one run, under one
+// lock of the memory file.
+type runBatch struct {
+	r     pgalloc.Run
+	apply func(pgalloc.Run)
+}
+
+func (b *runBatch) add(fo pgalloc.Folio) {
+	if b.r.Count > 0 && int(b.r.Order) == fo.Order && b.r.End() == fo.PFN && b.r.Count < maxRunFolios {
+		b.r.Count++
+		return
+	}
+	b.flush()
+	b.r = pgalloc.Run{PFN: fo.PFN, Count: 1, Order: uint8(fo.Order)}
+}
+
+func (b *runBatch) flush() {
+	if b.r.Count > 0 {
+		b.apply(b.r)
+		b.r = pgalloc.Run{}
+	}
 }
 
 // +checklocks:m.mu
@@ -315,17 +361,21 @@ func (m *Mapping) Clone() vfs.Mapping {
 	c := &Mapping{pages: m.pages, mayWrite: m.mayWrite}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.f, c.shared, c.released = m.f, m.shared, m.released
+	c.f, c.shared, c.released, c.first = m.f, m.shared, m.released, m.first
 	c.mapped = append([]uint64(nil), m.mapped...)
 	if m.released {
 		return c
 	}
-	c.folios = append([]mappedFolio(nil), m.folios...)
-	for _, mf := range c.folios {
-		if mf.live > 0 {
-			m.f.mf.IncRef(mf.folio)
+	c.runs = append([]mappedRun(nil), m.runs...)
+	pin := runBatch{apply: m.f.mf.IncRefRun}
+	for _, mr := range c.runs {
+		for i := range mr.r.n {
+			if lo, hi := mr.pages(i, m.first); anyBits(m.mapped, lo, hi) {
+				pin.add(mr.r.folio(i).folio())
+			}
 		}
 	}
+	pin.flush()
 	m.f.IncRef()
 	if m.countedWritable {
 		m.f.writableMaps.Add(1)
@@ -345,4 +395,35 @@ func setBits(b []uint64, first, stop uint64) {
 		b[p/64] |= 1 << (p % 64)
 		p++
 	}
+}
+
+// clearBits clears bits [first, stop) of b.
+func clearBits(b []uint64, first, stop uint64) {
+	for p := first; p < stop; {
+		if p%64 == 0 && stop-p >= 64 {
+			b[p/64] = 0
+			p += 64
+			continue
+		}
+		b[p/64] &^= 1 << (p % 64)
+		p++
+	}
+}
+
+// anyBits reports whether a bit of [first, stop) of b is set.
+func anyBits(b []uint64, first, stop uint64) bool {
+	for p := first; p < stop; {
+		if p%64 == 0 && stop-p >= 64 {
+			if b[p/64] != 0 {
+				return true
+			}
+			p += 64
+			continue
+		}
+		if b[p/64]&(1<<(p%64)) != 0 {
+			return true
+		}
+		p++
+	}
+	return false
 }

@@ -432,6 +432,9 @@ func (s *sequence) compareState() error {
 	if err := unix.Fstat(s.fd, &hst); err != nil {
 		return s.fail("host fstat: %v", err)
 	}
+	if err := checkCache(s.f); err != nil {
+		return s.fail("page cache: %v", err)
+	}
 	st := s.f.Stat()
 	if st.Size != hst.Size || st.Blocks != hst.Blocks || st.Blksize != int64(hst.Blksize) || st.Mode != hst.Mode || st.Nlink != uint32(hst.Nlink) {
 		return s.fail("fstat: ours size %d blocks %d blksize %d mode %#o nlink %d; host size %d blocks %d blksize %d mode %#o nlink %d",

@@ -8,14 +8,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// btreeDegree is the degree of the page cache's B-tree. Entries are 16
-// bytes, so a node holds up to 2*64-1 of them in about 2 KiB.
+// btreeDegree is the degree of the page cache's B-tree. Runs are 24
+// bytes, so a node holds up to 2*64-1 of them in about 3 KiB.
 const btreeDegree = 64
 
-// entry is one folio of the page cache, in 16 bytes: the page index of its
-// last page (the B-tree key, so that the first entry at or after index i is
-// the folio holding i, if any) and its PFN, order and flags packed like a
-// memfd_luo_folio_ser word.
+// entry is one folio of the page cache: the page index of its last page
+// and its PFN, order and flags packed like a memfd_luo_folio_ser word. The
+// page cache stores runs of them (run); callers see folios.
 type entry struct {
 	last uint64
 	val  uint64
@@ -30,8 +29,6 @@ const (
 	flagDirty    = 1 << 56
 	flagUptodate = 1 << 57
 )
-
-func entryLess(a, b entry) bool { return a.last < b.last }
 
 func makeEntry(head uint64, fo pgalloc.Folio, flags uint64) entry {
 	return entry{last: head + fo.Pages() - 1, val: fo.PFN | uint64(fo.Order)<<orderShift | flags}
@@ -58,32 +55,142 @@ func (e entry) addr(idx uint64) uint64 {
 	return (e.val&pfnMask + idx - e.head()) << pageShift
 }
 
-// findLocked returns the folio holding page index idx.
+// run is what the page cache's B-tree holds: n folios of one order and
+// the same flags, at consecutive page indices and contiguous in the memory
+// file (folio i at index head()+i<<order and PFN pfn+i<<order). It is keyed
+// by the index of its last page, so that the first run at or after index i
+// is the run holding i, if any. Folios allocated together (a write, a
+// fallocate, a hole filled at mmap) and the folios a retrieve restores in
+// the order they were allocated make one run: a GiB of 4 KiB folios is a
+// few entries, not 262,144, and a retrieve or an mmap of it allocates next
+// to nothing.
+type run struct {
+	last uint64
+	val  uint64 // PFN of folio 0, order and flags, as in entry.
+	n    uint64
+}
+
+func runLess(a, b run) bool { return a.last < b.last }
+
+// runOf returns the run of the single folio e.
+func runOf(e entry) run { return run{last: e.last, val: e.val, n: 1} }
+
+func (r run) order() int    { return int(r.val >> orderShift & orderMask) }
+func (r run) pfn() uint64   { return r.val & pfnMask }
+func (r run) flags() uint64 { return r.val & (flagDirty | flagUptodate) }
+func (r run) pages() uint64 { return r.n << r.order() }
+func (r run) head() uint64  { return r.last + 1 - r.pages() }
+func (r run) pg() pgalloc.Run {
+	return pgalloc.Run{PFN: r.pfn(), Count: uint32(r.n), Order: uint8(r.order())}
+}
+
+// folio returns folio i of r.
+func (r run) folio(i uint64) entry {
+	o := uint64(r.order())
+	return entry{last: r.head() + (i+1)<<o - 1, val: r.val + i<<o}
+}
+
+// index returns the number, in r, of the folio holding page index idx.
+func (r run) index(idx uint64) uint64 { return (idx - r.head()) >> r.order() }
+
+// slice returns folios [i, j) of r.
+func (r run) slice(i, j uint64) run {
+	o := uint64(r.order())
+	return run{last: r.head() + j<<o - 1, val: r.val + i<<o, n: j - i}
+}
+
+// maxRunFolios is the most folios a run holds (pgalloc.Run's Count).
+const maxRunFolios = 1<<32 - 1
+
+// joins reports whether s may follow r in one run.
+func (r run) joins(s run) bool {
+	return r.n+s.n <= maxRunFolios && r.last+1 == s.head() && r.order() == s.order() && r.flags() == s.flags() && r.pfn()+r.pages() == s.pfn()
+}
+
+// findRunLocked returns the run holding page index idx.
 //
 // +checklocksread:f.mu
-func (f *File) findLocked(idx uint64) (entry, bool) {
-	var found entry
+func (f *File) findRunLocked(idx uint64) (run, bool) {
+	var found run
 	ok := false
-	f.cache.AscendGreaterOrEqual(entry{last: idx}, func(e entry) bool {
-		if e.head() <= idx {
-			found, ok = e, true
+	f.cache.AscendGreaterOrEqual(run{last: idx}, func(r run) bool {
+		if r.head() <= idx {
+			found, ok = r, true
 		}
 		return false
 	})
 	return found, ok
 }
 
+// findLocked returns the folio holding page index idx.
+//
+// +checklocksread:f.mu
+func (f *File) findLocked(idx uint64) (entry, bool) {
+	r, ok := f.findRunLocked(idx)
+	if !ok {
+		return entry{}, false
+	}
+	return r.folio(r.index(idx)), true
+}
+
+// ascendRunsLocked calls fn, in index order, for every run that holds a
+// page of [first, last], whole, until fn returns false.
+//
+// +checklocksread:f.mu
+func (f *File) ascendRunsLocked(first, last uint64, fn func(r run) bool) {
+	f.cache.AscendGreaterOrEqual(run{last: first}, func(r run) bool {
+		if r.head() > last {
+			return false
+		}
+		return fn(r)
+	})
+}
+
 // ascendLocked calls fn, in index order, for every folio that holds a page
-// of [first, last], until fn returns false.
+// of [first, last], until fn returns false. fn must not change the cache.
 //
 // +checklocksread:f.mu
 func (f *File) ascendLocked(first, last uint64, fn func(e entry) bool) {
-	f.cache.AscendGreaterOrEqual(entry{last: first}, func(e entry) bool {
-		if e.head() > last {
-			return false
+	f.ascendRunsLocked(first, last, func(r run) bool {
+		i := uint64(0)
+		if h := r.head(); first > h {
+			i = r.index(first)
 		}
-		return fn(e)
+		for ; i < r.n; i++ {
+			e := r.folio(i)
+			if e.head() > last {
+				return false
+			}
+			if !fn(e) {
+				return false
+			}
+		}
+		return true
 	})
+}
+
+// insertRunLocked adds the folios of r to the page cache, joined to the
+// runs before and after it where they may be.
+//
+// Preconditions:
+//   - No folio of the cache holds a page of r.
+//
+// +checklocks:f.mu
+func (f *File) insertRunLocked(r run) {
+	f.nrPages += r.pages()
+	if h := r.head(); h > 0 {
+		if p, ok := f.findRunLocked(h - 1); ok && p.joins(r) {
+			f.cache.Delete(p)
+			r = run{last: r.last, val: p.val, n: p.n + r.n}
+		}
+	}
+	if r.last < maxIndex {
+		if s, ok := f.findRunLocked(r.last + 1); ok && r.joins(s) {
+			f.cache.Delete(s)
+			r = run{last: s.last, val: r.val, n: r.n + s.n}
+		}
+	}
+	f.cache.ReplaceOrInsert(r)
 }
 
 // insertLocked adds a folio to the page cache.
@@ -92,9 +199,68 @@ func (f *File) ascendLocked(first, last uint64, fn func(e entry) bool) {
 //   - No folio of the cache holds a page of e.
 //
 // +checklocks:f.mu
-func (f *File) insertLocked(e entry) {
-	f.cache.ReplaceOrInsert(e)
-	f.nrPages += e.pages()
+func (f *File) insertLocked(e entry) { f.insertRunLocked(runOf(e)) }
+
+// insertFreshLocked inserts the fresh segs of segs (in index order),
+// consecutive ones as one run.
+//
+// +checklocks:f.mu
+func (f *File) insertFreshLocked(segs []seg) {
+	var cur run
+	for _, s := range segs {
+		if !s.fresh {
+			continue
+		}
+		if r := runOf(s.e); cur.n > 0 && cur.joins(r) {
+			cur = run{last: r.last, val: cur.val, n: cur.n + 1}
+			continue
+		}
+		if cur.n > 0 {
+			f.insertRunLocked(cur)
+		}
+		cur = runOf(s.e)
+	}
+	if cur.n > 0 {
+		f.insertRunLocked(cur)
+	}
+}
+
+// cutLocked takes folio e out of the run that holds it, leaving the
+// folios before and after it in the cache, and returns false if no run
+// holds e.
+//
+// +checklocks:f.mu
+func (f *File) cutLocked(e entry) bool {
+	r, ok := f.findRunLocked(e.head())
+	if !ok {
+		return false
+	}
+	i := r.index(e.head())
+	if r.folio(i) != e {
+		return false
+	}
+	f.cache.Delete(r)
+	if i > 0 {
+		f.cache.ReplaceOrInsert(r.slice(0, i))
+	}
+	if i+1 < r.n {
+		f.cache.ReplaceOrInsert(r.slice(i+1, r.n))
+	}
+	f.nrPages -= e.pages()
+	return true
+}
+
+// setFlagsLocked gives the cached folio e the flags fl.
+//
+// +checklocks:f.mu
+func (f *File) setFlagsLocked(e entry, fl uint64) {
+	if e.flags() == fl {
+		return
+	}
+	if !f.cutLocked(e) {
+		panic("memfd: setting the flags of a folio the page cache does not hold")
+	}
+	f.insertLocked(e.withFlags(fl))
 }
 
 // removeLocked removes a folio from the page cache and drops the cache's
@@ -102,9 +268,23 @@ func (f *File) insertLocked(e entry) {
 //
 // +checklocks:f.mu
 func (f *File) removeLocked(e entry) {
-	f.cache.Delete(e)
-	f.nrPages -= e.pages()
+	if !f.cutLocked(e) {
+		panic("memfd: removing a folio the page cache does not hold")
+	}
 	f.mf.DecRef(e.folio())
+}
+
+// clearLocked removes every folio from the page cache and drops the
+// cache's references.
+//
+// +checklocks:f.mu
+func (f *File) clearLocked() {
+	f.cache.Ascend(func(r run) bool {
+		f.mf.DecRefRun(r.pg())
+		return true
+	})
+	f.cache.Clear(false)
+	f.nrPages = 0
 }
 
 // splitLocked splits the large folio e into order-0 folios with e's flags
@@ -118,11 +298,10 @@ func (f *File) splitLocked(e entry) bool {
 	if err := f.mf.Split(e.folio()); err != nil {
 		return false
 	}
-	f.cache.Delete(e)
-	pfn, fl := e.folio().PFN, e.flags()
-	for i, h := uint64(0), e.head(); i < e.pages(); i++ {
-		f.cache.ReplaceOrInsert(makeEntry(h+i, pgalloc.Folio{PFN: pfn + i}, fl))
+	if !f.cutLocked(e) {
+		panic("memfd: splitting a folio the page cache does not hold")
 	}
+	f.insertRunLocked(run{last: e.last, val: e.folio().PFN | e.flags(), n: e.pages()})
 	return true
 }
 
@@ -145,12 +324,14 @@ func notUptodate(e entry) bool { return !e.uptodate() }
 // allocHole allocates folios with the given flags for the pages
 // [first, end) of a hole and appends them to out as fresh segs: order 9 for
 // every aligned 2 MiB block that huge accepts (falling back to order 0 if no
-// such folio is free), order 0 elsewhere. Order-0 folios are taken a block
-// at a time (the largest power of two that fits, split into pages), which
-// costs two allocator calls instead of one per page and keeps them
-// contiguous in the memory file, so that a write fills them in one system
-// call. It stops at the first page it cannot allocate and returns ENOMEM
-// with what it allocated so far.
+// such folio is free), order 0 elsewhere. The order-0 folios up to the next
+// 2 MiB boundary are taken in one allocator call, next to each other
+// (pgalloc.MemoryFile.AllocatePages), so that a write fills them in one
+// system call, the page cache holds them as one run and a guest maps them
+// with one mmap; if the memory file has no such room, a block at a time
+// (the largest power of two that fits, split into pages). It stops at the
+// first page it cannot allocate and returns ENOMEM with what it allocated
+// so far.
 //
 // allocHole touches nothing of f but the memory file, so it needs no lock
 // itself (and may run in an ascendLocked callback); its callers hold f.mu
@@ -168,8 +349,17 @@ func (f *File) allocHole(first, end uint64, huge func(block uint64) bool, flags 
 				continue
 			}
 		}
-		// Order-0 pages up to the next block that may be huge.
+		// Order-0 pages up to the next block that may be huge: all of
+		// them next to each other if the memory file has room, else a
+		// block at a time.
 		stop := min(end, (idx/hugePages+1)*hugePages)
+		if r, err := f.mf.AllocatePages(stop - idx); err == nil {
+			for i := range uint64(r.Count) {
+				out = append(out, seg{e: makeEntry(idx+i, r.Folio(i), flags), fresh: true})
+			}
+			idx = stop
+			continue
+		}
 		order := min(bits.Len64(stop-idx)-1, hugeOrder-1)
 		var fo pgalloc.Folio
 		var err error

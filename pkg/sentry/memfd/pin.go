@@ -129,33 +129,94 @@ func NewFromFolios(mf *pgalloc.MemoryFile, size, pos int64, fs []CacheFolio) (*F
 	if pos < 0 {
 		return nil, fmt.Errorf("memfd position %d: negative: %w", pos, unix.EINVAL)
 	}
-	var next uint64
+	var b cacheBuilder
 	for i, c := range fs {
-		fo := c.Folio
-		if fo.Order < 0 || fo.Order > pgalloc.MaxOrder {
-			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): order %d outside [0, %d]: %w", i, c.Index, fo.PFN, fo.Order, pgalloc.MaxOrder, unix.EINVAL)
+		if err := b.add(i, c, uint64(size)); err != nil {
+			return nil, err
 		}
-		if c.Index&(fo.Pages()-1) != 0 {
-			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): index not aligned to order %d: %w", i, c.Index, fo.PFN, fo.Order, unix.EINVAL)
-		}
-		if fo.PFN == 0 || fo.PFN > pfnMask {
-			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): pfn is 0 or too large: %w", i, c.Index, fo.PFN, unix.EINVAL)
-		}
-		if i > 0 && c.Index < next {
-			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): overlaps or precedes the folio before it (which ends at index %#x): %w", i, c.Index, fo.PFN, next, unix.EINVAL)
-		}
-		if c.Index > maxIndex || c.Index<<pageShift >= uint64(size) {
-			return nil, fmt.Errorf("memfd folio %d (index %#x, pfn %#x): starts at or beyond the file size %d: %w", i, c.Index, fo.PFN, size, unix.EINVAL)
-		}
-		next = c.Index + fo.Pages()
 	}
+	return b.file(mf, size, pos), nil
+}
+
+// cacheBuilder builds the page cache of a file NewFromFolios or a retrieve
+// makes, from folios given in index order, in runs.
+type cacheBuilder struct {
+	runs []run
+	next uint64
+}
+
+// add checks folio c, the i-th, as NewFromFolios describes, for a file of
+// size bytes, and appends it.
+func (b *cacheBuilder) add(i int, c CacheFolio, size uint64) error {
+	fo := c.Folio
+	if fo.Order < 0 || fo.Order > pgalloc.MaxOrder {
+		return fmt.Errorf("memfd folio %d (index %#x, pfn %#x): order %d outside [0, %d]: %w", i, c.Index, fo.PFN, fo.Order, pgalloc.MaxOrder, unix.EINVAL)
+	}
+	if c.Index&(fo.Pages()-1) != 0 {
+		return fmt.Errorf("memfd folio %d (index %#x, pfn %#x): index not aligned to order %d: %w", i, c.Index, fo.PFN, fo.Order, unix.EINVAL)
+	}
+	if fo.PFN == 0 || fo.PFN > pfnMask {
+		return fmt.Errorf("memfd folio %d (index %#x, pfn %#x): pfn is 0 or too large: %w", i, c.Index, fo.PFN, unix.EINVAL)
+	}
+	if i > 0 && c.Index < b.next {
+		return fmt.Errorf("memfd folio %d (index %#x, pfn %#x): overlaps or precedes the folio before it (which ends at index %#x): %w", i, c.Index, fo.PFN, b.next, unix.EINVAL)
+	}
+	if c.Index > maxIndex || c.Index<<pageShift >= size {
+		return fmt.Errorf("memfd folio %d (index %#x, pfn %#x): starts at or beyond the file size %d: %w", i, c.Index, fo.PFN, size, unix.EINVAL)
+	}
+	b.next = c.Index + fo.Pages()
+	r := runOf(makeEntry(c.Index, fo, c.flags()))
+	if n := len(b.runs); n > 0 && b.runs[n-1].joins(r) {
+		b.runs[n-1].last = r.last
+		b.runs[n-1].n++
+		return nil
+	}
+	b.runs = append(b.runs, r)
+	return nil
+}
+
+// addRun is add for the n folios of c's order that follow c in the memory
+// file and in the file, the first of them the i-th: checked and appended as
+// one run where it can, else one by one.
+func (b *cacheBuilder) addRun(i int, c CacheFolio, n, size uint64) error {
+	fo, step := c.Folio, c.Folio.Pages()
+	lastIndex, lastPFN := c.Index+(n-1)*step, fo.PFN+(n-1)*step
+	if n == 1 || fo.Order < 0 || fo.Order > pgalloc.MaxOrder || c.Index&(step-1) != 0 || fo.PFN == 0 || lastPFN > pfnMask ||
+		i > 0 && c.Index < b.next || lastIndex > maxIndex || lastIndex<<pageShift >= size {
+		for x := range n {
+			cx := c
+			cx.Index, cx.Folio.PFN = c.Index+x*step, fo.PFN+x*step
+			if err := b.add(i+int(x), cx, size); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err := b.add(i, c, size); err != nil {
+		return err
+	}
+	r := &b.runs[len(b.runs)-1]
+	extra := min(n-1, maxRunFolios-r.n)
+	r.last += extra * step
+	r.n += extra
+	b.next = lastIndex + step
+	if rest := n - 1 - extra; rest > 0 {
+		first := run{last: lastIndex + step - 1, val: (fo.PFN + (extra+1)*step) | uint64(fo.Order)<<orderShift | c.flags(), n: rest}
+		b.runs = append(b.runs, first)
+	}
+	return nil
+}
+
+// file returns the memfd NewFromFolios describes, with the folios added.
+func (b *cacheBuilder) file(mf *pgalloc.MemoryFile, size, pos int64) *File {
 	f := newFile(mf, "", unix.F_SEAL_SEAL)
 	f.size.Store(size)
 	f.pos.Store(pos)
 	f.mu.Lock()
-	for _, c := range fs {
-		f.insertLocked(makeEntry(c.Index, c.Folio, c.flags()))
+	for _, r := range b.runs {
+		f.cache.ReplaceOrInsert(r)
+		f.nrPages += r.pages()
 	}
 	f.mu.Unlock()
-	return f, nil
+	return f
 }

@@ -57,12 +57,7 @@ func (f *File) truncateRangeLocked(start, end uint64) {
 		return
 	}
 	if first == 0 && stop > maxIndex {
-		f.cache.Ascend(func(e entry) bool {
-			f.mf.DecRef(e.folio())
-			return true
-		})
-		f.cache.Clear(false)
-		f.nrPages = 0
+		f.clearLocked()
 		return
 	}
 	f.splitAtLocked(first, anyFolio)
@@ -184,7 +179,7 @@ func (f *File) allocateLocked(first, stop uint64) error {
 			f.zeroRange(s.e.addr(s.e.head()), s.e.pages()<<pageShift)
 		}
 		if fl := s.e.flags() | flagDirty | flagUptodate; fl != s.e.flags() {
-			f.cache.ReplaceOrInsert(s.e.withFlags(fl))
+			f.setFlagsLocked(s.e, fl)
 		}
 	}
 	if allocErr != nil {
@@ -192,11 +187,7 @@ func (f *File) allocateLocked(first, stop uint64) error {
 		f.releaseScratch(segs)
 		return allocErr
 	}
-	for _, s := range segs {
-		if s.fresh {
-			f.insertLocked(s.e)
-		}
-	}
+	f.insertFreshLocked(segs)
 	f.releaseScratch(segs)
 	return nil
 }
