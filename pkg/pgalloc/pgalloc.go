@@ -698,15 +698,21 @@ func (f *MemoryFile) IncRefRun(r Run) {
 // Preconditions:
 //   - Each folio of r is allocated (the caller holds a reference).
 func (f *MemoryFile) DecRefRun(r Run) {
-	wake := false
+	if f.decRefRun(r) {
+		f.wakeReleaser()
+	}
+}
+
+// decRefRun drops a reference on each folio of r and reports whether the
+// releaser should be woken.
+func (f *MemoryFile) decRefRun(r Run) bool {
 	f.mu.Lock()
+	defer f.mu.Unlock()
+	wake := false
 	for i := range uint64(r.Count) {
 		wake = f.decRefLocked(r.Folio(i)) || wake
 	}
-	f.mu.Unlock()
-	if wake {
-		f.wakeReleaser()
-	}
+	return wake
 }
 
 // DecRef drops a reference on fo. When the last one goes, the folio's pages
