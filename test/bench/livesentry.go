@@ -111,8 +111,8 @@ func measureLivesentry(c Config, r *Row) error {
 		}
 		r.Pause = append(r.Pause, t.Blackout)
 		r.Data = append(r.Data, time.Duration(v.DataReadyAt-t.PausedAt))
-		c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v)",
-			sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready)
+		c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v; the relaunched guest's retrieve and last-byte reads %.1f ms)",
+			sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready, v.RetrieveMS)
 		if _, err := cli.waitEvent(id, "preserved", gen, timeout); err != nil {
 			return err
 		}
