@@ -975,7 +975,7 @@ func killLeft(dead, keep int) []int {
 				return
 			}
 			if !idled[pid] {
-				idle(pid)
+				sandbox.Idle(pid)
 				idled[pid] = true
 			}
 			if pid != dead {
@@ -1005,25 +1005,6 @@ func killLeft(dead, keep int) []int {
 			return left
 		}
 		time.Sleep(time.Millisecond)
-	}
-}
-
-// idle makes every thread of pid SCHED_IDLE, so that the kernel's
-// teardown of a killed process (its exit runs in its own threads, and
-// unmapping gigabytes of memory-file pages takes tens of milliseconds per
-// GiB) takes only the CPU time the recovering sentry leaves: on a small
-// machine it would otherwise take a CPU from the recovery. Errors are
-// ignored (a thread that is gone needs nothing).
-func idle(pid int) {
-	dir := "/proc/" + strconv.Itoa(pid) + "/task"
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		if tid, err := strconv.Atoi(e.Name()); err == nil {
-			unix.SchedSetAttr(tid, &unix.SchedAttr{Policy: unix.SCHED_IDLE}, 0)
-		}
 	}
 }
 
