@@ -100,7 +100,7 @@ type luoHandler struct {
 // preservedFile is the handler's private data between preserve and
 // unpreserve: the pinned folios, the folio array and the record.
 type preservedFile struct {
-	folios []CacheFolio
+	folios []CacheRun
 	array  *kho.Vmalloc
 	desc   abikho.Vmalloc
 	ser    pgalloc.Folio
@@ -204,23 +204,28 @@ func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64
 		pf.desc = abikho.Vmalloc{}
 		return 0, nil
 	}
-	folios, err := f.PinFolios()
+	runs, err := f.PinFolios()
 	if err != nil {
 		return 0, fmt.Errorf("pinning folios: %w", err)
 	}
-	array, err := kho.AllocVmalloc(h.mf, uint64(len(folios))*abimemfd.FolioSerSize)
-	if err != nil {
-		f.UnpinFolios(folios)
-		return 0, fmt.Errorf("allocating the folio array (%d folios): %w", len(folios), err)
+	var n uint64
+	for _, c := range runs {
+		n += uint64(c.Run.Count)
 	}
-	h.makeUptodateDirtyLocked(f, folios)
+	array, err := kho.AllocVmalloc(h.mf, n*abimemfd.FolioSerSize)
+	if err != nil {
+		f.UnpinFolios(runs)
+		return 0, fmt.Errorf("allocating the folio array (%d folios): %w", n, err)
+	}
+	h.makeUptodateDirtyLocked(f, runs)
 	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
-	i := 0
-	for ; i < len(folios); i++ {
-		c := folios[i]
-		if err = h.kho.PreserveFolio(c.Folio); err != nil {
-			break
-		}
+	i := uint64(0)
+	// preserved is the number of folios of runs[:r] and of runs[r] up to
+	// j preserved, for the undo.
+	r, j := 0, uint64(0)
+preserve:
+	for ; r < len(runs); r++ {
+		c := runs[r]
 		var flags uint16
 		if c.Dirty {
 			flags |= abimemfd.FolioDirty
@@ -228,23 +233,43 @@ func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64
 		if c.Uptodate {
 			flags |= abimemfd.FolioUptodate
 		}
-		rec := abimemfd.FolioSer{PFN: c.Folio.PFN, Flags: flags, Index: c.Index}
-		rec.Encode(array.Page(i / perPage)[(i%perPage)*abimemfd.FolioSerSize:])
+		for j = 0; j < uint64(c.Run.Count); j++ {
+			fo := c.Folio(j)
+			if err = h.kho.PreserveFolio(fo.Folio); err != nil {
+				break preserve
+			}
+			rec := abimemfd.FolioSer{PFN: fo.Folio.PFN, Flags: flags, Index: fo.Index}
+			rec.Encode(array.Page(int(i / perPage))[(i%perPage)*abimemfd.FolioSerSize:])
+			i++
+		}
 	}
 	if err == nil {
 		pf.desc, err = h.kho.PreserveVmalloc(array)
 	}
 	if err != nil {
 		// err_unpreserve, err_unpin, err_free_folios.
-		for i--; i >= 0; i-- {
-			_ = h.kho.UnpreserveFolio(folios[i].Folio)
-		}
+		unpreserveRuns(h, runs, r, j)
 		array.Free()
-		f.UnpinFolios(folios)
+		f.UnpinFolios(runs)
 		return 0, fmt.Errorf("preserving folios: %w", err)
 	}
-	pf.folios, pf.array = folios, array
-	return uint64(len(folios)), nil
+	pf.folios, pf.array = runs, array
+	return n, nil
+}
+
+// unpreserveRuns unpreserves the folios of runs[:r], and the first j of
+// runs[r] if r < len(runs), in reverse.
+func unpreserveRuns(h *luoHandler, runs []CacheRun, r int, j uint64) {
+	if r < len(runs) {
+		for ; j > 0; j-- {
+			_ = h.kho.UnpreserveFolio(runs[r].Run.Folio(j - 1))
+		}
+	}
+	for r--; r >= 0; r-- {
+		for j := uint64(runs[r].Run.Count); j > 0; j-- {
+			_ = h.kho.UnpreserveFolio(runs[r].Run.Folio(j - 1))
+		}
+	}
 }
 
 // makeUptodateDirtyLocked zeroes every pinned folio that is not uptodate
@@ -256,23 +281,24 @@ func (h *luoHandler) preserveFolios(f *File, pf *preservedFile) (nrFolios uint64
 // preserved and then written would come back not uptodate, and read as
 // zeros (the luo_memfd selftest fallocate_memfd).
 //
-// folios were returned by f.PinFolios.
+// runs were returned by f.PinFolios, which returns the page cache's runs:
+// each is one run of the cache until its flags change here.
 //
 // +checklocks:f.mu
-func (h *luoHandler) makeUptodateDirtyLocked(f *File, folios []CacheFolio) {
-	for i := range folios {
-		c := &folios[i]
+func (h *luoHandler) makeUptodateDirtyLocked(f *File, runs []CacheRun) {
+	for i := range runs {
+		c := &runs[i]
 		if c.Uptodate && c.Dirty {
 			continue
 		}
-		e, ok := f.findLocked(c.Index)
-		if !ok || e.folio() != c.Folio {
-			panic(fmt.Sprintf("memfd: pinned folio %v at index %#x is not in the page cache", c.Folio, c.Index))
-		}
 		if !c.Uptodate {
-			clear(h.mf.Bytes(c.Folio))
+			b, err := h.mf.Slice(c.Run.PFN, c.Run.Pages())
+			if err != nil {
+				panic(fmt.Sprintf("memfd: pinned run %+v outside the memory file: %v", c.Run, err))
+			}
+			clear(b)
 		}
-		f.setFlagsLocked(e, flagDirty|flagUptodate)
+		f.setRunFlagsLocked(c.Index, c.Run, flagDirty|flagUptodate)
 		c.Dirty, c.Uptodate = true, true
 	}
 }
@@ -285,9 +311,7 @@ func (h *luoHandler) unpreserveFolios(f *File, pf *preservedFile) {
 		return
 	}
 	_ = h.kho.UnpreserveVmalloc(pf.desc)
-	for _, c := range pf.folios {
-		_ = h.kho.UnpreserveFolio(c.Folio)
-	}
+	unpreserveRuns(h, pf.folios, len(pf.folios), 0)
 	f.UnpinFolios(pf.folios)
 	pf.array.Free()
 	pf.folios, pf.array = nil, nil

@@ -432,6 +432,17 @@ func must(t testing.TB, err error) {
 	}
 }
 
+// foliosOf returns the folios of rs, one by one.
+func foliosOf(rs []CacheRun) []CacheFolio {
+	var out []CacheFolio
+	for _, c := range rs {
+		for i := range uint64(c.Run.Count) {
+			out = append(out, c.Folio(i))
+		}
+	}
+	return out
+}
+
 // flagsOf returns the page cache's folios.
 func flagsOf(f *File) []CacheFolio {
 	f.mu.RLock()
@@ -491,9 +502,10 @@ func TestPinFolios(t *testing.T) {
 	must(t, f.Fallocate(unix.FALLOC_FL_KEEP_SIZE, 8*huge, 4096)) // Beyond the end: not pinned.
 
 	f.Lock()
-	fs, err := f.PinFolios()
+	rs, err := f.PinFolios()
 	f.Unlock()
 	must(t, err)
+	fs := foliosOf(rs)
 	// Page 0, page 1 (written), pages 2..511, then at 512 (huge): page 512,
 	// 513 (fallocated), 514, 515.
 	var next uint64
@@ -519,7 +531,7 @@ func TestPinFolios(t *testing.T) {
 	if got := readAll(t, f, 4096, 3); string(got) != "one" {
 		t.Fatalf("contents changed by pinning: %q", got)
 	}
-	f.UnpinFolios(fs)
+	f.UnpinFolios(rs)
 	for _, c := range fs {
 		if _, refs, ok := mf.Lookup(c.Folio.PFN); !ok || refs != 1 {
 			t.Fatalf("folio at index %d has %d references after unpinning, want 1", c.Index, refs)

@@ -2,6 +2,7 @@ package memfd
 
 import (
 	"errors"
+	"fmt"
 	"math/bits"
 
 	"github.com/livesentry/livesentry/pkg/pgalloc"
@@ -261,6 +262,33 @@ func (f *File) setFlagsLocked(e entry, fl uint64) {
 		panic("memfd: setting the flags of a folio the page cache does not hold")
 	}
 	f.insertLocked(e.withFlags(fl))
+}
+
+// setRunFlagsLocked gives the folios of pr, cached at page index first
+// on, the flags fl: pr is part of one run of the cache.
+//
+// +checklocks:f.mu
+func (f *File) setRunFlagsLocked(first uint64, pr pgalloc.Run, fl uint64) {
+	r, ok := f.findRunLocked(first)
+	n := uint64(pr.Count)
+	if !ok || r.folio(r.index(first)).folio() != pr.Folio(0) || r.index(first)+n > r.n {
+		panic(fmt.Sprintf("memfd: setting the flags of folios %+v at index %#x, which are not one run of the page cache", pr, first))
+	}
+	i := r.index(first)
+	part := r.slice(i, i+n)
+	if part.flags() == fl {
+		return
+	}
+	f.cache.Delete(r)
+	if i > 0 {
+		f.cache.ReplaceOrInsert(r.slice(0, i))
+	}
+	if i+n < r.n {
+		f.cache.ReplaceOrInsert(r.slice(i+n, r.n))
+	}
+	f.nrPages -= part.pages()
+	part.val = part.val&^(flagDirty|flagUptodate) | fl
+	f.insertRunLocked(part)
 }
 
 // removeLocked removes a folio from the page cache and drops the cache's

@@ -37,21 +37,47 @@ func cacheFolio(e entry) CacheFolio {
 	return CacheFolio{Index: e.head(), Folio: e.folio(), Dirty: e.dirty(), Uptodate: e.uptodate()}
 }
 
+// CacheRun is a run of folios of a memfd's page cache, as PinFolios
+// returns them: Run.Count folios of one order and the same flags, at
+// consecutive page indices from Index and next to each other in the memory
+// file.
+type CacheRun struct {
+	// Index is the page index of the run's first page in the file.
+	Index uint64
+	// Run is the run's folios in the memory file.
+	Run pgalloc.Run
+	// Dirty and Uptodate are the flags of every folio of the run.
+	Dirty, Uptodate bool
+}
+
+// Folio returns folio i of c.
+//
+// Preconditions:
+//   - i < c.Run.Count.
+func (c CacheRun) Folio(i uint64) CacheFolio {
+	fo := c.Run.Folio(i)
+	return CacheFolio{Index: c.Index + i*fo.Pages(), Folio: fo, Dirty: c.Dirty, Uptodate: c.Uptodate}
+}
+
+func cacheRun(r run) CacheRun {
+	return CacheRun{Index: r.head(), Run: r.pg(), Dirty: r.flags()&flagDirty != 0, Uptodate: r.flags()&flagUptodate != 0}
+}
+
 // PinFolios pins every folio of [0, size) in index order, like
-// memfd_pin_folios over the whole file: holes get new zeroed folios,
-// uptodate and clean, inserted into the page cache (order 9 for an aligned
-// 2 MiB block with nothing cached, order 0 elsewhere), and each returned
-// folio holds an extra memory-file reference until UnpinFolios. A file of
-// size 0 has none. If the memory file cannot hold the holes, PinFolios
-// fails with ENOMEM and changes nothing (Linux would leave the holes it had
-// filled in the page cache). An MFD_HUGETLB file has no folios to pin
-// (EINVAL).
+// memfd_pin_folios over the whole file, and returns them in runs: holes
+// get new zeroed folios, uptodate and clean, inserted into the page cache
+// (order 9 for an aligned 2 MiB block with nothing cached, order 0
+// elsewhere), and each folio returned holds an extra memory-file reference
+// until UnpinFolios. A file of size 0 has none. If the memory file cannot
+// hold the holes, PinFolios fails with ENOMEM and changes nothing (Linux
+// would leave the holes it had filled in the page cache). An MFD_HUGETLB
+// file has no folios to pin (EINVAL).
 //
 // Preconditions:
 //   - f.Lock is held.
 //
 // +checklocks:f.mu
-func (f *File) PinFolios() ([]CacheFolio, error) {
+func (f *File) PinFolios() ([]CacheRun, error) {
 	if f.hugetlb {
 		return nil, unix.EINVAL
 	}
@@ -64,18 +90,18 @@ func (f *File) PinFolios() ([]CacheFolio, error) {
 	if stop > f.mf.Pages()+f.nrPages {
 		return nil, unix.ENOMEM // It cannot fit; do not try.
 	}
+	// The holes first, then the runs.
 	segs := f.scratch[:0]
 	var allocErr error
 	idx := uint64(0)
 	huge := func(uint64) bool { return true }
-	f.ascendLocked(0, stop-1, func(e entry) bool {
-		if h := e.head(); idx < h {
+	f.ascendRunsLocked(0, stop-1, func(r run) bool {
+		if h := r.head(); idx < h {
 			if segs, allocErr = f.allocHole(idx, h, huge, flagUptodate, segs); allocErr != nil {
 				return false
 			}
 		}
-		segs = append(segs, seg{e: e})
-		idx = e.last + 1
+		idx = r.last + 1
 		return true
 	})
 	if allocErr == nil && idx < stop {
@@ -86,23 +112,27 @@ func (f *File) PinFolios() ([]CacheFolio, error) {
 		f.releaseScratch(segs)
 		return nil, allocErr
 	}
-	out := make([]CacheFolio, len(segs))
-	for i, s := range segs {
-		if s.fresh {
-			f.insertLocked(s.e)
-		}
-		f.mf.IncRef(s.e.folio())
-		out[i] = cacheFolio(s.e)
-	}
+	f.insertFreshLocked(segs)
 	f.releaseScratch(segs)
+	var out []CacheRun
+	f.ascendRunsLocked(0, stop-1, func(r run) bool {
+		if r.last >= stop {
+			r = r.slice(0, r.index(stop-1)+1)
+		}
+		out = append(out, cacheRun(r))
+		return true
+	})
+	for _, c := range out {
+		f.mf.IncRefRun(c.Run)
+	}
 	f.pins.Add(1)
 	return out, nil
 }
 
-// UnpinFolios drops the references PinFolios took on fs.
-func (f *File) UnpinFolios(fs []CacheFolio) {
-	for _, c := range fs {
-		f.mf.DecRef(c.Folio)
+// UnpinFolios drops the references PinFolios took on rs.
+func (f *File) UnpinFolios(rs []CacheRun) {
+	for _, c := range rs {
+		f.mf.DecRefRun(c.Run)
 	}
 	if f.pins.Add(-1) < 0 {
 		panic("memfd: UnpinFolios without PinFolios")
