@@ -82,7 +82,10 @@ func mappingPinsSeed(t *testing.T, seed uint64) {
 			t.Fatal(err)
 		}
 	}
-	if e, _ := f.findLocked(hugePages); e.pages() != hugePages {
+	f.mu.RLock()
+	e, _ := f.findLocked(hugePages)
+	f.mu.RUnlock()
+	if e.pages() != hugePages {
 		t.Fatalf("pages 512..1023 are in a folio of %d pages, want one 2 MiB folio", e.pages())
 	}
 	rng := rand.New(rand.NewPCG(seed, 2))
