@@ -578,11 +578,12 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	}
 	nr := rec.nrFolios
 	recAt := func(i uint64) abimemfd.FolioSer { return folioSerAt(array, i) }
-	// Walk the records a batch at a time: check each, restore the batch
-	// under one KHO lock, and append its folios to the new page cache in
-	// runs. Nothing here costs memory per folio: a GiB of 4 KiB folios
-	// allocated together is a few runs. restored gets every folio
-	// restored, in runs, until the file takes them.
+	// Walk the records a page of the array at a time: check each,
+	// restore them, a run of records that continue each other at once,
+	// and append their folios to the new page cache in runs. Nothing here
+	// costs memory per folio: a GiB of 4 KiB folios allocated together is
+	// a few runs. restored gets every folio restored, in runs, until the
+	// file takes them.
 	var restored []pgalloc.Run
 	fail := func(err error, from uint64) error {
 		if kept != nil {
