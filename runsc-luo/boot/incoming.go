@@ -219,6 +219,7 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		if err != nil {
 			return nil, err
 		}
+		pgalloc.PrepareMetadata(opts.MetadataChunks)
 		in.standby = standby(opts.Version)
 		// No collection inside the blackout: the boot allocates a few
 		// MiB, which would start one (its marking takes a CPU of two

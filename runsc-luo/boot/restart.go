@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -205,7 +206,8 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 		return handover.Timing{}, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3")...)
+	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3",
+		"--metadata-chunks="+strconv.Itoa(s.k.MemoryFile().MetadataChunks()))...)
 	cmd.ExtraFiles = []*os.File{peer}
 	cmd.Env = os.Environ()
 	if crash != nil {

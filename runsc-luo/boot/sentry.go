@@ -37,6 +37,10 @@ type Options struct {
 	Globals sandbox.Globals
 	// Version is this build's version string.
 	Version string
+	// MetadataChunks is, for a transfer-mode restart's new sentry, the
+	// number of page-metadata chunks the old one had: it faults them in
+	// before it says it is ready (pgalloc.PrepareMetadata).
+	MetadataChunks int
 }
 
 // exitGrace is how long a stopping sentry waits for its control

@@ -20,8 +20,10 @@ type Boot struct {
 	memory     uint64
 	readyFD    int
 	handoverFD int
-	spareFD    int
-	shim       bool
+	// metadataChunks is boot.Options.MetadataChunks.
+	metadataChunks int
+	spareFD        int
+	shim           bool
 }
 
 func (*Boot) Name() string     { return "boot" }
@@ -34,6 +36,7 @@ func (b *Boot) SetFlags(f *flag.FlagSet) {
 	f.Uint64Var(&b.memory, "memory", 0, "memory file size in bytes (cold boot)")
 	f.IntVar(&b.readyFD, "ready-fd", -1, "fd to report readiness on (cold boot)")
 	f.IntVar(&b.handoverFD, "handover-fd", -1, "fd of the transfer-mode handover socket")
+	f.IntVar(&b.metadataChunks, "metadata-chunks", 0, "page-metadata chunks to fault in before a transfer-mode restart's pause (the old sentry's count)")
 	f.IntVar(&b.spareFD, "spare-fd", -1, "fd of a spare sentry's channel to its supervisor, which sends a recovery on it")
 	f.BoolVar(&b.shim, "shim", true, "start the entrypoint under the libc shim (cold boot)")
 }
@@ -51,6 +54,7 @@ func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomma
 	case b.handoverFD >= 0 || boot.HandoverInEnv():
 		// (An exec-mode restart re-enters here with the descriptor in
 		// the environment.)
+		opts.MetadataChunks = b.metadataChunks
 		return serveBooted(boot.NewFromHandover(b.handoverFD, opts))
 	}
 	return b.coldBoot(sandbox.Config{ID: b.id, Root: cfg.Root, MemorySize: b.memory, Entrypoint: f.Args(), NoShim: !b.shim}, opts)

@@ -300,6 +300,8 @@ func (k *Kernel) Commit() {
 		// The page metadata of the adopted folios, before the relaunched
 		// guests retrieve and map them.
 		k.mf.FillMetadata()
+		// What a restart's PrepareMetadata made and nothing took.
+		pgalloc.ReleaseMetadataPool()
 	}()
 }
 
