@@ -158,16 +158,7 @@ func TestAllocatePagesRejectsCountsOutsideOneToTheLargestBlock(t *testing.T) {
 }
 
 func TestAllocatePagesFromAFileNotAdoptedFailsWithEINVAL(t *testing.T) {
-	f := newTestFile(t, 16<<20)
-	file, err := f.DupFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := Open(file, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := openUnadopted(t, newTestFile(t, 16<<20))
 	if r, err := g.AllocatePages(4); !errors.Is(err, unix.EINVAL) {
 		t.Fatalf("AllocatePages(4) before Adopt = %+v, %v; want EINVAL", r, err)
 	}

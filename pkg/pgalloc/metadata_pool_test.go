@@ -16,15 +16,7 @@ func TestPreparedMetadataChunksServeTheFillAndAreCounted(t *testing.T) {
 	defer ReleaseMetadataPool()
 	base := newTestFile(t, 64<<20)
 	blocks := []Block{{PFN: 1}, {PFN: 2}, {PFN: 512 + 7}, {PFN: 2048, Order: 9}, {PFN: 6*512 + 3}}
-	file, err := base.DupFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := Open(file, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := openUnadopted(t, base)
 	PrepareMetadata(5)
 	if n := poolLen(); n != 5 {
 		t.Fatalf("PrepareMetadata(5) left %d chunks in the pool", n)

@@ -25,6 +25,15 @@ func newTestFile(t testing.TB, size uint64) *MemoryFile {
 // does after a restart.
 func reopen(t testing.TB, f *MemoryFile) *MemoryFile {
 	t.Helper()
+	g := openUnadopted(t, f)
+	g.ResumeReleases()
+	return g
+}
+
+// openUnadopted opens f's file as a new sentry does before it adopts
+// anything: releases held, closed at the end of the test.
+func openUnadopted(t testing.TB, f *MemoryFile) *MemoryFile {
+	t.Helper()
 	file, err := f.DupFile()
 	if err != nil {
 		t.Fatalf("DupFile: %v", err)
@@ -34,7 +43,6 @@ func reopen(t testing.TB, f *MemoryFile) *MemoryFile {
 		t.Fatalf("Open: %v", err)
 	}
 	t.Cleanup(func() { g.Close() })
-	g.ResumeReleases()
 	return g
 }
 

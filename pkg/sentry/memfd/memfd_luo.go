@@ -628,28 +628,8 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 			}
 			recs[j], addrs[j] = r, r.PFN<<pgalloc.PageShift
 		}
-		// Restore a folio alone, to learn its order from KHO's map, then
-		// the records that continue it (the next block of that order, at
-		// the next index, with the same flags) as one run, a word of
-		// KHO's bitmaps at a time; one by one if that fails, so that the
-		// error names the folio, and each is then a run of its own.
 		for j := uint64(0); j < k; {
-			e := j + 1
-			n, rerr := h.kho.RestoreFolios(addrs[j:e], got[j:e])
-			uniform := true
-			if rerr == nil {
-				step, o := got[j].Pages(), got[j].Order
-				for e < k && recs[e].PFN == recs[e-1].PFN+step && recs[e].Index == recs[e-1].Index+step && recs[e].Flags == recs[j].Flags {
-					got[e] = pgalloc.Folio{PFN: recs[e].PFN, Order: o}
-					e++
-				}
-				n = int(e - j)
-				if e > j+1 && h.kho.RestoreRun(addrs[j+1], o, e-j-1) != nil {
-					uniform = false
-					n, rerr = h.kho.RestoreFolios(addrs[j+1:e], got[j+1:e])
-					n++
-				}
-			}
+			e, n, uniform, rerr := h.restoreRun(recs[:k], addrs[:k], got[:k], j)
 			for x := j; x < j+uint64(n); x++ {
 				restored = appendRun(restored, got[x])
 			}
@@ -713,6 +693,31 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	}
 	args.File = f
 	return nil
+}
+
+// restoreRun restores the folio of record j alone, to learn its order
+// from KHO's map, then the records that continue it (the next block of that
+// order, at the next index, with the same flags) as one run, a word of
+// KHO's bitmaps at a time (kho.KHO.RestoreRun); one by one if that fails,
+// so that the error names the folio. It fills got[j:e] and returns e, the
+// end of the run, how many folios from j it restored, whether they all
+// have the order of the first (uniform: else each is a run of its own),
+// and the error of the folio j+n.
+func (h *luoHandler) restoreRun(recs []abimemfd.FolioSer, addrs []uint64, got []pgalloc.Folio, j uint64) (e uint64, n int, uniform bool, err error) {
+	e = j + 1
+	if n, err = h.kho.RestoreFolios(addrs[j:e], got[j:e]); err != nil {
+		return e, n, true, err
+	}
+	step, o := got[j].Pages(), got[j].Order
+	for e < uint64(len(recs)) && recs[e].PFN == recs[e-1].PFN+step && recs[e].Index == recs[e-1].Index+step && recs[e].Flags == recs[j].Flags {
+		got[e] = pgalloc.Folio{PFN: recs[e].PFN, Order: o}
+		e++
+	}
+	if e == j+1 || h.kho.RestoreRun(addrs[j+1], o, e-j-1) == nil {
+		return e, int(e - j), true, nil
+	}
+	n, err = h.kho.RestoreFolios(addrs[j+1:e], got[j+1:e])
+	return e, n + 1, false, err
 }
 
 // finish mirrors memfd_luo_finish: a file that was never retrieved has its
