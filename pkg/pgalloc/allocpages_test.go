@@ -450,46 +450,6 @@ func TestFoliosFreedOutOfAddressOrderAreSeparateWasteRanges(t *testing.T) {
 	checkStats(t, f, 0)
 }
 
-func TestPopulateIgnoresRangesOutsideTheFile(t *testing.T) {
-	f := newTestFile(t, 16<<20)
-	r, err := f.AllocatePages(4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range uint64(r.Count) {
-		fill(f.Bytes(r.Folio(i)), r.PFN+i)
-	}
-	for _, tc := range []struct {
-		name   string
-		pfn, n uint64
-	}{
-		{name: "the run itself", pfn: r.PFN, n: uint64(r.Count)},
-		{name: "the whole file", pfn: 0, n: f.Pages()},
-		{name: "no page", pfn: 1, n: 0},
-		{name: "a page past the end", pfn: f.Pages(), n: 1},
-		{name: "a range that crosses the end", pfn: f.Pages() - 1, n: 2},
-		{name: "a range whose end overflows", pfn: 1, n: ^uint64(0)},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			func() {
-				defer func() {
-					if p := recover(); p != nil {
-						t.Fatalf("Populate(%#x, %d) panicked: %v", tc.pfn, tc.n, p)
-					}
-				}()
-				f.Populate(tc.pfn, tc.n)
-			}()
-			for i := range uint64(r.Count) {
-				want := make([]byte, PageSize)
-				fill(want, r.PFN+i)
-				if !slices.Equal(f.Bytes(r.Folio(i)), want) {
-					t.Fatalf("page %#x changed after Populate(%#x, %d)", r.PFN+i, tc.pfn, tc.n)
-				}
-			}
-		})
-	}
-}
-
 // allocPages is AllocatePages in the reference model: the block of the
 // smallest order that holds n pages, less its tail.
 func (m *model) allocPages(n uint64) (uint64, bool) {

@@ -500,19 +500,6 @@ func (f *MemoryFile) Slice(pfn, npages uint64) ([]byte, error) {
 // hold of the lock (64 MiB, about a millisecond with 4 KiB pages).
 const dropChunkPages = 1 << 14
 
-// Populate maps pages [pfn, pfn+n) of the memory file into this process's
-// page tables with one system call (MADV_POPULATE_READ), where each first
-// access would otherwise fault on its own: a retrieve reads a GiB's folio
-// records, 1,536 pages, that the process that wrote them had mapped, not
-// this one. It is only a hint: an old kernel without MADV_POPULATE_READ
-// (before 5.14) leaves the faults to the accesses.
-func (f *MemoryFile) Populate(pfn, n uint64) {
-	if n == 0 || pfn >= f.pages || n > f.pages-pfn {
-		return
-	}
-	_ = unix.Madvise(f.mapping[pfn<<PageShift:(pfn+n)<<PageShift], unix.MADV_POPULATE_READ)
-}
-
 // DropPageTables removes this process's page-table entries for the whole
 // mapping, as munmap would, without unmapping it: madvise(MADV_DONTNEED) on
 // a shared file mapping only zaps the entries; the contents stay in the

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
 
@@ -159,6 +160,9 @@ func BenchmarkRetrieveMapAndRead(b *testing.B) {
 				if err := g.PreserveFD(sess, fd, 1); err != nil {
 					b.Fatal(err)
 				}
+				// As a transfer restart's new sentry does before Ready
+				// (--metadata-chunks).
+				pgalloc.PrepareMetadata(s.k.MemoryFile().MetadataChunks())
 				s2 := negotiatedRestart(b, s)
 				g2 := s2.dialB(b)
 				dev2, err := g2.OpenLiveUpdate()

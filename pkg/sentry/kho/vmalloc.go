@@ -62,22 +62,6 @@ func AllocVmalloc(mf *pgalloc.MemoryFile, size uint64) (*Vmalloc, error) {
 	return v, nil
 }
 
-// Populate maps the area's pages into this process's page tables ahead of
-// a read of all of it (pgalloc.MemoryFile.Populate), a system call per run
-// of contiguous blocks.
-func (v *Vmalloc) Populate() {
-	var start, n uint64
-	for _, b := range v.blocks {
-		if n > 0 && start+n == b.PFN {
-			n += b.Pages()
-			continue
-		}
-		v.mf.Populate(start, n)
-		start, n = b.PFN, b.Pages()
-	}
-	v.mf.Populate(start, n)
-}
-
 // Len returns the size of v in bytes: the size asked of AllocVmalloc, or
 // total_pages pages for a restored area (kho_vmalloc records no byte size).
 func (v *Vmalloc) Len() uint64 { return v.size }
@@ -96,6 +80,37 @@ func (v *Vmalloc) Page(i int) []byte {
 	b := v.mf.Bytes(v.blocks[i>>v.order])
 	off := (i & (1<<v.order - 1)) * abikho.PageSize
 	return b[off : off+abikho.PageSize : off+abikho.PageSize]
+}
+
+// ReadPages copies pages [i, i+len(p)/PageSize) of v into p with
+// pread(2) on the memory file, one call per run of blocks that are
+// contiguous in it (pgalloc.MemoryFile.ReadPages), not through this
+// process's mapping: the first touch of a page through a mapping costs a
+// page-table fill per 4 KiB page, which on a virtual machine that shadows
+// its guests' page tables is microseconds each, even after a populate.
+// A restored folio array is read once, so the kernel's copy is the cheaper
+// one.
+//
+// Preconditions:
+//   - len(p) is a whole number of pages;
+//   - 0 <= i and i+len(p)/PageSize <= the number of pages of v.
+func (v *Vmalloc) ReadPages(i int, p []byte) error {
+	bpages := 1 << v.order
+	for len(p) > 0 {
+		b := v.blocks[i>>v.order]
+		pfn := b.PFN + uint64(i&(bpages-1))
+		// Extend over the blocks that follow this one in the file.
+		n := bpages - i&(bpages-1)
+		for k := i>>v.order + 1; n*abikho.PageSize < len(p) && k < len(v.blocks) && v.blocks[k].PFN == pfn+uint64(n); k++ {
+			n += bpages
+		}
+		n = min(n, len(p)/abikho.PageSize)
+		if err := v.mf.ReadPages(pfn, p[:n*abikho.PageSize]); err != nil {
+			return err
+		}
+		p, i = p[n*abikho.PageSize:], i+n
+	}
+	return nil
 }
 
 // ReadAt implements io.ReaderAt over the first Len bytes of v.

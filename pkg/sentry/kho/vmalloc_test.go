@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
 
@@ -230,4 +231,44 @@ func TestRestoreVmallocValidation(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestVmallocReadPagesMatchesThePagesAcrossScatteredBlocks reads every
+// range of pages of areas whose blocks are partly contiguous in the memory
+// file and partly not, out of order, with ReadPages, and compares each
+// with the pages seen through the mapping.
+func TestVmallocReadPagesMatchesThePagesAcrossScatteredBlocks(t *testing.T) {
+	mf := newFile(t, 16<<20)
+	for _, order := range []int{0, 1} {
+		// Blocks 0 1 2 4 3 5 6 8 9: runs of 3, 1, 1, 2 and 2 blocks.
+		run, err := mf.AllocatePages(10 << order)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v := &Vmalloc{mf: mf, order: order}
+		for _, b := range []uint64{0, 1, 2, 4, 3, 5, 6, 8, 9} {
+			v.blocks = append(v.blocks, pgalloc.Folio{PFN: run.PFN + b<<order, Order: order})
+		}
+		pages := len(v.blocks) << order
+		v.size = uint64(pages) * abikho.PageSize
+		for i := range pages {
+			p := v.Page(i)
+			for j := range p {
+				p[j] = byte(i*7 + j*13 + order)
+			}
+		}
+		for i := range pages {
+			for n := 1; i+n <= pages; n++ {
+				got := make([]byte, n*abikho.PageSize)
+				if err := v.ReadPages(i, got); err != nil {
+					t.Fatalf("order %d: ReadPages(%d, %d pages): %v", order, i, n, err)
+				}
+				for k := range n {
+					if !bytes.Equal(got[k*abikho.PageSize:(k+1)*abikho.PageSize], v.Page(i+k)) {
+						t.Fatalf("order %d: ReadPages(%d, %d pages): page %d differs from Page(%d)", order, i, n, k, i+k)
+					}
+				}
+			}
+		}
+	}
 }

@@ -57,6 +57,7 @@ package memfd
 import (
 	"fmt"
 	"math"
+	"sync"
 
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	abimemfd "github.com/livesentry/livesentry/pkg/abi/memfd"
@@ -456,8 +457,55 @@ func (h *luoHandler) folioArray(addr uint64, rec record) (*kho.Vmalloc, error) {
 	if rec.nrFolios > array.Len()/abimemfd.FolioSerSize {
 		return array, fmt.Errorf("memfd_luo_ser at %#x: nr_folios %d does not fit the %d-byte folio array: %w", addr, rec.nrFolios, array.Len(), unix.EINVAL)
 	}
-	array.Populate()
 	return array, nil
+}
+
+// recordBufPages is how many pages of a folio array a retrieve reads with
+// one pread(2), at most (recordPages).
+const recordBufPages = 16
+
+var recordBufs = sync.Pool{New: func() any { return new([recordBufPages * pgalloc.PageSize]byte) }}
+
+// recordPages reads the pages of a folio array that hold its first nr
+// records, in order, recordBufPages at a time, with pread(2)
+// (kho.Vmalloc.ReadPages) rather than through the memory file's mapping:
+// a retrieve reads each page once, and the first touch of a page through
+// this process's mapping costs more than the kernel's copy (a page-table
+// fill per page: microseconds each on a VM that shadows page tables,
+// about 5 ms for the 4 MiB of records of a GiB of 4 KiB folios here,
+// against 0.4 ms copied). release gives the buffer back.
+type recordPages struct {
+	array       *kho.Vmalloc
+	buf         *[recordBufPages * pgalloc.PageSize]byte
+	pages       int // pages that hold records
+	first, have int // pages [first, first+have) are in buf
+}
+
+func newRecordPages(array *kho.Vmalloc, nr uint64) *recordPages {
+	return &recordPages{
+		array: array,
+		buf:   recordBufs.Get().(*[recordBufPages * pgalloc.PageSize]byte),
+		pages: int((nr*abimemfd.FolioSerSize + pgalloc.PageSize - 1) / pgalloc.PageSize),
+	}
+}
+
+// page returns page i of the array, valid until the next call.
+func (r *recordPages) page(i int) ([]byte, error) {
+	if i < r.first || i >= r.first+r.have {
+		n := min(recordBufPages, r.pages-i)
+		r.have = 0
+		if err := r.array.ReadPages(i, r.buf[:n*pgalloc.PageSize]); err != nil {
+			return nil, fmt.Errorf("folio array page %d: %w", i, err)
+		}
+		r.first, r.have = i, n
+	}
+	off := (i - r.first) * pgalloc.PageSize
+	return r.buf[off : off+pgalloc.PageSize : off+pgalloc.PageSize], nil
+}
+
+func (r *recordPages) release() {
+	recordBufs.Put(r.buf)
+	r.buf = nil
 }
 
 // folioSerAt decodes record i of a folio array.
@@ -474,9 +522,18 @@ func (h *luoHandler) folioRecords(addr uint64, rec record) ([]abimemfd.FolioSer,
 	if err != nil {
 		return nil, array, err
 	}
+	const perPage = pgalloc.PageSize / abimemfd.FolioSerSize
 	recs := make([]abimemfd.FolioSer, rec.nrFolios)
-	for i := range recs {
-		recs[i] = folioSerAt(array, uint64(i))
+	rp := newRecordPages(array, rec.nrFolios)
+	defer rp.release()
+	for i := 0; i < len(recs); i += perPage {
+		page, err := rp.page(i / perPage)
+		if err != nil {
+			return nil, array, fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err)
+		}
+		for j := range min(perPage, len(recs)-i) {
+			recs[i+j] = abimemfd.DecodeFolioSer(page[j*abimemfd.FolioSerSize:])
+		}
 	}
 	return recs, array, nil
 }
@@ -615,9 +672,17 @@ func (h *luoHandler) retrieve(args *luo.FileOpArgs, ft format) error {
 	var got [batch]pgalloc.Folio
 	var b cacheBuilder
 	pages := (rec.size + pgalloc.PageSize - 1) / pgalloc.PageSize
+	var rp *recordPages
+	if nr > 0 {
+		rp = newRecordPages(array, nr)
+		defer rp.release()
+	}
 	for i := uint64(0); i < nr; i += batch {
 		k := min(batch, nr-i)
-		page := array.Page(int(i / batch))
+		page, err := rp.page(int(i / batch))
+		if err != nil {
+			return fail(fmt.Errorf("memfd_luo_ser at %#x: %w", addr, err), i)
+		}
 		for j := range k {
 			r := abimemfd.DecodeFolioSer(page[j*abimemfd.FolioSerSize:])
 			if r.PFN == 0 {
