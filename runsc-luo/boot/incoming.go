@@ -14,6 +14,7 @@ import (
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/shim"
 	"gvisor.dev/gvisor/pkg/log"
 )
 
@@ -220,6 +221,8 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 			return nil, err
 		}
 		pgalloc.PrepareMetadata(opts.MetadataChunks)
+		// The entrypoint's relaunch finds the libc shim at once.
+		shim.Lookup()
 		in.standby = standby(opts.Version)
 		// No collection inside the blackout: the boot allocates a few
 		// MiB, which would start one (its marking takes a CPU of two

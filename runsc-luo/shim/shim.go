@@ -50,32 +50,55 @@ var (
 func Path() (string, error) {
 	mu.Lock()
 	defer mu.Unlock()
-	if built != "" {
-		if _, err := os.Stat(built); err == nil {
-			return built, nil
-		}
-	}
-	cc, err := compiler()
-	if err != nil {
-		return "", err
-	}
-	dir, err := cacheDir()
-	if err != nil {
-		return "", err
-	}
-	h := sha256.New()
-	h.Write(Source)
-	fmt.Fprintf(h, "\x00%s\x00%s", cc, strings.Join(cflags, " "))
-	out := filepath.Join(dir, "libshim-"+hex.EncodeToString(h.Sum(nil))[:16]+".so")
-	if _, err := os.Stat(out); err == nil {
-		built = out
-		return out, nil
+	cc, dir, out, err := cachedLocked()
+	if err != nil || out == built {
+		return out, err
 	}
 	if err := compile(cc, dir, out); err != nil {
 		return "", err
 	}
 	built = out
 	return out, nil
+}
+
+// Lookup finds the cached build of the shim, as Path does, but never
+// compiles it: a restart's new sentry calls it before the blackout, so
+// that the entrypoint's relaunch after it finds the path at once (the
+// compiler's look-up on PATH and the source's hash take a millisecond or
+// more). It reports whether a build is cached.
+func Lookup() bool {
+	mu.Lock()
+	defer mu.Unlock()
+	_, _, out, err := cachedLocked()
+	return err == nil && out == built
+}
+
+// cachedLocked returns the compiler, the cache directory and the path of
+// this source's build in it; built is set to that path if the build is
+// there.
+//
+// +checklocks:mu
+func cachedLocked() (cc, dir, out string, err error) {
+	if built != "" {
+		if _, err := os.Stat(built); err == nil {
+			return "", "", built, nil
+		}
+		built = ""
+	}
+	if cc, err = compiler(); err != nil {
+		return "", "", "", err
+	}
+	if dir, err = cacheDir(); err != nil {
+		return "", "", "", err
+	}
+	h := sha256.New()
+	h.Write(Source)
+	fmt.Fprintf(h, "\x00%s\x00%s", cc, strings.Join(cflags, " "))
+	out = filepath.Join(dir, "libshim-"+hex.EncodeToString(h.Sum(nil))[:16]+".so")
+	if _, err := os.Stat(out); err == nil {
+		built = out
+	}
+	return cc, dir, out, nil
 }
 
 // compiler finds cc, else gcc.

@@ -134,3 +134,38 @@ func TestPathWithoutACompilerSaysSo(t *testing.T) {
 		t.Errorf("Path with no compiler: %v, want ErrNoCompiler", err)
 	}
 }
+
+func TestLookupFindsTheCachedBuildAndNeverCompiles(t *testing.T) {
+	if _, err := compiler(); err != nil {
+		t.Skip(err)
+	}
+	dir := t.TempDir()
+	t.Setenv(EnvCacheDir, dir)
+	reset()
+	t.Cleanup(reset)
+	if Lookup() {
+		t.Fatal("Lookup on an empty cache reported a build")
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("Lookup on an empty cache left %d files in it: it must not compile", len(ents))
+	}
+	p, err := Path()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A fresh process (reset) finds the build, and Path then returns it.
+	reset()
+	if !Lookup() {
+		t.Fatalf("Lookup did not find the cached %s", p)
+	}
+	if p2, err := Path(); err != nil || p2 != p {
+		t.Errorf("Path after Lookup = %q, %v; want %q", p2, err, p)
+	}
+	// A build removed since is not reported.
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	if Lookup() {
+		t.Error("Lookup reported a build that was removed")
+	}
+}
