@@ -93,6 +93,9 @@ func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
 			if len(r.Data) != 1 || r.Data[0] < r.Pause[0] {
 				t.Errorf("%s: time to data %v shorter than the blackout %v", r.Name(), r.Data, r.Pause)
 			}
+			if len(r.Relaunch) != 1 || r.Relaunch[0] <= 0 || r.Relaunch[0] > r.Data[0] {
+				t.Errorf("%s: the relaunched guest ran %v after the pause, want within the time to data %v", r.Name(), r.Relaunch, r.Data)
+			}
 			// 8 MiB of 4 KiB folios: 2048 memfd-v1 records of 16 bytes,
 			// and at least one KHO chunk and one bitmap page.
 			if r.MetadataBytes < 2048*16+2*4096 || r.MetadataBytes > 1<<20 {

@@ -109,10 +109,14 @@ func measureLivesentry(c Config, r *Row) error {
 		if v.DataReadyAt <= t.PausedAt {
 			return fmt.Errorf("data ready at %d, before the pause at %d", v.DataReadyAt, t.PausedAt)
 		}
+		if v.RunAt <= t.PausedAt || v.RunAt > v.DataReadyAt {
+			return fmt.Errorf("the relaunched guest ran at %d: not between the pause at %d and its data at %d", v.RunAt, t.PausedAt, v.DataReadyAt)
+		}
 		r.Pause = append(r.Pause, t.Blackout)
 		r.Data = append(r.Data, time.Duration(v.DataReadyAt-t.PausedAt))
-		c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v; the relaunched guest's retrieve and last-byte reads %.1f ms)",
-			sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready, v.RetrieveMS)
+		r.Relaunch = append(r.Relaunch, time.Duration(v.RunAt-t.PausedAt))
+		c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v; the relaunched guest runs at %v, its retrieve and last-byte reads take %.1f ms)",
+			sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready, r.Relaunch[len(r.Relaunch)-1], v.RetrieveMS)
 		if _, err := cli.waitEvent(id, "preserved", gen, timeout); err != nil {
 			return err
 		}
