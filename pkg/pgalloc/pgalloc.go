@@ -38,6 +38,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -226,6 +227,9 @@ type MemoryFile struct {
 	mapping   []byte
 	pages     uint64
 	hugepages bool
+	// touched is, per 2 MiB chunk, how this process has touched its pages
+	// through mapping (touch.go).
+	touched []atomic.Uint32
 
 	releaserWake chan struct{}
 	releaserStop chan struct{}
@@ -394,6 +398,7 @@ func newMemoryFile(file *os.File, size uint64, opts Options) (*MemoryFile, error
 		file:         file,
 		mapping:      m,
 		pages:        size / PageSize,
+		touched:      newTouches(size / PageSize),
 		releaserWake: make(chan struct{}, 1),
 		releaserStop: make(chan struct{}),
 		releaserDone: make(chan struct{}),
@@ -514,6 +519,7 @@ const dropChunkPages = 1 << 14
 // for one chunk (so that Close cannot unmap the range under it), and stops
 // early once the file is closed.
 func (f *MemoryFile) DropPageTables() error {
+	f.forgetTouches()
 	for pfn := uint64(0); pfn < f.pages; pfn += dropChunkPages {
 		end := min(pfn+dropChunkPages, f.pages)
 		f.mu.Lock()

@@ -3,15 +3,44 @@ package memfd
 import (
 	"fmt"
 	"io"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
 
 // syscallCopyMin is the shortest run of memory-file bytes a write copies
-// with pwrite(2) on the memory file rather than through the mapping. The
-// host then allocates and fills its pages in one pass, where copying through
-// the mapping would take a page fault per page not yet mapped here.
+// with pwrite(2) on the memory file rather than through the mapping, and a
+// read copies out with pread(2). The host then allocates and fills its
+// pages in one pass, where copying through the mapping would take a page
+// fault per page not yet mapped here. A read gains as much: on a VM that
+// shadows its guests' page tables, the first touch of a page through a
+// mapping costs microseconds even when the page is mapped, where the
+// kernel copies through its own mapping (docs/memfd.md).
 const syscallCopyMin = 64 << 10
+
+// preadFile copies memory-file bytes [addr, addr+len(dst)) into dst with
+// pread(2) and returns what it could not copy (nothing, unless the call
+// failed), for the caller to copy through the mapping.
+func preadFile(f *File, dst []byte, addr uint64) []byte {
+	for len(dst) > 0 {
+		k, err := unix.Pread(f.mf.FD(), dst, int64(addr))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || k <= 0 {
+			break
+		}
+		dst = dst[k:]
+		addr += uint64(k)
+	}
+	return dst
+}
+
+// bounceSize is the buffer a read to a writer copies large runs through
+// (writerSink.flush).
+const bounceSize = 256 << 10
+
+var bounceBufs = sync.Pool{New: func() any { return new([bounceSize]byte) }}
 
 // zeros is read by sinks that must produce zero bytes.
 var zeros [64 << 10]byte
@@ -33,7 +62,7 @@ func (f *File) Read(dst []byte) (int, error) {
 	f.posMu.Lock()
 	defer f.posMu.Unlock()
 	pos := f.pos.Load()
-	s := sliceSink{dst: dst}
+	s := sliceSink{f: f, dst: dst}
 	n, err := f.pread(&s, int64(len(dst)), pos)
 	f.pos.Store(pos + n)
 	return int(n), err
@@ -43,7 +72,7 @@ func (f *File) Read(dst []byte) (int, error) {
 // are not uptodate read as zeros, nothing is allocated, and the position does
 // not move. A negative offset is EINVAL.
 func (f *File) Pread(dst []byte, off int64) (int, error) {
-	s := sliceSink{dst: dst}
+	s := sliceSink{f: f, dst: dst}
 	n, err := f.pread(&s, int64(len(dst)), off)
 	return int(n), err
 }
@@ -125,24 +154,56 @@ type readSink interface {
 	count() int64
 }
 
-// sliceSink copies into a buffer.
+// sliceSink copies into a buffer, joining page-cache bytes that are
+// contiguous in the memory file into one copy: runs of syscallCopyMin bytes
+// or more with pread(2) on the memory file (one copy either way, and none
+// of the first-touch cost of the mapping), shorter ones through the
+// mapping.
 type sliceSink struct {
+	f   *File
 	dst []byte
 	n   int
+	// dst[pendAt:n] is still to be copied from memory-file offset
+	// pendAddr on.
+	pendAt   int
+	pendAddr uint64
 }
 
-func (s *sliceSink) data(b []byte, _ uint64) error {
-	s.n += copy(s.dst[s.n:], b)
+func (s *sliceSink) data(b []byte, addr uint64) error {
+	if s.n == s.pendAt || s.pendAddr+uint64(s.n-s.pendAt) != addr {
+		s.flush()
+		s.pendAddr = addr
+	}
+	s.n += len(b)
 	return nil
 }
 
 func (s *sliceSink) zeros(n uint64) error {
+	s.flush()
 	clear(s.dst[s.n : s.n+int(n)])
 	s.n += int(n)
+	s.pendAt = s.n
 	return nil
 }
 
-func (s *sliceSink) flush() error { return nil }
+func (s *sliceSink) flush() error {
+	dst := s.dst[s.pendAt:s.n]
+	s.pendAt = s.n
+	if len(dst) == 0 {
+		return nil
+	}
+	addr := s.pendAddr
+	if len(dst) >= syscallCopyMin {
+		rest := preadFile(s.f, dst, addr)
+		addr += uint64(len(dst) - len(rest))
+		dst = rest
+	}
+	if len(dst) > 0 {
+		copy(dst, s.f.mapping(addr, uint64(len(dst))))
+	}
+	return nil
+}
+
 func (s *sliceSink) count() int64 { return int64(s.n) }
 
 // writerSink writes to an io.Writer, joining page-cache bytes that are
@@ -185,9 +246,31 @@ func (s *writerSink) flush() error {
 	if s.pendLength == 0 {
 		return nil
 	}
-	b := s.f.mapping(s.pendAddr, s.pendLength)
+	addr, n := s.pendAddr, s.pendLength
 	s.pendLength = 0
-	return s.write(b)
+	first := addr >> pageShift
+	if n < syscallCopyMin || s.f.mf.CopyThroughMapping(first, (addr+n-1)>>pageShift-first+1) {
+		return s.write(s.f.mapping(addr, n))
+	}
+	// Pages not touched here yet (after a restart, or written with
+	// pwrite(2)): through a buffer, a bounceSize piece at a time, copied
+	// in with pread(2). That is one copy more than writing from the
+	// mapping, and costs less than the first touch of the pages through
+	// it (pgalloc.MemoryFile.CopyThroughMapping).
+	buf := bounceBufs.Get().(*[bounceSize]byte)
+	defer bounceBufs.Put(buf)
+	for n > 0 {
+		c := min(n, bounceSize)
+		b := buf[:c]
+		if rest := preadFile(s.f, b, addr); len(rest) > 0 {
+			copy(rest, s.f.mapping(addr+c-uint64(len(rest)), uint64(len(rest))))
+		}
+		if err := s.write(b); err != nil {
+			return err
+		}
+		addr, n = addr+c, n-c
+	}
+	return nil
 }
 
 func (s *writerSink) write(b []byte) error {
@@ -322,8 +405,18 @@ func (s *sliceSource) copyIn(f *File, addr, n uint64) (uint64, error) {
 			addr += uint64(k)
 		}
 	}
-	copy(f.mapping(addr, uint64(len(src))), src)
+	if len(src) > 0 {
+		copy(f.mapping(addr, uint64(len(src))), src)
+		f.touched(addr, uint64(len(src)))
+	}
 	return n, nil
+}
+
+// touched records that memory-file bytes [addr, addr+n) were written
+// through the mapping (pgalloc.MemoryFile.TouchedThroughMapping).
+func (f *File) touched(addr, n uint64) {
+	first := addr >> pageShift
+	f.mf.TouchedThroughMapping(first, (addr+n-1)>>pageShift-first+1)
 }
 
 // readerSource provides the bytes of an io.Reader.
@@ -333,6 +426,9 @@ type readerSource struct {
 
 func (s readerSource) copyIn(f *File, addr, n uint64) (uint64, error) {
 	k, err := io.ReadFull(s.r, f.mapping(addr, n))
+	if k > 0 {
+		f.touched(addr, uint64(k))
+	}
 	if err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
