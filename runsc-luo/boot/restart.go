@@ -229,6 +229,9 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	}
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
+	if crash != nil {
+		crash.settle = s.settleGuests
+	}
 	fault := crash.fault(func() int { return cmd.Process.Pid }, func(p handover.Point) error {
 		if p == handover.OfferSent && ackDelay > 0 {
 			time.Sleep(ackDelay)
@@ -275,6 +278,9 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 		log.Warningf("exec restart: %v", err)
 	}
 	argv := append([]string{binary}, append(s.opts.Globals.Args(), "boot")...)
+	if crash != nil {
+		crash.settle = s.settleGuests
+	}
 	fault := crash.fault(os.Getpid, nil)
 	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec, fault: fault}, handover.Options{
 		Version:   s.opts.Version,
@@ -285,11 +291,15 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 			// A stop asked for until now rolls the restart back (and
 			// is applied then); one asked for later waits on s.mu
 			// until execve has replaced this image, and reaches the
-			// new one through the supervisor (signal).
+			// new one through the supervisor (signal). The
+			// entrypoint's own exit does not roll back: as after a
+			// transfer-mode handoff, the new image reaps it and
+			// relaunches the entrypoint, whether it died before the
+			// execve or is killed at it.
 			s.mu.Lock()
 			defer s.mu.Unlock()
-			if s.pendingStop != nil {
-				return fmt.Errorf("a stop was asked for (%s): %w", s.pendingStop.reason, unix.ECANCELED)
+			if p := s.pendingStop; p != nil && !p.entrypointExited {
+				return fmt.Errorf("a stop was asked for (%s): %w", p.reason, unix.ECANCELED)
 			}
 			// Only the handed-over fds cross: a sweep since OfferExec
 			// cleared their FD_CLOEXEC may have set it again.

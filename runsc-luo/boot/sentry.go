@@ -51,6 +51,9 @@ const exitGrace = 2 * time.Second
 type stopRequest struct {
 	exitStatus int
 	reason     string
+	// entrypointExited says the entrypoint's own exit asked for it,
+	// which an exec-mode restart does not roll back for (restartExec).
+	entrypointExited bool
 }
 
 // Sentry is one sandbox's sentry process.
@@ -226,17 +229,22 @@ func (s *Sentry) Wait() int {
 // sandbox stops, after a handoff the new sentry serves it and the request
 // is dropped.
 func (s *Sentry) Stop(exitStatus int, reason string) {
+	s.requestStop(stopRequest{exitStatus: exitStatus, reason: reason})
+}
+
+// requestStop is Stop of r.
+func (s *Sentry) requestStop(r stopRequest) {
 	s.mu.Lock()
 	if s.restarting {
 		if s.pendingStop == nil {
-			s.pendingStop = &stopRequest{exitStatus, reason}
+			s.pendingStop = &r
 		}
 		s.mu.Unlock()
-		log.Infof("stop (exit status %d, %q) during a restart: deferred until its outcome", exitStatus, reason)
+		log.Infof("stop (exit status %d, %q) during a restart: deferred until its outcome", r.exitStatus, r.reason)
 		return
 	}
 	s.mu.Unlock()
-	s.stop(exitStatus, reason)
+	s.stop(r.exitStatus, r.reason)
 }
 
 // serve starts accepting guests and control calls and handling SIGTERM and
@@ -383,7 +391,7 @@ func (s *Sentry) signal(sig unix.Signal) error {
 		// (bounded by the restart's timeout). An exec-mode restart that
 		// has not called execve yet rolls back instead (restartExec).
 		if s.pendingStop == nil {
-			s.pendingStop = &stopRequest{128 + int(sig), "killed by " + sig.String()}
+			s.pendingStop = &stopRequest{exitStatus: 128 + int(sig), reason: "killed by " + sig.String()}
 		}
 		s.mu.Unlock()
 		<-done
