@@ -125,7 +125,7 @@ func (s *Sentry) reap(p *guestProc) {
 	s.mu.Unlock()
 	if p.entry && !quiet {
 		log.Infof("entrypoint (pid %d) exited: %+v", p.pid, p.res)
-		s.Stop(p.res.ExitStatus, "")
+		s.requestStop(stopRequest{exitStatus: p.res.ExitStatus, entrypointExited: true})
 	}
 }
 
@@ -138,6 +138,35 @@ func waitResult(ps *os.ProcessState, err error) WaitResult {
 		return WaitResult{ExitStatus: 128 + int(ws.Signal()), Signal: ws.Signal().String()}
 	}
 	return WaitResult{ExitStatus: ws.ExitStatus()}
+}
+
+// settleGuests waits, for at most a second each, until the guest processes
+// pids (killed by a test at a point of a restart) have been reaped, with
+// what their exit asks of the sentry (the entrypoint's: a stop), and until
+// the kernel has let go of them (kernel.Kernel.WaitGone).
+func (s *Sentry) settleGuests(pids []int) {
+	for _, pid := range pids {
+		s.mu.Lock()
+		p := s.procs[pid]
+		s.mu.Unlock()
+		if p == nil {
+			continue
+		}
+		select {
+		case <-p.done:
+		case <-time.After(time.Second):
+		}
+		// reap asks for the entrypoint's stop right after done.
+		for deadline := time.Now().Add(time.Second); p.entry && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			s.mu.Lock()
+			asked := s.pendingStop != nil || s.stopped
+			s.mu.Unlock()
+			if asked {
+				break
+			}
+		}
+	}
+	s.k.WaitGone(pids, time.Second)
 }
 
 // waitGuest waits for a guest process the sentry launched to exit.

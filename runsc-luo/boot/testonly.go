@@ -67,6 +67,12 @@ type CrashAt struct {
 	Guests     []int `json:"guests,omitempty"`
 	Supervisor int   `json:"supervisor,omitempty"`
 
+	// settle, if not nil, is called after the guests are killed: it
+	// waits until their deaths have had their effects on this sentry
+	// (Sentry.settleGuests), so that a kill at a point lands before the
+	// next step.
+	settle func(pids []int)
+
 	mu sync.Mutex
 	// last is the last point this side reached.
 	//
@@ -160,6 +166,9 @@ func (c *CrashAt) fault(newPID func() int, next func(handover.Point) error) func
 		}
 		if c.Delay == 0 {
 			c.kill(pids)
+			if c.Who == CrashGuest && c.settle != nil {
+				c.settle(pids)
+			}
 			return nil
 		}
 		go func() {

@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -303,6 +304,28 @@ func (k *Kernel) Commit() {
 		// What a restart's PrepareMetadata made and nothing took.
 		pgalloc.ReleaseMetadataPool()
 	}()
+}
+
+// WaitGone waits, for at most timeout, until the kernel has let go of the
+// guest processes with the given host pids: their connections ended and
+// their fds closed, as at exit. A kernel paused for a restart holds those
+// deaths until the restart's outcome (Process.serve), so WaitGone then
+// returns at once. It is for tests that kill a guest at a chosen point of
+// a restart and need what its death does to have happened before the
+// next step.
+func (k *Kernel) WaitGone(pids []int, timeout time.Duration) {
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		k.mu.Lock()
+		held := k.pause != pauseNone || k.handedOver || k.shutdown
+		found := false
+		for p := range k.procs {
+			found = found || slices.Contains(pids, int(p.pid))
+		}
+		k.mu.Unlock()
+		if held || !found {
+			return
+		}
+	}
 }
 
 // MemoryFile returns the kernel's memory file.
