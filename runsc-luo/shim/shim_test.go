@@ -67,7 +67,11 @@ func reset() {
 	mu.Unlock()
 }
 
-func TestPathBuildsASharedLibraryOnceIntoTheCache(t *testing.T) {
+// emptyCache skips t without a C compiler; otherwise it points the cache
+// at a new empty directory, which it returns, with nothing built yet in
+// this process.
+func emptyCache(t *testing.T) string {
+	t.Helper()
 	if _, err := compiler(); err != nil {
 		t.Skip(err)
 	}
@@ -75,6 +79,11 @@ func TestPathBuildsASharedLibraryOnceIntoTheCache(t *testing.T) {
 	t.Setenv(EnvCacheDir, dir)
 	reset()
 	t.Cleanup(reset)
+	return dir
+}
+
+func TestPathBuildsASharedLibraryOnceIntoTheCache(t *testing.T) {
+	dir := emptyCache(t)
 	p, err := Path()
 	if err != nil {
 		t.Fatal(err)
@@ -136,13 +145,7 @@ func TestPathWithoutACompilerSaysSo(t *testing.T) {
 }
 
 func TestLookupFindsTheCachedBuildAndNeverCompiles(t *testing.T) {
-	if _, err := compiler(); err != nil {
-		t.Skip(err)
-	}
-	dir := t.TempDir()
-	t.Setenv(EnvCacheDir, dir)
-	reset()
-	t.Cleanup(reset)
+	dir := emptyCache(t)
 	if Lookup() {
 		t.Fatal("Lookup on an empty cache reported a build")
 	}

@@ -4,7 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"golang.org/x/sys/unix"
 )
 
@@ -99,21 +98,7 @@ func BenchmarkGuestReadAfterRestart(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
-		dev, _ := g.OpenLiveUpdate()
-		sess, err := g.CreateSession(dev, "bench")
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := g.PreserveFD(sess, fd, 1); err != nil {
-			b.Fatal(err)
-		}
-		pgalloc.PrepareMetadata(s.k.MemoryFile().MetadataChunks())
-		s2 := negotiatedRestart(b, s)
-		g2 := s2.dialB(b)
-		dev2, err := g2.OpenLiveUpdate()
-		if err != nil {
-			b.Fatal(err)
-		}
+		g2, dev2 := preserveAndRestart(b, s, g, fd)
 		sess2, err := g2.RetrieveSession(dev2, "bench")
 		if err != nil {
 			b.Fatal(err)

@@ -143,6 +143,32 @@ func fillMemfd(b testing.TB, g *guest.Conn, size int64, layout string) int {
 // map all of it and read its last byte. The restart itself (in this
 // process, negotiated as two sentries of this build negotiate it: kho-v2,
 // carried) is not timed.
+// preserveAndRestart preserves g's memfd fd in session "bench" under
+// token 1, restarts s live (page metadata prepared first, as a transfer
+// restart's new sentry does before Ready with --metadata-chunks) and
+// returns a guest of the new sentry with /dev/liveupdate open.
+func preserveAndRestart(b *testing.B, s *sandbox, g *guest.Conn, fd int) (*guest.Conn, int) {
+	b.Helper()
+	dev, err := g.OpenLiveUpdate()
+	if err != nil {
+		b.Fatal(err)
+	}
+	sess, err := g.CreateSession(dev, "bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := g.PreserveFD(sess, fd, 1); err != nil {
+		b.Fatal(err)
+	}
+	pgalloc.PrepareMetadata(s.k.MemoryFile().MetadataChunks())
+	g2 := negotiatedRestart(b, s).dialB(b)
+	dev2, err := g2.OpenLiveUpdate()
+	if err != nil {
+		b.Fatal(err)
+	}
+	return g2, dev2
+}
+
 func BenchmarkRetrieveMapAndRead(b *testing.B) {
 	for _, folios := range []string{"2MiB", "4KiB", "4KiB-in-order"} {
 		b.Run(folios, func(b *testing.B) {
@@ -152,23 +178,7 @@ func BenchmarkRetrieveMapAndRead(b *testing.B) {
 				s := newSandboxSized(b, 2*gib1)
 				g := s.dialB(b)
 				fd := fillMemfd(b, g, gib1, folios)
-				dev, _ := g.OpenLiveUpdate()
-				sess, err := g.CreateSession(dev, "bench")
-				if err != nil {
-					b.Fatal(err)
-				}
-				if err := g.PreserveFD(sess, fd, 1); err != nil {
-					b.Fatal(err)
-				}
-				// As a transfer restart's new sentry does before Ready
-				// (--metadata-chunks).
-				pgalloc.PrepareMetadata(s.k.MemoryFile().MetadataChunks())
-				s2 := negotiatedRestart(b, s)
-				g2 := s2.dialB(b)
-				dev2, err := g2.OpenLiveUpdate()
-				if err != nil {
-					b.Fatal(err)
-				}
+				g2, dev2 := preserveAndRestart(b, s, g, fd)
 				b.StartTimer()
 				start := time.Now()
 				sess2, err := g2.RetrieveSession(dev2, "bench")
