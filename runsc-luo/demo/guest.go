@@ -36,9 +36,6 @@ type Guest struct {
 	// SmallFolios makes the memfds' page cache 4 KiB folios only (every
 	// 2 MiB range is touched with a 1-byte write first).
 	SmallFolios bool
-
-	// runAt is when Run began (CLOCK_MONOTONIC, ns).
-	runAt int64
 }
 
 // Event is one line of the guest's output (JSON).
@@ -119,7 +116,7 @@ const chunk = 4 << 20
 // a restart stops it); after a restart it retrieves and verifies, then
 // exits (returns nil) or, with Cycle, preserves again and holds.
 func (g *Guest) Run() error {
-	g.runAt = handover.Monotonic()
+	runAt := handover.Monotonic()
 	if g.Size <= 0 || g.Files < 1 || g.Sessions < 1 || g.Sessions > g.Files {
 		return fmt.Errorf("demo-guest: bad arguments (size %d, %d files, %d sessions)", g.Size, g.Files, g.Sessions)
 	}
@@ -133,7 +130,7 @@ func (g *Guest) Run() error {
 		return fmt.Errorf("demo-guest: open /dev/liveupdate: %w", err)
 	}
 	if gen > 0 {
-		if err := g.retrieve(c, dev, gen); err != nil {
+		if err := g.retrieve(c, dev, gen, runAt); err != nil {
 			emit(Event{Event: "failed", Generation: gen, Error: err.Error()})
 			return fmt.Errorf("demo-guest: %w", err)
 		}
@@ -203,8 +200,9 @@ func (g *Guest) preserve(c *guest.Conn, dev int, gen uint64, size int64) error {
 	return nil
 }
 
-// retrieve retrieves, checks and finishes what generation gen-1 preserved.
-func (g *Guest) retrieve(c *guest.Conn, dev int, gen uint64) error {
+// retrieve retrieves, checks and finishes what generation gen-1 preserved;
+// runAt is when Run began, for the verified event.
+func (g *Guest) retrieve(c *guest.Conn, dev int, gen uint64, runAt int64) error {
 	start := time.Now()
 	sess := make([]int, g.Sessions)
 	for s := range sess {
@@ -272,6 +270,6 @@ func (g *Guest) retrieve(c *guest.Conn, dev int, gen uint64) error {
 		c.Close(fd)
 	}
 	emit(Event{Event: "verified", Generation: gen, Files: g.Files, Sessions: g.Sessions, Bytes: total,
-		DataReadyAt: ready, RunAt: g.runAt, RetrieveMS: retrieveMS, VerifyMS: float64(time.Since(vstart)) / 1e6})
+		DataReadyAt: ready, RunAt: runAt, RetrieveMS: retrieveMS, VerifyMS: float64(time.Since(vstart)) / 1e6})
 	return nil
 }
