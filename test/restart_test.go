@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -53,6 +54,11 @@ func TestRestartCarriesThreeMemfdsInTwoSessions(t *testing.T) {
 			v := c.waitEvent(id, "verified", 1, 30*time.Second)
 			if v.Bytes != 3<<20 || v.Files != 3 {
 				t.Fatalf("verified %+v, want 3 files of 3 MiB in total", v)
+			}
+			// A Go guest waits at a start gate (pkg/guest): a transfer
+			// restart starts its next life before the pause.
+			if lr := c.state(id).LastRestart; lr == nil || lr.EntrypointStartedEarly != (tc.mode == "transfer") {
+				t.Errorf("%s mode: last restart %+v, want the entrypoint started early: %v", tc.mode, lr, tc.mode == "transfer")
 			}
 			st := c.waitStopped(id, 30*time.Second)
 			if st.ExitStatus == nil || *st.ExitStatus != 0 {
@@ -173,6 +179,23 @@ func TestRefusedRestartsRollBackWithEverySessionIntact(t *testing.T) {
 			}
 			if left := withoutSupervisors(processesMentioning(c.root)); len(left) != 1 || left[0] != before.PID || !processAlive(before.EntrypointPID) {
 				t.Errorf("processes of the sandbox after the rollback: %v (guest %d alive: %v), want only the old sentry %d and its guest", left, before.EntrypointPID, processAlive(before.EntrypointPID), before.PID)
+			}
+			// A transfer's new sentry may have started the guest's next
+			// life, waiting at its start gate: it is gone, and never ran.
+			lives := func() []int {
+				// The sentries name it too, after "boot".
+				var l []int
+				for _, pid := range withoutSupervisors(processesMentioning(fmt.Sprintf("--seed=%d\x00", seed))) {
+					if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); !bytes.Contains(b, []byte("\x00boot\x00")) {
+						l = append(l, pid)
+					}
+				}
+				return l
+			}
+			for deadline := time.Now().Add(5 * time.Second); len(lives()) > 1 && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			}
+			if l := lives(); len(l) != 1 || l[0] != before.EntrypointPID {
+				t.Errorf("guests after the rollback: %v, want only %d", l, before.EntrypointPID)
 			}
 		})
 	}

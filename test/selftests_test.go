@@ -149,8 +149,14 @@ func TestSelftestsAnUnmodifiedProgramKeepsItsMappedMemfdAcrossARestart(t *testin
 	prog := compileC(t, "selftests/mmap_restart.c")
 	for _, mode := range []string{handover.ModeTransfer, handover.ModeExec} {
 		t.Run(mode+" mode", func(t *testing.T) {
-			out := runTwoStages(t, newCLI(t), "mmap-restart", prog, mode)
+			c := newCLI(t)
+			out := runTwoStages(t, c, "mmap-restart", prog, mode)
 			checkTAP(t, out)
+			// The shim waits at a start gate: a transfer restart
+			// started the second life before the pause.
+			if lr := c.state("mmap-restart").LastRestart; lr == nil || lr.EntrypointStartedEarly != (mode == handover.ModeTransfer) {
+				t.Errorf("last restart %+v: want the entrypoint started early: %v", lr, mode == handover.ModeTransfer)
+			}
 			if !strings.Contains(out, "ok 1 mmap_restart stage 2\n") || !strings.Contains(out, "# verified 4194304 bytes through the mapping") {
 				t.Errorf("the second life did not verify the mapping:\n%s", out)
 			}

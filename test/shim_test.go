@@ -124,3 +124,20 @@ func (c *cli) waitLine(id, s string) string {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A transfer restart starts the entrypoint's next life before the pause
+// only if the running entrypoint said in its Hello that it waits at a start
+// gate: a shell that never called the sentry did not, and is relaunched
+// after the restart.
+func TestAnEntrypointThatNeverSaidItWaitsAtTheGateIsNotStartedEarly(t *testing.T) {
+	c := newCLI(t)
+	const id = "notearly"
+	c.must("run", "--detach", "--memory=64M", id, "--", "/bin/sh", "-c", `echo "gen=$LIVESENTRY_LIVEUPDATE_NUMBER"; exec sleep 600`)
+	c.waitLine(id, "gen=0")
+	c.restart(id)
+	c.waitLine(id, "gen=1")
+	if lr := c.state(id).LastRestart; lr == nil || lr.EntrypointStartedEarly {
+		t.Errorf("last restart %+v: want the entrypoint relaunched after the restart", lr)
+	}
+	c.must("delete", "--force", id)
+}

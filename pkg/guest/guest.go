@@ -86,7 +86,9 @@ func Dial(path string) (*Conn, error) {
 // returns the Conn, which owns c.
 func NewConn(c *net.UnixConn) (*Conn, error) {
 	var b [abiguest.HelloSize]byte
-	abiguest.Hello{Version: abiguest.Version}.Encode(b[:])
+	// Every program that links this package waits at a start gate when
+	// it is given one (startgate.go).
+	abiguest.Hello{Version: abiguest.Version, Flags: abiguest.HelloStartGate}.Encode(b[:])
 	if _, err := c.Write(b[:]); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("guest: sending hello: %w", err)

@@ -34,13 +34,60 @@ type guestProc struct {
 // as a Go guest, simply does not load). Without a C compiler to build the
 // shim, the program starts without it and a warning goes to its stderr.
 func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim bool) (*guestProc, error) {
+	cmd, err := guestCommand(s.cfg, s.k.LUO().LiveupdateNumber(), argv, env, stdio, withShim)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.mayLaunchLocked(); err != nil {
+		return nil, err
+	}
+	fdMu.Lock()
+	markCloseOnExec()
+	err = cmd.Start()
+	fdMu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
+	}
+	return s.addGuestLocked(cmd, entry), nil
+}
+
+// mayLaunchLocked refuses a guest while the sandbox stops or restarts.
+//
+// +checklocks:s.mu
+func (s *Sentry) mayLaunchLocked() error {
+	if s.stopped || s.handedOver {
+		return fmt.Errorf("the sandbox is stopping")
+	}
+	if s.restarting {
+		// A guest started now would outlive an exec-mode restart's
+		// execve unnoticed, or be killed by a transfer-mode handoff.
+		return fmt.Errorf("the sandbox is restarting, try again: %w", unix.EBUSY)
+	}
+	return nil
+}
+
+// addGuestLocked records the started guest cmd and reaps it when it exits.
+//
+// +checklocks:s.mu
+func (s *Sentry) addGuestLocked(cmd *exec.Cmd, entry bool) *guestProc {
+	p := &guestProc{pid: cmd.Process.Pid, start: sandbox.StartTime(cmd.Process.Pid), entry: entry, cmd: cmd, done: make(chan struct{})}
+	s.procs[p.pid] = p
+	go s.reap(p)
+	return p
+}
+
+// guestCommand is the command that starts argv as a guest of the sandbox
+// cfg whose liveupdate number is n.
+func guestCommand(cfg sandbox.Config, n uint64, argv, env []string, stdio [3]*os.File, withShim bool) (*exec.Cmd, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no program given")
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(append(os.Environ(), env...),
-		abiguest.EnvSocket+"="+sandbox.GuestPath(s.cfg.Root, s.cfg.ID),
-		abiguest.EnvLiveupdateNumber+"="+strconv.FormatUint(s.k.LUO().LiveupdateNumber(), 10))
+		abiguest.EnvSocket+"="+sandbox.GuestPath(cfg.Root, cfg.ID),
+		abiguest.EnvLiveupdateNumber+"="+strconv.FormatUint(n, 10))
 	if withShim {
 		lib, err := shim.Path()
 		switch {
@@ -63,27 +110,7 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim b
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
 	// A guest must not die with the CLI's terminal session.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.stopped || s.handedOver {
-		return nil, fmt.Errorf("the sandbox is stopping")
-	}
-	if s.restarting {
-		// A guest started now would outlive an exec-mode restart's
-		// execve unnoticed, or be killed by a transfer-mode handoff.
-		return nil, fmt.Errorf("the sandbox is restarting, try again: %w", unix.EBUSY)
-	}
-	fdMu.Lock()
-	markCloseOnExec()
-	err := cmd.Start()
-	fdMu.Unlock()
-	if err != nil {
-		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
-	}
-	p := &guestProc{pid: cmd.Process.Pid, start: sandbox.StartTime(cmd.Process.Pid), entry: entry, cmd: cmd, done: make(chan struct{})}
-	s.procs[p.pid] = p
-	go s.reap(p)
-	return p, nil
+	return cmd, nil
 }
 
 // withPreload returns env with lib first in LD_PRELOAD (the last
@@ -193,6 +220,14 @@ func (s *Sentry) launchEntrypoint() error {
 		return nil
 	}
 	s.awaitOldGuests()
+	if e := s.early; e != nil {
+		s.early = nil
+		if e.matches(s.cfg, s.k.LUO().LiveupdateNumber()) {
+			return s.launchEarly(e)
+		}
+		log.Warningf("the entrypoint started before the pause (pid %d) is not the one to relaunch: killing it", e.cmd.Process.Pid)
+		e.kill()
+	}
 	out, err := os.OpenFile(sandbox.EntrypointLogPath(s.cfg.Root, s.cfg.ID), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err

@@ -34,6 +34,8 @@ type incoming struct {
 	// fault is the restart's fault hook (handover.Options.Fault), which
 	// the boot calls inside, at handover.AcceptIngested.
 	fault func(handover.Point) error
+	// early is the entrypoint started before Ready, nil if none.
+	early *earlyEntry
 }
 
 var _ handover.Target = (*incoming)(nil)
@@ -223,6 +225,15 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		pgalloc.PrepareMetadata(opts.MetadataChunks)
 		// The entrypoint's relaunch finds the libc shim at once.
 		shim.Lookup()
+		if p := opts.Prestart; p != nil {
+			e, err := startEarly(opts.Globals.Root, *p)
+			if err != nil {
+				log.Warningf("the entrypoint is relaunched after the restart, not before: %v", err)
+			} else {
+				log.Infof("entrypoint started before the pause (pid %d), waiting at its start gate", e.cmd.Process.Pid)
+			}
+			in.early = e
+		}
 		in.standby = standby(opts.Version)
 		// No collection inside the blackout: the boot allocates a few
 		// MiB, which would start one (its marking takes a CPU of two
@@ -237,8 +248,12 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 			in.standby.Close()
 		}
 		if err != nil {
+			if in.early != nil {
+				in.early.kill()
+			}
 			return nil, err
 		}
+		in.s.early = in.early
 		log.Infof("sandbox %s: live-update boot (transfer mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Version, t.LiveupdateNumber, t.Blackout)
 		return in.s, nil
 	}

@@ -206,8 +206,12 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 		return handover.Timing{}, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3",
-		"--metadata-chunks="+strconv.Itoa(s.k.MemoryFile().MetadataChunks()))...)
+	args := append(s.opts.Globals.Args(), "boot", "--handover-fd=3",
+		"--metadata-chunks="+strconv.Itoa(s.k.MemoryFile().MetadataChunks()))
+	if p, ok := s.prestart(); ok {
+		args = append(args, prestartArgs(p)...)
+	}
+	cmd := exec.Command(binary, args...)
 	cmd.ExtraFiles = []*os.File{peer}
 	cmd.Env = os.Environ()
 	if crash != nil {

@@ -41,6 +41,10 @@ type Options struct {
 	// number of page-metadata chunks the old one had: it faults them in
 	// before it says it is ready (pgalloc.PrepareMetadata).
 	MetadataChunks int
+	// Prestart is, for a transfer-mode restart's new sentry, the
+	// entrypoint to start before it says it is ready (early.go); nil if
+	// the old sentry's entrypoint did not say it waits at a start gate.
+	Prestart *Prestart
 }
 
 // exitGrace is how long a stopping sentry waits for its control
@@ -82,6 +86,10 @@ type Sentry struct {
 	// waitLive says waitFor are waited for only while they run (a
 	// recovery), not until they are reaped (a restart).
 	waitLive bool
+	// early is the entrypoint a transfer restart started before its
+	// pause, waiting at its start gate (early.go) until Run launches it
+	// or drops it; nil if none.
+	early *earlyEntry
 
 	mu sync.Mutex
 	// +checklocks:mu
@@ -211,6 +219,10 @@ func (s *Sentry) Run() error {
 	if st := s.stopAsked(); st != nil {
 		// A kill during the restart this sentry came out of.
 		log.Infof("the supervisor passed on a stop asked for during the restart: %s", st.Reason)
+		if s.early != nil {
+			s.early.kill()
+			s.early = nil
+		}
 		s.Stop(st.ExitStatus, st.Reason)
 		return nil
 	}

@@ -68,6 +68,10 @@ type RestartRecord struct {
 	Generation uint64          `json:"generation"`
 	Timing     handover.Timing `json:"timing"`
 	Error      string          `json:"error,omitempty"`
+	// EntrypointStartedEarly says the relaunched entrypoint was started
+	// before the pause and waited at its start gate (transfer mode, an
+	// entrypoint that honours the gate).
+	EntrypointStartedEarly bool `json:"entrypoint_started_early,omitempty"`
 }
 
 // RecoveryRecord is a recovery of the sandbox after its sentry died.

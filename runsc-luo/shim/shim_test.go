@@ -16,20 +16,23 @@ import (
 // package says.
 func TestTheCSourceSpeaksTheGuestProtocol(t *testing.T) {
 	want := map[string]int64{
-		"GUEST_VERSION":     abiguest.Version,
-		"HELLO_SIZE":        abiguest.HelloSize,
-		"REQ_SIZE":          abiguest.RequestHeaderSize,
-		"RESP_SIZE":         abiguest.ResponseHeaderSize,
-		"STAT_SIZE":         abiguest.StatSize,
-		"RUN_SIZE":          abiguest.MmapRunSize,
-		"MAX_SMALL_PAYLOAD": abiguest.MaxSmallPayload,
-		"MAX_WRITE_PAYLOAD": abiguest.MaxWritePayload,
-		"MAX_REPLY_PAYLOAD": abiguest.MaxReplyPayload,
-		"MMAP_MAY_WRITE":    abiguest.MmapMayWrite,
-		"KIND_DATA":         int64(abiguest.KindData),
-		"KIND_RESULT":       int64(abiguest.KindResult),
-		"KIND_FATAL":        int64(abiguest.KindFatal),
-		"KIND_FILE":         int64(abiguest.KindFile),
+		"GUEST_VERSION":      abiguest.Version,
+		"HELLO_SIZE":         abiguest.HelloSize,
+		"REQ_SIZE":           abiguest.RequestHeaderSize,
+		"RESP_SIZE":          abiguest.ResponseHeaderSize,
+		"STAT_SIZE":          abiguest.StatSize,
+		"RUN_SIZE":           abiguest.MmapRunSize,
+		"MAX_SMALL_PAYLOAD":  abiguest.MaxSmallPayload,
+		"MAX_WRITE_PAYLOAD":  abiguest.MaxWritePayload,
+		"MAX_REPLY_PAYLOAD":  abiguest.MaxReplyPayload,
+		"MMAP_MAY_WRITE":     abiguest.MmapMayWrite,
+		"HELLO_START_GATE":   abiguest.HelloStartGate,
+		"START_GATE_WAITING": abiguest.StartGateWaiting,
+		"START_GATE_OPEN":    abiguest.StartGateOpen,
+		"KIND_DATA":          int64(abiguest.KindData),
+		"KIND_RESULT":        int64(abiguest.KindResult),
+		"KIND_FATAL":         int64(abiguest.KindFatal),
+		"KIND_FILE":          int64(abiguest.KindFile),
 	}
 	for op := abiguest.OpMemfdCreate; op.Valid(); op++ {
 		name := "OP_" + map[string]string{"pread64": "PREAD64", "pwrite64": "PWRITE64"}[op.String()]
@@ -54,6 +57,9 @@ func TestTheCSourceSpeaksTheGuestProtocol(t *testing.T) {
 	}
 	if !bytes.Contains(Source, []byte(`#define ERESTART_SENTRY `+strconv.Itoa(abiguest.ErrnoRestart)+"\n")) {
 		t.Errorf("shim.c's ERESTART_SENTRY is not %d", abiguest.ErrnoRestart)
+	}
+	if !bytes.Contains(Source, []byte(`#define ENV_START_FD "`+abiguest.EnvStartFD+`"`)) {
+		t.Errorf("shim.c's ENV_START_FD is not %q", abiguest.EnvStartFD)
 	}
 	if !bytes.Contains(Source, []byte(`#define GUEST_MAGIC "`+abiguest.Magic[:7]+`"`)) {
 		t.Errorf("shim.c's GUEST_MAGIC is not %q", abiguest.Magic)

@@ -103,6 +103,24 @@ const (
 	// sandbox's liveupdate number when the sentry launched the guest: 0
 	// after a cold boot, n after the n-th live restart.
 	EnvLiveupdateNumber = "LIVESENTRY_LIVEUPDATE_NUMBER"
+	// EnvStartFD names the fd of a guest's start gate: a stream socket on
+	// which a guest the sentry started early (a transfer restart's
+	// relaunched entrypoint, started before the pause) writes one byte
+	// (StartGateWaiting) once it has loaded, then waits for one byte
+	// (StartGateOpen) before it runs the program's own code. The sentry
+	// opens the gate once the previous sentry's guests are gone; the end
+	// of the socket without it means the restart did not happen, and the
+	// guest exits. A guest that honours the gate (pkg/guest, the libc
+	// shim) says so in its Hello (HelloStartGate), and the sentry starts
+	// early only an entrypoint that did.
+	EnvStartFD = "LIVESENTRY_START_FD"
+	// StartGateWaiting is what a guest writes at the start gate.
+	StartGateWaiting = 'w'
+	// StartGateOpen is what the sentry writes to open the start gate.
+	StartGateOpen = 'g'
+	// HelloStartGate, in a guest's Hello flags, says that the guest
+	// program waits at a start gate when it is given one (EnvStartFD).
+	HelloStartGate = 1
 )
 
 // Op is a guest call, named after the Linux system call it mirrors.
@@ -225,17 +243,22 @@ func (op Op) MaxPayload() uint32 {
 type Hello struct {
 	// Version is the protocol version the sender speaks.
 	Version uint32
-	// Errno is 0 from a guest; from the sentry, 0 or the errno that
-	// refuses the connection: EPROTONOSUPPORT for another version, EAGAIN
-	// when the sandbox has as many guests as it takes.
+	// Errno is the second word of the sentry's Hello: 0, or the errno
+	// that refuses the connection: EPROTONOSUPPORT for another version,
+	// EAGAIN when the sandbox has as many guests as it takes.
 	Errno uint32
+	// Flags is the second word of a guest's Hello (HelloStartGate). A
+	// guest's Hello has no Errno and the sentry's no Flags; sentries
+	// that predate Flags ignore the word.
+	Flags uint32
 }
 
-// Encode writes h into b, which must be HelloSize bytes long.
+// Encode writes h into b, which must be HelloSize bytes long. The second
+// word is Errno or Flags, whichever the sender's direction uses.
 func (h Hello) Encode(b []byte) {
 	copy(b[0:8], Magic)
 	binary.LittleEndian.PutUint32(b[8:], h.Version)
-	binary.LittleEndian.PutUint32(b[12:], h.Errno)
+	binary.LittleEndian.PutUint32(b[12:], h.Errno|h.Flags)
 }
 
 // DecodeHello decodes a Hello from b, checking its size and magic.
@@ -246,7 +269,10 @@ func DecodeHello(b []byte) (Hello, error) {
 	if string(b[0:8]) != Magic {
 		return Hello{}, fmt.Errorf("hello: magic %q, want %q", b[0:8], Magic)
 	}
-	return Hello{Version: binary.LittleEndian.Uint32(b[8:]), Errno: binary.LittleEndian.Uint32(b[12:])}, nil
+	w := binary.LittleEndian.Uint32(b[12:])
+	// The reader takes the field of the sender's direction: Errno from
+	// the sentry, Flags from a guest.
+	return Hello{Version: binary.LittleEndian.Uint32(b[8:]), Errno: w, Flags: w}, nil
 }
 
 // RequestHeader starts a request.

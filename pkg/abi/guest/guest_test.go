@@ -28,11 +28,15 @@ func TestLayoutSizes(t *testing.T) {
 }
 
 func TestRoundTrips(t *testing.T) {
-	h := Hello{Version: Version, Errno: 93}
+	// The second word is the sentry's Errno or a guest's Flags.
 	b := make([]byte, HelloSize)
-	h.Encode(b)
-	if got, err := DecodeHello(b); err != nil || got != h {
-		t.Fatalf("hello: %+v, %v", got, err)
+	Hello{Version: Version, Errno: 93}.Encode(b)
+	if got, err := DecodeHello(b); err != nil || got.Version != Version || got.Errno != 93 {
+		t.Fatalf("the sentry's hello: %+v, %v", got, err)
+	}
+	Hello{Version: Version, Flags: HelloStartGate}.Encode(b)
+	if got, err := DecodeHello(b); err != nil || got.Version != Version || got.Flags != HelloStartGate {
+		t.Fatalf("a guest's hello: %+v, %v", got, err)
 	}
 	rq := RequestHeader{Op: OpPwrite64, DataLen: 12345, Args: [5]uint64{3, 1 << 40, 0, 0, 7}}
 	b = make([]byte, RequestHeaderSize)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -271,4 +272,29 @@ func TestEightWritersAcrossPausesLoseNothingAndApplyNothingTwice(t *testing.T) {
 	if s.k.Interrupts() == before {
 		t.Fatal("no call was interrupted: the test did not exercise restarts")
 	}
+}
+
+func TestStartGatedIsWhatTheGuestsHelloSaid(t *testing.T) {
+	s := newSandbox(t)
+	me := os.Getpid()
+	raw := rawConnVersion(t, s, abiguest.Version)
+	if s.k.StartGated(me) {
+		t.Fatal("a guest whose hello has no flags is start-gated")
+	}
+	g := s.dial(t)
+	if !s.k.StartGated(me) {
+		t.Fatal("a pkg/guest connection (whose init waits at a start gate) is not start-gated")
+	}
+	if s.k.StartGated(me + 1) {
+		t.Error("another pid is start-gated")
+	}
+	// Once the pkg/guest connection is gone, only the raw one (no
+	// flags) is left.
+	g.Disconnect()
+	for deadline := time.Now().Add(5 * time.Second); s.k.StartGated(me); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("still start-gated 5 s after the gated guest disconnected")
+		}
+	}
+	raw.Close()
 }

@@ -32,6 +32,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
@@ -326,6 +327,21 @@ func (k *Kernel) WaitGone(pids []int, timeout time.Duration) {
 			return
 		}
 	}
+}
+
+// StartGated reports whether a guest connected from host process pid said
+// in its Hello that it waits at a start gate (abiguest.HelloStartGate): a
+// transfer restart may then start that program's next life before the
+// pause.
+func (k *Kernel) StartGated(pid int) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for p := range k.procs {
+		if int(p.pid) == pid && p.helloFlags.Load()&abiguest.HelloStartGate != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // MemoryFile returns the kernel's memory file.

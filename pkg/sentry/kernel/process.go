@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync/atomic"
 	"time"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
@@ -48,6 +49,9 @@ type Process struct {
 	pid int32
 	// version is the protocol version the guest speaks (its Hello).
 	version uint32
+	// helloFlags are the flags of the guest's Hello (StartGated reads
+	// them from another goroutine).
+	helloFlags atomic.Uint32
 	// intr is the process's part in interrupting calls at a pause.
 	intr interruptState
 	// done is closed when serve has returned.
@@ -206,6 +210,9 @@ func (p *Process) handshake() error {
 	reply := abiguest.Hello{Version: abiguest.Version}
 	if h.Version < abiguest.MinVersion || h.Version > abiguest.Version {
 		reply.Errno = uint32(unix.EPROTONOSUPPORT)
+	} else {
+		// Before the answer: once the guest has it, StartGated knows.
+		p.helloFlags.Store(h.Flags)
 	}
 	reply.Encode(b[:])
 	p.conn.SetWriteDeadline(time.Now().Add(transferTimeout))

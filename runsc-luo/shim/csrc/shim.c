@@ -70,6 +70,9 @@ enum {
 	MAX_WRITE_PAYLOAD = 0x7ffff000,
 	MAX_REPLY_PAYLOAD = 4096,
 	MMAP_MAY_WRITE = 1,
+	HELLO_START_GATE = 1,
+	START_GATE_WAITING = 119,
+	START_GATE_OPEN = 103,
 };
 enum {
 	OP_MEMFD_CREATE = 1,
@@ -114,6 +117,7 @@ enum {
 
 #define ENV_SOCKET "LIVESENTRY_GUEST_SOCKET"
 #define ENV_STATE "LIVESENTRY_SHIM_STATE"
+#define ENV_START_FD "LIVESENTRY_START_FD"
 #define DEV_LIVEUPDATE "/dev/liveupdate"
 #define PAGE 4096UL
 
@@ -264,6 +268,9 @@ static int dial_locked(void)
 	unsigned char h[HELLO_SIZE] = {0};
 	memcpy(h, GUEST_MAGIC, 8);
 	put32(h + 8, GUEST_VERSION);
+	// The flags: every program under the shim waits at a start gate when
+	// it is given one (shim_init).
+	put32(h + 12, HELLO_START_GATE);
 	struct iovec iov = {.iov_base = h, .iov_len = sizeof(h)};
 	if (write_all(&iov, 1) < 0 || read_all(h, sizeof(h), NULL) < 0 ||
 	    memcmp(h, GUEST_MAGIC, 8) != 0 || get32(h + 12) != 0) {
@@ -1848,8 +1855,47 @@ static void __attribute__((destructor)) shim_fini(void)
 	pthread_mutex_unlock(&mu);
 }
 
+// wait_at_start_gate waits at the start gate named by ENV_START_FD, if
+// any (pkg/abi/guest: EnvStartFD): a transfer restart's new sentry starts
+// the entrypoint's next life before the pause, and the program's own code
+// runs only once the sentry opens the gate, after the previous life's
+// guests are gone. The gate's end without it means the restart did not
+// happen: the process exits. The variable is removed, for the program's
+// children.
+static void wait_at_start_gate(void)
+{
+	const char *v = getenv(ENV_START_FD);
+	if (v == NULL)
+		return;
+	char *end;
+	long fd = strtol(v, &end, 10);
+	unsetenv(ENV_START_FD);
+	static const char bad[] = "livesentry shim: " ENV_START_FD " is not an fd: exiting\n";
+	static const char closed[] = "livesentry shim: the sentry closed the start gate without opening it (the restart did not complete): exiting\n";
+	if (*v == 0 || *end != 0 || fd < 0 || fd > INT_MAX) {
+		syscall(SYS_write, 2, bad, sizeof(bad) - 1);
+		_exit(1);
+	}
+	unsigned char c = START_GATE_WAITING;
+	long n;
+	do
+		n = syscall(SYS_write, (int)fd, &c, 1);
+	while (n < 0 && errno == EINTR);
+	if (n == 1) {
+		do
+			n = syscall(SYS_read, (int)fd, &c, 1);
+		while (n < 0 && errno == EINTR);
+	}
+	sys_close((int)fd);
+	if (n != 1 || c != START_GATE_OPEN) {
+		syscall(SYS_write, 2, closed, sizeof(closed) - 1);
+		_exit(1);
+	}
+}
+
 static void __attribute__((constructor(102))) shim_init(void)
 {
+	wait_at_start_gate();
 	const char *s = getenv(ENV_SOCKET);
 	if (s != NULL && strlen(s) < sizeof(sock_path))
 		memcpy(sock_path, s, strlen(s) + 1);

@@ -1,0 +1,112 @@
+package boot
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/shim"
+)
+
+// earlyShell starts "sh -c script" early under the libc shim (sh is
+// dynamically linked) in a new sandbox directory, and returns it with its
+// entrypoint log's path.
+func earlyShell(t *testing.T, script string) (*earlyEntry, string) {
+	t.Helper()
+	if _, err := shim.Path(); errors.Is(err, shim.ErrNoCompiler) {
+		t.Skip(err)
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	os.Mkdir(sandbox.Dir(root, "s"), 0o700)
+	e, err := startEarly(root, Prestart{ID: "s", Entrypoint: []string{"/bin/sh", "-c", script}, LiveupdateNumber: 1})
+	if err != nil {
+		t.Fatalf("startEarly: %v", err)
+	}
+	return e, sandbox.EntrypointLogPath(root, "s")
+}
+
+// logAfter returns the log at path once d has passed.
+func logAfter(path string, d time.Duration) string {
+	time.Sleep(d)
+	b, _ := os.ReadFile(path)
+	return string(b)
+}
+
+func TestAnEarlyEntrypointRunsOnlyOnceItsGateOpens(t *testing.T) {
+	e, log := earlyShell(t, `echo "ran at liveupdate $LIVESENTRY_LIVEUPDATE_NUMBER, gate ${LIVESENTRY_START_FD:-unset}"`)
+	if got := logAfter(log, 100*time.Millisecond); got != "" {
+		t.Fatalf("the program ran before its gate opened: %q", got)
+	}
+	e.gate.Write([]byte{'g'})
+	e.gate.Close()
+	if err := e.cmd.Wait(); err != nil {
+		t.Fatalf("the program after its gate opened: %v", err)
+	}
+	if got, _ := os.ReadFile(log); string(got) != "ran at liveupdate 1, gate unset\n" {
+		t.Fatalf("its output: %q", got)
+	}
+}
+
+func TestAKilledEarlyEntrypointNeverRuns(t *testing.T) {
+	e, log := earlyShell(t, "echo ran")
+	pid := e.cmd.Process.Pid
+	e.kill()
+	if got := logAfter(log, 50*time.Millisecond); got != "" {
+		t.Fatalf("the killed program ran: %q", got)
+	}
+	if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
+		t.Errorf("pid %d is still there", pid)
+	}
+}
+
+func TestAnEarlyEntrypointWhoseGateClosesExitsWithoutRunning(t *testing.T) {
+	e, log := earlyShell(t, "echo ran")
+	// As when the new sentry is killed: its end of the gate closes.
+	e.gate.Close()
+	err := e.cmd.Wait()
+	if err == nil || e.cmd.ProcessState.ExitCode() != 1 {
+		t.Fatalf("the program whose gate closed: %v, want exit status 1", err)
+	}
+	got, _ := os.ReadFile(log)
+	if strings.Contains(string(got), "ran\n") || !strings.Contains(string(got), "closed the start gate without opening it") {
+		t.Fatalf("its output: %q", got)
+	}
+}
+
+func TestAProgramThatDoesNotWaitAtTheGateIsKilledAndNotStartedEarly(t *testing.T) {
+	old := gateTimeout
+	gateTimeout = 200 * time.Millisecond
+	defer func() { gateTimeout = old }()
+	root := t.TempDir()
+	os.Mkdir(sandbox.Dir(root, "s"), 0o700)
+	// Without the shim nothing in sleep knows the gate.
+	_, err := startEarly(root, Prestart{ID: "s", Entrypoint: []string{"/bin/sleep", "30"}, NoShim: true})
+	if err == nil || !strings.Contains(err.Error(), "did not wait at its start gate") {
+		t.Fatalf("startEarly of sleep: %v", err)
+	}
+	for _, pid := range processesRunning("/bin/sleep\x0030") {
+		t.Errorf("sleep 30 (pid %d) still runs", pid)
+	}
+}
+
+// processesRunning returns the pids whose command line is cmdline (its
+// arguments separated by NULs).
+func processesRunning(cmdline string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, ent := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
+		if err == nil && strings.TrimSuffix(string(b), "\x00") == cmdline {
+			pid, _ := strconv.Atoi(ent.Name())
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
