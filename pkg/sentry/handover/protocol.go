@@ -254,7 +254,6 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 		return fail(err)
 	}
 	var ack Ack
-	ch.Spin()
 	if err := recvNoFiles(ch, &ack); err != nil {
 		return fail(fmt.Errorf("waiting for the new sentry's acknowledgement: %w", err))
 	}
@@ -324,7 +323,6 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		return nil, Timing{}, err
 	}
 	d := new(Descriptor)
-	ch.Spin()
 	files, err := ch.Recv(d)
 	received := Monotonic()
 	if err != nil {

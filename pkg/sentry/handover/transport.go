@@ -184,7 +184,6 @@ func (c *Channel) AwaitCommit(oldPID int) error {
 		return fmt.Errorf("waiting for the old sentry's commit: %w", err)
 	}
 	var m Commit
-	c.Spin()
 	files, err := c.Recv(&m)
 	for _, f := range files {
 		f.Close()
@@ -229,34 +228,4 @@ func parseRights(oob []byte) ([]*os.File, error) {
 		return nil, errors.Join(errs...)
 	}
 	return files, nil
-}
-
-// spinWait bounds how long a side of the handshake polls for the other's
-// next message before it blocks (see Spin).
-const spinWait = 20 * time.Millisecond
-
-// Spin polls the channel until a message (or its end) is there to read,
-// for at most spinWait, yielding the CPU between polls; then the Recv
-// that follows does not block. Inside the blackout each side waits for
-// the other in turn, for a millisecond or less: a process that blocked
-// would wait again for its CPU to be woken, which in a VM costs as much
-// as the step itself. On a single CPU, the yield hands it to the peer.
-func (c *Channel) Spin() {
-	rc, err := c.conn.SyscallConn()
-	if err != nil {
-		return
-	}
-	var b [1]byte
-	deadline := time.Now().Add(spinWait)
-	for {
-		ready := false
-		rc.Control(func(fd uintptr) {
-			n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-			ready = n > 0 || err == nil || (err != unix.EAGAIN && err != unix.EINTR)
-		})
-		if ready || time.Now().After(deadline) {
-			return
-		}
-		unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
-	}
 }
