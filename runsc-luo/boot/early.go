@@ -1,11 +1,11 @@
 package boot
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"slices"
-	"strconv"
 	"time"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
@@ -21,7 +21,7 @@ import (
 // after the blackout and before the guest can retrieve its memory. So when
 // the entrypoint said that it honours a start gate (its Hello,
 // abiguest.HelloStartGate: pkg/guest and the libc shim do), the old sentry
-// passes its command line to the new one (--prestart), which starts the
+// passes its command line to the new one (envPrestart), which starts the
 // next life before it says Ready. The process loads and waits at the gate
 // (abiguest.EnvStartFD) before the program's own code runs; the new sentry
 // opens the gate where it would have launched the entrypoint, once the old
@@ -29,23 +29,59 @@ import (
 // the restart does not happen, the new sentry kills the waiting process,
 // or, if the new sentry is killed, the gate's end makes it exit.
 
-// Prestart is the entrypoint of a transfer restart's new sentry as the old
-// sentry passes it on its command line, before the descriptor.
-type Prestart struct {
+// prestartSpec is the entrypoint of a transfer restart's new sentry as the
+// old sentry passes it, before the descriptor, in envPrestart.
+type prestartSpec struct {
 	// ID is the sandbox's ID.
-	ID string
+	ID string `json:"id"`
 	// Entrypoint is the command line; NoShim as in sandbox.Config.
-	Entrypoint []string
-	NoShim     bool
+	Entrypoint []string `json:"entrypoint"`
+	NoShim     bool     `json:"no_shim,omitempty"`
 	// LiveupdateNumber is the sandbox's liveupdate number after the
 	// restart, which the relaunched entrypoint is given.
-	LiveupdateNumber uint64
+	LiveupdateNumber uint64 `json:"liveupdate_number"`
+}
+
+// envPrestart carries a prestartSpec, as JSON, to a transfer restart's new
+// sentry. In the environment rather than on the command line: a build
+// that does not know it (a restart into an older one) ignores it and
+// relaunches the entrypoint after the restart.
+const envPrestart = "LIVESENTRY_PRESTART"
+
+// env is the environment variable that passes p on.
+func (p prestartSpec) env() string {
+	b, _ := json.Marshal(p)
+	return envPrestart + "=" + string(b)
+}
+
+// prestartFromEnv takes the prestartSpec out of the environment: nil if
+// there is none, an error naming the field if it is malformed. The
+// variable is removed, so that no guest inherits it.
+func prestartFromEnv() (*prestartSpec, error) {
+	v, ok := os.LookupEnv(envPrestart)
+	if !ok {
+		return nil, nil
+	}
+	os.Unsetenv(envPrestart)
+	var p prestartSpec
+	if err := json.Unmarshal([]byte(v), &p); err != nil {
+		return nil, fmt.Errorf("%s: %w", envPrestart, err)
+	}
+	switch {
+	case p.ID == "":
+		return nil, fmt.Errorf("%s: no id", envPrestart)
+	case len(p.Entrypoint) == 0 || p.Entrypoint[0] == "":
+		return nil, fmt.Errorf("%s: no entrypoint", envPrestart)
+	case p.LiveupdateNumber == 0:
+		return nil, fmt.Errorf("%s: liveupdate_number 0 (a restart's is 1 or more)", envPrestart)
+	}
+	return &p, nil
 }
 
 // prestart returns what a transfer restart's new sentry needs to start the
 // entrypoint before the pause, if the running entrypoint said that it waits
 // at a start gate.
-func (s *Sentry) prestart() (Prestart, bool) {
+func (s *Sentry) prestart() (prestartSpec, bool) {
 	s.mu.Lock()
 	pid := 0
 	for _, p := range s.procs {
@@ -55,15 +91,9 @@ func (s *Sentry) prestart() (Prestart, bool) {
 	}
 	s.mu.Unlock()
 	if pid == 0 || len(s.cfg.Entrypoint) == 0 || !s.k.StartGated(pid) {
-		return Prestart{}, false
+		return prestartSpec{}, false
 	}
-	return Prestart{ID: s.cfg.ID, Entrypoint: s.cfg.Entrypoint, NoShim: s.cfg.NoShim, LiveupdateNumber: s.k.LUO().LiveupdateNumber() + 1}, true
-}
-
-// prestartArgs are the boot flags that pass on p (cmd/boot.go).
-func prestartArgs(p Prestart) []string {
-	return append([]string{"--prestart", "--id=" + p.ID, "--shim=" + strconv.FormatBool(!p.NoShim),
-		"--prestart-liveupdate-number=" + strconv.FormatUint(p.LiveupdateNumber, 10), "--"}, p.Entrypoint...)
+	return prestartSpec{ID: s.cfg.ID, Entrypoint: s.cfg.Entrypoint, NoShim: s.cfg.NoShim, LiveupdateNumber: s.k.LUO().LiveupdateNumber() + 1}, true
 }
 
 // gateTimeout bounds the wait for an early entrypoint to reach its start
@@ -74,7 +104,7 @@ var gateTimeout = 2 * time.Second
 // earlyEntry is an entrypoint started before a restart's pause, waiting at
 // its start gate.
 type earlyEntry struct {
-	want Prestart
+	want prestartSpec
 	cmd  *exec.Cmd
 	// gate is the sentry's end of the start gate.
 	gate *os.File
@@ -83,7 +113,7 @@ type earlyEntry struct {
 // startEarly starts p's entrypoint under root and waits until it is at its
 // start gate. A process that does not get there within gateTimeout is
 // killed, and the error says why.
-func startEarly(root string, p Prestart) (*earlyEntry, error) {
+func startEarly(root string, p prestartSpec) (*earlyEntry, error) {
 	withShim := !p.NoShim
 	if withShim && !shim.Lookup() {
 		// Building the shim takes seconds: not before Ready.

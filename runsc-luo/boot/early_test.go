@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -25,7 +26,7 @@ func earlyShell(t *testing.T, script string) (*earlyEntry, string) {
 	}
 	root := t.TempDir()
 	os.Mkdir(sandbox.Dir(root, "s"), 0o700)
-	e, err := startEarly(root, Prestart{ID: "s", Entrypoint: []string{"/bin/sh", "-c", script}, LiveupdateNumber: 1})
+	e, err := startEarly(root, prestartSpec{ID: "s", Entrypoint: []string{"/bin/sh", "-c", script}, LiveupdateNumber: 1})
 	if err != nil {
 		t.Fatalf("startEarly: %v", err)
 	}
@@ -87,7 +88,7 @@ func TestAProgramThatDoesNotWaitAtTheGateIsKilledAndNotStartedEarly(t *testing.T
 	root := t.TempDir()
 	os.Mkdir(sandbox.Dir(root, "s"), 0o700)
 	// Without the shim nothing in sleep knows the gate.
-	_, err := startEarly(root, Prestart{ID: "s", Entrypoint: []string{"/bin/sleep", "30"}, NoShim: true})
+	_, err := startEarly(root, prestartSpec{ID: "s", Entrypoint: []string{"/bin/sleep", "30"}, NoShim: true, LiveupdateNumber: 1})
 	if err == nil || !strings.Contains(err.Error(), "did not wait at its start gate") {
 		t.Fatalf("startEarly of sleep: %v", err)
 	}
@@ -109,4 +110,32 @@ func processesRunning(cmdline string) []int {
 		}
 	}
 	return pids
+}
+
+func TestThePrestartCrossesTheEnvironmentAndMalformedOnesAreRefused(t *testing.T) {
+	want := prestartSpec{ID: "box", Entrypoint: []string{"/bin/prog", "--flag"}, NoShim: true, LiveupdateNumber: 3}
+	kv := want.env()
+	name, val, _ := strings.Cut(kv, "=")
+	t.Setenv(name, val)
+	got, err := prestartFromEnv()
+	if err != nil || got == nil || got.ID != want.ID || !slices.Equal(got.Entrypoint, want.Entrypoint) || got.NoShim != want.NoShim || got.LiveupdateNumber != want.LiveupdateNumber {
+		t.Fatalf("prestartFromEnv() = %+v, %v; want %+v", got, err, want)
+	}
+	if _, ok := os.LookupEnv(envPrestart); ok {
+		t.Errorf("%s is still set: the guests would inherit it", envPrestart)
+	}
+	if p, err := prestartFromEnv(); p != nil || err != nil {
+		t.Errorf("without the variable: %+v, %v", p, err)
+	}
+	for _, tc := range []struct{ val, want string }{
+		{`{`, "unexpected end of JSON input"},
+		{`{"entrypoint":["/p"],"liveupdate_number":1}`, "no id"},
+		{`{"id":"b","entrypoint":[],"liveupdate_number":1}`, "no entrypoint"},
+		{`{"id":"b","entrypoint":["/p"]}`, "liveupdate_number 0"},
+	} {
+		t.Setenv(envPrestart, tc.val)
+		if p, err := prestartFromEnv(); p != nil || err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), envPrestart) {
+			t.Errorf("%s=%s: %+v, %v; want an error saying %q", envPrestart, tc.val, p, err, tc.want)
+		}
+	}
 }

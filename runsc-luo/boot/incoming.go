@@ -225,7 +225,9 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		pgalloc.PrepareMetadata(opts.MetadataChunks)
 		// The entrypoint's relaunch finds the libc shim at once.
 		shim.Lookup()
-		if p := opts.Prestart; p != nil {
+		if p, err := prestartFromEnv(); err != nil {
+			log.Warningf("%v", err)
+		} else if p != nil {
 			e, err := startEarly(opts.Globals.Root, *p)
 			if err != nil {
 				log.Warningf("the entrypoint is relaunched after the restart, not before: %v", err)
@@ -257,6 +259,8 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		log.Infof("sandbox %s: live-update boot (transfer mode) from %q, liveupdate number %d, blackout %v", in.s.cfg.ID, d.Version, t.LiveupdateNumber, t.Blackout)
 		return in.s, nil
 	}
+	// Not for the guests this image launches.
+	os.Unsetenv(envPrestart)
 	// The blackout is on already: beside the boot, not before it.
 	go catchSignals()
 	gcPercent := debug.SetGCPercent(-1)

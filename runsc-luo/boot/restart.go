@@ -206,14 +206,13 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 		return handover.Timing{}, err
 	}
 	defer logf.Close()
-	args := append(s.opts.Globals.Args(), "boot", "--handover-fd=3",
-		"--metadata-chunks="+strconv.Itoa(s.k.MemoryFile().MetadataChunks()))
-	if p, ok := s.prestart(); ok {
-		args = append(args, prestartArgs(p)...)
-	}
-	cmd := exec.Command(binary, args...)
+	cmd := exec.Command(binary, append(s.opts.Globals.Args(), "boot", "--handover-fd=3",
+		"--metadata-chunks="+strconv.Itoa(s.k.MemoryFile().MetadataChunks()))...)
 	cmd.ExtraFiles = []*os.File{peer}
 	cmd.Env = os.Environ()
+	if p, ok := s.prestart(); ok {
+		cmd.Env = append(cmd.Env, p.env())
+	}
 	if crash != nil {
 		cmd.Env = append(cmd.Env, crash.env())
 	}

@@ -41,10 +41,6 @@ type Options struct {
 	// number of page-metadata chunks the old one had: it faults them in
 	// before it says it is ready (pgalloc.PrepareMetadata).
 	MetadataChunks int
-	// Prestart is, for a transfer-mode restart's new sentry, the
-	// entrypoint to start before it says it is ready (early.go); nil if
-	// the old sentry's entrypoint did not say it waits at a start gate.
-	Prestart *Prestart
 }
 
 // exitGrace is how long a stopping sentry waits for its control

@@ -24,16 +24,12 @@ type Boot struct {
 	metadataChunks int
 	spareFD        int
 	shim           bool
-	// prestart and prestartNumber are boot.Options.Prestart, with id,
-	// shim and the arguments.
-	prestart       bool
-	prestartNumber uint64
 }
 
 func (*Boot) Name() string     { return "boot" }
 func (*Boot) Synopsis() string { return "run a sentry (internal)" }
 func (*Boot) Usage() string {
-	return "boot --id ID [--memory BYTES] [--ready-fd FD] [--shim=false] [-- ENTRYPOINT ARGS] | boot --handover-fd FD [--metadata-chunks N] [--prestart --id ID --prestart-liveupdate-number N [--shim=false] -- ENTRYPOINT ARGS] | boot --spare-fd FD\n"
+	return "boot --id ID [--memory BYTES] [--ready-fd FD] [--shim=false] [-- ENTRYPOINT ARGS] | boot --handover-fd FD [--metadata-chunks N] | boot --spare-fd FD\n"
 }
 func (b *Boot) SetFlags(f *flag.FlagSet) {
 	f.StringVar(&b.id, "id", "", "sandbox ID (cold boot)")
@@ -42,9 +38,7 @@ func (b *Boot) SetFlags(f *flag.FlagSet) {
 	f.IntVar(&b.handoverFD, "handover-fd", -1, "fd of the transfer-mode handover socket")
 	f.IntVar(&b.metadataChunks, "metadata-chunks", 0, "page-metadata chunks to fault in before a transfer-mode restart's pause (the old sentry's count)")
 	f.IntVar(&b.spareFD, "spare-fd", -1, "fd of a spare sentry's channel to its supervisor, which sends a recovery on it")
-	f.BoolVar(&b.shim, "shim", true, "start the entrypoint under the libc shim (cold boot, --prestart)")
-	f.BoolVar(&b.prestart, "prestart", false, "with --handover-fd: start the entrypoint (--id, --shim, the arguments) before the pause, waiting at its start gate")
-	f.Uint64Var(&b.prestartNumber, "prestart-liveupdate-number", 0, "with --prestart: the liveupdate number after the restart")
+	f.BoolVar(&b.shim, "shim", true, "start the entrypoint under the libc shim (cold boot)")
 }
 
 func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcommands.ExitStatus {
@@ -61,9 +55,6 @@ func (b *Boot) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomma
 		// (An exec-mode restart re-enters here with the descriptor in
 		// the environment.)
 		opts.MetadataChunks = b.metadataChunks
-		if b.prestart && b.handoverFD >= 0 && len(f.Args()) > 0 {
-			opts.Prestart = &boot.Prestart{ID: b.id, Entrypoint: f.Args(), NoShim: !b.shim, LiveupdateNumber: b.prestartNumber}
-		}
 		return serveBooted(boot.NewFromHandover(b.handoverFD, opts))
 	}
 	return b.coldBoot(sandbox.Config{ID: b.id, Root: cfg.Root, MemorySize: b.memory, Entrypoint: f.Args(), NoShim: !b.shim}, opts)
