@@ -177,6 +177,14 @@ func (e *earlyEntry) kill() {
 	e.cmd.Wait()
 }
 
+// dropEarly kills the entrypoint started early, if Run has not launched it.
+func (s *Sentry) dropEarly() {
+	if s.early != nil {
+		s.early.kill()
+		s.early = nil
+	}
+}
+
 // launchEarly makes the early entrypoint e the sandbox's entrypoint and
 // opens its start gate.
 func (s *Sentry) launchEarly(e *earlyEntry) error {

@@ -204,6 +204,8 @@ func New(cfg sandbox.Config, opts Options) (*Sentry, error) {
 // restart's commit started that already), the state file names this
 // process, and the entrypoint is launched (or relaunched after a restart).
 func (s *Sentry) Run() error {
+	// An entrypoint started early that is not launched here never runs.
+	defer s.dropEarly()
 	if err := s.serve(); err != nil {
 		return err
 	}
@@ -215,10 +217,7 @@ func (s *Sentry) Run() error {
 	if st := s.stopAsked(); st != nil {
 		// A kill during the restart this sentry came out of.
 		log.Infof("the supervisor passed on a stop asked for during the restart: %s", st.Reason)
-		if s.early != nil {
-			s.early.kill()
-			s.early = nil
-		}
+		s.dropEarly()
 		s.Stop(st.ExitStatus, st.Reason)
 		return nil
 	}
