@@ -256,8 +256,10 @@ func (r *Results) page(table, mdPath, pngPath string) string {
   *Time to data*: the same pause → the relaunched guest has retrieved every file and read its last
   byte (its ` + "`data_ready_at`" + `, CLOCK_MONOTONIC like the timing's ` + "`paused_at`" + `). *Of which
   before the guest runs*: the same pause → the relaunched guest program's first step (its
-  ` + "`run_at`" + `): the new sentry's relaunch of the entrypoint (after the old sentry has reaped its
-  guests) and the start-up of a new process of the Go program; the rest is the guest's retrieve.
+  ` + "`run_at`" + `). In transfer mode the new sentry started the guest's process before the pause,
+  waiting at its start gate (docs/guests.md): this is the wait for the old sentry's guests to be
+  reaped, then the gate's opening. In exec mode it is the new image's relaunch of the entrypoint and
+  the start-up of a new process of the Go program. The rest is the guest's retrieve.
 - **metadata handed over**: measured in process with the same layout: after ` + "`PrepareHandover`" + `,
   the KHO preserved-memory map read from the memory file (chunk and bitmap pages) plus every
   preserved page that holds no memfd data (KHO root, LUO records, memfd-v1 folio arrays). Nothing
