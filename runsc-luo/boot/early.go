@@ -141,11 +141,7 @@ func startEarly(root string, p prestartSpec) (*earlyEntry, error) {
 		return nil, err
 	}
 	cmd.ExtraFiles = []*os.File{theirs}
-	fdMu.Lock()
-	markCloseOnExec()
-	err = cmd.Start()
-	fdMu.Unlock()
-	if err != nil {
+	if err := startCmd(cmd); err != nil {
 		gate.Close()
 		return nil, fmt.Errorf("starting %q: %w", p.Entrypoint[0], err)
 	}

@@ -1,6 +1,7 @@
 package boot
 
 import (
+	"os/exec"
 	"sync"
 
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
@@ -19,6 +20,15 @@ import (
 // launch's sweep and its fork (tens of microseconds): then the fd is
 // inherited by that one child.
 var fdMu sync.Mutex
+
+// startCmd starts cmd with no fd inherited but its own (stdio and
+// ExtraFiles): every other fd is marked close-on-exec first.
+func startCmd(cmd *exec.Cmd) error {
+	fdMu.Lock()
+	defer fdMu.Unlock()
+	markCloseOnExec()
+	return cmd.Start()
+}
 
 // markCloseOnExec sets FD_CLOEXEC on every fd above 2.
 //

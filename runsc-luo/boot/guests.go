@@ -43,11 +43,7 @@ func (s *Sentry) launch(argv, env []string, stdio [3]*os.File, entry, withShim b
 	if err := s.mayLaunchLocked(); err != nil {
 		return nil, err
 	}
-	fdMu.Lock()
-	markCloseOnExec()
-	err = cmd.Start()
-	fdMu.Unlock()
-	if err != nil {
+	if err := startCmd(cmd); err != nil {
 		return nil, fmt.Errorf("starting %q: %w", argv[0], err)
 	}
 	return s.addGuestLocked(cmd, entry), nil

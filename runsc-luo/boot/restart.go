@@ -221,10 +221,7 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	fdMu.Lock()
-	markCloseOnExec()
-	err = cmd.Start()
-	fdMu.Unlock()
+	err = startCmd(cmd)
 	peer.Close()
 	if err != nil {
 		ch.Close()
