@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -138,6 +139,34 @@ func TestAnEntrypointThatNeverSaidItWaitsAtTheGateIsNotStartedEarly(t *testing.T
 	c.waitLine(id, "gen=1")
 	if lr := c.state(id).LastRestart; lr == nil || lr.EntrypointStartedEarly {
 		t.Errorf("last restart %+v: want the entrypoint relaunched after the restart", lr)
+	}
+	c.must("delete", "--force", id)
+}
+
+// Two lives of the entrypoint never run their own code at once: a life
+// started before the pause waits at its start gate until the life before
+// has been reaped. Each life holds 128 MiB it touched, so that its
+// teardown takes a while, and checks at its start that the life before is
+// gone (not even a zombie).
+func TestTwoLivesOfTheEntrypointNeverRunAtOnce(t *testing.T) {
+	prog := compileC(t, "shimtests/lives.c")
+	c := newCLI(t)
+	const id = "lives"
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	c.must("run", "--detach", "--memory=64M", id, "--", prog, pidFile)
+	c.waitLine(id, "holding: life 0")
+	for gen := 1; gen <= 5; gen++ {
+		c.restart(id)
+		log := c.waitLine(id, "holding: life "+strconv.Itoa(gen)+"\n")
+		if strings.Contains(log, "not ok") {
+			t.Fatalf("restart %d:\n%s", gen, log)
+		}
+		if !strings.Contains(log, "ok: life "+strconv.Itoa(gen)+", the life before") {
+			t.Fatalf("restart %d: the life did not check the one before:\n%s", gen, log)
+		}
+		if lr := c.state(id).LastRestart; lr == nil || !lr.EntrypointStartedEarly {
+			t.Fatalf("restart %d: %+v, want the entrypoint started before the pause", gen, lr)
+		}
 	}
 	c.must("delete", "--force", id)
 }
