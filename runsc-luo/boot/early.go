@@ -40,6 +40,10 @@ type prestartSpec struct {
 	// LiveupdateNumber is the sandbox's liveupdate number after the
 	// restart, which the relaunched entrypoint is given.
 	LiveupdateNumber uint64 `json:"liveupdate_number"`
+	// GateWait bounds the wait for the process to reach its start gate
+	// (gateWait), so that it stays well inside the restart's deadline
+	// for Ready.
+	GateWait time.Duration `json:"gate_wait_ns"`
 }
 
 // envPrestart carries a prestartSpec, as JSON, to a transfer restart's new
@@ -74,14 +78,17 @@ func prestartFromEnv() (*prestartSpec, error) {
 		return nil, fmt.Errorf("%s: no entrypoint", envPrestart)
 	case p.LiveupdateNumber == 0:
 		return nil, fmt.Errorf("%s: liveupdate_number 0 (a restart's is 1 or more)", envPrestart)
+	case p.GateWait <= 0:
+		return nil, fmt.Errorf("%s: gate_wait_ns %d (want a positive wait)", envPrestart, p.GateWait)
 	}
 	return &p, nil
 }
 
 // prestart returns what a transfer restart's new sentry needs to start the
 // entrypoint before the pause, if the running entrypoint said that it waits
-// at a start gate.
-func (s *Sentry) prestart() (prestartSpec, bool) {
+// at a start gate; timeout is the restart's, which bounds the wait for
+// Ready.
+func (s *Sentry) prestart(timeout time.Duration) (prestartSpec, bool) {
 	s.mu.Lock()
 	pid := 0
 	for _, p := range s.procs {
@@ -93,13 +100,14 @@ func (s *Sentry) prestart() (prestartSpec, bool) {
 	if pid == 0 || len(s.cfg.Entrypoint) == 0 || !s.k.StartGated(pid) {
 		return prestartSpec{}, false
 	}
-	return prestartSpec{ID: s.cfg.ID, Entrypoint: s.cfg.Entrypoint, NoShim: s.cfg.NoShim, LiveupdateNumber: s.k.LUO().LiveupdateNumber() + 1}, true
+	return prestartSpec{ID: s.cfg.ID, Entrypoint: s.cfg.Entrypoint, NoShim: s.cfg.NoShim,
+		LiveupdateNumber: s.k.LUO().LiveupdateNumber() + 1, GateWait: min(gateWait, timeout/4)}, true
 }
 
-// gateTimeout bounds the wait for an early entrypoint to reach its start
-// gate (a Go program's start-up takes 10–30 ms here); a variable so that
-// tests can shorten it.
-var gateTimeout = 2 * time.Second
+// gateWait bounds the wait for an early entrypoint to reach its start gate
+// (a Go program's start-up takes 10–30 ms here), and a quarter of the
+// restart's timeout bounds it too.
+const gateWait = 2 * time.Second
 
 // earlyEntry is an entrypoint started before a restart's pause, waiting at
 // its start gate.
@@ -111,7 +119,7 @@ type earlyEntry struct {
 }
 
 // startEarly starts p's entrypoint under root and waits until it is at its
-// start gate. A process that does not get there within gateTimeout is
+// start gate. A process that does not get there within p.GateWait is
 // killed, and the error says why.
 func startEarly(root string, p prestartSpec) (*earlyEntry, error) {
 	withShim := !p.NoShim
@@ -146,7 +154,7 @@ func startEarly(root string, p prestartSpec) (*earlyEntry, error) {
 		return nil, fmt.Errorf("starting %q: %w", p.Entrypoint[0], err)
 	}
 	e := &earlyEntry{want: p, cmd: cmd, gate: gate}
-	gate.SetReadDeadline(time.Now().Add(gateTimeout))
+	gate.SetReadDeadline(time.Now().Add(p.GateWait))
 	var b [1]byte
 	n, err := gate.Read(b[:])
 	gate.SetReadDeadline(time.Time{})

@@ -26,7 +26,7 @@ func earlyShell(t *testing.T, script string) (*earlyEntry, string) {
 	}
 	root := t.TempDir()
 	os.Mkdir(sandbox.Dir(root, "s"), 0o700)
-	e, err := startEarly(root, prestartSpec{ID: "s", Entrypoint: []string{"/bin/sh", "-c", script}, LiveupdateNumber: 1})
+	e, err := startEarly(root, prestartSpec{ID: "s", Entrypoint: []string{"/bin/sh", "-c", script}, LiveupdateNumber: 1, GateWait: gateWait})
 	if err != nil {
 		t.Fatalf("startEarly: %v", err)
 	}
@@ -82,13 +82,10 @@ func TestAnEarlyEntrypointWhoseGateClosesExitsWithoutRunning(t *testing.T) {
 }
 
 func TestAProgramThatDoesNotWaitAtTheGateIsKilledAndNotStartedEarly(t *testing.T) {
-	old := gateTimeout
-	gateTimeout = 200 * time.Millisecond
-	defer func() { gateTimeout = old }()
 	root := t.TempDir()
 	os.Mkdir(sandbox.Dir(root, "s"), 0o700)
 	// Without the shim nothing in sleep knows the gate.
-	_, err := startEarly(root, prestartSpec{ID: "s", Entrypoint: []string{"/bin/sleep", "30"}, NoShim: true, LiveupdateNumber: 1})
+	_, err := startEarly(root, prestartSpec{ID: "s", Entrypoint: []string{"/bin/sleep", "30"}, NoShim: true, LiveupdateNumber: 1, GateWait: 200 * time.Millisecond})
 	if err == nil || !strings.Contains(err.Error(), "did not wait at its start gate") {
 		t.Fatalf("startEarly of sleep: %v", err)
 	}
@@ -113,12 +110,12 @@ func processesRunning(cmdline string) []int {
 }
 
 func TestThePrestartCrossesTheEnvironmentAndMalformedOnesAreRefused(t *testing.T) {
-	want := prestartSpec{ID: "box", Entrypoint: []string{"/bin/prog", "--flag"}, NoShim: true, LiveupdateNumber: 3}
+	want := prestartSpec{ID: "box", Entrypoint: []string{"/bin/prog", "--flag"}, NoShim: true, LiveupdateNumber: 3, GateWait: 250 * time.Millisecond}
 	kv := want.env()
 	name, val, _ := strings.Cut(kv, "=")
 	t.Setenv(name, val)
 	got, err := prestartFromEnv()
-	if err != nil || got == nil || got.ID != want.ID || !slices.Equal(got.Entrypoint, want.Entrypoint) || got.NoShim != want.NoShim || got.LiveupdateNumber != want.LiveupdateNumber {
+	if err != nil || got == nil || got.ID != want.ID || !slices.Equal(got.Entrypoint, want.Entrypoint) || got.NoShim != want.NoShim || got.LiveupdateNumber != want.LiveupdateNumber || got.GateWait != want.GateWait {
 		t.Fatalf("prestartFromEnv() = %+v, %v; want %+v", got, err, want)
 	}
 	if _, ok := os.LookupEnv(envPrestart); ok {
@@ -129,9 +126,10 @@ func TestThePrestartCrossesTheEnvironmentAndMalformedOnesAreRefused(t *testing.T
 	}
 	for _, tc := range []struct{ val, want string }{
 		{`{`, "unexpected end of JSON input"},
-		{`{"entrypoint":["/p"],"liveupdate_number":1}`, "no id"},
-		{`{"id":"b","entrypoint":[],"liveupdate_number":1}`, "no entrypoint"},
-		{`{"id":"b","entrypoint":["/p"]}`, "liveupdate_number 0"},
+		{`{"entrypoint":["/p"],"liveupdate_number":1,"gate_wait_ns":1}`, "no id"},
+		{`{"id":"b","entrypoint":[],"liveupdate_number":1,"gate_wait_ns":1}`, "no entrypoint"},
+		{`{"id":"b","entrypoint":["/p"],"gate_wait_ns":1}`, "liveupdate_number 0"},
+		{`{"id":"b","entrypoint":["/p"],"liveupdate_number":1}`, "gate_wait_ns 0"},
 	} {
 		t.Setenv(envPrestart, tc.val)
 		if p, err := prestartFromEnv(); p != nil || err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), envPrestart) {

@@ -210,7 +210,7 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 		"--metadata-chunks="+strconv.Itoa(s.k.MemoryFile().MetadataChunks()))...)
 	cmd.ExtraFiles = []*os.File{peer}
 	cmd.Env = os.Environ()
-	if p, ok := s.prestart(); ok {
+	if p, ok := s.prestart(timeout); ok {
 		cmd.Env = append(cmd.Env, p.env())
 	}
 	if crash != nil {
