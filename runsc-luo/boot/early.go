@@ -168,6 +168,27 @@ func startEarly(root string, p prestartSpec) (*earlyEntry, error) {
 	return e, nil
 }
 
+// startEarlyFromEnv starts the entrypoint the old sentry passed in
+// envPrestart, under root, and returns it waiting at its start gate; nil,
+// with a warning in the log, if there is none or it could not be started
+// early (it is then launched after the restart, as without).
+func startEarlyFromEnv(root string) *earlyEntry {
+	p, err := prestartFromEnv()
+	if err != nil {
+		log.Warningf("%v", err)
+	}
+	if p == nil {
+		return nil
+	}
+	e, err := startEarly(root, *p)
+	if err != nil {
+		log.Warningf("the entrypoint is relaunched after the restart, not before: %v", err)
+		return nil
+	}
+	log.Infof("entrypoint started before the pause (pid %d), waiting at its start gate", e.cmd.Process.Pid)
+	return e
+}
+
 // matches reports whether e is the entrypoint cfg would launch, given n,
 // the liveupdate number after the restart.
 func (e *earlyEntry) matches(cfg sandbox.Config, n uint64) bool {

@@ -225,17 +225,7 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		pgalloc.PrepareMetadata(opts.MetadataChunks)
 		// The entrypoint's relaunch finds the libc shim at once.
 		shim.Lookup()
-		if p, err := prestartFromEnv(); err != nil {
-			log.Warningf("%v", err)
-		} else if p != nil {
-			e, err := startEarly(opts.Globals.Root, *p)
-			if err != nil {
-				log.Warningf("the entrypoint is relaunched after the restart, not before: %v", err)
-			} else {
-				log.Infof("entrypoint started before the pause (pid %d), waiting at its start gate", e.cmd.Process.Pid)
-			}
-			in.early = e
-		}
+		in.early = startEarlyFromEnv(opts.Globals.Root)
 		in.standby = standby(opts.Version)
 		// No collection inside the blackout: the boot allocates a few
 		// MiB, which would start one (its marking takes a CPU of two

@@ -217,7 +217,6 @@ func (s *Sentry) Run() error {
 	if st := s.stopAsked(); st != nil {
 		// A kill during the restart this sentry came out of.
 		log.Infof("the supervisor passed on a stop asked for during the restart: %s", st.Reason)
-		s.dropEarly()
 		s.Stop(st.ExitStatus, st.Reason)
 		return nil
 	}

@@ -99,14 +99,7 @@ func BenchmarkGuestReadAfterRestart(b *testing.B) {
 			}
 		}
 		g2, dev2 := preserveAndRestart(b, s, g, fd)
-		sess2, err := g2.RetrieveSession(dev2, "bench")
-		if err != nil {
-			b.Fatal(err)
-		}
-		fd2, err := g2.RetrieveFD(sess2, 1)
-		if err != nil {
-			b.Fatal(err)
-		}
+		fd2 := retrieveBenchFD(b, g2, dev2)
 		b.StartTimer()
 		t0 := time.Now()
 		for off := int64(0); off < size; off += chunk {

@@ -169,6 +169,21 @@ func preserveAndRestart(b *testing.B, s *sandbox, g *guest.Conn, fd int) (*guest
 	return g2, dev2
 }
 
+// retrieveBenchFD retrieves, on g's /dev/liveupdate dev, the memfd that
+// preserveAndRestart preserved, and returns its fd.
+func retrieveBenchFD(b *testing.B, g *guest.Conn, dev int) int {
+	b.Helper()
+	sess, err := g.RetrieveSession(dev, "bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	fd, err := g.RetrieveFD(sess, 1)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return fd
+}
+
 func BenchmarkRetrieveMapAndRead(b *testing.B) {
 	for _, folios := range []string{"2MiB", "4KiB", "4KiB-in-order"} {
 		b.Run(folios, func(b *testing.B) {
@@ -181,14 +196,7 @@ func BenchmarkRetrieveMapAndRead(b *testing.B) {
 				g2, dev2 := preserveAndRestart(b, s, g, fd)
 				b.StartTimer()
 				start := time.Now()
-				sess2, err := g2.RetrieveSession(dev2, "bench")
-				if err != nil {
-					b.Fatal(err)
-				}
-				fd2, err := g2.RetrieveFD(sess2, 1)
-				if err != nil {
-					b.Fatal(err)
-				}
+				fd2 := retrieveBenchFD(b, g2, dev2)
 				m, err := g2.Mmap(fd2, 0, gib1, unix.PROT_READ, unix.MAP_SHARED)
 				if err != nil {
 					b.Fatal(err)
