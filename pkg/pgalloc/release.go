@@ -33,7 +33,11 @@ func (f *MemoryFile) decommit(start, end uint64) {
 	off, n := int64(start<<PageShift), int64((end-start)<<PageShift)
 	if err := unix.Fallocate(f.FD(), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
 		clear(f.mapping[off : off+n])
+		return
 	}
+	// The punch unmapped the pages from every process: the chunks it
+	// covers are new to this one again.
+	f.forgetTouchesIn(start, end)
 }
 
 // coalesce sorts disjoint ranges and merges the adjacent ones in place.

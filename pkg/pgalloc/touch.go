@@ -18,9 +18,9 @@ const (
 	touchMapped
 )
 
-// CopyThroughMapping reports whether a copy out of pages [pfn, pfn+n)
-// should go through this process's mapping (true) or through a system call
-// on the file (false), and records the answer.
+// CopyThroughMapping reports whether a copy into or out of pages
+// [pfn, pfn+n) should go through this process's mapping (true) or through a
+// system call on the file (false), and records the answer.
 //
 // The first touch of a page through a mapping costs a page fault, and on a
 // VM that shadows its guests' page tables a fill of the shadow entry even
@@ -67,6 +67,14 @@ func (f *MemoryFile) TouchedThroughMapping(pfn, n uint64) {
 // forgetTouches records that no page is mapped here any more.
 func (f *MemoryFile) forgetTouches() {
 	for c := range f.touched {
+		f.touched[c].Store(touchNone)
+	}
+}
+
+// forgetTouchesIn records that no page of the chunks wholly inside pages
+// [start, end) is mapped here any more.
+func (f *MemoryFile) forgetTouchesIn(start, end uint64) {
+	for c := (start + 1<<touchShift - 1) >> touchShift; (c+1)<<touchShift <= end; c++ {
 		f.touched[c].Store(touchNone)
 	}
 }

@@ -42,3 +42,27 @@ func TestCopyThroughMappingAnswersNoOnceThenYesPerChunk(t *testing.T) {
 		t.Errorf("the last page's chunk: state %d after a first read", f.touched[last].Load())
 	}
 }
+
+func TestAPunchedChunkIsNewToTheTouchRecord(t *testing.T) {
+	f := newTestFile(t, 64<<20)
+	defer f.Close()
+	fo, err := f.Allocate(MaxOrder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(f.Bytes(fo), 3)
+	f.TouchedThroughMapping(fo.PFN, fo.Pages())
+	// Half a chunk punched: the other half is still mapped here.
+	const chunk = 1 << touchShift
+	f.decommit(fo.PFN, fo.PFN+chunk/2)
+	if !f.CopyThroughMapping(fo.PFN, 1) {
+		t.Fatal("a chunk punched in part is no longer recorded as mapped here")
+	}
+	f.decommit(fo.PFN, fo.PFN+chunk)
+	if f.CopyThroughMapping(fo.PFN, 1) {
+		t.Fatal("a chunk punched whole is still recorded as mapped here: its next write would fault every page back in")
+	}
+	if !f.CopyThroughMapping(fo.PFN+chunk, 1) {
+		t.Fatal("the chunk after the punch lost its record")
+	}
+}

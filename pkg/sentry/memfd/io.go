@@ -424,18 +424,49 @@ type readerSource struct {
 	r io.Reader
 }
 
+// copyIn reads the bytes straight into the mapping if this process has
+// them mapped already (pgalloc.MemoryFile.CopyThroughMapping); else, a
+// run of syscallCopyMin or more, through a bounce buffer and pwrite(2):
+// the first touch of a page through the mapping costs a page fault, tens of
+// microseconds on a VM that shadows page tables, where pwrite(2) fills the
+// pages at gigabytes a second; and the process then holds no page-table
+// entry for them, which its exit would tear down. A run written that way
+// once goes through the mapping the second time.
 func (s readerSource) copyIn(f *File, addr, n uint64) (uint64, error) {
-	k, err := io.ReadFull(s.r, f.mapping(addr, n))
-	if k > 0 {
-		f.touched(addr, uint64(k))
-	}
-	if err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
+	first := addr >> pageShift
+	if n < syscallCopyMin || f.mf.CopyThroughMapping(first, (addr+n-1)>>pageShift-first+1) {
+		k, err := io.ReadFull(s.r, f.mapping(addr, n))
+		if k > 0 {
+			f.touched(addr, uint64(k))
 		}
-		err = fmt.Errorf("reading data to write to memfd: %w", err)
+		return uint64(k), readErr(err)
 	}
-	return uint64(k), err
+	buf := bounceBufs.Get().(*[bounceSize]byte)
+	defer bounceBufs.Put(buf)
+	var done uint64
+	for done < n {
+		k, err := io.ReadFull(s.r, buf[:min(n-done, bounceSize)])
+		if k > 0 {
+			src := &sliceSource{b: buf[:k]}
+			src.copyIn(f, addr+done, uint64(k))
+			done += uint64(k)
+		}
+		if err != nil {
+			return done, readErr(err)
+		}
+	}
+	return done, nil
+}
+
+// readErr is the error of a write whose source failed with err.
+func readErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("reading data to write to memfd: %w", err)
 }
 
 // seg is a folio of the page cache that an operation works on: one already

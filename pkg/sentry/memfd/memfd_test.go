@@ -749,6 +749,33 @@ func TestStreaming(t *testing.T) {
 				t.Fatalf("size %d blocks %d after a short reader", f.Size(), f.Stat().Blocks)
 			}
 		}},
+		{name: "a reader that ends early in a long write of new pages leaves what it gave", run: func(t *testing.T, f *File) {
+			// Longer than syscallCopyMin and than the bounce buffer,
+			// into pages not mapped in this process: the bytes go
+			// through the bounce buffer with pwrite(2), and the
+			// reader ends in its second fill.
+			long := pattern(1<<20, 4)
+			given := bounceSize + bounceSize/2 + 123
+			n, err := f.WriteFromAt(bytes.NewReader(long[:given]), int64(len(long)), 4096)
+			if n != int64(given) || !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Fatalf("WriteFromAt = %d, %v; want %d, ErrUnexpectedEOF", n, err, given)
+			}
+			var w bytes.Buffer
+			if n, err := f.ReadToAt(&w, 2<<20, 0); n != int64(4096+given) || err != nil {
+				t.Fatalf("ReadToAt = %d, %v; want %d", n, err, 4096+given)
+			}
+			if want := append(make([]byte, 4096), long[:given]...); !bytes.Equal(w.Bytes(), want) {
+				t.Fatal("the bytes read back are not the ones the reader gave")
+			}
+			// Written again, the same range goes through the mapping.
+			if n, err := f.WriteFromAt(bytes.NewReader(long), int64(len(long)), 4096); n != int64(len(long)) || err != nil {
+				t.Fatalf("WriteFromAt again = %d, %v", n, err)
+			}
+			w.Reset()
+			if _, err := f.ReadToAt(&w, 2<<20, 4096); err != nil || !bytes.Equal(w.Bytes(), long) {
+				t.Fatalf("after the second write: %v (equal %v)", err, bytes.Equal(w.Bytes(), long))
+			}
+		}},
 		{name: "a writer that fails returns what it took and its error", run: func(t *testing.T, f *File) {
 			mustPwrite(t, f, data, 0)
 			w := &failingWriter{left: 7000}
