@@ -70,3 +70,89 @@ func TestDropPageTablesUnmapsPagesButKeepsTheirContents(t *testing.T) {
 		t.Fatalf("DropPageTables after Close: %v", err)
 	}
 }
+
+func TestDropTouchedPageTablesDropsOnlyTheChunksTouchedThroughTheMapping(t *testing.T) {
+	f := newTestFile(t, 64<<20)
+	defer f.Close()
+	data, err := f.Allocate(MaxOrder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	records, err := f.Allocate(MaxOrder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Both written through the mapping; only data is recorded as such,
+	// as memfd's copies record theirs and LUO's record writes do not.
+	fill(f.Bytes(data), 42)
+	fill(f.Bytes(records), 7)
+	f.TouchedThroughMapping(data.PFN, data.Pages())
+	before := mappingRSS(t, f)
+	if before < (data.Size()+records.Size())>>10 {
+		t.Fatalf("after writing both through the mapping its RSS is %d KiB", before)
+	}
+
+	stopped := make(chan struct{})
+	close(stopped)
+	if err := f.DropTouchedPageTables(stopped); err != nil {
+		t.Fatal(err)
+	}
+	if rss := mappingRSS(t, f); rss != before {
+		t.Fatalf("a drop stopped before it began changed the RSS from %d to %d KiB", before, rss)
+	}
+
+	if err := f.DropTouchedPageTables(nil); err != nil {
+		t.Fatal(err)
+	}
+	if rss := mappingRSS(t, f); before-rss != data.Size()>>10 {
+		t.Fatalf("the drop took the RSS from %d to %d KiB, want exactly the %d KiB of the touched chunks gone", before, rss, data.Size()>>10)
+	}
+	for _, c := range []struct {
+		fo   Folio
+		want uint64
+	}{{data, 42}, {records, 7}} {
+		want := make([]byte, c.fo.Size())
+		fill(want, c.want)
+		got := make([]byte, c.fo.Size())
+		if err := f.ReadPages(c.fo.PFN, got); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("the file's contents at pfn %#x changed (%v)", c.fo.PFN, err)
+		}
+	}
+	if f.CopyThroughMapping(data.PFN, data.Pages()) {
+		t.Error("after the drop the touch record still says the data is mapped here")
+	}
+
+	// Nothing touched since: a second drop changes nothing.
+	after := mappingRSS(t, f)
+	if err := f.DropTouchedPageTables(nil); err != nil {
+		t.Fatal(err)
+	}
+	if rss := mappingRSS(t, f); rss != after {
+		t.Fatalf("a second drop took the RSS from %d to %d KiB", after, rss)
+	}
+}
+
+func TestCloseWaitsForADropUnderWay(t *testing.T) {
+	for range 20 {
+		f := newTestFile(t, 64<<20)
+		for range 8 {
+			fo, err := f.Allocate(MaxOrder)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fill(f.Bytes(fo), 1)
+			f.TouchedThroughMapping(fo.PFN, fo.Pages())
+		}
+		done := make(chan error, 2)
+		go func() { done <- f.DropTouchedPageTables(nil) }()
+		go func() { done <- f.DropPageTables() }()
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			if err := <-done; err != nil {
+				t.Fatalf("a drop racing Close: %v", err)
+			}
+		}
+	}
+}

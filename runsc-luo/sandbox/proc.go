@@ -82,6 +82,12 @@ func Is(pid int, start uint64) bool {
 	return ok && start != 0 && p.Start == start && p.Alive()
 }
 
+// IdleThread makes the calling thread SCHED_IDLE (see Idle); the caller
+// has locked its goroutine to the thread, and ends it locked.
+func IdleThread() {
+	unix.SchedSetAttr(0, &unix.SchedAttr{Policy: unix.SCHED_IDLE}, 0)
+}
+
 // Idle makes every thread of pid SCHED_IDLE, so that the kernel's
 // teardown of a process that is ending (its exit runs in its own threads,
 // and unmapping gigabytes of memory-file pages takes tens of milliseconds

@@ -150,6 +150,10 @@ type Options struct {
 	// (FD_CLOEXEC cleared); it returns only on failure. Exec mode,
 	// outgoing side.
 	Exec func(env string, fds []int) error
+	// BeforePause, if not nil, is called once the new sentry is ready,
+	// just before the blackout starts, to end what the old sentry did
+	// while the new one started. Outgoing side, transfer mode.
+	BeforePause func()
 	// Fault, if not nil, is called at every Point of this side: ErrCrash
 	// ends the side there; any other error makes the step that follows
 	// fail. Tests use it; nil in production.
@@ -220,6 +224,9 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	}
 	if err := opts.fault(OfferReady); err != nil {
 		return fail(err)
+	}
+	if opts.BeforePause != nil {
+		opts.BeforePause()
 	}
 
 	// The blackout starts.
