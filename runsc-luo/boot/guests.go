@@ -252,10 +252,16 @@ const oldGuestsTimeout = 5 * time.Second
 // until it is reaped, which happens only once the dead sentry has been
 // torn down (its children are its own until then), up to a second or more
 // for a sentry that had gigabytes mapped.
+//
+// Each wait sleeps on a pidfd of the guest, which wakes it the moment the
+// guest is reaped (or, after a recovery, exits), rather than in the next
+// millisecond's look at /proc: those milliseconds came between the end of
+// a restart's blackout and the relaunched entrypoint's start.
 func (s *Sentry) awaitOldGuests() {
 	deadline := time.Now().Add(oldGuestsTimeout)
 	for i, pid := range s.waitFor {
 		start := s.waitStart[i]
+		pw := openProcWait(pid, start, s.waitLive)
 		for exists(pid, start) && (!s.waitLive || sandbox.Is(pid, start)) {
 			if !sandbox.Alive(s.waitFrom) || time.Now().After(deadline) {
 				if sandbox.Is(pid, start) {
@@ -267,10 +273,71 @@ func (s *Sentry) awaitOldGuests() {
 				log.Warningf("guest %d of the previous sentry %d has not been reaped after %v", pid, s.waitFrom, 2*oldGuestsTimeout)
 				break
 			}
-			time.Sleep(time.Millisecond)
+			pw.wait(time.Millisecond)
 		}
+		pw.close()
 	}
 	s.waitFor = nil
+}
+
+// procWait waits for a process that is not this one's child to be reaped
+// or to exit, on a pidfd.
+type procWait struct {
+	fd     int   // -1: no pidfd (gone already, or none on this kernel)
+	events int16 // what ends the wait besides POLLHUP
+}
+
+// openProcWait returns a wait for the process pid that started at start:
+// for it to be reaped, or, if exited, to exit.
+func openProcWait(pid int, start uint64, exited bool) procWait {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return procWait{fd: -1}
+	}
+	// The pidfd names whatever pid named when it was opened: it is the
+	// guest's only if the guest still had pid then.
+	if sandbox.StartTime(pid) != start {
+		unix.Close(fd)
+		return procWait{fd: -1}
+	}
+	w := procWait{fd: fd}
+	if exited {
+		w.events = unix.POLLIN
+	}
+	return w
+}
+
+// wait returns once the process is reaped (a pidfd reports POLLHUP then,
+// Linux 6.9 and later), exits if that is asked for (POLLIN), or d has
+// passed, whichever is first. The caller looks at the process again: a
+// kernel that reports no POLLHUP makes the wait a sleep of d.
+func (w procWait) wait(d time.Duration) {
+	if w.fd < 0 {
+		time.Sleep(d)
+		return
+	}
+	fds := []unix.PollFd{{Fd: int32(w.fd), Events: w.events}}
+	// Signals (the runtime's preemption, SIGCHLD) interrupt the poll.
+	for end := time.Now().Add(d); ; {
+		left := time.Until(end)
+		if left <= 0 {
+			return
+		}
+		_, err := unix.Poll(fds, int(max(left.Milliseconds(), 1)))
+		if err == nil {
+			return
+		}
+		if err != unix.EINTR {
+			time.Sleep(left)
+			return
+		}
+	}
+}
+
+func (w procWait) close() {
+	if w.fd >= 0 {
+		unix.Close(w.fd)
+	}
 }
 
 // exists reports whether pid is the process that started at start, alive
