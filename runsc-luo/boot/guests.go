@@ -237,6 +237,15 @@ func (s *Sentry) launchEntrypoint() error {
 	return s.writeState("")
 }
 
+// takeWaitStarts records the start times of the guests of the previous
+// sentry (waitFor), which identify them in awaitOldGuests.
+func (s *Sentry) takeWaitStarts() {
+	s.waitStart = s.waitStart[:0]
+	for _, pid := range s.waitFor {
+		s.waitStart = append(s.waitStart, sandbox.StartTime(pid))
+	}
+}
+
 // oldGuestsTimeout bounds the wait for the previous sentry's guests.
 const oldGuestsTimeout = 5 * time.Second
 

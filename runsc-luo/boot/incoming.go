@@ -86,12 +86,11 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	s.k, s.guestFile, s.controlFile = k, files[1], files[2]
 	s.standby, in.standby = in.standby, nil
 	if d.Mode != handover.ModeExec {
-		// Their identity is taken now, while the old sentry (transfer)
-		// or the supervisor (recovery: what the dead sentry left, killed
-		// and exiting) holds them.
 		s.waitFor, s.waitFrom, s.waitLive = d.OldGuests, d.PID, d.Mode == handover.ModeRecover
-		for _, pid := range d.OldGuests {
-			s.waitStart = append(s.waitStart, sandbox.StartTime(pid))
+		if d.Mode == handover.ModeRecover {
+			// Their identity is taken now, while the supervisor holds
+			// what the dead sentry left, killed and exiting.
+			s.takeWaitStarts()
 		}
 	}
 	in.s = s
@@ -172,6 +171,13 @@ func (in *incoming) Serving(t handover.Timing) {
 		s.last = sandbox.RestartRecord{Generation: t.LiveupdateNumber, Timing: t}
 	}
 	s.mu.Unlock()
+	if t.Mode == handover.ModeTransfer {
+		// The old sentry's guests are its children, stopped and not
+		// reaped, until it hears Serving: their identity is taken now,
+		// after the blackout rather than inside it (a read of /proc per
+		// guest).
+		s.takeWaitStarts()
+	}
 	if !s.isRegistered() {
 		s.register(true)
 	} else if err := s.writeState(""); err != nil {
