@@ -6,9 +6,11 @@ import (
 	"os"
 	"time"
 
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/luo"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/log"
 	"gvisor.dev/gvisor/pkg/urpc"
@@ -162,6 +164,8 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 		}
 		crash.Old, crash.Guests, crash.Supervisor = os.Getpid(), s.guestPIDs(), s.supervisorPID()
 	}
+	// The messages this sentry sends and reads inside the blackout.
+	handover.WarmCodecs(&supervisor.Notice{Frozen: make([]byte, pgalloc.PageSize), Stop: &supervisor.StopRequest{}})
 	switch a.Mode {
 	case "", handover.ModeTransfer:
 		t, err := s.restartTransfer(binary, timeout, a.TestOnlyAckDelay, crash)

@@ -15,6 +15,7 @@ import (
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 	"github.com/livesentry/livesentry/runsc-luo/shim"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 	"gvisor.dev/gvisor/pkg/log"
 )
 
@@ -308,6 +309,11 @@ func prepareBoot(fd int, name string) (*handover.Channel, error) {
 		log.Warningf("closed %d fds inherited without FD_CLOEXEC", n)
 	}
 	catchSignals()
+	// The messages of the blackout and what follows it at once: the
+	// supervisor's registration and answer, the sandbox configuration
+	// in the descriptor, the state file.
+	handover.WarmCodecs(&supervisor.Register{}, &supervisor.Registered{Stop: &supervisor.StopRequest{}}, &sandbox.Config{},
+		&sandbox.State{Guests: []sandbox.GuestRecord{{}}, LastRestart: &sandbox.RestartRecord{}, LastRecovery: &sandbox.RecoveryRecord{}})
 	if err := kernel.PrepareIncoming(0); err != nil {
 		log.Warningf("%v", err)
 	}

@@ -64,6 +64,21 @@ func (c *Channel) Close() error { return c.conn.Close() }
 // SetDeadline sets the deadline of every later Send and Recv.
 func (c *Channel) SetDeadline(t time.Time) error { return c.conn.SetDeadline(t) }
 
+// WarmCodecs encodes and decodes a value of each message of the protocol,
+// and of each of extra, so that encoding/json has built its codecs for
+// their types before a restart's blackout needs them: it builds a type's
+// codec by reflection on the type's first use, which took 0.1-0.5 ms per
+// type here (a 4 KiB notice: 456 us the first time, 22-60 us after).
+// Both sentries call it before the pause.
+func WarmCodecs(extra ...any) {
+	msgs := []any{&Ready{Reads: []string{""}}, &Descriptor{Compatibles: []string{""}, Sandbox: []byte("{}"), OldGuests: []int{0}}, &Ack{}, &Commit{}, &Serving{}}
+	for _, v := range append(msgs, extra...) {
+		if b, err := json.Marshal(v); err == nil {
+			json.Unmarshal(b, v)
+		}
+	}
+}
+
 // Send sends msg as JSON with files attached (SCM_RIGHTS).
 func (c *Channel) Send(msg any, files ...*os.File) error {
 	b, err := json.Marshal(msg)
