@@ -545,3 +545,41 @@ func TestOfferRefusesAPeerOfAnotherProtocol(t *testing.T) {
 		t.Fatalf("the peer received %v, want EOF", err)
 	}
 }
+
+func TestBeforePauseRunsOnceTheNewSentryIsReadyAndBeforeThePause(t *testing.T) {
+	w := newWorld(t)
+	oldCh, peer, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCh, err := NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A peer that says Ready and then goes away: the restart rolls back
+	// after the pause.
+	go func() {
+		newCh.Send(&Ready{Protocol: ProtocolVersion, Version: "new", PID: 9})
+		var d Descriptor
+		newCh.Recv(&d)
+		newCh.Close()
+	}()
+	calls, pausedThen := 0, false
+	_, err = Offer(oldCh, oldSide{w}, Options{
+		Deadline: time.Now().Add(5 * time.Second),
+		StopPeer: func() {},
+		BeforePause: func() {
+			calls++
+			pausedThen = w.snapshot().paused
+		},
+	})
+	if err == nil {
+		t.Fatal("Offer to a peer that went away succeeded")
+	}
+	if calls != 1 || pausedThen {
+		t.Fatalf("BeforePause was called %d times, the old side paused then: %v; want once, before the pause", calls, pausedThen)
+	}
+	if st := w.snapshot(); st.paused || st.handedOff {
+		t.Fatalf("after the rollback the old side is paused %v, handed off %v", st.paused, st.handedOff)
+	}
+}
