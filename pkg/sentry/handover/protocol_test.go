@@ -229,14 +229,7 @@ type outcome struct {
 // restart runs both sides in this process over a socket pair, with the
 // given fault hooks and the outgoing deadline.
 func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, deadline time.Duration) outcome {
-	oldCh, peer, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	newCh, err := NewChannel(peer)
-	if err != nil {
-		t.Fatal(err)
-	}
+	oldCh, newCh := channelPair(t)
 	// A crash kills the process at the point itself.
 	crashing := func(f func(Point) error, old bool) func(Point) error {
 		if f == nil {
@@ -525,18 +518,11 @@ func TestARestartToASentryReadingNoFormatOfOursRollsBack(t *testing.T) {
 
 func TestOfferRefusesAPeerOfAnotherProtocol(t *testing.T) {
 	w := newWorld(t)
-	oldCh, peer, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	newCh, err := NewChannel(peer)
-	if err != nil {
-		t.Fatal(err)
-	}
+	oldCh, newCh := channelPair(t)
 	defer newCh.Close()
 	go newCh.Send(&Ready{Protocol: ProtocolVersion + 1, Version: "future", PID: 9})
 	stopped := false
-	_, err = Offer(oldCh, oldSide{w}, Options{Deadline: time.Now().Add(time.Second), StopPeer: func() { stopped = true }})
+	_, err := Offer(oldCh, oldSide{w}, Options{Deadline: time.Now().Add(time.Second), StopPeer: func() { stopped = true }})
 	if err == nil || !strings.Contains(err.Error(), "protocol") || !stopped || w.snapshot().paused {
 		t.Fatalf("Offer: %v, peer stopped %v, paused %v", err, stopped, w.snapshot().paused)
 	}
@@ -548,14 +534,7 @@ func TestOfferRefusesAPeerOfAnotherProtocol(t *testing.T) {
 
 func TestBeforePauseRunsOnceTheNewSentryIsReadyAndBeforeThePause(t *testing.T) {
 	w := newWorld(t)
-	oldCh, peer, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	newCh, err := NewChannel(peer)
-	if err != nil {
-		t.Fatal(err)
-	}
+	oldCh, newCh := channelPair(t)
 	// A peer that says Ready and then goes away: the restart rolls back
 	// after the pause.
 	go func() {
@@ -565,7 +544,7 @@ func TestBeforePauseRunsOnceTheNewSentryIsReadyAndBeforeThePause(t *testing.T) {
 		newCh.Close()
 	}()
 	calls, pausedThen := 0, false
-	_, err = Offer(oldCh, oldSide{w}, Options{
+	_, err := Offer(oldCh, oldSide{w}, Options{
 		Deadline: time.Now().Add(5 * time.Second),
 		StopPeer: func() {},
 		BeforePause: func() {
