@@ -321,6 +321,12 @@ func (s *Supervisor) loop(pid int) {
 	// handedTo is the new sentry the serving one committed a restart
 	// to (Notice.HandedOff), until it registers or is gone.
 	handedTo := 0
+	// ended are the sentries whose connection ended while they did not
+	// serve (a restart's new sentry that stood by): the HandedOff
+	// notice naming one may come after its end (the new sentry won the
+	// decision word and died before it registered, and the old one
+	// learned of it only then).
+	ended := map[int]bool{}
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -329,12 +335,17 @@ func (s *Supervisor) loop(pid int) {
 			if e.registered != nil {
 				s.take(e)
 				pid, waiting, handedTo = e.registered.reg.PID, false, 0
+				delete(ended, pid)
 				log.Infof("supervisor: sentry %d serves sandbox %s", pid, c.ID)
 				continue
 			}
 			if e.notice != nil {
-				if e.notice.HandedOff > 1 && e.from == pid {
-					handedTo = e.notice.HandedOff
+				if n := e.notice.HandedOff; n > 1 && e.from == pid {
+					handedTo = n
+					if ended[n] {
+						// Gone before it registered (below).
+						handedTo = 0
+					}
 				}
 				s.noticed(e.notice, e.from == pid)
 				continue
@@ -349,7 +360,12 @@ func (s *Supervisor) loop(pid int) {
 					continue
 				}
 			case e.ended != pid:
-				// A sentry that handed over.
+				// A sentry that handed over, or a new sentry gone
+				// before the notice of the handoff to it.
+				if len(ended) > 64 {
+					clear(ended)
+				}
+				ended[e.ended] = true
 				continue
 			default:
 				waiting, endedAt = true, time.Now()
@@ -438,13 +454,14 @@ func (s *Supervisor) noticed(n *Notice, current bool) {
 }
 
 // newSentryWait bounds how long a supervisor waits for the new sentry of a
-// transfer-mode restart whose old sentry died: the new one either got the
-// Commit and registers, or exits untouched once its channel ends.
+// transfer-mode restart whose old sentry died: the new one either committed
+// (won the decision word, or, in protocol 3, got the Commit) and registers,
+// or exits untouched (it lost the word, or its channel ended first).
 const newSentryWait = 10 * time.Second
 
 // awaitNewSentry is called when the serving sentry dead died. If it was in
 // a transfer-mode restart whose new sentry still runs (one of this
-// process's children by now), that sentry either had the Commit and
+// process's children by now), that sentry either committed and
 // registers (its pid is returned), or exits untouched; the dead sentry's
 // guests are killed meanwhile (nobody serves them). 0 if no new sentry
 // registered.
