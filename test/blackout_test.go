@@ -83,11 +83,11 @@ func TestExecDuringARestartIsRefused(t *testing.T) {
 	}
 	cl := urpc.NewClient(sock)
 	defer cl.Close()
-	restart := exec.Command(runsc, "--root="+c.root, "restart", "--TESTONLY-ack-delay=1500ms", "--binary="+runsc, id)
+	restart := exec.Command(runsc, "--root="+c.root, "restart", "--TESTONLY-commit-delay=1500ms", "--binary="+runsc, id)
 	if err := restart.Start(); err != nil {
 		t.Fatal(err)
 	}
-	// Inside the old sentry's 1.5 s sleep before it reads the ack.
+	// Inside the new sentry's 1.5 s sleep before it decides.
 	waitRestartInProgress(t, c)
 	var pid boot.PIDResult
 	err = cl.Call(boot.MethodExec, &boot.ExecArgs{Argv: []string{"sleep", "600"}}, &pid)

@@ -11,14 +11,15 @@ import (
 	"github.com/livesentry/livesentry/pkg/guest"
 )
 
-// An old sentry that reads the new sentry's ack only after its deadline
-// rolls back; the new sentry must not have committed (scrubbed what was
-// not preserved), served or relaunched anything before the old one
-// confirmed it read the ack.
-func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
+// A new sentry that comes to its decision only after the old sentry's
+// deadline never commits: the old one abandons the decision word first and
+// rolls back, and the new sentry must not have committed (scrubbed what was
+// not preserved), served or relaunched anything.
+func TestANewSentryDecidingTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 	c := newCLI(t)
 	const id = "lateack"
-	// The restart makes the old sentry sleep 1.5 s before it reads the ack.
+	// The restart makes the new sentry sleep 1.5 s, booted, before it
+	// decides.
 	// The entrypoint's argument is unique, to count its copies.
 	nap := fmt.Sprintf("600.%09d", rand.IntN(1e9))
 	if out, errOut, code := c.run("run", "--detach", "--memory=64M", id, "--", "sleep", nap); code != 0 {
@@ -58,9 +59,9 @@ func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	out, errOut, code := c.run("restart", "--timeout=1s", "--TESTONLY-ack-delay=1500ms", "--binary="+runsc, id)
+	out, errOut, code := c.run("restart", "--timeout=1s", "--TESTONLY-commit-delay=1500ms", "--binary="+runsc, id)
 	if code == 0 {
-		t.Fatalf("restart succeeded although the old sentry read the ack after its deadline: %s", out)
+		t.Fatalf("restart succeeded although the new sentry decided after the deadline: %s", out)
 	}
 	if !strings.Contains(errOut, "rolled back and is still serving") {
 		t.Fatalf("restart: %q", errOut)

@@ -6,7 +6,7 @@
 // binary to restart into), the format-compatibility builds (one that reads
 // and writes only the first formats, one only the newest, and one whose
 // memfd format is an unknown "memfd-v9"; kernel.formatsBuild). Faults are injected through the restart's options
-// (restart --TESTONLY-ack-delay), not through special builds.
+// (restart --TESTONLY-commit-delay, --TESTONLY-crash-at), not through special builds.
 package test
 
 import (

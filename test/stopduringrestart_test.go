@@ -46,7 +46,7 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 				t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
 			}
 			before := c.state(id)
-			args := []string{"--root=" + c.root, "restart", "--TESTONLY-ack-delay=1500ms", "--binary=" + runsc}
+			args := []string{"--root=" + c.root, "restart", "--TESTONLY-commit-delay=1500ms", "--binary=" + runsc}
 			if tc.rollback {
 				args = append(args, "--timeout=1s")
 			}
@@ -123,8 +123,9 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 }
 
 // waitRestartInProgress waits until a restart of c's sandbox has started
-// its new sentry, then a little longer: with --TESTONLY-ack-delay, that is inside the 1.5 s it sleeps in the middle of the
-// handover.
+// its new sentry, then a little longer: with --TESTONLY-commit-delay, that
+// is inside the 1.5 s the new sentry sleeps before it decides, the old one
+// paused.
 func waitRestartInProgress(t *testing.T, c *cli) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {

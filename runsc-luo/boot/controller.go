@@ -50,11 +50,12 @@ type RestartArgs struct {
 	// retrieved: they are handed over again as they came if this sentry
 	// carried them (luo.LUO.Carried), dropped with their memory if not.
 	Force bool `json:"force,omitempty"`
-	// TestOnlyAckDelay makes the old sentry of a transfer-mode restart
-	// sleep this long before it reads the new sentry's ack, as if it
-	// were descheduled there (handover.OfferSent): a window in the middle
-	// of a restart, for tests.
-	TestOnlyAckDelay time.Duration `json:"testonly_ack_delay,omitempty"`
+	// TestOnlyCommitDelay makes the new sentry of a transfer-mode
+	// restart sleep this long once booted, before it takes the decision
+	// word (handover.AcceptBooted), as if it were descheduled there: a
+	// window in the middle of a restart, and, past the restart's
+	// timeout, a new sentry that decides too late. For tests.
+	TestOnlyCommitDelay time.Duration `json:"testonly_commit_delay,omitempty"`
 	// TestOnlyCrashAt makes a process of the restart stop at once, as
 	// SIGKILL does, at a named point of either side (see ParseCrashAt),
 	// for tests.
@@ -168,7 +169,7 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 	handover.WarmCodecs(&supervisor.Notice{Frozen: make([]byte, pgalloc.PageSize), Stop: &supervisor.StopRequest{}})
 	switch a.Mode {
 	case "", handover.ModeTransfer:
-		t, err := s.restartTransfer(binary, timeout, a.TestOnlyAckDelay, crash)
+		t, err := s.restartTransfer(binary, timeout, a.TestOnlyCommitDelay, crash)
 		if err != nil && !s.isHandedOver() {
 			log.Warningf("transfer-mode restart failed, still serving: %v", err)
 			return fmt.Errorf("%w; the old sentry (pid %d) rolled back and is still serving", err, os.Getpid())

@@ -222,7 +222,7 @@ func reads(c string) bool {
 // means the old sentry keeps the sandbox; in exec mode there is no one to
 // roll back to, so the sandbox is recorded as stopped, with the error.
 func NewFromHandover(fd int, opts Options) (*Sentry, error) {
-	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crashAtFromEnv().fault(os.Getpid, nil)}
+	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: commitDelayFromEnv(crashAtFromEnv().fault(os.Getpid, nil))}
 	in := &incoming{opts: opts, fault: hopts.Fault}
 	if fd >= 0 {
 		ch, err := prepareBoot(fd, "handover")

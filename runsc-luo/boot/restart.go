@@ -196,7 +196,7 @@ func (s *Sentry) exitAfterHandoff() {
 // restartTransfer is a transfer-mode restart: a new sentry process takes
 // over; on any failure before the commit this one rolls back and goes on
 // serving.
-func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration, crash *CrashAt) (handover.Timing, error) {
+func (s *Sentry) restartTransfer(binary string, timeout, commitDelay time.Duration, crash *CrashAt) (handover.Timing, error) {
 	ch, peer, err := handover.Pair()
 	if err != nil {
 		return handover.Timing{}, err
@@ -217,6 +217,9 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	}
 	if crash != nil {
 		cmd.Env = append(cmd.Env, crash.env())
+	}
+	if commitDelay > 0 {
+		cmd.Env = append(cmd.Env, envCommitDelay+"="+commitDelay.String())
 	}
 	if s.isSupervised() {
 		cmd.Env = append(cmd.Env, envSupervisor+"="+sandbox.SupervisorPath(s.cfg.Root, s.cfg.ID))
@@ -260,12 +263,7 @@ func (s *Sentry) restartTransfer(binary string, timeout, ackDelay time.Duration,
 	if crash != nil {
 		crash.settle = s.settleGuests
 	}
-	fault := crash.fault(func() int { return cmd.Process.Pid }, func(p handover.Point) error {
-		if p == handover.OfferSent && ackDelay > 0 {
-			time.Sleep(ackDelay)
-		}
-		return nil
-	})
+	fault := crash.fault(func() int { return cmd.Process.Pid }, nil)
 	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer, peer: cmd.Process.Pid, fault: fault}, handover.Options{
 		Version:  s.opts.Version,
 		Deadline: time.Now().Add(timeout),
@@ -296,8 +294,14 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 	if err != nil {
 		return err
 	}
-	if info.Protocol != handover.ProtocolVersion {
-		return fmt.Errorf("%s speaks handover protocol %d, this sentry %d", binary, info.Protocol, handover.ProtocolVersion)
+	// The newest protocol both speak.
+	version, oldest := min(info.Protocol, handover.ProtocolVersion), info.OldestProtocol
+	if oldest == 0 {
+		// A build of protocol 3 speaks only that.
+		oldest = info.Protocol
+	}
+	if version < max(oldest, handover.OldestProtocol) {
+		return fmt.Errorf("%s speaks handover protocol %d to %d, this sentry %d to %d", binary, oldest, info.Protocol, handover.OldestProtocol, handover.ProtocolVersion)
 	}
 	// execve tears down this process's address space inside the
 	// blackout, page-table entries of the memory file included: drop them
@@ -315,6 +319,7 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 		Version:   s.opts.Version,
 		Deadline:  time.Now().Add(timeout),
 		PeerReads: info.Reads,
+		Protocol:  version,
 		Fault:     fault,
 		Exec: func(env string, fds []int) error {
 			// A stop asked for until now rolls the restart back (and
@@ -353,8 +358,10 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 // and the handover formats it reads and writes.
 type ABIInfo struct {
 	Version string `json:"version"`
-	// Protocol is the handover protocol version.
-	Protocol int `json:"protocol"`
+	// Protocol is the newest handover protocol version, OldestProtocol
+	// the oldest (absent from builds that speak only protocol 3).
+	Protocol       int `json:"protocol"`
+	OldestProtocol int `json:"oldest_protocol,omitempty"`
 	// GuestProtocol is the newest guest protocol version.
 	GuestProtocol int `json:"guest_protocol"`
 	// Formats are, per subsystem, the formats read and written, newest
@@ -366,7 +373,7 @@ type ABIInfo struct {
 
 // ThisABI returns this build's ABIInfo.
 func ThisABI(version string) ABIInfo {
-	return ABIInfo{Version: version, Protocol: handover.ProtocolVersion, GuestProtocol: abiguest.Version, Formats: kernel.Formats(), Reads: kernel.Reads()}
+	return ABIInfo{Version: version, Protocol: handover.ProtocolVersion, OldestProtocol: handover.OldestProtocol, GuestProtocol: abiguest.Version, Formats: kernel.Formats(), Reads: kernel.Reads()}
 }
 
 // ProbeABI runs "binary abi" within timeout.

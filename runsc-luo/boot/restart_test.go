@@ -66,8 +66,10 @@ func sandboxWithData(t *testing.T) (*Sentry, *guest.Conn, int, []byte) {
 }
 
 // restartInProcess runs both sides of a transfer-mode restart of s in this
-// process: the real Source and Target over a socket pair.
-func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFault func(handover.Point) error) (*incoming, handover.Timing, error) {
+// process: the real Source and Target over a socket pair. With holdNew, the
+// new side, booted, waits before it decides until the old side stops it
+// (handover.Options.StopPeer): it decides after the old side gave up.
+func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFault func(handover.Point) error, holdNew bool) (*incoming, handover.Timing, error) {
 	t.Helper()
 	ch, peer, err := handover.Pair()
 	if err != nil {
@@ -79,8 +81,19 @@ func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFaul
 	}
 	in := &incoming{opts: Options{Version: "new"}}
 	accepted := make(chan error, 1)
+	stopping := make(chan struct{})
+	acceptFault := func(p handover.Point) error {
+		if holdNew && p == handover.AcceptBooted {
+			select {
+			case <-stopping:
+			case <-time.After(10 * time.Second):
+				t.Error("the old side never stopped the new one")
+			}
+		}
+		return nil
+	}
 	go func() {
-		_, _, err := handover.Accept(newCh, in, handover.Options{Version: "new", Reads: kernel.Reads()})
+		_, _, err := handover.Accept(newCh, in, handover.Options{Version: "new", Reads: kernel.Reads(), Fault: acceptFault})
 		accepted <- err
 	}()
 	var acceptErr error
@@ -93,6 +106,7 @@ func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFaul
 	tm, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer}, handover.Options{
 		Version: "old", Deadline: time.Now().Add(deadline), Fault: offerFault,
 		StopPeer: func() {
+			close(stopping)
 			newCh.Close()
 			wait()
 		},
@@ -104,20 +118,16 @@ func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFaul
 	return in, tm, err
 }
 
-// An old sentry that reads the new sentry's ack only after its deadline
-// rolls back; the new sentry must not have committed (scrubbed what was
-// not preserved) or served before the old one confirmed it read the ack.
-// Then a restart without the delay hands the preserved memfd over.
-func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
+// A new sentry that comes to its decision only after the old sentry's
+// deadline rolls back: the old one abandoned the decision word first, and
+// the new sentry, booted, must not commit (scrub what was not preserved)
+// or serve. Then a restart without the delay hands the preserved memfd
+// over.
+func TestANewSentryDecidingTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 	s, g, unpreserved, pat := sandboxWithData(t)
-	in, _, err := restartInProcess(t, s, 300*time.Millisecond, func(p handover.Point) error {
-		if p == handover.OfferSent {
-			time.Sleep(600 * time.Millisecond)
-		}
-		return nil
-	})
+	in, _, err := restartInProcess(t, s, 300*time.Millisecond, nil, true)
 	if err == nil {
-		t.Fatal("the restart succeeded although the ack was read after the deadline")
+		t.Fatal("the restart succeeded although the new sentry decided after the deadline")
 	}
 	if in.s == nil {
 		t.Fatalf("the new sentry never booted: %v", err)
@@ -135,7 +145,7 @@ func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 		t.Fatal("the old sentry handed over")
 	}
 
-	in, tm, err := restartInProcess(t, s, 5*time.Second, nil)
+	in, tm, err := restartInProcess(t, s, 5*time.Second, nil, false)
 	if err != nil {
 		t.Fatalf("restart: %v", err)
 	}
@@ -175,19 +185,20 @@ func TestAnAckReadTooLateRollsBackWithNothingScrubbed(t *testing.T) {
 	}
 }
 
-// A failure injected at each step of the old side rolls back onto a
-// serving sentry whose preserved and unpreserved data are intact, and a
-// later restart still hands over.
+// A failure injected at each step of the old side before the decision
+// rolls back onto a serving sentry whose preserved and unpreserved data
+// are intact, and a later restart still hands over. (The new side, booted,
+// decides only once the old one has given up.)
 func TestEveryOutgoingFailureRollsBackOntoIntactData(t *testing.T) {
 	s, g, unpreserved, pat := sandboxWithData(t)
 	injected := errors.New("injected")
-	for _, p := range []handover.Point{handover.OfferReady, handover.OfferPaused, handover.OfferPrepared, handover.OfferSent, handover.OfferAcked} {
+	for _, p := range []handover.Point{handover.OfferReady, handover.OfferPaused, handover.OfferPrepared, handover.OfferSent} {
 		_, _, err := restartInProcess(t, s, 5*time.Second, func(q handover.Point) error {
 			if q == p {
 				return injected
 			}
 			return nil
-		})
+		}, true)
 		if !errors.Is(err, injected) {
 			t.Fatalf("a failure at %s: %v", p, err)
 		}
@@ -196,7 +207,7 @@ func TestEveryOutgoingFailureRollsBackOntoIntactData(t *testing.T) {
 			t.Fatalf("after a failure at %s: pread %d, %v, equal %v", p, n, err, bytes.Equal(got, pat))
 		}
 	}
-	in, _, err := restartInProcess(t, s, 5*time.Second, nil)
+	in, _, err := restartInProcess(t, s, 5*time.Second, nil, false)
 	if err != nil {
 		t.Fatalf("restart after the rollbacks: %v", err)
 	}

@@ -18,6 +18,36 @@ import (
 // sentry removes it from its environment before it launches anything.
 const envCrashAt = "LIVESENTRY_TESTONLY_CRASH_AT"
 
+// envCommitDelay carries RestartArgs.TestOnlyCommitDelay to the new
+// sentry, which removes it from its environment and sleeps that long at
+// handover.AcceptBooted.
+const envCommitDelay = "LIVESENTRY_TESTONLY_COMMIT_DELAY"
+
+// commitDelayFromEnv returns a fault hook that sleeps at AcceptBooted for
+// the delay envCommitDelay names, then calls next; next if none.
+func commitDelayFromEnv(next func(handover.Point) error) func(handover.Point) error {
+	v, ok := os.LookupEnv(envCommitDelay)
+	if !ok {
+		return next
+	}
+	os.Unsetenv(envCommitDelay)
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		log.Warningf("TESTONLY: %s=%q: not a positive duration (%v)", envCommitDelay, v, err)
+		return next
+	}
+	return func(p handover.Point) error {
+		if p == handover.AcceptBooted {
+			log.Infof("TESTONLY: sleeping %v before the decision", d)
+			time.Sleep(d)
+		}
+		if next == nil {
+			return nil
+		}
+		return next(p)
+	}
+}
+
 // envSpareCrashAt, in a spare sentry's environment (which it inherits from
 // the supervisor, and the supervisor from "run"), names an accept point at
 // which the spare SIGKILLs itself while it boots a recovery: a test of the

@@ -23,10 +23,10 @@ type Restart struct {
 	binary  string
 	timeout time.Duration
 	format  string
-	// ackDelay is --TESTONLY-ack-delay (see boot.RestartArgs).
-	ackDelay time.Duration
-	crashAt  string // --TESTONLY-crash-at (boot.ParseCrashAt)
-	force    bool
+	// commitDelay is --TESTONLY-commit-delay (see boot.RestartArgs).
+	commitDelay time.Duration
+	crashAt     string // --TESTONLY-crash-at (boot.ParseCrashAt)
+	force       bool
 }
 
 func (*Restart) Name() string { return "restart" }
@@ -48,7 +48,7 @@ Prints the timing breakdown, one phase a line:
   map        the new sentry mapping the memory file
   ingest     the new sentry reading the KHO map and adopting the preserved memory
   luo        the new sentry reading LUO's sessions and files
-  ready      the rest until the new sentry serves guests (ack and commit)
+  ready      the rest until the new sentry serves guests (the decision)
   blackout   all of the above: guests paused until the new sentry serves them
 
 A restart refuses (nothing changes) while incoming sessions of the last
@@ -73,7 +73,7 @@ func (r *Restart) SetFlags(f *flag.FlagSet) {
 	f.DurationVar(&r.timeout, "timeout", boot.DefaultRestartTimeout, "how long the new sentry may take")
 	f.StringVar(&r.format, "format", "table", "output format: table or json")
 	f.BoolVar(&r.force, "force", false, "restart even though incoming sessions have not been retrieved (they are handed over again as they came)")
-	f.DurationVar(&r.ackDelay, "TESTONLY-ack-delay", 0, "for tests: the old sentry sleeps this long before it reads the new sentry's ack")
+	f.DurationVar(&r.commitDelay, "TESTONLY-commit-delay", 0, "for tests: the new sentry (transfer mode) sleeps this long once booted, before it takes the decision")
 	f.StringVar(&r.crashAt, "TESTONLY-crash-at", "", "for tests: WHO@POINT[+DELAY], a process of the restart SIGKILLed at a handover point")
 }
 
@@ -92,7 +92,7 @@ func (r *Restart) Execute(_ context.Context, f *flag.FlagSet, args ...any) subco
 	if r.timeout <= 0 {
 		return usagef("--timeout %v: must be positive", r.timeout)
 	}
-	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, Force: r.force, TestOnlyAckDelay: r.ackDelay, TestOnlyCrashAt: r.crashAt})
+	t, err := container.Restart(cfg.Root, f.Arg(0), boot.RestartArgs{Mode: r.mode, Binary: r.binary, Timeout: r.timeout, Force: r.force, TestOnlyCommitDelay: r.commitDelay, TestOnlyCrashAt: r.crashAt})
 	var re *container.RestartError
 	if errors.As(err, &re) {
 		fatalf("restart of %q failed: %v", f.Arg(0), err)

@@ -7,15 +7,19 @@
 //   - transfer: the new sentry runs next to the old one, connected by a
 //     Unix socket pair. It says Ready; the old one sends the descriptor
 //     with the memory file and the sandbox's listening sockets as
-//     SCM_RIGHTS; the new one answers with an Ack (accepted, with its
-//     timing, or refused, with the reason). An accepted Ack is followed by
-//     the old sentry's Commit: the new sentry must not change anything the
-//     old one could still need (scrub, serve guests, relaunch the
-//     entrypoint) before it has the Commit, because until the old one has
-//     read the Ack it may still time out and roll back. The new sentry
-//     exits untouched if the channel ends instead; the old one never rolls
-//     back once it has sent the Commit. Serving, the new sentry's last
-//     message, marks the end of the blackout.
+//     SCM_RIGHTS. The new one boots without changing anything the old one
+//     could still need, then the restart is decided. Protocol 4: by the
+//     decision word (decision_unsafe.go), a word in a sealed memfd that
+//     crossed with the descriptor, which the new sentry moves from open to
+//     committed and the old one, giving up, from open to abandoned;
+//     whichever compare-and-swap comes first decides. The new sentry
+//     serves as soon as it wins, and then sends its Ack (with its timing)
+//     and Serving. Protocol 3, spoken with builds that know no newer one:
+//     the new sentry sends the Ack, then waits for the old one's Commit,
+//     sent once the old one has read the Ack within its deadline; it
+//     exits untouched if the channel ends instead. Either way the old
+//     sentry never rolls back once the new one may have served, and
+//     Serving marks the end of the blackout.
 //   - exec: the old sentry execve's the new binary; the descriptor goes in
 //     an environment variable and the files are inherited (FD_CLOEXEC
 //     cleared), their numbers named in the descriptor.
@@ -38,10 +42,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ProtocolVersion is the version of the handover messages. A sentry
-// refuses a descriptor of another version. Version 2 added Commit; version
-// 3 carries one Timing in the descriptor and the ack.
-const ProtocolVersion = 3
+// ProtocolVersion is the newest version of the handover messages, and
+// OldestProtocol the oldest this build speaks. Version 2 added Commit;
+// version 3 carries one Timing in the descriptor and the ack; version 4
+// decides a transfer-mode restart with the decision word instead of the
+// Commit (one hand-off between processes fewer inside the blackout). Two
+// sentries speak the newest version both know; a descriptor of a version
+// outside [OldestProtocol, ProtocolVersion] is refused.
+const (
+	ProtocolVersion = 4
+	OldestProtocol  = 3
+)
+
+// commitProtocol is the first version decided by the decision word.
+const commitProtocol = 4
 
 // Modes of a live restart.
 const (
@@ -62,6 +76,9 @@ type Files struct {
 	GuestListener int `json:"guest_listener"`
 	// ControlListener is the sandbox's listening control socket.
 	ControlListener int `json:"control_listener"`
+	// Decision is the decision file (transfer mode, protocol 4 and
+	// later; 0 and unused otherwise).
+	Decision int `json:"decision,omitempty"`
 }
 
 // Descriptor is what the old sentry hands to the new one besides the files.
@@ -104,8 +121,8 @@ type Descriptor struct {
 // inherited fds (exec mode, or a recovery started by the supervisor).
 // known reports whether the receiver understands an ABI string.
 func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
-	if d.Protocol != ProtocolVersion {
-		return fmt.Errorf("handover descriptor: protocol %d, this sentry speaks %d", d.Protocol, ProtocolVersion)
+	if d.Protocol < OldestProtocol || d.Protocol > ProtocolVersion {
+		return fmt.Errorf("handover descriptor: protocol %d, this sentry speaks %d to %d", d.Protocol, OldestProtocol, ProtocolVersion)
 	}
 	if d.Mode != ModeTransfer && d.Mode != ModeExec && d.Mode != ModeRecover {
 		return fmt.Errorf("handover descriptor: mode %q is none of %q, %q, %q", d.Mode, ModeTransfer, ModeExec, ModeRecover)
@@ -131,6 +148,14 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 		name string
 		v    int
 	}{{"memory_file", d.Files.MemoryFile}, {"guest_listener", d.Files.GuestListener}, {"control_listener", d.Files.ControlListener}}
+	if d.decidedByWord() {
+		fs = append(fs, struct {
+			name string
+			v    int
+		}{"decision", d.Files.Decision})
+	} else if d.Files.Decision != 0 {
+		return fmt.Errorf("handover descriptor: files.decision = %d in a %s-mode protocol %d handover, which has none", d.Files.Decision, d.Mode, d.Protocol)
+	}
 	// Over a channel the files come with the descriptor and are named by
 	// index (transfer mode, and a recovery handed to a spare sentry);
 	// otherwise they are inherited fds.
@@ -159,10 +184,21 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 	return nil
 }
 
+// decidedByWord reports whether d's restart is decided by the decision
+// word: transfer mode, protocol 4 or later.
+func (d *Descriptor) decidedByWord() bool {
+	return d.Mode == ModeTransfer && d.Protocol >= commitProtocol
+}
+
 // Ready is the new sentry's first message in transfer mode.
 type Ready struct {
-	// Protocol is ProtocolVersion of the new sentry.
+	// Protocol is the version the new sentry speaks with an old sentry
+	// that reads no Newest: OldestProtocol (builds of protocol 3 accept
+	// only a Ready of their own version).
 	Protocol int `json:"protocol"`
+	// Newest is the newest version the new sentry speaks; the old one
+	// speaks the newest both know. Absent (0) from protocol 3 builds.
+	Newest int `json:"newest_protocol,omitempty"`
 	// Version is the new sentry's version string.
 	Version string `json:"version"`
 	// PID is the new sentry's pid.
@@ -184,22 +220,28 @@ type Ack struct {
 	Version string `json:"version"`
 	// PID is the new sentry's pid.
 	PID int `json:"pid"`
+	// Committed (protocol 4) says the new sentry won the decision word
+	// and serves; an accepted Ack of protocol 3 waits for the Commit.
+	Committed bool `json:"committed,omitempty"`
 	// Timing is the descriptor's timing with the new sentry's half added:
-	// ReceivedAt, Map, Ingest, LUO, AcceptingAt (the time the ack was
-	// sent), NewPID and NewVersion.
+	// ReceivedAt, Map, Ingest, LUO, AcceptingAt (protocol 3: the time the
+	// ack was sent; 4: the time it started serving), NewPID and
+	// NewVersion.
 	Timing Timing `json:"timing"`
 }
 
-// Commit is the old sentry's answer to an accepted Ack: it read the Ack
-// within its deadline, handed off, and will never roll back. Only then may
-// the new sentry commit (scrub), serve guests and relaunch the entrypoint.
+// Commit is the old sentry's answer to an accepted Ack (protocol 3): it
+// read the Ack within its deadline, handed off, and will never roll back.
+// Only then may the new sentry commit (scrub), serve guests and relaunch
+// the entrypoint. Protocol 4 has the decision word instead.
 type Commit struct {
 	// PID is the old sentry's pid.
 	PID int `json:"pid"`
 }
 
-// Serving is the new sentry's last message in transfer mode: after the
-// old sentry's Commit it commits (lets its allocator scrub what was not
+// Serving is the new sentry's last message in transfer mode: once the
+// restart is its own (protocol 3: the old sentry's Commit; 4: the decision
+// word) it commits (lets its allocator scrub what was not
 // preserved), then serves guests. At is the CLOCK_MONOTONIC time (ns) it
 // started serving, the end of the blackout.
 type Serving struct {

@@ -14,7 +14,7 @@ func goodDescriptor() Descriptor {
 	return Descriptor{
 		Protocol: ProtocolVersion, Mode: ModeTransfer, Version: "v1", Root: 0x5000, LiveupdateNumber: 3,
 		MemorySize: 64 << 20, Compatibles: []string{"kho-v1", "memfd-v1"},
-		PID: 42, Files: Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2},
+		PID: 42, Files: Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2, Decision: 3},
 		Timing: Timing{Mode: ModeTransfer, PausedAt: 100, SentAt: 200},
 	}
 }
@@ -28,15 +28,23 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 		want   string
 	}{
 		{"a good descriptor passes", func(d *Descriptor) {}, ""},
-		{"another protocol version is refused", func(d *Descriptor) { d.Protocol = 1 }, "protocol 1"},
+		{"an older protocol version is refused", func(d *Descriptor) { d.Protocol = OldestProtocol - 1 }, "protocol 2, this sentry speaks 3 to 4"},
+		{"a newer protocol version is refused", func(d *Descriptor) { d.Protocol = ProtocolVersion + 1 }, "protocol 5"},
+		{"a protocol 3 transfer descriptor passes without a decision file", func(d *Descriptor) { d.Protocol, d.Files.Decision = 3, 0 }, ""},
+		{"a protocol 3 transfer descriptor naming a decision file is refused", func(d *Descriptor) { d.Protocol = 3 }, "files.decision = 3 in a transfer-mode protocol 3 handover"},
+		{"a decision file that did not come is refused", func(d *Descriptor) { d.Files.Decision = 4 }, "files.decision = 4, but 4 files came"},
+		{"a decision file that is the memory file is refused", func(d *Descriptor) { d.Files.Decision = 0 }, "files.memory_file and files.decision are both 0"},
 		{"an unknown mode is refused", func(d *Descriptor) { d.Mode = "teleport" }, `mode "teleport"`},
 		{"a zero root is refused", func(d *Descriptor) { d.Root = 0 }, "root 0x0"},
 		{"an unaligned root is refused", func(d *Descriptor) { d.Root = 0x5008 }, "root 0x5008"},
 		{"a root beyond the memory file is refused", func(d *Descriptor) { d.Root = 128 << 20 }, "memory size"},
 		{"an unknown compatible is refused", func(d *Descriptor) { d.Compatibles = append(d.Compatibles, "memfd-v9") }, `unknown compatible "memfd-v9"`},
-		{"a file index beyond the files received is refused", func(d *Descriptor) { d.Files.ControlListener = 3 }, "files.control_listener = 3"},
+		{"a file index beyond the files received is refused", func(d *Descriptor) { d.Files.ControlListener = 4 }, "files.control_listener = 4"},
 		{"two roles on one file are refused", func(d *Descriptor) { d.Files.GuestListener = 0 }, "files.memory_file and files.guest_listener"},
-		{"an exec descriptor naming stdio is refused", func(d *Descriptor) { d.Mode, d.Timing.Mode = ModeExec, ModeExec; d.Files = Files{2, 10, 11} }, "files.memory_file = 2"},
+		{"an exec descriptor naming stdio is refused", func(d *Descriptor) {
+			d.Mode, d.Timing.Mode = ModeExec, ModeExec
+			d.Files = Files{MemoryFile: 2, GuestListener: 10, ControlListener: 11}
+		}, "files.memory_file = 2"},
 		{"a pid 1 old guest is refused", func(d *Descriptor) { d.OldGuests = []int{1} }, "old guest pid 1"},
 		{"times going backwards are refused", func(d *Descriptor) { d.Timing.SentAt = 50 }, "monotonic"},
 		{"a timing of another mode is refused", func(d *Descriptor) { d.Timing.Mode = ModeExec }, "timing.mode"},
@@ -46,7 +54,7 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			d := goodDescriptor()
 			tc.modify(&d)
-			nfiles := 3
+			nfiles := 4
 			if d.Mode == ModeExec {
 				// Its files are inherited, not in a message.
 				nfiles = 0
@@ -133,7 +141,7 @@ func TestRecvRecoveryTakesOnlyARecovery(t *testing.T) {
 		want   string
 	}{
 		{"a recovery is taken", func(d *Descriptor) {}, ""},
-		{"a transfer descriptor is refused", func(d *Descriptor) { d.Mode, d.Timing.Mode = ModeTransfer, ModeTransfer }, `mode "transfer" over a recover channel`},
+		{"a transfer descriptor is refused", func(d *Descriptor) { d.Mode, d.Timing.Mode, d.Protocol = ModeTransfer, ModeTransfer, OldestProtocol }, `mode "transfer" over a recover channel`},
 		{"a file that did not come is refused", func(d *Descriptor) { d.Files.ControlListener = 3 }, "files.control_listener = 3, but 3 files came"},
 	}
 	for _, tc := range tests {

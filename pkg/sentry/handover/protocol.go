@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -33,7 +34,8 @@ type Source interface {
 	Abort()
 	// Resume undoes a successful Pause: the sentry serves again.
 	Resume()
-	// Handoff is called once the Commit is sent: the state is the new
+	// Handoff is called once the restart is committed (protocol 3: the
+	// Commit is sent; 4: the new sentry won the decision word): the state is the new
 	// sentry's. The Source forgets its guests without releasing anything
 	// they hold and never serves again.
 	Handoff()
@@ -76,8 +78,8 @@ const (
 	OfferFrozen     Point = "offer/frozen"     // LUO frozen; KHO finalize is next (inside Source.Prepare)
 	OfferPrepared   Point = "offer/prepared"   // LUO frozen, KHO finalized
 	OfferSent       Point = "offer/sent"       // the descriptor and files are sent; the ack is next
-	OfferAcked      Point = "offer/acked"      // an accepted ack was read; the Commit is next
-	OfferCommitted  Point = "offer/committed"  // the Commit is sent: no rollback from here on
+	OfferAcked      Point = "offer/acked"      // an accepted ack was read; the Commit is next (4: the ack says committed)
+	OfferCommitted  Point = "offer/committed"  // the Commit is sent (4: the decision is the new sentry's): no rollback from here on
 	OfferHandedOff  Point = "offer/handed-off" // Handoff done; waiting for Serving
 	OfferConfirmed  Point = "offer/confirmed"  // the new sentry said Serving
 	AcceptStart     Point = "accept/start"     // before Ready
@@ -85,8 +87,8 @@ const (
 	AcceptReceived  Point = "accept/received"  // the descriptor is received and valid; Boot is next
 	AcceptIngested  Point = "accept/ingested"  // the memory file mapped, KHO ingested; LUO deserialize is next (inside Target.Boot)
 	AcceptBooted    Point = "accept/booted"    // Boot done; the ack is next
-	AcceptAcked     Point = "accept/acked"     // the accepted ack is sent; waiting for the Commit
-	AcceptCommitted Point = "accept/committed" // the Commit arrived; Commit (scrub, serve) is next
+	AcceptAcked     Point = "accept/acked"     // the accepted ack is sent; waiting for the Commit (4: after AcceptServing)
+	AcceptCommitted Point = "accept/committed" // the Commit arrived (4: the decision word won); Commit (scrub, serve) is next
 	AcceptServing   Point = "accept/serving"   // serving guests; Serving is next
 	AcceptDone      Point = "accept/done"      // Serving sent
 )
@@ -154,10 +156,36 @@ type Options struct {
 	// just before the blackout starts, to end what the old sentry did
 	// while the new one started. Outgoing side, transfer mode.
 	BeforePause func()
+	// Protocol, if not 0, is the newest protocol version this side
+	// speaks, OldestProtocol to ProtocolVersion (tests: a build of an
+	// older version).
+	Protocol int
 	// Fault, if not nil, is called at every Point of this side: ErrCrash
 	// ends the side there; any other error makes the step that follows
 	// fail. Tests use it; nil in production.
 	Fault func(Point) error
+}
+
+// newest returns the newest protocol version this side speaks.
+func (o *Options) newest() int {
+	if o.Protocol != 0 {
+		return o.Protocol
+	}
+	return ProtocolVersion
+}
+
+// speak returns the version this side, the old sentry, speaks with a new
+// sentry that said ready: the newest both know.
+func (o *Options) speak(ready *Ready) (int, error) {
+	theirs := ready.Protocol
+	if ready.Newest > theirs {
+		theirs = ready.Newest
+	}
+	v := min(theirs, o.newest())
+	if v < OldestProtocol || v < ready.Protocol {
+		return 0, fmt.Errorf("the new sentry %q speaks handover protocol %d to %d, this one %d to %d", ready.Version, ready.Protocol, theirs, OldestProtocol, o.newest())
+	}
+	return v, nil
 }
 
 func (o *Options) pid() int {
@@ -192,7 +220,8 @@ func (o *Options) fault(p Point) error {
 // restart's timing once the new sentry serves. On any failure before the
 // Commit it stops the new sentry (StopPeer), undoes what it did in reverse
 // (Abort, Resume) and returns the error: the old sentry goes on serving.
-// After the Commit it never rolls back; an error then wraps ErrNotServing.
+// After the Commit (protocol 4: once the new sentry won the decision word)
+// it never rolls back; an error then wraps ErrNotServing.
 func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	defer ch.Close()
 	t := Timing{Mode: ModeTransfer, OldPID: opts.pid(), OldVersion: opts.Version}
@@ -219,8 +248,18 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	if err := recvNoFiles(ch, &ready); err != nil {
 		return fail(fmt.Errorf("the new sentry did not become ready: %w", err))
 	}
-	if ready.Protocol != ProtocolVersion {
-		return fail(fmt.Errorf("the new sentry %q speaks handover protocol %d, this one %d", ready.Version, ready.Protocol, ProtocolVersion))
+	version, err := opts.speak(&ready)
+	if err != nil {
+		return fail(err)
+	}
+	var dec *decision
+	if version >= commitProtocol {
+		// Before the pause: a memfd and a mapping are no work for the
+		// blackout.
+		if dec, err = newDecision(); err != nil {
+			return fail(err)
+		}
+		defer dec.close()
 	}
 	if err := opts.fault(OfferReady); err != nil {
 		return fail(err)
@@ -238,7 +277,7 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	if err := opts.fault(OfferPaused); err != nil {
 		return fail(err)
 	}
-	d := &Descriptor{Protocol: ProtocolVersion, Mode: ModeTransfer, Version: opts.Version, PID: t.OldPID}
+	d := &Descriptor{Protocol: version, Mode: ModeTransfer, Version: opts.Version, PID: t.OldPID}
 	d.Timing = t
 	files, err := src.Prepare(d, ready.Reads)
 	if err != nil {
@@ -253,9 +292,16 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 		return fail(fmt.Errorf("the sentry gave %d files to hand over, want 3", len(files)))
 	}
 	d.Files = Files{MemoryFile: 0, GuestListener: 1, ControlListener: 2}
+	if dec != nil {
+		d.Files.Decision = 3
+		files = append(files, dec.file)
+	}
 	d.Timing.SentAt = Monotonic()
 	if err := ch.Send(d, files...); err != nil {
 		return fail(fmt.Errorf("sending the handover: %w", err))
+	}
+	if dec != nil {
+		return offerDecided(ch, src, opts, t, ready.PID, dec, fail, func() { committed = true })
 	}
 	if err := opts.fault(OfferSent); err != nil {
 		return fail(err)
@@ -310,6 +356,95 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	return t, nil
 }
 
+// offerDecided is the rest of Offer once the descriptor of a restart
+// decided by the decision word (protocol 4) is sent. The new sentry serves
+// the moment it wins the word, and then sends its Ack and Serving. Any
+// other outcome — a refusal, the deadline, the channel ending, a fault —
+// makes this side try to abandon the word: if that wins, the new sentry
+// never commits, and the restart rolls back (fail runs the undo); if it
+// loses, the new sentry committed and this side hands off (markCommitted
+// stops the undo), whatever it was about to report.
+func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec *decision, fail func(error) (Timing, error), markCommitted func()) (Timing, error) {
+	var ack Ack
+	acked := false
+	err := opts.fault(OfferSent)
+	if err == nil {
+		if err = recvNoFiles(ch, &ack); err != nil {
+			err = fmt.Errorf("waiting for the new sentry's acknowledgement: %w", err)
+		}
+	}
+	if err == nil {
+		switch {
+		case !ack.Accepted:
+			err = fmt.Errorf("the new sentry %q refused the handover: %s", ack.Version, ack.Error)
+		case !ack.Committed:
+			err = fmt.Errorf("the new sentry %q accepted the handover without committing it (protocol %d)", ack.Version, commitProtocol)
+		case ack.PID != peer:
+			err = fmt.Errorf("an acknowledgement from pid %d, but the new sentry is pid %d", ack.PID, peer)
+		default:
+			acked = true
+		}
+	}
+	if err == nil {
+		err = opts.fault(OfferAcked)
+	}
+	if errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	if err != nil && dec.abandon() {
+		return fail(err)
+	}
+	// The new sentry committed: no rollback from here on.
+	markCommitted()
+	if !dec.committed() {
+		// Accepted and committed, says the ack, but the word says
+		// otherwise: a peer that broke the protocol.
+		src.Handoff()
+		return t, fmt.Errorf("%w: the ack says committed, the decision word does not", ErrNotServing)
+	}
+	timeout := opts.ServingTimeout
+	if timeout <= 0 {
+		timeout = defaultServingTimeout
+	}
+	if !acked {
+		// Committed before this side gave up: its ack is still to
+		// come.
+		ch.SetDeadline(time.Now().Add(timeout))
+		rerr := recvNoFiles(ch, &ack)
+		if rerr == nil && (!ack.Accepted || !ack.Committed) {
+			rerr = fmt.Errorf("its ack says accepted %v, committed %v: %s", ack.Accepted, ack.Committed, ack.Error)
+		}
+		if rerr != nil {
+			if ferr := opts.fault(OfferCommitted); errors.Is(ferr, ErrCrash) {
+				return fail(ferr)
+			}
+			src.Handoff()
+			return t, fmt.Errorf("%w: it committed (while this side: %v), then %v", ErrNotServing, err, rerr)
+		}
+	}
+	t = ack.Timing
+	if err := opts.fault(OfferCommitted); errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	src.Handoff()
+	if err := opts.fault(OfferHandedOff); errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	ch.SetDeadline(time.Now().Add(timeout))
+	var serving Serving
+	if err := recvNoFiles(ch, &serving); err != nil {
+		return t, fmt.Errorf("%w: %v", ErrNotServing, err)
+	}
+	if serving.At != t.AcceptingAt || serving.At < t.ReceivedAt {
+		return t, fmt.Errorf("%w: serving at %d, the ack said %d, the descriptor arrived at %d", ErrNotServing, serving.At, t.AcceptingAt, t.ReceivedAt)
+	}
+	t.Finish()
+	if err := opts.fault(OfferConfirmed); errors.Is(err, ErrCrash) {
+		return fail(err)
+	}
+	return t, nil
+}
+
 // Accept is the incoming side of a transfer-mode restart, over ch (which
 // it closes). It says Ready, receives and validates the descriptor, boots
 // dst from it and acknowledges; it commits dst and serves only after the
@@ -323,7 +458,11 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 	if err := opts.fault(AcceptStart); err != nil {
 		return nil, Timing{}, err
 	}
-	if err := ch.Send(&Ready{Protocol: ProtocolVersion, Version: opts.Version, PID: pid, Reads: opts.Reads}); err != nil {
+	ready := &Ready{Protocol: OldestProtocol, Version: opts.Version, PID: pid, Reads: opts.Reads}
+	if opts.newest() > OldestProtocol {
+		ready.Newest = opts.newest()
+	}
+	if err := ch.Send(ready); err != nil {
 		return nil, Timing{}, fmt.Errorf("saying ready: %w", err)
 	}
 	if err := opts.fault(AcceptReady); err != nil {
@@ -343,10 +482,25 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		}
 		return d, d.Timing, fmt.Errorf("handover refused: %w", err)
 	}
+	if d.Protocol > opts.newest() {
+		closeFiles(files)
+		return refuse(fmt.Errorf("handover descriptor: protocol %d, this sentry speaks %d to %d", d.Protocol, OldestProtocol, opts.newest()))
+	}
 	ordered, err := takeFiles(d, files, opts.known, ModeTransfer)
 	if err != nil {
 		return refuse(err)
 	}
+	var dec *decision
+	if d.decidedByWord() {
+		dec, err = openDecision(ordered[3])
+		ordered = ordered[:3]
+		if err != nil {
+			closeFiles(ordered)
+			return refuse(err)
+		}
+	}
+	// Closed on every way out: the word is in the old sentry's file.
+	defer dec.close()
 	t := &d.Timing
 	t.ReceivedAt, t.NewPID, t.NewVersion = received, pid, opts.Version
 	t.LiveupdateNumber = d.LiveupdateNumber + 1
@@ -363,6 +517,15 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		}
 		return refuse(err)
 	}
+	untouched := func(err error) (*Descriptor, Timing, error) {
+		if !errors.Is(err, ErrCrash) {
+			dst.Discard()
+		}
+		return d, *t, fmt.Errorf("%w (exiting untouched: the old sentry may have rolled back)", err)
+	}
+	if dec != nil {
+		return acceptDecided(ch, dst, opts, d, t, dec, untouched)
+	}
 	// Until the old sentry has read this, it may still time out and roll
 	// back: nothing may be scrubbed and no guest may run. A successful
 	// send says only that the ack is in the socket buffer, so wait for
@@ -370,12 +533,6 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 	// never roll back. If the channel ends instead, the old sentry
 	// stopped this one too late, died, or rolled back: discard untouched.
 	t.AcceptingAt = Monotonic()
-	untouched := func(err error) (*Descriptor, Timing, error) {
-		if !errors.Is(err, ErrCrash) {
-			dst.Discard()
-		}
-		return d, *t, fmt.Errorf("%w (exiting untouched: the old sentry may have rolled back)", err)
-	}
 	if err := ch.Send(&Ack{Accepted: true, Version: opts.Version, PID: pid, Timing: *t}); err != nil {
 		return untouched(fmt.Errorf("acknowledging the handover: %w", err))
 	}
@@ -406,6 +563,41 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 	return d, *t, nil
 }
 
+// acceptDecided is the rest of Accept once a handover decided by the
+// decision word (protocol 4) is booted: the new sentry takes the word and,
+// if it wins, serves at once, then sends its Ack and Serving. If the old
+// sentry abandoned the word first, the old one rolls back (or has): dst is
+// discarded untouched. Once the word is won nothing is undone; a send that
+// fails then (the old sentry died) is no error: this sentry serves.
+func acceptDecided(ch *Channel, dst Target, opts Options, d *Descriptor, t *Timing, dec *decision, untouched func(error) (*Descriptor, Timing, error)) (*Descriptor, Timing, error) {
+	if !dec.commit() {
+		return untouched(errors.New("the old sentry abandoned the handover before this one could commit it"))
+	}
+	if err := opts.fault(AcceptCommitted); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	if err := serve(d, t, dst); err != nil {
+		return d, *t, err
+	}
+	if err := opts.fault(AcceptServing); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	ch.SetDeadline(time.Now().Add(commitSendTimeout))
+	if err := ch.Send(&Ack{Accepted: true, Committed: true, Version: opts.Version, PID: opts.pid(), Timing: *t}); err != nil {
+		return d, *t, nil
+	}
+	if err := opts.fault(AcceptAcked); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	if err := ch.Send(&Serving{At: t.AcceptingAt}); err != nil {
+		return d, *t, nil
+	}
+	if err := opts.fault(AcceptDone); errors.Is(err, ErrCrash) {
+		return d, *t, err
+	}
+	return d, *t, nil
+}
+
 // serve commits dst and records the finished timing.
 func serve(d *Descriptor, t *Timing, dst Target) error {
 	if err := dst.Commit(d); err != nil {
@@ -419,7 +611,8 @@ func serve(d *Descriptor, t *Timing, dst Target) error {
 
 // takeFiles validates a descriptor that came over a channel with its
 // files, which must be of mode, and returns the memory file, guest
-// listener and control listener; the other files are closed. On error
+// listener and control listener, and the decision file if the descriptor
+// has one; the other files are closed. On error
 // every file is closed.
 func takeFiles(d *Descriptor, files []*os.File, known func(string) bool, mode string) ([]*os.File, error) {
 	if err := d.Validate(len(files), known); err != nil {
@@ -431,8 +624,11 @@ func takeFiles(d *Descriptor, files []*os.File, known func(string) bool, mode st
 		return nil, fmt.Errorf("handover descriptor: mode %q over a %s channel", d.Mode, mode)
 	}
 	ordered := []*os.File{files[d.Files.MemoryFile], files[d.Files.GuestListener], files[d.Files.ControlListener]}
-	for i, f := range files {
-		if i != d.Files.MemoryFile && i != d.Files.GuestListener && i != d.Files.ControlListener {
+	if d.decidedByWord() {
+		ordered = append(ordered, files[d.Files.Decision])
+	}
+	for _, f := range files {
+		if !slices.Contains(ordered, f) {
 			f.Close()
 		}
 	}
@@ -503,7 +699,7 @@ func OfferExec(src Source, opts Options) error {
 	if err := opts.fault(OfferPaused); err != nil {
 		return fail(err)
 	}
-	d := &Descriptor{Protocol: ProtocolVersion, Mode: ModeExec, Version: opts.Version, PID: t.OldPID, Timing: t}
+	d := &Descriptor{Protocol: opts.newest(), Mode: ModeExec, Version: opts.Version, PID: t.OldPID, Timing: t}
 	files, err := src.Prepare(d, opts.PeerReads)
 	if err != nil {
 		return fail(err)

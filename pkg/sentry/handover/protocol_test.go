@@ -1,6 +1,7 @@
 package handover
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -224,11 +225,15 @@ type outcome struct {
 	oldServes, newServes bool
 	// holders is how many live sentries still hold the memory file.
 	holders int
+	// timing is what Offer returned.
+	timing Timing
 }
 
 // restart runs both sides in this process over a socket pair, with the
-// given fault hooks and the outgoing deadline.
-func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, deadline time.Duration) outcome {
+// given fault hooks and the outgoing deadline; protos, if given, are the
+// newest protocol versions the old and the new side speak.
+func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, deadline time.Duration, protos ...int) outcome {
+	protos = append(protos, 0, 0)
 	oldCh, newCh := channelPair(t)
 	// A crash kills the process at the point itself.
 	crashing := func(f func(Point) error, old bool) func(Point) error {
@@ -252,7 +257,7 @@ func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, 
 	offerFault, acceptFault = crashing(offerFault, true), crashing(acceptFault, false)
 	acceptDone := make(chan error, 1)
 	go func() {
-		_, _, err := Accept(newCh, newSide{w}, Options{Version: "new", PID: 200, Reads: w.newReads, Fault: acceptFault})
+		_, _, err := Accept(newCh, newSide{w}, Options{Version: "new", PID: 200, Reads: w.newReads, Fault: acceptFault, Protocol: protos[1]})
 		acceptDone <- err
 	}()
 	var acceptErr error
@@ -277,11 +282,11 @@ func restart(t *testing.T, w *world, offerFault, acceptFault func(Point) error, 
 		newCh.Close()
 		waitAccept()
 	}
-	_, offerErr := Offer(oldCh, oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(deadline), ServingTimeout: time.Second, StopPeer: stopPeer, Fault: offerFault})
+	tm, offerErr := Offer(oldCh, oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(deadline), ServingTimeout: time.Second, StopPeer: stopPeer, Fault: offerFault, Protocol: protos[0]})
 	waitAccept()
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	o := outcome{offerErr: offerErr, acceptErr: acceptErr}
+	o := outcome{offerErr: offerErr, acceptErr: acceptErr, timing: tm}
 	o.oldServes = !w.oldDead && !w.paused && !w.handedOff
 	o.newServes = !w.newDead && w.serving && !w.discarded
 	if !w.oldDead && !w.handedOff {
@@ -308,33 +313,46 @@ var errInjected = errors.New("injected failure")
 func TestRestartOutcomeAtEveryFaultPoint(t *testing.T) {
 	type want int
 	const (
-		oldServes    want = iota // rolled back: the old sentry serves, the restart failed
+		same         want = iota // (want4 only) as in protocol 3
+		oldServes                // rolled back: the old sentry serves, the restart failed
 		newServes                // handed over: the new sentry serves, the restart succeeded
 		lostReported             // neither serves, nobody holds the memory file, and Offer said so
 		eitherOldOrLost
-		newDiesAfter // the new sentry died after the restart completed
+		eitherOldOrNew // the old side gave up while the new one decided: whichever won the decision word
+		newDiesAfter   // the new sentry died after the restart completed
 	)
+	// slow makes a side sleep 400 ms at a point, past a 200 ms deadline.
+	slow := func(p Point) func(Point) error {
+		return func(q Point) error {
+			if q == p {
+				time.Sleep(400 * time.Millisecond)
+			}
+			return nil
+		}
+	}
 	tests := []struct {
 		name          string
 		offer, accept func(Point) error
-		// slowAck: the old sentry is descheduled past its deadline
-		// right before it reads the ack.
-		slowAck bool
-		want    want
+		// short: the old side's deadline is 200 ms.
+		short bool
+		// want is the outcome in protocol 3 (decided by the ack and the
+		// Commit), want4 in protocol 4 (the decision word) if it
+		// differs.
+		want, want4 want
 	}{
 		{name: "a restart without faults hands over", want: newServes},
 		{name: "a failure after ready rolls back", offer: at(OfferReady, errInjected), want: oldServes},
 		{name: "a failure after pause rolls back", offer: at(OfferPaused, errInjected), want: oldServes},
 		{name: "a failure after prepare rolls back", offer: at(OfferPrepared, errInjected), want: oldServes},
-		{name: "a failure after the send rolls back", offer: at(OfferSent, errInjected), want: oldServes},
-		{name: "a failure after the ack rolls back", offer: at(OfferAcked, errInjected), want: oldServes},
+		{name: "a failure after the send rolls back (4: unless the new sentry won the word)", offer: at(OfferSent, errInjected), want: oldServes, want4: eitherOldOrNew},
+		{name: "a failure after the ack rolls back (4: the new sentry had won the word)", offer: at(OfferAcked, errInjected), want: oldServes, want4: newServes},
 		{name: "a failure after the commit changes nothing", offer: at(OfferCommitted, errInjected), want: newServes},
 		{name: "a failure after the handoff changes nothing", offer: at(OfferHandedOff, errInjected), want: newServes},
 		{name: "the old sentry dying after ready loses the sandbox, reported", offer: at(OfferReady, ErrCrash), want: lostReported},
 		{name: "the old sentry dying paused loses the sandbox, reported", offer: at(OfferPaused, ErrCrash), want: lostReported},
 		{name: "the old sentry dying prepared loses the sandbox, reported", offer: at(OfferPrepared, ErrCrash), want: lostReported},
-		{name: "the old sentry dying after the send: the new one exits untouched", offer: at(OfferSent, ErrCrash), want: lostReported},
-		{name: "the old sentry dying after the ack: the new one exits untouched", offer: at(OfferAcked, ErrCrash), want: lostReported},
+		{name: "the old sentry dying after the send: the new one exits untouched (4: serves)", offer: at(OfferSent, ErrCrash), want: lostReported, want4: newServes},
+		{name: "the old sentry dying after the ack: the new one exits untouched (4: serves)", offer: at(OfferAcked, ErrCrash), want: lostReported, want4: newServes},
 		{name: "the old sentry dying after the commit: the new one serves", offer: at(OfferCommitted, ErrCrash), want: newServes},
 		{name: "the old sentry dying after the handoff: the new one serves", offer: at(OfferHandedOff, ErrCrash), want: newServes},
 		{name: "the old sentry dying after the confirmation: the new one serves", offer: at(OfferConfirmed, ErrCrash), want: newServes},
@@ -351,62 +369,105 @@ func TestRestartOutcomeAtEveryFaultPoint(t *testing.T) {
 		{name: "the new sentry dying serving, before saying so, is reported lost", accept: at(AcceptServing, ErrCrash), want: lostReported},
 		{name: "the new sentry dying after saying it serves is a later crash", accept: at(AcceptDone, ErrCrash), want: newDiesAfter},
 		{
-			name:    "an ack read after the deadline rolls back and the new sentry never serves",
-			slowAck: true,
-			want:    oldServes,
+			name:  "an ack read after the deadline rolls back and the new sentry never serves (4: it had won the word)",
+			offer: slow(OfferSent), short: true,
+			want: oldServes, want4: newServes,
+		},
+		{
+			name:   "a new sentry deciding after the deadline never serves",
+			accept: slow(AcceptBooted), short: true,
+			want: oldServes,
 		},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			w := newWorld(t)
-			deadline := 5 * time.Second
-			offer := tc.offer
-			if tc.slowAck {
-				deadline = 200 * time.Millisecond
-				offer = func(p Point) error {
-					if p == OfferSent {
-						time.Sleep(400 * time.Millisecond)
+	for _, proto := range []int{OldestProtocol, ProtocolVersion} {
+		for _, tc := range tests {
+			t.Run(fmt.Sprintf("protocol %d/%s", proto, tc.name), func(t *testing.T) {
+				want := tc.want
+				if proto >= commitProtocol && tc.want4 != same {
+					want = tc.want4
+				}
+				w := newWorld(t)
+				deadline := 5 * time.Second
+				if tc.short {
+					deadline = 200 * time.Millisecond
+				}
+				o := restart(t, w, tc.offer, tc.accept, deadline, proto, proto)
+				if o.oldServes && o.newServes {
+					t.Fatalf("both sentries serve: %+v", o)
+				}
+				if !o.oldServes && !o.newServes && o.holders > 0 {
+					t.Fatalf("neither sentry serves while %d holds the memory file: %+v", o.holders, o)
+				}
+				if want == eitherOldOrNew {
+					want = oldServes
+					if o.newServes {
+						want = newServes
 					}
-					return nil
 				}
+				switch want {
+				case oldServes:
+					if !o.oldServes || o.offerErr == nil || errors.Is(o.offerErr, ErrNotServing) {
+						t.Fatalf("want a rollback with the old sentry serving and an error: %+v", o)
+					}
+				case newServes:
+					if !o.newServes {
+						t.Fatalf("want the new sentry serving: %+v", o)
+					}
+					if o.offerErr != nil && !errors.Is(o.offerErr, ErrCrash) {
+						t.Fatalf("the restart handed over but Offer says %v", o.offerErr)
+					}
+					if o.acceptErr != nil {
+						t.Fatalf("Accept: %v", o.acceptErr)
+					}
+					if tm := w.snapshot().timing; tm.Blackout <= 0 || tm.NewPID != 200 || tm.OldPID != 100 || tm.LiveupdateNumber != 8 {
+						t.Fatalf("timing %+v", tm)
+					}
+					if o.offerErr == nil && o.timing.Blackout != w.snapshot().timing.Blackout {
+						t.Fatalf("the old side's blackout %v, the new side's %v", o.timing.Blackout, w.snapshot().timing.Blackout)
+					}
+				case lostReported:
+					if o.oldServes || o.newServes || o.offerErr == nil {
+						t.Fatalf("want neither serving and an error: %+v", o)
+					}
+				case eitherOldOrLost:
+					if o.newServes || o.offerErr == nil {
+						t.Fatalf("want a rollback or a reported loss: %+v", o)
+					}
+				case newDiesAfter:
+					if o.offerErr != nil || !w.snapshot().serving {
+						t.Fatalf("want a completed restart: %+v", o)
+					}
+				}
+			})
+		}
+	}
+}
+
+// Builds of protocol 3 and 4 restart into each other, speaking 3 (and two
+// of protocol 4 speak 4): the
+// upgrade to a build deciding by the decision word, and the way back.
+func TestSentriesSpeakTheNewestProtocolBothKnow(t *testing.T) {
+	for _, tc := range []struct{ old, new int }{{3, 4}, {4, 3}, {4, 4}} {
+		t.Run(fmt.Sprintf("old %d, new %d", tc.old, tc.new), func(t *testing.T) {
+			w := newWorld(t)
+			var points []Point
+			var mu sync.Mutex
+			record := func(p Point) error {
+				mu.Lock()
+				points = append(points, p)
+				mu.Unlock()
+				return nil
 			}
-			o := restart(t, w, offer, tc.accept, deadline)
-			if o.oldServes && o.newServes {
-				t.Fatalf("both sentries serve: %+v", o)
+			o := restart(t, w, nil, record, 5*time.Second, tc.old, tc.new)
+			if !o.newServes || o.offerErr != nil || o.acceptErr != nil {
+				t.Fatalf("want a handover: %+v", o)
 			}
-			if !o.oldServes && !o.newServes && o.holders > 0 {
-				t.Fatalf("neither sentry serves while %d holds the memory file: %+v", o.holders, o)
-			}
-			switch tc.want {
-			case oldServes:
-				if !o.oldServes || o.offerErr == nil || errors.Is(o.offerErr, ErrNotServing) {
-					t.Fatalf("want a rollback with the old sentry serving and an error: %+v", o)
-				}
-			case newServes:
-				if !o.newServes {
-					t.Fatalf("want the new sentry serving: %+v", o)
-				}
-				if o.offerErr != nil && !errors.Is(o.offerErr, ErrCrash) {
-					t.Fatalf("the restart handed over but Offer says %v", o.offerErr)
-				}
-				if o.acceptErr != nil {
-					t.Fatalf("Accept: %v", o.acceptErr)
-				}
-				if tm := w.snapshot().timing; tm.Blackout <= 0 || tm.NewPID != 200 || tm.OldPID != 100 || tm.LiveupdateNumber != 8 {
-					t.Fatalf("timing %+v", tm)
-				}
-			case lostReported:
-				if o.oldServes || o.newServes || o.offerErr == nil {
-					t.Fatalf("want neither serving and an error: %+v", o)
-				}
-			case eitherOldOrLost:
-				if o.newServes || o.offerErr == nil {
-					t.Fatalf("want a rollback or a reported loss: %+v", o)
-				}
-			case newDiesAfter:
-				if o.offerErr != nil || !w.snapshot().serving {
-					t.Fatalf("want a completed restart: %+v", o)
-				}
+			mu.Lock()
+			defer mu.Unlock()
+			// Protocol 3 acks before it commits; 4 commits first.
+			acked, committed := slices.Index(points, AcceptAcked), slices.Index(points, AcceptCommitted)
+			if decided := min(tc.old, tc.new) >= commitProtocol; decided != (committed < acked) {
+				t.Fatalf("points %v: decided by the word %v", points, decided)
 			}
 		})
 	}
@@ -560,5 +621,127 @@ func TestBeforePauseRunsOnceTheNewSentryIsReadyAndBeforeThePause(t *testing.T) {
 	}
 	if st := w.snapshot(); st.paused || st.handedOff {
 		t.Fatalf("after the rollback the old side is paused %v, handed off %v", st.paused, st.handedOff)
+	}
+}
+
+// decisionFile returns a memfd of size bytes with seals, holding word.
+func decisionFile(t *testing.T, size int64, seals int, word uint32) *os.File {
+	t.Helper()
+	fd, err := unix.MemfdCreate("decision", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "decision")
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], word)
+	if _, err := f.WriteAt(b[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	if seals != 0 {
+		if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, seals); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return f
+}
+
+// A new sentry refuses, naming files.decision, a decision file that the
+// old sentry could shrink under it (its access would fault), of another
+// size, or already decided; it takes a good one.
+func TestTheNewSentryRefusesABadDecisionFile(t *testing.T) {
+	tests := []struct {
+		name  string
+		file  func(t *testing.T) *os.File
+		wantE string
+	}{
+		{"a good one is taken", func(t *testing.T) *os.File { return decisionFile(t, 4096, decisionSeals, decisionOpen) }, ""},
+		{"an unsealed memfd is refused", func(t *testing.T) *os.File { return decisionFile(t, 4096, 0, decisionOpen) }, "files.decision has seals 0x0"},
+		{"a larger one is refused", func(t *testing.T) *os.File { return decisionFile(t, 8192, decisionSeals, decisionOpen) }, "files.decision is 8192 bytes"},
+		{"one already abandoned is refused", func(t *testing.T) *os.File { return decisionFile(t, 4096, decisionSeals, decisionAbandoned) }, "files.decision holds 2"},
+		{"a pipe is refused", func(t *testing.T) *os.File {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { r.Close(); w.Close() })
+			return r
+		}, "files.decision is not a memfd"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld(t)
+			oldCh, newCh := channelPair(t)
+			done := make(chan error, 1)
+			go func() {
+				_, _, err := Accept(newCh, newSide{w}, Options{Version: "new", PID: 200, Reads: w.newReads})
+				done <- err
+			}()
+			var ready Ready
+			if _, err := oldCh.Recv(&ready); err != nil || ready.Newest != ProtocolVersion || ready.Protocol != OldestProtocol {
+				t.Fatalf("ready %+v, %v", ready, err)
+			}
+			d := goodDescriptor()
+			d.Compatibles = []string{"kho-v1"}
+			d.Root, d.MemorySize = 0x1000, 1<<20
+			if err := oldCh.Send(&d, w.mem, w.guestLn, w.controlLn, tc.file(t)); err != nil {
+				t.Fatal(err)
+			}
+			var ack Ack
+			if _, err := oldCh.Recv(&ack); err != nil {
+				t.Fatal(err)
+			}
+			if tc.wantE == "" {
+				if !ack.Accepted || !ack.Committed {
+					t.Fatalf("ack %+v, want accepted and committed", ack)
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("Accept: %v", err)
+				}
+				return
+			}
+			if ack.Accepted || !strings.Contains(ack.Error, tc.wantE) {
+				t.Fatalf("ack %+v, want a refusal containing %q", ack, tc.wantE)
+			}
+			if err := <-done; err == nil {
+				t.Fatal("Accept returned nil after refusing")
+			}
+			if st := w.snapshot(); st.serving {
+				t.Fatal("the new side serves after refusing")
+			}
+		})
+	}
+}
+
+// The word decides once: whichever side swaps first wins, and the other's
+// swap fails, across processes' mappings of one file as here across two.
+func TestTheDecisionWordDecidesOnce(t *testing.T) {
+	for _, newFirst := range []bool{true, false} {
+		old, err := newDecision()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd, err := unix.FcntlInt(old.file.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nw, err := openDecision(os.NewFile(uintptr(fd), "decision"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if newFirst {
+			if !nw.commit() || old.abandon() || !old.committed() {
+				t.Fatal("the new side's commit did not win, or the old side could still abandon")
+			}
+		} else {
+			if !old.abandon() || nw.commit() || nw.committed() {
+				t.Fatal("the old side's abandon did not win, or the new side could still commit")
+			}
+		}
+		old.close()
+		nw.close()
 	}
 }

@@ -15,7 +15,7 @@ import "time"
 //	map        the new sentry mapping the memory file
 //	ingest     the new sentry reading the KHO root and map and adopting the preserved folios
 //	luo        the new sentry registering file handlers and deserializing LUO
-//	ready      the rest until the new sentry serves guests: the ack, the old sentry's commit
+//	ready      the rest until the new sentry serves guests: the decision (protocol 3: the ack, the old sentry's commit)
 //	blackout   all of it: guest calls paused in the old sentry until the new one serves
 type Timing struct {
 	Mode string `json:"mode"`
