@@ -197,8 +197,10 @@ func (e *earlyEntry) matches(cfg sandbox.Config, n uint64) bool {
 
 // kill kills the waiting process and its group and reaps it.
 func (e *earlyEntry) kill() {
-	e.gate.Close()
+	// The kill first: a process that saw its gate close first would
+	// still run a little (its exit, a line on its stderr).
 	killGroup(e.cmd.Process.Pid)
+	e.gate.Close()
 	e.cmd.Wait()
 }
 
