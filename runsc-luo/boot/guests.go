@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -365,17 +366,17 @@ func killGroup(pid int) {
 	unix.Kill(pid, unix.SIGKILL)
 }
 
-// stopGuests SIGSTOPs every guest process the sentry launched, with
+// signalGuests sends sig to every guest process the sentry launched, with
 // their process groups, without waiting: after a restart's commit they
-// must not run on, and their teardown (SIGKILL, which for a guest with
-// memory mapped takes milliseconds of CPU) waits until the new sentry
-// serves.
-func (s *Sentry) stopGuests() {
+// must not run on. SIGSTOP while the new sentry does not serve yet (their
+// teardown, SIGKILL, takes milliseconds of CPU for a guest with memory
+// mapped), SIGKILL once it does.
+func (s *Sentry) signalGuests(sig unix.Signal) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, p := range s.procs {
-		unix.Kill(-p.pid, unix.SIGSTOP)
-		unix.Kill(p.pid, unix.SIGSTOP)
+		unix.Kill(-p.pid, sig)
+		unix.Kill(p.pid, sig)
 	}
 }
 
@@ -396,15 +397,28 @@ func (s *Sentry) killGuests() {
 	}
 }
 
-// guestPIDs returns the pids of the guests the sentry launched.
-func (s *Sentry) guestPIDs() []int {
+// guestPIDList returns the pids of the guests the sentry launched.
+func (s *Sentry) guestPIDList() []int {
+	pids, _ := s.guestIdentities()
+	return pids
+}
+
+// guestIdentities returns the pids of the guests the sentry launched, and
+// their start times in the same order; nil start times if one was not
+// read at launch (the new sentry then reads them itself).
+func (s *Sentry) guestIdentities() ([]int, []uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	pids := make([]int, 0, len(s.procs))
-	for pid := range s.procs {
+	starts := make([]uint64, 0, len(s.procs))
+	for pid, p := range s.procs {
 		pids = append(pids, pid)
+		starts = append(starts, p.start)
 	}
-	return pids
+	if slices.Contains(starts, 0) {
+		starts = nil
+	}
+	return pids, starts
 }
 
 // stopOldGuests kills and reaps the guests an exec-mode restart's old

@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/pgalloc"
@@ -88,6 +89,10 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	s.standby, in.standby = in.standby, nil
 	if d.Mode != handover.ModeExec {
 		s.waitFor, s.waitFrom, s.waitLive = d.OldGuests, d.PID, d.Mode == handover.ModeRecover
+		if len(d.OldGuestStarts) == len(d.OldGuests) && d.Mode == handover.ModeTransfer {
+			// The old sentry said who they are (protocol 4).
+			s.waitStart = slices.Clone(d.OldGuestStarts)
+		}
 		if d.Mode == handover.ModeRecover {
 			// Their identity is taken now, while the supervisor holds
 			// what the dead sentry left, killed and exiting.
@@ -172,10 +177,11 @@ func (in *incoming) Serving(t handover.Timing) {
 		s.last = sandbox.RestartRecord{Generation: t.LiveupdateNumber, Timing: t}
 	}
 	s.mu.Unlock()
-	if t.Mode == handover.ModeTransfer {
-		// The old sentry's guests are its children, stopped and not
-		// reaped, until it hears Serving: their identity is taken now,
-		// after the blackout rather than inside it (a read of /proc per
+	if t.Mode == handover.ModeTransfer && len(s.waitStart) != len(s.waitFor) {
+		// From an old sentry of protocol 3, which did not say who its
+		// guests are: they are its children, stopped and not reaped,
+		// until it hears Serving; their identity is taken now, after
+		// the blackout rather than inside it (a read of /proc per
 		// guest).
 		s.takeWaitStarts()
 	}

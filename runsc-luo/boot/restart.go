@@ -80,8 +80,9 @@ func (o *outgoing) Prepare(d *handover.Descriptor, peerReads []string) ([]*os.Fi
 	d.Compatibles, d.Sandbox = h.Written, cfg
 	// Exec mode: the guests become the new image's children, and it
 	// stops them. Transfer mode: this sentry stops them after the commit,
-	// and the new one relaunches the entrypoint only once they are gone.
-	d.OldGuests = s.guestPIDs()
+	// and the new one relaunches the entrypoint only once they are gone
+	// (it knows them by pid and start time).
+	d.OldGuests, d.OldGuestStarts = s.guestIdentities()
 	return []*os.File{o.mem, s.guestFile, s.controlFile}, nil
 }
 
@@ -107,8 +108,11 @@ func (o *outgoing) resumeAccepting() {
 }
 
 // Handoff forgets every guest without releasing anything and stops the
-// guest processes: the state is the new sentry's.
-func (o *outgoing) Handoff() {
+// guest processes: the state is the new sentry's. Once the new sentry
+// serves (serving: protocol 4, whose ack comes after the blackout) they are
+// killed at once; before (protocol 3, whose handoff is inside the
+// blackout) they are stopped, and killed after the blackout.
+func (o *outgoing) Handoff(serving bool) {
 	o.s.mu.Lock()
 	o.s.handedOver = true
 	o.s.mu.Unlock()
@@ -117,9 +121,15 @@ func (o *outgoing) Handoff() {
 		// new one's registration, already on its way.
 		o.s.notifySupervisor(&supervisor.Notice{HandedOff: o.peer})
 	}
-	if o.mode == handover.ModeTransfer {
+	switch {
+	case o.mode != handover.ModeTransfer:
+	case serving:
+		// Their teardown (milliseconds of CPU for a guest with memory
+		// mapped) starts now; restartTransfer reaps them.
+		o.s.signalGuests(unix.SIGKILL)
+	default:
 		// Killed once the new sentry serves (restartTransfer).
-		o.s.stopGuests()
+		o.s.signalGuests(unix.SIGSTOP)
 	}
 	o.s.k.Handoff()
 	if o.mode != handover.ModeTransfer {

@@ -110,6 +110,11 @@ type Descriptor struct {
 	// launched that the new one must stop (exec mode: they are its
 	// children now).
 	OldGuests []int `json:"old_guests,omitempty"`
+	// OldGuestStarts are the start times of OldGuests, in order (clock
+	// ticks since boot, /proc/PID/stat's 22nd field): with its pid, a
+	// guest's identity, which the new sentry waits on without reading
+	// /proc. Absent from sentries of protocol 3.
+	OldGuestStarts []uint64 `json:"old_guest_starts,omitempty"`
 	// Timing has the old sentry's half of the restart's timing: Mode,
 	// Freeze, Finalize, PausedAt, SentAt, OldPID, OldVersion.
 	Timing Timing `json:"timing"`
@@ -176,6 +181,14 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 	for _, pid := range d.OldGuests {
 		if pid <= 1 {
 			return fmt.Errorf("handover descriptor: old guest pid %d", pid)
+		}
+	}
+	if d.OldGuestStarts != nil && len(d.OldGuestStarts) != len(d.OldGuests) {
+		return fmt.Errorf("handover descriptor: %d old_guest_starts for %d old_guests", len(d.OldGuestStarts), len(d.OldGuests))
+	}
+	for i, st := range d.OldGuestStarts {
+		if st == 0 {
+			return fmt.Errorf("handover descriptor: old_guest_starts[%d] is 0 (no start time)", i)
 		}
 	}
 	if d.Timing.PausedAt <= 0 || d.Timing.SentAt < d.Timing.PausedAt {

@@ -46,6 +46,9 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 			d.Files = Files{MemoryFile: 2, GuestListener: 10, ControlListener: 11}
 		}, "files.memory_file = 2"},
 		{"a pid 1 old guest is refused", func(d *Descriptor) { d.OldGuests = []int{1} }, "old guest pid 1"},
+		{"old guests with their start times pass", func(d *Descriptor) { d.OldGuests, d.OldGuestStarts = []int{7, 8}, []uint64{100, 200} }, ""},
+		{"start times for other old guests are refused", func(d *Descriptor) { d.OldGuests, d.OldGuestStarts = []int{7, 8}, []uint64{100} }, "1 old_guest_starts for 2 old_guests"},
+		{"a start time of 0 is refused", func(d *Descriptor) { d.OldGuests, d.OldGuestStarts = []int{7}, []uint64{0} }, "old_guest_starts[0] is 0"},
 		{"times going backwards are refused", func(d *Descriptor) { d.Timing.SentAt = 50 }, "monotonic"},
 		{"a timing of another mode is refused", func(d *Descriptor) { d.Timing.Mode = ModeExec }, "timing.mode"},
 		{"a pid that is no sentry's is refused", func(d *Descriptor) { d.PID = 1 }, "pid 1"},

@@ -35,10 +35,12 @@ type Source interface {
 	// Resume undoes a successful Pause: the sentry serves again.
 	Resume()
 	// Handoff is called once the restart is committed (protocol 3: the
-	// Commit is sent; 4: the new sentry won the decision word): the state is the new
-	// sentry's. The Source forgets its guests without releasing anything
-	// they hold and never serves again.
-	Handoff()
+	// Commit is sent; 4: the new sentry won the decision word): the state
+	// is the new sentry's. The Source forgets its guests without releasing
+	// anything they hold and never serves again. serving says the new
+	// sentry already serves (protocol 4, its ack read): nothing is left
+	// for the old guests to wait for.
+	Handoff(serving bool)
 }
 
 // Target is the incoming sentry as a restart drives it. Accept and
@@ -332,7 +334,7 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	if err := opts.fault(OfferCommitted); errors.Is(err, ErrCrash) {
 		return fail(err)
 	}
-	src.Handoff()
+	src.Handoff(false)
 	if err := opts.fault(OfferHandedOff); errors.Is(err, ErrCrash) {
 		return fail(err)
 	}
@@ -399,7 +401,7 @@ func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec
 	if !dec.committed() {
 		// Accepted and committed, says the ack, but the word says
 		// otherwise: a peer that broke the protocol.
-		src.Handoff()
+		src.Handoff(false)
 		return t, fmt.Errorf("%w: the ack says committed, the decision word does not", ErrNotServing)
 	}
 	timeout := opts.ServingTimeout
@@ -418,7 +420,7 @@ func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec
 			if ferr := opts.fault(OfferCommitted); errors.Is(ferr, ErrCrash) {
 				return fail(ferr)
 			}
-			src.Handoff()
+			src.Handoff(false)
 			return t, fmt.Errorf("%w: it committed (while this side: %v), then %v", ErrNotServing, err, rerr)
 		}
 	}
@@ -426,7 +428,7 @@ func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec
 	if err := opts.fault(OfferCommitted); errors.Is(err, ErrCrash) {
 		return fail(err)
 	}
-	src.Handoff()
+	src.Handoff(true)
 	if err := opts.fault(OfferHandedOff); errors.Is(err, ErrCrash) {
 		return fail(err)
 	}
@@ -565,7 +567,8 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 
 // acceptDecided is the rest of Accept once a handover decided by the
 // decision word (protocol 4) is booted: the new sentry takes the word and,
-// if it wins, serves at once, then sends its Ack and Serving. If the old
+// if it wins, serves at once, then sends its Ack, calls dst.Serving and
+// sends Serving. If the old
 // sentry abandoned the word first, the old one rolls back (or has): dst is
 // discarded untouched. Once the word is won nothing is undone; a send that
 // fails then (the old sentry died) is no error: this sentry serves.
@@ -576,18 +579,24 @@ func acceptDecided(ch *Channel, dst Target, opts Options, d *Descriptor, t *Timi
 	if err := opts.fault(AcceptCommitted); errors.Is(err, ErrCrash) {
 		return d, *t, err
 	}
-	if err := serve(d, t, dst); err != nil {
-		return d, *t, err
+	if err := dst.Commit(d); err != nil {
+		return d, *t, fmt.Errorf("serving after the commit: %w", err)
 	}
+	t.AcceptingAt = Monotonic()
+	t.Finish()
 	if err := opts.fault(AcceptServing); errors.Is(err, ErrCrash) {
 		return d, *t, err
 	}
+	// The ack first: the old sentry hands off (its guests are killed)
+	// while this one records that it serves.
 	ch.SetDeadline(time.Now().Add(commitSendTimeout))
-	if err := ch.Send(&Ack{Accepted: true, Committed: true, Version: opts.Version, PID: opts.pid(), Timing: *t}); err != nil {
-		return d, *t, nil
-	}
+	ackErr := ch.Send(&Ack{Accepted: true, Committed: true, Version: opts.Version, PID: opts.pid(), Timing: *t})
 	if err := opts.fault(AcceptAcked); errors.Is(err, ErrCrash) {
 		return d, *t, err
+	}
+	dst.Serving(*t)
+	if ackErr != nil {
+		return d, *t, nil
 	}
 	if err := ch.Send(&Serving{At: t.AcceptingAt}); err != nil {
 		return d, *t, nil

@@ -41,6 +41,10 @@ type world struct {
 	handedOff bool
 	// +checklocks:mu
 	oldDead bool
+	// handoffServing is what Handoff was told: the new sentry serves.
+	//
+	// +checklocks:mu
+	handoffServing bool
 
 	// The new sentry's state: booted, committed, serving, discarded,
 	// newDead, and what it received.
@@ -59,6 +63,18 @@ type world struct {
 	received []*os.File
 	// +checklocks:mu
 	timing Timing
+	// events are, in order, what the sides' fault hooks and calls
+	// record: points, and "serving" for the new side's Serving.
+	//
+	// +checklocks:mu
+	events []string
+}
+
+// record appends e to the world's events.
+func (w *world) record(e string) {
+	w.mu.Lock()
+	w.events = append(w.events, e)
+	w.mu.Unlock()
 }
 
 // worldState is a world's state at one moment.
@@ -156,9 +172,13 @@ func (o oldSide) Resume() {
 	o.paused = false
 }
 
-func (o oldSide) Handoff() {
+func (o oldSide) Handoff(serving bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.handoffServing = serving
+	if serving && !o.committed {
+		o.violate("Handoff(serving) before the new sentry committed")
+	}
 	if !o.paused || !o.prepared || o.handedOff {
 		o.violate("Handoff while paused=%v prepared=%v handedOff=%v", o.paused, o.prepared, o.handedOff)
 	}
@@ -208,6 +228,7 @@ func (n newSide) Serving(t Timing) {
 		n.violate("Serving before Commit")
 	}
 	n.serving, n.timing = true, t
+	n.events = append(n.events, "serving")
 }
 
 func (n newSide) Discard() {
@@ -450,24 +471,25 @@ func TestSentriesSpeakTheNewestProtocolBothKnow(t *testing.T) {
 	for _, tc := range []struct{ old, new int }{{3, 4}, {4, 3}, {4, 4}} {
 		t.Run(fmt.Sprintf("old %d, new %d", tc.old, tc.new), func(t *testing.T) {
 			w := newWorld(t)
-			var points []Point
-			var mu sync.Mutex
 			record := func(p Point) error {
-				mu.Lock()
-				points = append(points, p)
-				mu.Unlock()
+				w.record(string(p))
 				return nil
 			}
 			o := restart(t, w, nil, record, 5*time.Second, tc.old, tc.new)
 			if !o.newServes || o.offerErr != nil || o.acceptErr != nil {
 				t.Fatalf("want a handover: %+v", o)
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			// Protocol 3 acks before it commits; 4 commits first.
-			acked, committed := slices.Index(points, AcceptAcked), slices.Index(points, AcceptCommitted)
-			if decided := min(tc.old, tc.new) >= commitProtocol; decided != (committed < acked) {
-				t.Fatalf("points %v: decided by the word %v", points, decided)
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			// Protocol 3 acks before it commits, and its old side hands
+			// off before the new one serves; 4 commits first, then
+			// acks, and its old side hands off to a serving sentry.
+			// Both ack before they record that they serve (Serving,
+			// the state file).
+			acked, committed, serving := slices.Index(w.events, string(AcceptAcked)), slices.Index(w.events, string(AcceptCommitted)), slices.Index(w.events, "serving")
+			decided := min(tc.old, tc.new) >= commitProtocol
+			if decided != (committed < acked) || acked > serving || decided != w.handoffServing {
+				t.Fatalf("events %v, handoff to a serving sentry %v: decided by the word %v", w.events, w.handoffServing, decided)
 			}
 		})
 	}
