@@ -190,6 +190,14 @@ func (o *Options) speak(ready *Ready) (int, error) {
 	return v, nil
 }
 
+// servingTimeout returns ServingTimeout, or its default.
+func (o *Options) servingTimeout() time.Duration {
+	if o.ServingTimeout > 0 {
+		return o.ServingTimeout
+	}
+	return defaultServingTimeout
+}
+
 func (o *Options) pid() int {
 	if o.PID != 0 {
 		return o.PID
@@ -330,27 +338,30 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 		return fail(fmt.Errorf("committing the handover: %w", err))
 	}
 	committed = true
-	t = ack.Timing
+	return handOff(ch, src, opts, ack.Timing, false, fail)
+}
+
+// handOff is the end of Offer once the restart is committed and t is the
+// new sentry's timing: the Source hands off (serving: to a new sentry that
+// already serves), then the new sentry's Serving is awaited. Nothing is
+// rolled back from here on; an error wraps ErrNotServing.
+func handOff(ch *Channel, src Source, opts Options, t Timing, serving bool, fail func(error) (Timing, error)) (Timing, error) {
 	if err := opts.fault(OfferCommitted); errors.Is(err, ErrCrash) {
 		return fail(err)
 	}
-	src.Handoff(false)
+	src.Handoff(serving)
 	if err := opts.fault(OfferHandedOff); errors.Is(err, ErrCrash) {
 		return fail(err)
 	}
-	timeout := opts.ServingTimeout
-	if timeout <= 0 {
-		timeout = defaultServingTimeout
-	}
-	ch.SetDeadline(time.Now().Add(timeout))
-	var serving Serving
-	if err := recvNoFiles(ch, &serving); err != nil {
+	ch.SetDeadline(time.Now().Add(opts.servingTimeout()))
+	var msg Serving
+	if err := recvNoFiles(ch, &msg); err != nil {
 		return t, fmt.Errorf("%w: %v", ErrNotServing, err)
 	}
-	if serving.At < t.ReceivedAt {
-		return t, fmt.Errorf("%w: serving at %d, before the descriptor arrived at %d", ErrNotServing, serving.At, t.ReceivedAt)
+	if msg.At < t.ReceivedAt {
+		return t, fmt.Errorf("%w: serving at %d, before the descriptor arrived at %d", ErrNotServing, msg.At, t.ReceivedAt)
 	}
-	t.AcceptingAt = serving.At
+	t.AcceptingAt = msg.At
 	t.Finish()
 	if err := opts.fault(OfferConfirmed); errors.Is(err, ErrCrash) {
 		return fail(err)
@@ -383,6 +394,10 @@ func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec
 			err = fmt.Errorf("the new sentry %q accepted the handover without committing it (protocol %d)", ack.Version, commitProtocol)
 		case ack.PID != peer:
 			err = fmt.Errorf("an acknowledgement from pid %d, but the new sentry is pid %d", ack.PID, peer)
+		case !dec.committed():
+			// It commits before it acks: a peer that broke the
+			// protocol, whose restart is abandoned below.
+			err = fmt.Errorf("the new sentry %q says it committed, but the decision word does not", ack.Version)
 		default:
 			acked = true
 		}
@@ -396,22 +411,13 @@ func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec
 	if err != nil && dec.abandon() {
 		return fail(err)
 	}
-	// The new sentry committed: no rollback from here on.
+	// The new sentry committed (the word is not open, and only this
+	// side abandons it): no rollback from here on.
 	markCommitted()
-	if !dec.committed() {
-		// Accepted and committed, says the ack, but the word says
-		// otherwise: a peer that broke the protocol.
-		src.Handoff(false)
-		return t, fmt.Errorf("%w: the ack says committed, the decision word does not", ErrNotServing)
-	}
-	timeout := opts.ServingTimeout
-	if timeout <= 0 {
-		timeout = defaultServingTimeout
-	}
 	if !acked {
 		// Committed before this side gave up: its ack is still to
 		// come.
-		ch.SetDeadline(time.Now().Add(timeout))
+		ch.SetDeadline(time.Now().Add(opts.servingTimeout()))
 		rerr := recvNoFiles(ch, &ack)
 		if rerr == nil && (!ack.Accepted || !ack.Committed) {
 			rerr = fmt.Errorf("its ack says accepted %v, committed %v: %s", ack.Accepted, ack.Committed, ack.Error)
@@ -424,27 +430,7 @@ func offerDecided(ch *Channel, src Source, opts Options, t Timing, peer int, dec
 			return t, fmt.Errorf("%w: it committed (while this side: %v), then %v", ErrNotServing, err, rerr)
 		}
 	}
-	t = ack.Timing
-	if err := opts.fault(OfferCommitted); errors.Is(err, ErrCrash) {
-		return fail(err)
-	}
-	src.Handoff(true)
-	if err := opts.fault(OfferHandedOff); errors.Is(err, ErrCrash) {
-		return fail(err)
-	}
-	ch.SetDeadline(time.Now().Add(timeout))
-	var serving Serving
-	if err := recvNoFiles(ch, &serving); err != nil {
-		return t, fmt.Errorf("%w: %v", ErrNotServing, err)
-	}
-	if serving.At != t.AcceptingAt || serving.At < t.ReceivedAt {
-		return t, fmt.Errorf("%w: serving at %d, the ack said %d, the descriptor arrived at %d", ErrNotServing, serving.At, t.AcceptingAt, t.ReceivedAt)
-	}
-	t.Finish()
-	if err := opts.fault(OfferConfirmed); errors.Is(err, ErrCrash) {
-		return fail(err)
-	}
-	return t, nil
+	return handOff(ch, src, opts, ack.Timing, true, fail)
 }
 
 // Accept is the incoming side of a transfer-mode restart, over ch (which

@@ -767,3 +767,28 @@ func TestTheDecisionWordDecidesOnce(t *testing.T) {
 		nw.close()
 	}
 }
+
+// An ack that says committed from a new sentry that never took the
+// decision word is a broken peer: the old side abandons the word and rolls
+// back, rather than handing off to it.
+func TestAnAckClaimingACommitTheWordDoesNotShowRollsBack(t *testing.T) {
+	w := newWorld(t)
+	oldCh, newCh := channelPair(t)
+	go func() {
+		newCh.Send(&Ready{Protocol: OldestProtocol, Newest: ProtocolVersion, Version: "liar", PID: 9, Reads: w.newReads})
+		var d Descriptor
+		files, err := newCh.Recv(&d)
+		closeFiles(files)
+		if err == nil {
+			newCh.Send(&Ack{Accepted: true, Committed: true, Version: "liar", PID: 9})
+		}
+	}()
+	stopped := false
+	_, err := Offer(oldCh, oldSide{w}, Options{Deadline: time.Now().Add(5 * time.Second), StopPeer: func() { stopped = true }})
+	if err == nil || errors.Is(err, ErrNotServing) || !strings.Contains(err.Error(), "decision word does not") {
+		t.Fatalf("Offer: %v; want a rollback naming the decision word", err)
+	}
+	if st := w.snapshot(); st.paused || st.prepared || st.handedOff || !stopped {
+		t.Fatalf("after the rollback: paused %v, prepared %v, handed off %v, peer stopped %v", st.paused, st.prepared, st.handedOff, stopped)
+	}
+}
