@@ -77,8 +77,14 @@ func TestStopRequestsDuringARestartWaitForItsOutcome(t *testing.T) {
 						t.Errorf("%s still exists after the stop (%v)", p, err)
 					}
 				}
-				if left := processesMentioning(c.root); len(left) != 0 {
-					t.Errorf("processes of the sandbox after the stop: %v", left)
+				// The supervisor exits once it has seen the stop (it
+				// looks every 20 ms), after the sentry.
+				left := processesMentioning(c.root)
+				for deadline := time.Now().Add(2 * time.Second); len(left) != 0 && time.Now().Before(deadline); left = processesMentioning(c.root) {
+					time.Sleep(10 * time.Millisecond)
+				}
+				if len(left) != 0 {
+					t.Errorf("processes of the sandbox 2 s after the stop: %v", left)
 				}
 				return
 			}
