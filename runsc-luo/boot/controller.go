@@ -163,7 +163,7 @@ func (c *controller) Restart(a *RestartArgs, out *handover.Timing) error {
 		if crash, err = ParseCrashAt(a.TestOnlyCrashAt); err != nil {
 			return fmt.Errorf("%w: %w", ErrRefused, err)
 		}
-		crash.Old, crash.Guests, crash.Supervisor = os.Getpid(), s.guestPIDList(), s.supervisorPID()
+		crash.Old, crash.Guests, crash.Supervisor = os.Getpid(), s.guestPIDs(), s.supervisorPID()
 	}
 	// The messages this sentry sends and reads inside the blackout.
 	handover.WarmCodecs(&supervisor.Notice{Frozen: make([]byte, pgalloc.PageSize), Stop: &supervisor.StopRequest{}})

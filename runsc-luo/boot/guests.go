@@ -397,8 +397,8 @@ func (s *Sentry) killGuests() {
 	}
 }
 
-// guestPIDList returns the pids of the guests the sentry launched.
-func (s *Sentry) guestPIDList() []int {
+// guestPIDs returns the pids of the guests the sentry launched.
+func (s *Sentry) guestPIDs() []int {
 	pids, _ := s.guestIdentities()
 	return pids
 }
