@@ -305,13 +305,9 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 		return err
 	}
 	// The newest protocol both speak.
-	version, oldest := min(info.Protocol, handover.ProtocolVersion), info.OldestProtocol
-	if oldest == 0 {
-		// A build of protocol 3 speaks only that.
-		oldest = info.Protocol
-	}
-	if version < max(oldest, handover.OldestProtocol) {
-		return fmt.Errorf("%s speaks handover protocol %d to %d, this sentry %d to %d", binary, oldest, info.Protocol, handover.OldestProtocol, handover.ProtocolVersion)
+	version, err := info.speak()
+	if err != nil {
+		return fmt.Errorf("%s %w", binary, err)
 	}
 	// execve tears down this process's address space inside the
 	// blackout, page-table entries of the memory file included: drop them
@@ -368,10 +364,11 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 // and the handover formats it reads and writes.
 type ABIInfo struct {
 	Version string `json:"version"`
-	// Protocol is the newest handover protocol version, OldestProtocol
-	// the oldest (absent from builds that speak only protocol 3).
+	// Protocol is the oldest handover protocol version the build speaks
+	// (builds of protocol 3 exec only into a build that says 3 here),
+	// NewestProtocol the newest (absent from builds that speak only 3).
 	Protocol       int `json:"protocol"`
-	OldestProtocol int `json:"oldest_protocol,omitempty"`
+	NewestProtocol int `json:"newest_protocol,omitempty"`
 	// GuestProtocol is the newest guest protocol version.
 	GuestProtocol int `json:"guest_protocol"`
 	// Formats are, per subsystem, the formats read and written, newest
@@ -383,7 +380,18 @@ type ABIInfo struct {
 
 // ThisABI returns this build's ABIInfo.
 func ThisABI(version string) ABIInfo {
-	return ABIInfo{Version: version, Protocol: handover.ProtocolVersion, OldestProtocol: handover.OldestProtocol, GuestProtocol: abiguest.Version, Formats: kernel.Formats(), Reads: kernel.Reads()}
+	return ABIInfo{Version: version, Protocol: handover.OldestProtocol, NewestProtocol: handover.ProtocolVersion, GuestProtocol: abiguest.Version, Formats: kernel.Formats(), Reads: kernel.Reads()}
+}
+
+// speak returns the newest handover protocol this build and the one info
+// describes both speak.
+func (info *ABIInfo) speak() (int, error) {
+	newest := max(info.Protocol, info.NewestProtocol)
+	v := min(newest, handover.ProtocolVersion)
+	if v < max(info.Protocol, handover.OldestProtocol) {
+		return 0, fmt.Errorf("speaks handover protocol %d to %d, this sentry %d to %d", info.Protocol, newest, handover.OldestProtocol, handover.ProtocolVersion)
+	}
+	return v, nil
 }
 
 // ProbeABI runs "binary abi" within timeout.
