@@ -386,12 +386,7 @@ func ThisABI(version string) ABIInfo {
 // speak returns the newest handover protocol this build and the one info
 // describes both speak.
 func (info *ABIInfo) speak() (int, error) {
-	newest := max(info.Protocol, info.NewestProtocol)
-	v := min(newest, handover.ProtocolVersion)
-	if v < max(info.Protocol, handover.OldestProtocol) {
-		return 0, fmt.Errorf("speaks handover protocol %d to %d, this sentry %d to %d", info.Protocol, newest, handover.OldestProtocol, handover.ProtocolVersion)
-	}
-	return v, nil
+	return handover.Negotiate(info.Protocol, info.NewestProtocol)
 }
 
 // ProbeABI runs "binary abi" within timeout.

@@ -179,13 +179,25 @@ func (o *Options) newest() int {
 // speak returns the version this side, the old sentry, speaks with a new
 // sentry that said ready: the newest both know.
 func (o *Options) speak(ready *Ready) (int, error) {
-	theirs := ready.Protocol
-	if ready.Newest > theirs {
-		theirs = ready.Newest
+	v, err := negotiate(ready.Protocol, ready.Newest, o.newest())
+	if err != nil {
+		return 0, fmt.Errorf("the new sentry %q %w", ready.Version, err)
 	}
-	v := min(theirs, o.newest())
-	if v < OldestProtocol || v < ready.Protocol {
-		return 0, fmt.Errorf("the new sentry %q speaks handover protocol %d to %d, this one %d to %d", ready.Version, ready.Protocol, theirs, OldestProtocol, o.newest())
+	return v, nil
+}
+
+// Negotiate returns the newest protocol version this build and a peer
+// that speaks oldest to newest (newest 0: only oldest, as builds of
+// protocol 3 say) both speak; an error names both ranges if there is none.
+func Negotiate(oldest, newest int) (int, error) {
+	return negotiate(oldest, newest, ProtocolVersion)
+}
+
+func negotiate(oldest, newest, ours int) (int, error) {
+	newest = max(oldest, newest)
+	v := min(newest, ours)
+	if v < max(oldest, OldestProtocol) {
+		return 0, fmt.Errorf("speaks handover protocol %d to %d, this sentry %d to %d", oldest, newest, OldestProtocol, ours)
 	}
 	return v, nil
 }
