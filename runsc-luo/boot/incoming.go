@@ -38,6 +38,9 @@ type incoming struct {
 	fault func(handover.Point) error
 	// early is the entrypoint started before Ready, nil if none.
 	early *earlyEntry
+	// control, if not nil, returns the control server prepared for the
+	// sentry Boot makes (prepareControl).
+	control func() *control
 }
 
 var _ handover.Target = (*incoming)(nil)
@@ -84,7 +87,11 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 	if d.Mode != handover.ModeRecover {
 		in.ownRoot = keepOldRoot(k, d.Root, oldRoot)
 	}
-	s := newSentry(cfg, in.opts)
+	var ctl *control
+	if in.control != nil {
+		ctl = in.control()
+	}
+	s := newSentry(cfg, in.opts, ctl)
 	s.k, s.guestFile, s.controlFile = k, files[1], files[2]
 	s.standby, in.standby = in.standby, nil
 	if d.Mode != handover.ModeExec {
@@ -229,7 +236,9 @@ func reads(c string) bool {
 // roll back to, so the sandbox is recorded as stopped, with the error.
 func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: commitDelayFromEnv(crashAtFromEnv().fault(os.Getpid, nil))}
-	in := &incoming{opts: opts, fault: hopts.Fault}
+	// Transfer mode: long done when the descriptor comes. Exec mode:
+	// on the other CPU while this one decodes and boots.
+	in := &incoming{opts: opts, fault: hopts.Fault, control: prepareControl()}
 	if fd >= 0 {
 		ch, err := prepareBoot(fd, "handover")
 		if err != nil {

@@ -79,7 +79,7 @@ func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFaul
 	if err != nil {
 		t.Fatal(err)
 	}
-	in := &incoming{opts: Options{Version: "new"}}
+	in := &incoming{opts: Options{Version: "new"}, control: prepareControl()}
 	accepted := make(chan error, 1)
 	stopping := make(chan struct{})
 	acceptFault := func(p handover.Point) error {
@@ -212,4 +212,26 @@ func TestEveryOutgoingFailureRollsBackOntoIntactData(t *testing.T) {
 		t.Fatalf("restart after the rollbacks: %v", err)
 	}
 	in.s.Stop(0, "test done")
+}
+
+// The new sentry serves control calls through the control server prepared
+// before the pause (prepareControl), bound to it at the boot: urpc's
+// registration is not paid inside the blackout.
+func TestTheNewSentryServesControlCallsThroughThePreparedServer(t *testing.T) {
+	s, _, _, _ := sandboxWithData(t)
+	in, _, err := restartInProcess(t, s, 5*time.Second, nil, false)
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	defer in.s.Stop(0, "test done")
+	if prepared := in.control(); in.s.server != prepared.server || prepared.c.s != in.s {
+		t.Fatal("the new sentry built a control server of its own inside the blackout")
+	}
+	var st sandbox.State
+	if err := sandbox.Call(s.cfg.Root, s.cfg.ID, MethodState, &Empty{}, &st); err != nil {
+		t.Fatalf("%s: %v", MethodState, err)
+	}
+	if st.LastRestart == nil || st.LastRestart.Generation != 1 || st.LastRestart.Timing.NewVersion != "new" {
+		t.Fatalf("%s answers %+v, not the new sentry's state", MethodState, st.LastRestart)
+	}
 }

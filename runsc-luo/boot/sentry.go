@@ -156,10 +156,41 @@ type Sentry struct {
 	superCh *handover.Channel
 }
 
-func newSentry(cfg sandbox.Config, opts Options) *Sentry {
+// control is a control server with the controller of a sentry registered
+// on it. urpc's Register reflects over every method of the controller:
+// 0.08-0.15 ms here, which a sentry booting from a handover pays before
+// its blackout (prepareControl) rather than inside it.
+type control struct {
+	server *urpc.Server
+	c      *controller
+}
+
+// newControl registers a controller, bound to no sentry yet, with a new
+// server.
+func newControl() *control {
+	c := &controller{}
+	srv := urpc.NewServer()
+	srv.Register(c)
+	return &control{server: srv, c: c}
+}
+
+// prepareControl runs newControl on a goroutine of its own, beside
+// whatever the caller does next (in exec mode, the boot inside the
+// blackout); the function it returns waits for it.
+func prepareControl() func() *control {
+	ch := make(chan *control, 1)
+	go func() { ch <- newControl() }()
+	return sync.OnceValue(func() *control { return <-ch })
+}
+
+// newSentry makes a sentry served by ctl, a control bound to no sentry
+// yet (newControl if nil).
+func newSentry(cfg sandbox.Config, opts Options, ctl *control) *Sentry {
+	if ctl == nil {
+		ctl = newControl()
+	}
 	s := &Sentry{cfg: cfg, opts: opts, exited: make(chan struct{}), procs: make(map[int]*guestProc)}
-	s.server = urpc.NewServer()
-	s.server.Register(&controller{s: s})
+	s.server, ctl.c.s = ctl.server, s
 	return s
 }
 
@@ -180,7 +211,7 @@ func New(cfg sandbox.Config, opts Options) (*Sentry, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", dir, err)
 	}
-	s := newSentry(cfg, opts)
+	s := newSentry(cfg, opts, nil)
 	var err error
 	if s.guestFile, err = listen(sandbox.GuestPath(cfg.Root, cfg.ID)); err != nil {
 		return nil, err

@@ -32,6 +32,7 @@ func NewSpare(fd int, opts Options) (*Sentry, error) {
 	if err != nil {
 		return nil, err
 	}
+	control := prepareControl()
 	runtime.GC()
 	growStack()
 	log.Debugf("spare sentry %d waits for a recovery", os.Getpid())
@@ -55,7 +56,7 @@ func NewSpare(fd int, opts Options) (*Sentry, error) {
 		crash = c
 	}
 	hopts := handover.Options{Version: opts.Version, Reads: kernel.Reads(), Fault: crash.fault(os.Getpid, nil)}
-	in := &incoming{opts: opts, standby: ch, fault: hopts.Fault}
+	in := &incoming{opts: opts, standby: ch, fault: hopts.Fault, control: control}
 	t, err := handover.AcceptExec(d, files, in, hopts)
 	if in.standby != nil {
 		// Boot did not take it: the recovery failed before.
