@@ -8,9 +8,11 @@ import (
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kernel"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 )
 
 // sandboxWithData boots a sentry cold in a new root and gives it, through
@@ -103,7 +105,7 @@ func restartInProcess(t *testing.T, s *Sentry, deadline time.Duration, offerFaul
 			acceptErr, waited = <-accepted, true
 		}
 	}
-	tm, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer}, handover.Options{
+	tm, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer, fault: offerFault}, handover.Options{
 		Version: "old", Deadline: time.Now().Add(deadline), Fault: offerFault,
 		StopPeer: func() {
 			close(stopping)
@@ -233,5 +235,82 @@ func TestTheNewSentryServesControlCallsThroughThePreparedServer(t *testing.T) {
 	}
 	if st.LastRestart == nil || st.LastRestart.Generation != 1 || st.LastRestart.Timing.NewVersion != "new" {
 		t.Fatalf("%s answers %+v, not the new sentry's state", MethodState, st.LastRestart)
+	}
+}
+
+// The supervisor's frozen-root notice is in its socket before anything
+// after the pause may rewrite the root page (LUO's freeze, KHO's finalize,
+// the new sentry's ingest) and so before the descriptor leaves, however
+// slow it is to send; and a rollback's Thawed comes after it, never
+// before.
+func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
+	s, _, _, _ := sandboxWithData(t)
+	sup, peer, err := handover.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sup.Close()
+	ch, err := handover.NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.superMu.Lock()
+	s.superCh = ch
+	s.superMu.Unlock()
+	root := make([]byte, pgalloc.PageSize)
+	if err := s.k.MemoryFile().ReadPages(s.k.KHO().RootAddr()/pgalloc.PageSize, root); err != nil {
+		t.Fatal(err)
+	}
+	injected := errors.New("injected")
+	var atPrepared supervisor.Notice
+	// The notice is held back for a while (notifySupervisor waits for
+	// superMu), longer than the restart takes to reach OfferPrepared.
+	s.superMu.Lock()
+	time.AfterFunc(200*time.Millisecond, s.superMu.Unlock)
+	_, _, err = restartInProcess(t, s, 5*time.Second, func(p handover.Point) error {
+		if p != handover.OfferPrepared {
+			return nil
+		}
+		// Prepare has returned: the notice must be there already.
+		sup.SetDeadline(time.Now().Add(10 * time.Millisecond))
+		if _, err := sup.Recv(&atPrepared); err != nil {
+			t.Errorf("no notice when Prepare returned: %v", err)
+		}
+		return injected
+	}, true)
+	if !errors.Is(err, injected) {
+		t.Fatalf("restart: %v, want the injected failure", err)
+	}
+	if !bytes.Equal(atPrepared.Frozen, root) {
+		t.Fatalf("the first notice is %+v, want the frozen root page", atPrepared)
+	}
+	var next supervisor.Notice
+	sup.SetDeadline(time.Now().Add(time.Second))
+	if _, err := sup.Recv(&next); err != nil || !next.Thawed {
+		t.Fatalf("after the rollback: %+v, %v; want Thawed", next, err)
+	}
+
+	// A failure inside Prepare, between LUO's freeze and KHO's
+	// finalize: the rollback's Thawed still comes second.
+	s.superMu.Lock()
+	time.AfterFunc(200*time.Millisecond, s.superMu.Unlock)
+	_, _, err = restartInProcess(t, s, 5*time.Second, func(p handover.Point) error {
+		if p == handover.OfferFrozen {
+			return injected
+		}
+		return nil
+	}, true)
+	if !errors.Is(err, injected) {
+		t.Fatalf("restart: %v, want the injected failure", err)
+	}
+	for _, want := range []string{"frozen", "thawed"} {
+		var n supervisor.Notice
+		sup.SetDeadline(time.Now().Add(time.Second))
+		if _, err := sup.Recv(&n); err != nil {
+			t.Fatalf("waiting for the %s notice: %v", want, err)
+		}
+		if got := map[bool]string{true: "frozen", false: "thawed"}[n.Frozen != nil]; got != want || (want == "thawed" && !n.Thawed) {
+			t.Fatalf("got %+v where the %s notice was due", n, want)
+		}
 	}
 }
