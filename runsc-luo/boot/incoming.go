@@ -41,6 +41,9 @@ type incoming struct {
 	// control, if not nil, returns the control server prepared for the
 	// sentry Boot makes (prepareControl).
 	control func() *control
+	// standbyWait, if not nil, returns the standby connection to the
+	// supervisor opened beside an exec-mode boot (standbyAsync).
+	standbyWait func() *handover.Channel
 }
 
 var _ handover.Target = (*incoming)(nil)
@@ -140,6 +143,9 @@ func keepOldRoot(k *kernel.Kernel, root uint64, old []byte) []byte {
 // old sentry's state.
 func (in *incoming) Commit(*handover.Descriptor) error {
 	s := in.s
+	if s.standby == nil && in.standbyWait != nil {
+		s.standby = in.standbyWait()
+	}
 	switch {
 	case s.standby != nil:
 		s.promote(s.standby)
@@ -205,6 +211,11 @@ func (in *incoming) Serving(t handover.Timing) {
 func (in *incoming) Discard() {
 	if in.s.standby != nil {
 		in.s.standby.Close()
+	}
+	if in.standbyWait != nil {
+		if ch := in.standbyWait(); ch != nil && ch != in.s.standby {
+			ch.Close()
+		}
 	}
 	in.s.k.MemoryFile().Close()
 	in.s.guestFile.Close()
@@ -273,6 +284,11 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 	}
 	// Not for the guests this image launches.
 	os.Unsetenv(envPrestart)
+	// From an old image that is supervised (exec mode only: a recovering
+	// sentry the supervisor starts registers after its commit).
+	if _, ok := os.LookupEnv(envSupervisor); ok {
+		in.standbyWait = standbyAsync(opts.Version)
+	}
 	// The blackout is on already: beside the boot, not before it.
 	go catchSignals()
 	gcPercent := debug.SetGCPercent(-1)

@@ -352,6 +352,11 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 				}
 			}
 			envv := append(os.Environ(), env)
+			if s.supervised {
+				// The new image stands by with the supervisor
+				// while it boots (standbyAsync).
+				envv = append(envv, envSupervisor+"="+sandbox.SupervisorPath(s.cfg.Root, s.cfg.ID))
+			}
 			if crash != nil {
 				envv = append(envv, crash.env())
 			}

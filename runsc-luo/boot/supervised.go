@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
@@ -88,10 +89,11 @@ func (s *Sentry) sendRegistration(ch *handover.Channel) error {
 // superTimeout bounds each exchange with the supervisor.
 const superTimeout = 5 * time.Second
 
-// envSupervisor gives the new sentry of a transfer-mode restart the path
-// of the sandbox's supervisor socket, so that it registers as a standby
-// before it says Ready (a build that does not know it registers after the
-// commit, as a cold-booted sentry does).
+// envSupervisor gives the new sentry of a restart the path of the
+// sandbox's supervisor socket, so that it registers as a standby: in
+// transfer mode before it says Ready, in exec mode beside its boot (a
+// build that does not know it registers after the commit, as a
+// cold-booted sentry does).
 const envSupervisor = "LIVESENTRY_SUPERVISOR"
 
 // standby registers this process, the new sentry of a transfer-mode
@@ -122,6 +124,17 @@ func standby(version string) *handover.Channel {
 	}
 	ch.SetDeadline(time.Time{})
 	return ch
+}
+
+// standbyAsync runs standby on a goroutine of its own: the exec-mode new
+// image's dial and round trip with the supervisor go on the other CPU
+// while this one boots, inside the blackout, and its commit then costs one
+// message, as in transfer mode. The function it returns waits for the
+// connection (nil without a supervisor or on failure).
+func standbyAsync(version string) func() *handover.Channel {
+	ch := make(chan *handover.Channel, 1)
+	go func() { ch <- standby(version) }()
+	return sync.OnceValue(func() *handover.Channel { return <-ch })
 }
 
 // promote registers this sentry, which stood by (standby), as the
