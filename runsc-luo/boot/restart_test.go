@@ -265,8 +265,7 @@ func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
 	var atPrepared supervisor.Notice
 	// The notice is held back for a while (notifySupervisor waits for
 	// superMu), longer than the restart takes to reach OfferPrepared.
-	s.superMu.Lock()
-	time.AfterFunc(200*time.Millisecond, s.superMu.Unlock)
+	holdSuperMu(s, 200*time.Millisecond)
 	_, _, err = restartInProcess(t, s, 5*time.Second, func(p handover.Point) error {
 		if p != handover.OfferPrepared {
 			return nil
@@ -292,8 +291,7 @@ func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
 
 	// A failure inside Prepare, between LUO's freeze and KHO's
 	// finalize: the rollback's Thawed still comes second.
-	s.superMu.Lock()
-	time.AfterFunc(200*time.Millisecond, s.superMu.Unlock)
+	holdSuperMu(s, 200*time.Millisecond)
 	_, _, err = restartInProcess(t, s, 5*time.Second, func(p handover.Point) error {
 		if p == handover.OfferFrozen {
 			return injected
@@ -313,4 +311,17 @@ func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
 			t.Fatalf("got %+v where the %s notice was due", n, want)
 		}
 	}
+}
+
+// holdSuperMu takes s.superMu and holds it for d on a goroutine of its
+// own: the supervisor's notices wait that long.
+func holdSuperMu(s *Sentry, d time.Duration) {
+	held := make(chan struct{})
+	go func() {
+		s.superMu.Lock()
+		close(held)
+		time.Sleep(d)
+		s.superMu.Unlock()
+	}()
+	<-held
 }

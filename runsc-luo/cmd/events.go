@@ -89,10 +89,9 @@ func (e *Events) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcom
 	recoveries := st.Livesentry.Recoveries
 	nextStats := time.Now()
 	for {
-		if string(st.Status) != status {
-			status = string(st.Status)
-			emit("state", map[string]string{"status": status})
-		}
+		// Restarts and recoveries happen only while the container
+		// runs: one first seen in the same poll as a change of state
+		// (the stop, when a poll was late) came before it.
 		for _, r := range st.Livesentry.Restarts {
 			if r.At.After(lastAt) {
 				emit("restart", r)
@@ -102,6 +101,10 @@ func (e *Events) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcom
 		if st.Livesentry.Recoveries > recoveries {
 			recoveries = st.Livesentry.Recoveries
 			emit("recovery", map[string]any{"recoveries": recoveries, "last": st.Livesentry.LastRecovery})
+		}
+		if string(st.Status) != status {
+			status = string(st.Status)
+			emit("state", map[string]string{"status": status})
 		}
 		if status == container.StatusStopped {
 			code := -1
