@@ -174,13 +174,16 @@ func newControl() *control {
 	return &control{server: srv, c: c}
 }
 
-// prepareControl runs newControl on a goroutine of its own, beside
-// whatever the caller does next (in exec mode, the boot inside the
-// blackout); the function it returns waits for it.
-func prepareControl() func() *control {
-	ch := make(chan *control, 1)
-	go func() { ch <- newControl() }()
-	return sync.OnceValue(func() *control { return <-ch })
+// prepareControl runs newControl beside whatever the caller does next (in
+// exec mode, the boot inside the blackout).
+func prepareControl() func() *control { return beside(newControl) }
+
+// beside runs f on a goroutine of its own, on the other CPU while the
+// caller goes on; the function it returns waits for f's result.
+func beside[T any](f func() T) func() T {
+	ch := make(chan T, 1)
+	go func() { ch <- f() }()
+	return sync.OnceValue(func() T { return <-ch })
 }
 
 // newSentry makes a sentry served by ctl, a control bound to no sentry

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
@@ -132,9 +131,7 @@ func standby(version string) *handover.Channel {
 // message, as in transfer mode. The function it returns waits for the
 // connection (nil without a supervisor or on failure).
 func standbyAsync(version string) func() *handover.Channel {
-	ch := make(chan *handover.Channel, 1)
-	go func() { ch <- standby(version) }()
-	return sync.OnceValue(func() *handover.Channel { return <-ch })
+	return beside(func() *handover.Channel { return standby(version) })
 }
 
 // promote registers this sentry, which stood by (standby), as the
