@@ -577,11 +577,9 @@ func acceptDecided(ch *Channel, dst Target, opts Options, d *Descriptor, t *Timi
 	if err := opts.fault(AcceptCommitted); errors.Is(err, ErrCrash) {
 		return d, *t, err
 	}
-	if err := dst.Commit(d); err != nil {
-		return d, *t, fmt.Errorf("serving after the commit: %w", err)
+	if err := commitTarget(d, t, dst); err != nil {
+		return d, *t, err
 	}
-	t.AcceptingAt = Monotonic()
-	t.Finish()
 	if err := opts.fault(AcceptServing); errors.Is(err, ErrCrash) {
 		return d, *t, err
 	}
@@ -607,12 +605,21 @@ func acceptDecided(ch *Channel, dst Target, opts Options, d *Descriptor, t *Timi
 
 // serve commits dst and records the finished timing.
 func serve(d *Descriptor, t *Timing, dst Target) error {
+	if err := commitTarget(d, t, dst); err != nil {
+		return err
+	}
+	dst.Serving(*t)
+	return nil
+}
+
+// commitTarget commits dst (it serves from then on) and stamps the end of
+// the blackout into t.
+func commitTarget(d *Descriptor, t *Timing, dst Target) error {
 	if err := dst.Commit(d); err != nil {
 		return fmt.Errorf("serving after the commit: %w", err)
 	}
 	t.AcceptingAt = Monotonic()
 	t.Finish()
-	dst.Serving(*t)
 	return nil
 }
 
