@@ -385,6 +385,11 @@ func (s *Sentry) stop(exitStatus int, reason string) {
 	}
 	s.stopped = true
 	s.mu.Unlock()
+	// The supervisor learns of the stop before anything is torn down: a
+	// sentry that dies from here on (a "kill" that found the control
+	// socket closed SIGKILLs it) has its stop finished, not a recovery
+	// of a sandbox whose entrypoint is gone.
+	s.notifySupervisor(&supervisor.Notice{Stop: &supervisor.StopRequest{ExitStatus: exitStatus, Reason: reason}})
 	s.stopAccepting()
 	s.killGuests()
 	if s.k != nil {
