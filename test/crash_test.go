@@ -237,3 +237,39 @@ func TestASpareThatDiesAfterItServedIsRecoveredInTurn(t *testing.T) {
 	}
 	c.killAndDelete(id)
 }
+
+// A sentry SIGKILLed while it stops the sandbox is not recovered: its
+// supervisor finishes the stop (guests killed, state stopped with the exit
+// status the stop was for) and nothing of the sandbox is left.
+func TestASentryKilledWhileItStopsIsNotRecovered(t *testing.T) {
+	c := newCLI(t)
+	const id = "dying"
+	// The guest ignores SIGTERM: the stop waits stopGrace (5 s) for it.
+	c.must("run", "--detach", "--memory=64M", id, "--", "/bin/sh", "-c", `trap "" TERM; sleep 6137`)
+	before := c.state(id)
+	kill := exec.Command(runsc, "--root="+c.root, "kill", id, "SIGTERM")
+	if err := kill.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Once the sentry has the signal (its guests got it), kill it.
+	time.Sleep(time.Second)
+	if err := syscall.Kill(before.PID, syscall.SIGKILL); err != nil {
+		t.Fatalf("killing the sentry %d: %v", before.PID, err)
+	}
+	if err := kill.Wait(); err != nil {
+		t.Fatalf("kill SIGTERM: %v", err)
+	}
+	st := c.state(id)
+	if st.Status != "stopped" || st.Recoveries != 0 || st.ExitStatus == nil || *st.ExitStatus != 128+int(syscall.SIGTERM) ||
+		!strings.Contains(st.Error, "the supervisor finished the stop") {
+		t.Fatalf("after the sentry died in its stop: %+v (exit status %v)", st, st.ExitStatus)
+	}
+	c.must("delete", id)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(processesMentioning(c.root)) != 0 || len(processesMentioning("sleep\x006137")) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("left after delete: %v, guests %v", processesMentioning(c.root), processesMentioning("sleep\x006137"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -134,6 +134,9 @@ func WaitStopped(root, id string, timeout time.Duration) (*sandbox.State, error)
 	start := time.Now()
 	for {
 		st, err := sandbox.ReadState(root, id)
+		if err == nil {
+			st, err = settle(root, id, st)
+		}
 		if err != nil {
 			return nil, err
 		}

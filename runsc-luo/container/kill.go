@@ -60,10 +60,43 @@ func cleanupGone(st *sandbox.State) int {
 	return n
 }
 
+// settleTimeout bounds how long a command waits for a live supervisor to
+// act on its sentry's death (see settle). Its longest step is the wait for
+// a restart's new sentry to register (10 s).
+const settleTimeout = 15 * time.Second
+
+// settle returns st, or, while st says the sentry is gone and the
+// sandbox's supervisor lives, the state once the supervisor has acted on
+// the death (for at most settleTimeout): it finishes a stop that was
+// asked for, recovers the sandbox, or hands it to a restart's new sentry,
+// and writes the state itself. A command that acted on the gone sentry
+// meanwhile (killing the guests, writing "stopped" without an exit
+// status) would race it.
+func settle(root, id string, st *sandbox.State) (*sandbox.State, error) {
+	if !st.Gone || !st.Supervised {
+		return st, nil
+	}
+	rec, err := readOCI(root, id)
+	if err != nil || rec.PID <= 0 {
+		return st, nil
+	}
+	for deadline := time.Now().Add(settleTimeout); st.Gone && sandbox.Alive(rec.PID) && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+		if st, err = sandbox.ReadState(root, id); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
 // readLive reads a sandbox's state; a sentry that looks gone is re-checked
-// and, if it is gone indeed, the sandbox is cleaned up (n guests killed).
+// and, if it is gone indeed and no supervisor acts on it, the sandbox is
+// cleaned up (n guests killed).
 func readLive(root, id string) (st *sandbox.State, cleaned bool, n int, err error) {
 	if st, err = sandbox.ReadState(root, id); err != nil {
+		return nil, false, 0, err
+	}
+	if st, err = settle(root, id, st); err != nil {
 		return nil, false, 0, err
 	}
 	if st.Gone {

@@ -131,7 +131,9 @@ func Create(g sandbox.Globals, id string, o CreateOptions) (int, error) {
 	}
 	undo := func(err error) (int, error) {
 		Kill(g.Root, id, unix.SIGKILL)
-		os.RemoveAll(sandbox.Dir(g.Root, id))
+		// Once the supervisor has exited: until then it may still
+		// write the state file, or recover a sentry that died.
+		Remove(g.Root, id)
 		return 0, err
 	}
 	if err := awaitInit(g.Root, id); err != nil {
@@ -263,6 +265,9 @@ type Extras struct {
 // container manager waits on) only while not stopped.
 func ReadOCIState(root, id string) (*OCIState, error) {
 	st, err := sandbox.ReadState(root, id)
+	if err == nil {
+		st, err = settle(root, id, st)
+	}
 	if err != nil {
 		return nil, err
 	}
