@@ -87,6 +87,20 @@ func (f *MemoryFile) AdoptBitmaps(set Bitmaps) error {
 				continue
 			}
 			base := uint64(i) * BitmapBits
+			if o == 0 && base+BitmapBits <= valid && base>>sectionShift == (base+BitmapBits-1)>>sectionShift {
+				// Every block of this bitmap ends inside the file and
+				// lies in one section, and order 0 overlaps nothing
+				// here (the higher orders check against it): only PFN
+				// 0 is left to check, then the bits are counted.
+				if base == 0 && b[0]&1 != 0 {
+					return fmt.Errorf("adopting preserved block %v: PFN 0 is reserved: %w", Block{Order: o}, unix.EINVAL)
+				}
+				if n := countBits(b); n > 0 {
+					folios[0] += n
+					sections[base>>sectionShift] = true
+				}
+				continue
+			}
 			for w, word := range b {
 				if word == 0 {
 					continue
@@ -113,6 +127,15 @@ func (f *MemoryFile) AdoptBitmaps(set Bitmaps) error {
 		}
 	}
 	return f.adoptSet(&set, folios, sections)
+}
+
+// countBits returns the number of bits set in b.
+func countBits(b *Bitmap) uint64 {
+	var n int
+	for _, w := range b {
+		n += bits.OnesCount64(w)
+	}
+	return uint64(n)
 }
 
 // checkOverlap checks the blocks of order o > 0 set in word, whose first

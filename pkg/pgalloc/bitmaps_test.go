@@ -2,6 +2,7 @@ package pgalloc
 
 import (
 	"errors"
+	"fmt"
 	"math/bits"
 	"math/rand/v2"
 	"slices"
@@ -133,6 +134,38 @@ func TestAdoptBitmapsRejectsBadBitsAndChangesNothing(t *testing.T) {
 	}
 	if got, _, ok := g.Lookup(8); !ok || got != (Folio{PFN: 8, Order: 3}) {
 		t.Fatalf("Lookup(8) = %v, %v after AdoptBitmaps", got, ok)
+	}
+}
+
+// The bitmaps that lie wholly inside the file are only counted, not
+// checked bit by bit: PFN 0 is still refused there, and a block past the
+// end is still found in the last, partial bitmap.
+func TestAdoptBitmapsChecksWholeBitmapsToo(t *testing.T) {
+	f := newTestFile(t, 2*BitmapBits*PageSize+4<<20) // two whole order-0 bitmaps and part of a third
+	for _, tc := range []struct {
+		name   string
+		blocks []Block
+		want   error
+		msg    string
+	}{
+		{"PFN 0 in a whole bitmap", []Block{{PFN: 0, Order: 0}, {PFN: 5, Order: 0}}, unix.EINVAL, "PFN 0"},
+		{"a block past the end in the partial bitmap", []Block{{PFN: 7, Order: 0}, {PFN: f.Pages(), Order: 0}}, unix.ERANGE, fmt.Sprintf("pfn %#x, order 0", f.Pages())},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := reopen(t, f)
+			err := g.AdoptBitmaps(toBitmaps(f.Pages()+BitmapBits, tc.blocks))
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("AdoptBitmaps(%v) = %v, want %v naming %q", tc.blocks, err, tc.want, tc.msg)
+			}
+		})
+	}
+	g := reopen(t, f)
+	blocks := []Block{{PFN: 1}, {PFN: BitmapBits - 1}, {PFN: BitmapBits}, {PFN: 2*BitmapBits + 3}}
+	if err := g.AdoptBitmaps(toBitmaps(f.Pages(), blocks)); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.Stats().Folios; got[0] != uint64(len(blocks)) {
+		t.Fatalf("adopted %v order-0 folios, want %d", got, len(blocks))
 	}
 }
 
