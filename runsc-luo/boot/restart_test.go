@@ -245,18 +245,7 @@ func TestTheNewSentryServesControlCallsThroughThePreparedServer(t *testing.T) {
 // before.
 func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
 	s, _, _, _ := sandboxWithData(t)
-	sup, peer, err := handover.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sup.Close()
-	ch, err := handover.NewChannel(peer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.superMu.Lock()
-	s.superCh = ch
-	s.superMu.Unlock()
+	sup := fakeSupervisor(t, s)
 	root := make([]byte, pgalloc.PageSize)
 	if err := s.k.MemoryFile().ReadPages(s.k.KHO().RootAddr()/pgalloc.PageSize, root); err != nil {
 		t.Fatal(err)
@@ -266,7 +255,7 @@ func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
 	// The notice is held back for a while (notifySupervisor waits for
 	// superMu), longer than the restart takes to reach OfferPrepared.
 	holdSuperMu(s, 200*time.Millisecond)
-	_, _, err = restartInProcess(t, s, 5*time.Second, func(p handover.Point) error {
+	_, _, err := restartInProcess(t, s, 5*time.Second, func(p handover.Point) error {
 		if p != handover.OfferPrepared {
 			return nil
 		}
@@ -311,6 +300,25 @@ func TestTheFrozenNoticeComesBeforeTheDescriptorAndBeforeThawed(t *testing.T) {
 			t.Fatalf("got %+v where the %s notice was due", n, want)
 		}
 	}
+}
+
+// fakeSupervisor connects s to a socket pair as if to its supervisor and
+// returns the supervisor's end, which reads s's notices.
+func fakeSupervisor(t *testing.T, s *Sentry) *handover.Channel {
+	t.Helper()
+	sup, peer, err := handover.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sup.Close() })
+	ch, err := handover.NewChannel(peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.superMu.Lock()
+	s.superCh = ch
+	s.superMu.Unlock()
+	return sup
 }
 
 // holdSuperMu takes s.superMu and holds it for d on a goroutine of its

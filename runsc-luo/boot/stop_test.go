@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
 	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 )
@@ -16,18 +15,7 @@ import (
 // recovered into a sandbox whose entrypoint is gone.
 func TestAStoppingSentryTellsTheSupervisorBeforeItTearsDown(t *testing.T) {
 	s, _, _, _ := sandboxWithData(t)
-	sup, peer, err := handover.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sup.Close()
-	ch, err := handover.NewChannel(peer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.superMu.Lock()
-	s.superCh = ch
-	s.superMu.Unlock()
+	sup := fakeSupervisor(t, s)
 	root, id := s.cfg.Root, s.cfg.ID
 
 	// While the notice waits (for superMu), nothing is torn down yet.
