@@ -1,6 +1,7 @@
 package container
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -76,17 +77,26 @@ func settle(root, id string, st *sandbox.State) (*sandbox.State, error) {
 	if !st.Gone || !st.Supervised {
 		return st, nil
 	}
-	rec, err := readOCI(root, id)
-	if err != nil || rec.PID <= 0 {
-		return st, nil
-	}
-	for deadline := time.Now().Add(settleTimeout); st.Gone && sandbox.Alive(rec.PID) && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(settleTimeout); st.Gone && supervisorRuns(root, id) && time.Now().Before(deadline); {
 		time.Sleep(5 * time.Millisecond)
+		var err error
 		if st, err = sandbox.ReadState(root, id); err != nil {
 			return nil, err
 		}
 	}
 	return st, nil
+}
+
+// supervisorRuns reports whether the supervisor of sandbox id (the pid in
+// its OCI record) still runs: alive, and still "supervise --id=ID", not a
+// process that took its pid since.
+func supervisorRuns(root, id string) bool {
+	rec, err := readOCI(root, id)
+	if err != nil || rec.PID <= 0 || !sandbox.Alive(rec.PID) {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", rec.PID))
+	return err == nil && bytes.Contains(b, []byte("\x00supervise\x00--id="+id+"\x00"))
 }
 
 // readLive reads a sandbox's state; a sentry that looks gone is re-checked

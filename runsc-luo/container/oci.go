@@ -456,12 +456,8 @@ const supervisorExitTimeout = 5 * time.Second
 // exited: removing the sandbox's directory under a supervisor still
 // looking at it would make it take the sandbox for crashed.
 func awaitSupervisor(root, id string) {
-	rec, err := readOCI(root, id)
-	if err != nil || rec.PID <= 0 {
-		return
-	}
 	deadline := time.Now().Add(supervisorExitTimeout)
-	for sandbox.Alive(rec.PID) && time.Now().Before(deadline) {
+	for supervisorRuns(root, id) && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
