@@ -40,8 +40,14 @@ func CallWithin(root, id, method string, arg, result any, timeout time.Duration)
 			return
 		}
 		conn <- c
-		defer c.Close()
-		done <- c.Call(method, arg, result)
+		err = c.Call(method, arg, result)
+		// Closed before the caller hears the answer: the client's
+		// eventfd is not close-on-exec, and a caller that goes on to
+		// close the fds it did not mark (a sentry booting in the same
+		// process, as in tests) must not close it under a Close still
+		// to come.
+		c.Close()
+		done <- err
 	}()
 	if timeout <= 0 {
 		return <-done
