@@ -87,11 +87,12 @@ func (f *MemoryFile) AdoptBitmaps(set Bitmaps) error {
 				continue
 			}
 			base := uint64(i) * BitmapBits
-			if o == 0 && base+BitmapBits <= valid && base>>sectionShift == (base+BitmapBits-1)>>sectionShift {
+			if o == 0 && base+BitmapBits <= valid {
 				// Every block of this bitmap ends inside the file and
-				// lies in one section, and order 0 overlaps nothing
-				// here (the higher orders check against it): only PFN
-				// 0 is left to check, then the bits are counted.
+				// lies in one section (checked at compile time), and order
+				// 0 overlaps nothing here (the higher orders check
+				// against it): only PFN 0 is left to check, then the
+				// bits are counted.
 				if base == 0 && b[0]&1 != 0 {
 					return fmt.Errorf("adopting preserved block %v: PFN 0 is reserved: %w", Block{Order: o}, unix.EINVAL)
 				}
@@ -128,6 +129,10 @@ func (f *MemoryFile) AdoptBitmaps(set Bitmaps) error {
 	}
 	return f.adoptSet(&set, folios, sections)
 }
+
+// An order-0 bitmap, aligned to its size, lies in one section of page
+// metadata: this fails to compile if it is larger than a section.
+const _ = uint64(1)<<sectionShift - BitmapBits
 
 // countBits returns the number of bits set in b.
 func countBits(b *Bitmap) uint64 {

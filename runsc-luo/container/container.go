@@ -133,10 +133,7 @@ func startSupervised(g sandbox.Globals, id string, size uint64, entry []string, 
 func WaitStopped(root, id string, timeout time.Duration) (*sandbox.State, error) {
 	start := time.Now()
 	for {
-		st, err := sandbox.ReadState(root, id)
-		if err == nil {
-			st, err = settle(root, id, st)
-		}
+		st, err := readSettled(root, id)
 		if err != nil {
 			return nil, err
 		}

@@ -62,24 +62,24 @@ func cleanupGone(st *sandbox.State) int {
 }
 
 // settleTimeout bounds how long a command waits for a live supervisor to
-// act on its sentry's death (see settle). Its longest step is the wait for
+// act on its sentry's death (see readSettled). Its longest step is the wait for
 // a restart's new sentry to register (10 s).
 const settleTimeout = 15 * time.Second
 
-// settle returns st, or, while st says the sentry is gone and the
-// sandbox's supervisor lives, the state once the supervisor has acted on
-// the death (for at most settleTimeout): it finishes a stop that was
-// asked for, recovers the sandbox, or hands it to a restart's new sentry,
-// and writes the state itself. A command that acted on the gone sentry
-// meanwhile (killing the guests, writing "stopped" without an exit
-// status) would race it.
-func settle(root, id string, st *sandbox.State) (*sandbox.State, error) {
-	if !st.Gone || !st.Supervised {
-		return st, nil
+// readSettled is sandbox.ReadState, except that while the state says the
+// sentry is gone and the sandbox's supervisor runs, it reads again until
+// the supervisor has acted on the death (for at most settleTimeout): the
+// supervisor finishes a stop that was asked for, recovers the sandbox, or
+// hands it to a restart's new sentry, and writes the state itself. A
+// command that acted on the gone sentry meanwhile (killing the guests,
+// writing "stopped" without an exit status) would race it.
+func readSettled(root, id string) (*sandbox.State, error) {
+	st, err := sandbox.ReadState(root, id)
+	if err != nil || !st.Gone || !st.Supervised {
+		return st, err
 	}
 	for deadline := time.Now().Add(settleTimeout); st.Gone && supervisorRuns(root, id) && time.Now().Before(deadline); {
 		time.Sleep(5 * time.Millisecond)
-		var err error
 		if st, err = sandbox.ReadState(root, id); err != nil {
 			return nil, err
 		}
@@ -103,10 +103,7 @@ func supervisorRuns(root, id string) bool {
 // and, if it is gone indeed and no supervisor acts on it, the sandbox is
 // cleaned up (n guests killed).
 func readLive(root, id string) (st *sandbox.State, cleaned bool, n int, err error) {
-	if st, err = sandbox.ReadState(root, id); err != nil {
-		return nil, false, 0, err
-	}
-	if st, err = settle(root, id, st); err != nil {
+	if st, err = readSettled(root, id); err != nil {
 		return nil, false, 0, err
 	}
 	if st.Gone {

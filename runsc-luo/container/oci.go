@@ -264,10 +264,7 @@ type Extras struct {
 // created until started, running, or stopped; pid (the process a
 // container manager waits on) only while not stopped.
 func ReadOCIState(root, id string) (*OCIState, error) {
-	st, err := sandbox.ReadState(root, id)
-	if err == nil {
-		st, err = settle(root, id, st)
-	}
+	st, err := readSettled(root, id)
 	if err != nil {
 		return nil, err
 	}

@@ -99,11 +99,13 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 	// machine's byte order allows: no copy and no decoding of its 512
 	// words (a few microseconds a leaf, 32 leaves a GiB of 4 KiB folios).
 	var b *bitmap
-	dst := r.page[:]
+	dst, decode := r.page[:], false
 	if level == 0 {
 		b = newBitmap()
 		if p := bitmapBytes(b); p != nil {
 			dst = p
+		} else {
+			decode = true
 		}
 	}
 	if err := readPage(r.mf, addr, dst); err != nil {
@@ -114,7 +116,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 		r.out.nodes = append(r.out.nodes, pgalloc.Folio{PFN: addr >> abikho.PageShift})
 	}
 	if level == 0 {
-		if &dst[0] == &r.page[0] {
+		if decode {
 			for w := range b {
 				b[w] = binary.LittleEndian.Uint64(r.page[8*w:])
 			}
