@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -262,9 +261,11 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		in.standby = standby(opts.Version)
 		// No collection inside the blackout: the boot allocates a few
 		// MiB, which would start one (its marking takes a CPU of two
-		// for milliseconds).
-		runtime.GC()
+		// for milliseconds). And no page fault for what it allocates.
 		gcPercent := debug.SetGCPercent(-1)
+		if _, err := populateHeap(); err != nil {
+			log.Warningf("%v", err)
+		}
 		growStack()
 		d, t, err := handover.Accept(ch, in, hopts)
 		debug.SetGCPercent(gcPercent)

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"runtime"
 	"runtime/debug"
 
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
@@ -21,7 +20,8 @@ var ErrNoRecovery = errors.New("the supervisor closed the spare's channel withou
 // NewSpare runs a spare sentry: a process the supervisor starts ahead of
 // any crash, so that a recovery does not pay for starting one. It does
 // before the crash what a sentry does before a restart's Ready (signal
-// handling, a rehearsed boot, one collection, a grown stack), then waits
+// handling, a rehearsed boot, the collector off and the heap faulted in,
+// a grown stack), then waits
 // on the channel at fd for the supervisor's recovery descriptor with the
 // memory file and the listening sockets (handover.RecvRecovery) and boots
 // from it as a recovering sentry started with the descriptor in its
@@ -33,7 +33,14 @@ func NewSpare(fd int, opts Options) (*Sentry, error) {
 		return nil, err
 	}
 	control := prepareControl()
-	runtime.GC()
+	// No collection until the recovery's blackout is over (nothing
+	// allocates while the spare waits), and the heap it will allocate
+	// from faulted in.
+	gcPercent := debug.SetGCPercent(-1)
+	defer debug.SetGCPercent(gcPercent)
+	if _, err := populateHeap(); err != nil {
+		log.Warningf("%v", err)
+	}
 	growStack()
 	log.Debugf("spare sentry %d waits for a recovery", os.Getpid())
 	d, files, err := handover.RecvRecovery(ch, reads)
@@ -45,9 +52,6 @@ func NewSpare(fd int, opts Options) (*Sentry, error) {
 		ch.Close()
 		return nil, fmt.Errorf("spare sentry: the supervisor's recovery: %w", err)
 	}
-	// No collection inside the recovery's blackout.
-	gcPercent := debug.SetGCPercent(-1)
-	defer debug.SetGCPercent(gcPercent)
 	// The channel is this sentry's connection to the supervisor, as a
 	// restart's new sentry's standby connection is: it registers on it
 	// at its commit with one message (promote).

@@ -59,6 +59,9 @@ func newDecision() (*decision, error) {
 		f.Close()
 		return nil, err
 	}
+	// The file's page is allocated now, not by the new sentry's first
+	// look at the word, inside the blackout.
+	atomic.StoreUint32(d.word, decisionOpen)
 	return d, nil
 }
 
@@ -97,7 +100,9 @@ func openDecision(f *os.File) (*decision, error) {
 }
 
 func mapDecision(f *os.File) (*decision, error) {
-	mem, err := unix.Mmap(int(f.Fd()), 0, decisionSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	// Populated: the new sentry maps it inside the blackout, where a
+	// fault on the word would cost a trap more.
+	mem, err := unix.Mmap(int(f.Fd()), 0, decisionSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		return nil, fmt.Errorf("the decision file: mmap: %w", err)
 	}

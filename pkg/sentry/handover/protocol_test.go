@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -765,6 +766,45 @@ func TestTheDecisionWordDecidesOnce(t *testing.T) {
 		}
 		old.close()
 		nw.close()
+	}
+}
+
+// The decision file's page exists before the pause, and the new sentry's
+// mapping holds it from the start: no page is allocated, and no fault
+// taken, for the word inside the blackout.
+func TestTheDecisionPageIsInMemoryBeforeThePause(t *testing.T) {
+	old, err := newDecision()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(old.file.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Blocks == 0 {
+		t.Fatal("the decision file has no page allocated once the old sentry made it")
+	}
+	fd, err := unix.FcntlInt(old.file.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw, err := openDecision(os.NewFile(uintptr(fd), "decision"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nw.close()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var before, after unix.Rusage
+	unix.Getrusage(unix.RUSAGE_THREAD, &before)
+	committed := nw.commit()
+	unix.Getrusage(unix.RUSAGE_THREAD, &after)
+	if !committed {
+		t.Fatal("the commit lost on an open word")
+	}
+	if n := after.Minflt - before.Minflt; n != 0 {
+		t.Errorf("the new sentry's commit took %d page faults: its mapping of the word was not populated", n)
 	}
 }
 
