@@ -739,6 +739,21 @@ func TestTheNewSentryRefusesABadDecisionFile(t *testing.T) {
 	}
 }
 
+// openAgain opens the decision file of old as the new sentry does, through
+// a file descriptor of its own.
+func openAgain(t *testing.T, old *decision) *decision {
+	t.Helper()
+	fd, err := unix.FcntlInt(old.file.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw, err := openDecision(os.NewFile(uintptr(fd), "decision"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nw
+}
+
 // The word decides once: whichever side swaps first wins, and the other's
 // swap fails, across processes' mappings of one file as here across two.
 func TestTheDecisionWordDecidesOnce(t *testing.T) {
@@ -747,14 +762,7 @@ func TestTheDecisionWordDecidesOnce(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fd, err := unix.FcntlInt(old.file.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		nw, err := openDecision(os.NewFile(uintptr(fd), "decision"))
-		if err != nil {
-			t.Fatal(err)
-		}
+		nw := openAgain(t, old)
 		if newFirst {
 			if !nw.commit() || old.abandon() || !old.committed() {
 				t.Fatal("the new side's commit did not win, or the old side could still abandon")
@@ -785,14 +793,7 @@ func TestTheDecisionPageIsInMemoryBeforeThePause(t *testing.T) {
 	if st.Blocks == 0 {
 		t.Fatal("the decision file has no page allocated once the old sentry made it")
 	}
-	fd, err := unix.FcntlInt(old.file.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nw, err := openDecision(os.NewFile(uintptr(fd), "decision"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	nw := openAgain(t, old)
 	defer nw.close()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
