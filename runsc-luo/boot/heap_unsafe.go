@@ -37,9 +37,9 @@ const heapHeadroom = 4 << 20
 // the headroom again for the scavenger to release. It returns the number
 // of bytes in the mapping.
 func populateHeap() (int, error) {
-	b := make([]byte, heapHeadroom)
-	addr := addressOf(b)
-	b = nil
+	// Dropped at once: the collection frees it, and the heap's mapping
+	// has grown to hold it if it had to.
+	addr := addressOf(make([]byte, heapHeadroom))
 	runtime.GC()
 	start, end, err := mappingOf(addr)
 	if err != nil {
