@@ -273,3 +273,33 @@ func TestASentryKilledWhileItStopsIsNotRecovered(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestKillOfASentryThatDoesNotAnswerStopsTheSandbox: kill signals a sentry
+// that does not answer its control call (here stopped with SIGSTOP; in
+// practice, an exec-mode restart's new image before it serves) directly.
+// The supervisor is told first, so the sentry's end stops the sandbox
+// rather than being taken for a crash and recovered.
+func TestKillOfASentryThatDoesNotAnswerStopsTheSandbox(t *testing.T) {
+	c := newCLI(t)
+	const id = "unanswering"
+	c.must("run", "--detach", "--memory=64M", id, "--", "/bin/sh", "-c", "sleep 6138")
+	before := c.state(id)
+	if err := syscall.Kill(before.PID, syscall.SIGSTOP); err != nil {
+		t.Fatalf("stopping the sentry %d: %v", before.PID, err)
+	}
+	// The control call times out (5 s), then kill SIGKILLs the sentry.
+	c.must("kill", id, "SIGKILL")
+	st := c.state(id)
+	if st.Status != "stopped" || st.Recoveries != 0 || st.ExitStatus == nil || *st.ExitStatus != 128+int(syscall.SIGKILL) ||
+		!strings.Contains(st.Error, "the supervisor finished the stop") {
+		t.Fatalf("after kill of a sentry that did not answer: %+v (exit status %v)", st, st.ExitStatus)
+	}
+	c.must("delete", id)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(processesMentioning(c.root)) != 0 || len(processesMentioning("sleep\x006138")) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("left after delete: %v, guests %v", processesMentioning(c.root), processesMentioning("sleep\x006138"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -328,7 +328,7 @@ func catchSignals() {
 					unix.Kill(os.Getpid(), sig.(unix.Signal))
 					continue
 				}
-				s.Stop(128+int(unix.SIGKILL), fmt.Sprintf("sentry killed by %v", sig))
+				s.Stop(128+int(unix.SIGKILL), "the sentry got "+unix.SignalName(sig.(unix.Signal)))
 			}
 		}()
 	})
@@ -428,7 +428,7 @@ func (s *Sentry) signal(sig unix.Signal) error {
 	if stops {
 		// Whatever happens to this process from now on (an exec-mode
 		// restart replacing it, a crash), the sandbox stops.
-		s.notifySupervisor(&supervisor.Notice{Stop: &supervisor.StopRequest{ExitStatus: 128 + int(sig), Reason: "killed by " + sig.String()}})
+		s.notifySupervisor(&supervisor.Notice{Stop: &supervisor.StopRequest{ExitStatus: 128 + int(sig), Reason: "killed by " + unix.SignalName(sig)}})
 	}
 	s.mu.Lock()
 	if done := s.restartDone; stops && done != nil {
@@ -436,7 +436,7 @@ func (s *Sentry) signal(sig unix.Signal) error {
 		// (bounded by the restart's timeout). An exec-mode restart that
 		// has not called execve yet rolls back instead (restartExec).
 		if s.pendingStop == nil {
-			s.pendingStop = &stopRequest{exitStatus: 128 + int(sig), reason: "killed by " + sig.String()}
+			s.pendingStop = &stopRequest{exitStatus: 128 + int(sig), reason: "killed by " + unix.SignalName(sig)}
 		}
 		s.mu.Unlock()
 		<-done
@@ -478,5 +478,5 @@ func (s *Sentry) stopAfterSignal(sig unix.Signal) {
 			}
 		}
 	}
-	s.Stop(128+int(sig), "killed by "+sig.String())
+	s.Stop(128+int(sig), "killed by "+unix.SignalName(sig))
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/livesentry/livesentry/runsc-luo/boot"
 	"github.com/livesentry/livesentry/runsc-luo/sandbox"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/urpc"
 )
@@ -143,14 +144,24 @@ func Kill(root, id string, sig unix.Signal) error {
 		}
 		err = sandbox.CallWithin(root, id, boot.MethodSignal, &boot.SignalArgs{Signal: int(sig)}, &boot.Empty{}, signalTimeout)
 	}
+	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
 	if err != nil {
 		// The sentry does not answer: signal it directly (a terminating
-		// signal during a restart is applied after its outcome).
+		// signal during a restart is applied after its outcome). If
+		// the signal ends the process (SIGKILL, or SIGTERM to an
+		// exec-mode restart's new image before it handles signals),
+		// the supervisor must know that this is a stop, not a crash.
+		if stops && st.Supervised {
+			req := supervisor.StopRequest{ExitStatus: 128 + int(sig), Reason: "killed by " + unix.SignalName(sig)}
+			if serr := supervisor.AskStop(root, id, req, time.Second); serr != nil {
+				fmt.Fprintf(os.Stderr, "runsc-luo: %v\n", serr)
+			}
+		}
 		if kerr := unix.Kill(st.PID, sig); kerr != nil {
 			return fmt.Errorf("signalling sandbox %q: %v; and its sentry (pid %d): %v", id, err, st.PID, kerr)
 		}
 	}
-	if sig != unix.SIGTERM && sig != unix.SIGINT && sig != unix.SIGKILL {
+	if !stops {
 		return nil
 	}
 	if _, err := WaitStopped(root, id, 10*time.Second); err != nil {

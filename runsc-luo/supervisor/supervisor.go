@@ -37,6 +37,9 @@ import (
 
 // Register is a serving sentry's message on the supervisor socket. The
 // memory file, the guest listener and the control listener come with it.
+//
+// A client that is no sentry sends one with Stop set (see AskStop), and no
+// files.
 type Register struct {
 	PID int `json:"pid"`
 	// Root is the byte address of the KHO root in the memory file.
@@ -53,6 +56,11 @@ type Register struct {
 	// false and the files), which needs no answer before it serves. No
 	// files come with a standby registration.
 	Standby bool `json:"standby,omitempty"`
+	// Stop, from kill rather than a sentry, says a stop of the sandbox was
+	// asked for while its sentry did not answer: kill signals the sentry
+	// process itself once this is answered, and the sentry's end is no
+	// crash.
+	Stop *StopRequest `json:"stop,omitempty"`
 }
 
 // Options configures a supervisor.
@@ -213,6 +221,45 @@ func Run(opts Options) error {
 	return nil
 }
 
+// AskStop tells the supervisor of sandbox id that a stop was asked for
+// (req): once it returns nil, the end of the serving sentry, or of the one
+// a restart in progress hands the sandbox to, stops the sandbox rather than
+// recovering it. kill calls it before it signals a sentry that does not
+// answer its control call (an exec-mode restart replacing its image, say),
+// since a signal that ends the process there would otherwise look like a
+// crash. An error if the sandbox has no supervisor or it did not answer
+// within timeout.
+func AskStop(root, id string, req StopRequest, timeout time.Duration) error {
+	conn, err := net.DialTimeout("unix", sandbox.SupervisorPath(root, id), timeout)
+	if err != nil {
+		return err
+	}
+	f, err := conn.(*net.UnixConn).File()
+	conn.Close()
+	if err != nil {
+		return err
+	}
+	ch, err := handover.NewChannel(f)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	ch.SetDeadline(time.Now().Add(timeout))
+	if err := ch.Send(&Register{PID: os.Getpid(), Stop: &req}); err != nil {
+		return fmt.Errorf("asking the supervisor to stop sandbox %q: %w", id, err)
+	}
+	var ok Registered
+	files, err := ch.Recv(&ok)
+	closeFiles(files)
+	if err == nil && ok.PID <= 1 {
+		err = fmt.Errorf("a bad answer (pid %d)", ok.PID)
+	}
+	if err != nil {
+		return fmt.Errorf("asking the supervisor to stop sandbox %q: %w", id, err)
+	}
+	return nil
+}
+
 // accept takes the registrations of sentries.
 func (s *Supervisor) accept(l *net.UnixListener) {
 	for {
@@ -239,6 +286,16 @@ func (s *Supervisor) serve(c *net.UnixConn) {
 	defer ch.Close()
 	var reg Register
 	files, err := ch.Recv(&reg)
+	if err == nil && reg.Stop != nil {
+		closeFiles(files)
+		// Queued before the answer, so before the signal that kill
+		// sends once answered, and before any end of the sentry it
+		// causes.
+		s.events <- event{notice: &Notice{Stop: reg.Stop}, from: reg.PID}
+		log.Infof("supervisor: a stop was asked for by pid %d: %s", reg.PID, reg.Stop.Reason)
+		ch.Send(&Registered{PID: os.Getpid()})
+		return
+	}
 	if err == nil && reg.Standby {
 		// A restart's new sentry, before its blackout: answered at
 		// once; its registration proper follows when it commits, or
@@ -770,6 +827,10 @@ func (s *Supervisor) awaitRecovering(dead, pid int) (int, error) {
 		select {
 		case e := <-s.events:
 			switch {
+			case e.notice != nil:
+				// A stop asked for meanwhile is passed on to
+				// the recovering sentry when it registers.
+				s.noticed(e.notice, false)
 			case e.registered == nil:
 			case e.registered.reg.PID != pid:
 				// A sentry killed above (the new sentry of the
