@@ -333,3 +333,48 @@ func holdSuperMu(s *Sentry, d time.Duration) {
 	}()
 	<-held
 }
+
+// Once the new sentry is ready, a transfer-mode restart stops accepting
+// before the pause, so that the wait for the accepting goroutines is no
+// part of the blackout. A guest that connects meanwhile is not refused:
+// it waits in the backlog and is served once a sentry accepts again.
+func TestATransferRestartStopsAcceptingBeforeThePause(t *testing.T) {
+	s, _, _, _ := sandboxWithData(t)
+	defer s.Stop(0, "test done")
+	ended := false
+	s.beforeTransferPause(func() { ended = true })()
+	if !ended {
+		t.Fatal("the page-table drop was not ended before the pause")
+	}
+	s.mu.Lock()
+	gl, cl := s.guestLn, s.controlLn
+	s.mu.Unlock()
+	if gl != nil || cl != nil {
+		t.Fatalf("still accepting just before the pause (guest listener %v, control listener %v)", gl != nil, cl != nil)
+	}
+	served := make(chan error, 1)
+	go func() {
+		g, err := guest.Dial(sandbox.GuestPath(s.cfg.Root, s.cfg.ID))
+		if err == nil {
+			_, err = g.MemfdCreate("late", 0)
+			g.Disconnect()
+		}
+		served <- err
+	}()
+	select {
+	case err := <-served:
+		t.Fatalf("a guest was served while the sentry did not accept (%v)", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := s.startAccepting(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("the guest that waited in the backlog: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the guest that waited in the backlog was not served once accepting started again")
+	}
+}
