@@ -259,19 +259,7 @@ func TestASentryKilledWhileItStopsIsNotRecovered(t *testing.T) {
 	if err := kill.Wait(); err != nil {
 		t.Fatalf("kill SIGTERM: %v", err)
 	}
-	st := c.state(id)
-	if st.Status != "stopped" || st.Recoveries != 0 || st.ExitStatus == nil || *st.ExitStatus != 128+int(syscall.SIGTERM) ||
-		!strings.Contains(st.Error, "the supervisor finished the stop") {
-		t.Fatalf("after the sentry died in its stop: %+v (exit status %v)", st, st.ExitStatus)
-	}
-	c.must("delete", id)
-	deadline := time.Now().Add(5 * time.Second)
-	for len(processesMentioning(c.root)) != 0 || len(processesMentioning("sleep\x006137")) != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("left after delete: %v, guests %v", processesMentioning(c.root), processesMentioning("sleep\x006137"))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	stoppedBySupervisor(t, c, id, syscall.SIGTERM, "sleep\x006137")
 }
 
 // TestKillOfASentryThatDoesNotAnswerStopsTheSandbox: kill signals a sentry
@@ -289,16 +277,25 @@ func TestKillOfASentryThatDoesNotAnswerStopsTheSandbox(t *testing.T) {
 	}
 	// The control call times out (5 s), then kill SIGKILLs the sentry.
 	c.must("kill", id, "SIGKILL")
+	stoppedBySupervisor(t, c, id, syscall.SIGKILL, "sleep\x006138")
+}
+
+// stoppedBySupervisor checks that sandbox id stopped with the exit status
+// of sig, through a stop the supervisor finished rather than a recovery,
+// and that its delete leaves no process of the sandbox and no guest
+// (whose command line has guest in it).
+func stoppedBySupervisor(t *testing.T, c *cli, id string, sig syscall.Signal, guest string) {
+	t.Helper()
 	st := c.state(id)
-	if st.Status != "stopped" || st.Recoveries != 0 || st.ExitStatus == nil || *st.ExitStatus != 128+int(syscall.SIGKILL) ||
+	if st.Status != "stopped" || st.Recoveries != 0 || st.ExitStatus == nil || *st.ExitStatus != 128+int(sig) ||
 		!strings.Contains(st.Error, "the supervisor finished the stop") {
-		t.Fatalf("after kill of a sentry that did not answer: %+v (exit status %v)", st, st.ExitStatus)
+		t.Fatalf("sandbox %s after its sentry ended: %+v (exit status %v), want stopped by the supervisor with status %d", id, st, st.ExitStatus, 128+int(sig))
 	}
 	c.must("delete", id)
 	deadline := time.Now().Add(5 * time.Second)
-	for len(processesMentioning(c.root)) != 0 || len(processesMentioning("sleep\x006138")) != 0 {
+	for len(processesMentioning(c.root)) != 0 || len(processesMentioning(guest)) != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("left after delete: %v, guests %v", processesMentioning(c.root), processesMentioning("sleep\x006138"))
+			t.Fatalf("left after delete: %v, guests %v", processesMentioning(c.root), processesMentioning(guest))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
