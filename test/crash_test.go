@@ -271,7 +271,15 @@ func TestKillOfASentryThatDoesNotAnswerStopsTheSandbox(t *testing.T) {
 	c := newCLI(t)
 	const id = "unanswering"
 	c.must("run", "--detach", "--memory=64M", id, "--", "/bin/sh", "-c", "sleep 6138")
+	// Registered with its supervisor first (a sentry stopped before that
+	// is another case: the supervisor finishes the stop when it dies).
 	before := c.state(id)
+	for deadline := time.Now().Add(10 * time.Second); !before.Supervised; before = c.state(id) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sentry never registered with its supervisor: %+v", before)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err := syscall.Kill(before.PID, syscall.SIGSTOP); err != nil {
 		t.Fatalf("stopping the sentry %d: %v", before.PID, err)
 	}

@@ -437,6 +437,11 @@ func (s *Supervisor) loop(pid int) {
 		if !waiting {
 			if s.currentPID() == 0 && !sandbox.Alive(pid) {
 				// The first sentry died before it registered.
+				if s.stopping != nil {
+					// kill asked for a stop (AskStop).
+					s.finishStop(pid)
+					return
+				}
 				if st, err := sandbox.ReadState(c.Root, c.ID); err != nil || st.Status != sandbox.StatusRunning || st.Gone {
 					return
 				}
