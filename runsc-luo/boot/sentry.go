@@ -424,7 +424,7 @@ var stopGrace = 5 * time.Second
 // exit status is then the entrypoint's own (0 if it exits cleanly on
 // SIGTERM), and only guests still running after it are SIGKILLed (137).
 func (s *Sentry) signal(sig unix.Signal) error {
-	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+	stops := supervisor.StopsSandbox(sig)
 	if stops {
 		// Whatever happens to this process from now on (an exec-mode
 		// restart replacing it, a crash), the sandbox stops.

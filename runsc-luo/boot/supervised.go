@@ -2,7 +2,6 @@ package boot
 
 import (
 	"errors"
-	"net"
 	"os"
 	"time"
 
@@ -33,7 +32,7 @@ func (s *Sentry) register(writeState bool) {
 		}
 	}
 	c := &s.cfg
-	ch, err := dialSupervisor(sandbox.SupervisorPath(c.Root, c.ID))
+	ch, err := supervisor.Dial(sandbox.SupervisorPath(c.Root, c.ID))
 	if err != nil {
 		set(false)
 		if !errors.Is(err, os.ErrNotExist) {
@@ -56,20 +55,6 @@ func (s *Sentry) register(writeState bool) {
 	s.takeAnswer(ch, &ok)
 	set(true)
 	go s.keepSupervisor(ch)
-}
-
-// dialSupervisor connects to the supervisor socket at path.
-func dialSupervisor(path string) (*handover.Channel, error) {
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, err
-	}
-	f, err := conn.File()
-	conn.Close()
-	if err != nil {
-		return nil, err
-	}
-	return handover.NewChannel(f)
 }
 
 // sendRegistration sends this sentry's registration on ch, with copies of
@@ -105,7 +90,7 @@ func standby(version string) *handover.Channel {
 	if path == "" {
 		return nil
 	}
-	ch, err := dialSupervisor(path)
+	ch, err := supervisor.Dial(path)
 	if err != nil {
 		log.Warningf("no supervisor to stand by with: %v", err)
 		return nil

@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/subcommands"
 	"github.com/livesentry/livesentry/runsc-luo/container"
+	"github.com/livesentry/livesentry/runsc-luo/supervisor"
 	"golang.org/x/sys/unix"
 )
 
@@ -68,7 +69,7 @@ func (k *Kill) Execute(_ context.Context, f *flag.FlagSet, args ...any) subcomma
 		}
 	}
 	root := configOf(args).Root
-	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+	stops := supervisor.StopsSandbox(sig)
 	var err error
 	if k.all || stops {
 		err = container.Kill(root, f.Arg(0), sig)

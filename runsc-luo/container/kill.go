@@ -144,7 +144,7 @@ func Kill(root, id string, sig unix.Signal) error {
 		}
 		err = sandbox.CallWithin(root, id, boot.MethodSignal, &boot.SignalArgs{Signal: int(sig)}, &boot.Empty{}, signalTimeout)
 	}
-	stops := sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+	stops := supervisor.StopsSandbox(sig)
 	if err != nil {
 		// The sentry does not answer: signal it directly (a terminating
 		// signal during a restart is applied after its outcome). If

@@ -221,6 +221,26 @@ func Run(opts Options) error {
 	return nil
 }
 
+// Dial connects to the supervisor socket at path.
+func Dial(path string) (*handover.Channel, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	f, err := conn.File()
+	conn.Close()
+	if err != nil {
+		return nil, err
+	}
+	return handover.NewChannel(f)
+}
+
+// StopsSandbox reports whether sig, sent by kill, stops the sandbox
+// (SIGTERM, SIGINT, SIGKILL) rather than only reaching its guests.
+func StopsSandbox(sig unix.Signal) bool {
+	return sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGKILL
+}
+
 // AskStop tells the supervisor of sandbox id that a stop was asked for
 // (req): once it returns nil, the end of the serving sentry, or of the one
 // a restart in progress hands the sandbox to, stops the sandbox rather than
@@ -230,16 +250,7 @@ func Run(opts Options) error {
 // crash. An error if the sandbox has no supervisor or it did not answer
 // within timeout.
 func AskStop(root, id string, req StopRequest, timeout time.Duration) error {
-	conn, err := net.DialTimeout("unix", sandbox.SupervisorPath(root, id), timeout)
-	if err != nil {
-		return err
-	}
-	f, err := conn.(*net.UnixConn).File()
-	conn.Close()
-	if err != nil {
-		return err
-	}
-	ch, err := handover.NewChannel(f)
+	ch, err := Dial(sandbox.SupervisorPath(root, id))
 	if err != nil {
 		return err
 	}
