@@ -239,9 +239,12 @@ func restart(root, id string, a boot.RestartArgs) (handover.Timing, error) {
 			return t, nil
 		}
 	}
-	o := outcome(root, id, st)
+	o, rec := outcome(root, id, st)
 	if o == HandedOver {
-		fmt.Fprintf(os.Stderr, "runsc-luo: warning: %v; but the new sentry serves the sandbox\n", err)
+		fmt.Fprintf(os.Stderr, "runsc-luo: warning: %v; but the new sentry served the sandbox\n", err)
+		if rec != nil {
+			t = rec.Timing
+		}
 		return t, nil
 	}
 	return t, &RestartError{Outcome: o, Err: err}
@@ -285,31 +288,50 @@ func awaitExecRestart(root, id string, gen, recoveries uint64, timeout time.Dura
 // outcome judges how a failed restart left the sandbox whose state before
 // it was before, from its state now: the same sentry serving with the same
 // liveupdate number is a rollback; a sentry serving after a recovery is a
-// recovery; anything else is a loss. A state in flux (a sentry starting)
-// is waited for, a few seconds at most.
-func outcome(root, id string, before *sandbox.State) Outcome {
+// recovery; a newer restart record, or a sentry serving a newer liveupdate
+// number, is the handoff (whose record is returned if the state has it);
+// anything else is a loss. A state in flux (a sentry starting) is waited
+// for, a few seconds at most.
+//
+// The record matters when the relaunched entrypoint finished at once: the
+// new sentry then stops the sandbox, and the supervisor's end of it can
+// take the old sentry with it before it answered the restart.
+func outcome(root, id string, before *sandbox.State) (Outcome, *sandbox.RestartRecord) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		st, err := sandbox.ReadState(root, id)
+		if rec := handedOverIn(st, err, before); rec != nil {
+			return HandedOver, rec
+		}
 		if err == nil && st.Status == sandbox.StatusRunning && sandbox.Alive(st.PID) {
 			var live sandbox.State
 			if cerr := sandbox.CallWithin(root, id, boot.MethodState, &boot.Empty{}, &live, time.Second); cerr == nil {
 				switch {
 				case live.Recoveries > before.Recoveries:
-					return Recovered
+					return Recovered, nil
 				case live.PID == before.PID && live.LiveupdateNumber == before.LiveupdateNumber:
-					return RolledBack
+					return RolledBack, nil
 				case live.LiveupdateNumber > before.LiveupdateNumber:
-					return HandedOver
+					return HandedOver, live.LastRestart
 				}
 			}
 		}
 		// (A supervised sentry that is gone is being recovered.)
 		if err == nil && st.Status == sandbox.StatusStopped && !sandbox.Alive(st.PID) && !(st.Gone && st.Supervised) || time.Now().After(deadline) {
-			return Lost
+			return Lost, nil
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// handedOverIn returns the record, in the state st (read with err), of a
+// successful restart newer than the state before: the restart handed over,
+// whatever happened to the sandbox since. Nil if there is none.
+func handedOverIn(st *sandbox.State, err error, before *sandbox.State) *sandbox.RestartRecord {
+	if err != nil || st.LastRestart == nil || st.LastRestart.Error != "" || st.LastRestart.Generation <= before.LiveupdateNumber || st.Recoveries > before.Recoveries {
+		return nil
+	}
+	return st.LastRestart
 }
 
 // Exec runs argv as another guest of sandbox id with this process's stdio
