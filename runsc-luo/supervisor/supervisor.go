@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -186,6 +187,15 @@ const spareRetry = 10 * time.Second
 // successors until the sandbox stops. It returns an error only if the
 // sandbox could not start.
 func Run(opts Options) error {
+	// One processor. The supervisor is an event loop, and its wake-ups
+	// come inside restarts' blackouts (the frozen root, the new sentry's
+	// standby and registration): with more processors each message woke
+	// a second thread, on the CPU the sentries were about to need, to
+	// hand it from the connection's reader to the main loop. Idle 1 GiB
+	// restarts (2 MiB folios), 2 rounds of 50 per build, alternated:
+	// blackout p50 1.06 -> 0.90 ms, p90 2.21 -> 1.61 ms, p99 6.21 ->
+	// 2.32 ms.
+	runtime.GOMAXPROCS(1)
 	if opts.ExecTimeout == 0 {
 		opts.ExecTimeout = 30 * time.Second
 	}
