@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -50,6 +51,21 @@ type Config struct {
 	// Save, if set, is called with the results so far after each size,
 	// so that a run cut short keeps what it measured.
 	Save func(*Results)
+	// Idle, if its Restarts is not 0, also measures the blackout's
+	// spread over many transfer restarts of an idle guest.
+	Idle IdleConfig
+}
+
+// IdleConfig is the idle-guest measurement: Restarts transfer restarts
+// of one sandbox holding Size bytes in Folio folios, each Gap after the
+// guest has verified its data and preserved the next generation, so
+// that the guest makes no call when the restart comes. It reports
+// percentiles, which a handful of reps cannot.
+type IdleConfig struct {
+	Restarts int
+	Size     uint64
+	Folio    string
+	Gap      time.Duration
 }
 
 // Sample is one measured value per run.
@@ -67,6 +83,18 @@ func (s Sample) Median() time.Duration {
 		return 0
 	}
 	return s.sorted()[(len(s)-1)/2]
+}
+
+// Percentile is the nearest-rank p-th percentile (0 < p ≤ 100): the
+// smallest value that at least p% of the sample is not above. The 99th
+// of 100 values is the second largest, of 200 the third largest.
+func (s Sample) Percentile(p float64) time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	c := s.sorted()
+	i := int(math.Ceil(p/100*float64(len(c)))) - 1
+	return c[max(0, min(i, len(c)-1))]
 }
 
 // Min and Max are the extremes.
@@ -95,12 +123,19 @@ type Row struct {
 	MetadataBytes uint64
 	// Skipped says why nothing was measured.
 	Skipped string
+	// IdleGap is, for the idle-guest measurement (Config.Idle), the
+	// wait before each restart after the guest preserved its
+	// generation; 0 for the rows of the main table.
+	IdleGap time.Duration `json:",omitempty"`
 }
 
 // Name is the row's label in the table and the plot.
 func (r *Row) Name() string {
 	switch r.Method {
 	case methodTransfer, methodExec:
+		if r.IdleGap > 0 {
+			return fmt.Sprintf("livesentry %s, idle guest, %s folios", r.Method, folioLabel(r.Folio))
+		}
 		return fmt.Sprintf("livesentry %s, %s folios", r.Method, folioLabel(r.Folio))
 	case methodGVisor:
 		return "gVisor checkpoint + restore"
@@ -201,6 +236,20 @@ func Run(c Config) (*Results, error) {
 	if c.Reps < 1 {
 		return nil, fmt.Errorf("reps must be at least 1")
 	}
+	if len(c.Methods) == 0 && c.Idle.Restarts == 0 {
+		return nil, fmt.Errorf("nothing to measure: no method and no idle restarts")
+	}
+	if c.Idle.Restarts < 0 {
+		return nil, fmt.Errorf("idle restarts must not be negative")
+	}
+	if c.Idle.Restarts > 0 {
+		if c.Idle.Folio != folio4K && c.Idle.Folio != folio2M {
+			return nil, fmt.Errorf("unknown idle folio size %q (want 4K or 2M)", c.Idle.Folio)
+		}
+		if c.Idle.Gap <= 0 {
+			return nil, fmt.Errorf("the idle gap must be positive: the row is told apart by it")
+		}
+	}
 	for _, m := range c.Methods {
 		if !has(allMethods, m) {
 			return nil, fmt.Errorf("unknown method %q (want some of %s)", m, strings.Join(allMethods, ","))
@@ -219,7 +268,11 @@ func Run(c Config) (*Results, error) {
 			res.Notes = append(res.Notes, "gVisor skipped: "+gvisorWhy)
 		}
 	}
-	for _, size := range c.Sizes {
+	sizes := c.Sizes
+	if len(c.Methods) == 0 {
+		sizes = nil
+	}
+	for _, size := range sizes {
 		if ok, why := fits(size, c.WorkDir); !ok {
 			res.Notes = append(res.Notes, fmt.Sprintf("%s skipped: %s", sizeLabel(size), why))
 			c.Logf("%s skipped: %s", sizeLabel(size), why)
@@ -241,7 +294,7 @@ func Run(c Config) (*Results, error) {
 					continue
 				}
 				r := &Row{Size: size, Method: mode, Folio: folio, MetadataBytes: meta}
-				if err := measureLivesentry(c, r); err != nil {
+				if err := measureLivesentry(c, r, c.Reps); err != nil {
 					return nil, fmt.Errorf("livesentry %s at %s, %s folios: %w", mode, sizeLabel(size), folio, err)
 				}
 				res.Rows = append(res.Rows, r)
@@ -273,6 +326,16 @@ func Run(c Config) (*Results, error) {
 		if c.Save != nil {
 			c.Save(res)
 		}
+	}
+	if c.Idle.Restarts > 0 {
+		r := &Row{Size: c.Idle.Size, Method: methodTransfer, Folio: c.Idle.Folio, IdleGap: c.Idle.Gap}
+		if ok, why := fits(r.Size, c.WorkDir); !ok {
+			r.Skipped = why
+			c.Logf("%s skipped: %s", r.Name(), why)
+		} else if err := measureLivesentry(c, r, c.Idle.Restarts); err != nil {
+			return nil, fmt.Errorf("%s at %s: %w", r.Name(), sizeLabel(r.Size), err)
+		}
+		res.Rows = append(res.Rows, r)
 	}
 	res.Took = time.Since(res.Start)
 	return res, nil
@@ -309,7 +372,7 @@ func kib(n uint64) string {
 // find returns the measured row of method (and folio) at size, or nil.
 func (r *Results) find(size uint64, method, folio string) *Row {
 	for _, row := range r.Rows {
-		if row.Size == size && row.Method == method && row.Folio == folio && row.Skipped == "" && len(row.Pause) > 0 {
+		if row.Size == size && row.Method == method && row.Folio == folio && row.IdleGap == 0 && row.Skipped == "" && len(row.Pause) > 0 {
 			return row
 		}
 	}
@@ -329,9 +392,47 @@ func (r *Results) sizes() []uint64 {
 // WriteTable writes the results as markdown: one table of every row,
 // then the ratios per size.
 func (r *Results) WriteTable(w io.Writer) {
+	var timed, idle []*Row
+	for _, row := range r.Rows {
+		if row.IdleGap > 0 {
+			idle = append(idle, row)
+		} else {
+			timed = append(timed, row)
+		}
+	}
+	if len(timed) > 0 {
+		r.writeMain(w, timed)
+	}
+	if len(idle) > 0 {
+		if len(timed) > 0 {
+			fmt.Fprintf(w, "\n")
+		}
+		fmt.Fprintf(w, "Blackouts of transfer restarts of an idle guest, in ms: each restart the stated gap after the guest preserved its next generation (nearest-rank percentiles).\n\n")
+		fmt.Fprintf(w, "| size | method | gap | p50 | p90 | p99 | max | restarts |\n|---|---|---|---|---|---|---|---|\n")
+		for _, row := range idle {
+			if row.Skipped != "" {
+				fmt.Fprintf(w, "| %s | %s | %v | skipped: %s | | | | 0 |\n", sizeLabel(row.Size), row.Name(), row.IdleGap, strings.ReplaceAll(row.Skipped, "|", "/"))
+				continue
+			}
+			p := row.Pause
+			fmt.Fprintf(w, "| %s | %s | %v | %s | %s | %s | %s | %d |\n", sizeLabel(row.Size), row.Name(), row.IdleGap,
+				ms(p.Percentile(50)), ms(p.Percentile(90)), ms(p.Percentile(99)), ms(p.Max()), len(p))
+		}
+	}
+	if len(r.Notes) > 0 {
+		fmt.Fprintf(w, "\n")
+		for _, n := range r.Notes {
+			fmt.Fprintf(w, "- %s\n", n)
+		}
+	}
+}
+
+// writeMain writes the table of every size and method, then the ratios
+// per size.
+func (r *Results) writeMain(w io.Writer, rows []*Row) {
 	fmt.Fprintf(w, "Times in ms: median (min–max) of the runs counted in the last column.\n\n")
 	fmt.Fprintf(w, "| size | method | app pause / blackout | time to data | of which before the guest runs | metadata handed over | runs |\n|---|---|---|---|---|---|---|\n")
-	for _, row := range r.Rows {
+	for _, row := range rows {
 		if row.Skipped != "" {
 			fmt.Fprintf(w, "| %s | %s | skipped: %s | | | | 0 |\n", sizeLabel(row.Size), row.Name(), strings.ReplaceAll(row.Skipped, "|", "/"))
 			continue
@@ -373,12 +474,6 @@ func (r *Results) WriteTable(w io.Writer) {
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", sizeLabel(size), ratio(methodGVisor, false), ratio(methodGVisorDir, false),
 			ratio(methodGVisorBg, false), ratio(methodCopyFloor, false), ratio(methodGVisor, true), exec)
-	}
-	if len(r.Notes) > 0 {
-		fmt.Fprintf(w, "\n")
-		for _, n := range r.Notes {
-			fmt.Fprintf(w, "- %s\n", n)
-		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +31,28 @@ func TestParseSize(t *testing.T) {
 				t.Fatalf("ParseSize(%q) = %d, %v; want %d, ok %v", tc.in, got, err, tc.want, tc.ok)
 			}
 		})
+	}
+}
+
+func TestPercentileIsTheNearestRank(t *testing.T) {
+	ms := time.Millisecond
+	var s Sample
+	for i := 100; i >= 1; i-- {
+		s = append(s, time.Duration(i)*ms)
+	}
+	for _, tc := range []struct {
+		p    float64
+		want time.Duration
+	}{{50, 50 * ms}, {90, 90 * ms}, {99, 99 * ms}, {100, 100 * ms}, {0.5, 1 * ms}} {
+		if got := s.Percentile(tc.p); got != tc.want {
+			t.Errorf("p%v of 1..100 ms: %v, want %v", tc.p, got, tc.want)
+		}
+	}
+	if got := (Sample{3 * ms, 1 * ms, 2 * ms}).Percentile(99); got != 3*ms {
+		t.Errorf("p99 of 3 values: %v, want the largest", got)
+	}
+	if got := (Sample{}).Percentile(50); got != 0 {
+		t.Errorf("p50 of nothing: %v", got)
 	}
 }
 
@@ -66,25 +89,28 @@ func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
 		Runsc:   filepath.Join(root, ".cache", "bin", "runsc"),
 		WorkDir: dir,
 		Logf:    t.Logf,
-	}
-	gvisor := gvisorUsable(c) == ""
-	if gvisor {
-		c.Methods = append(c.Methods, methodGVisor)
+		Idle:    IdleConfig{Restarts: 3, Size: 8 << 20, Folio: folio2M, Gap: 20 * time.Millisecond},
 	}
 	if c.RunscLUO, c.Holder, err = buildBinaries(root, dir); err != nil {
 		t.Fatal(err)
 	}
-	if !gvisor {
-		t.Logf("gVisor not measured: %s", gvisorUsable(c))
+	if why := gvisorUsable(c); why == "" {
+		c.Methods = append(c.Methods, methodGVisor)
+	} else {
+		t.Logf("gVisor not measured: %s", why)
 	}
 	res, err := Run(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(res.Rows) != len(c.Methods) {
-		t.Fatalf("%d rows for %d methods: %+v", len(res.Rows), len(c.Methods), res.Rows)
+	if len(res.Rows) != len(c.Methods)+1 {
+		t.Fatalf("%d rows for %d methods and the idle guest: %+v", len(res.Rows), len(c.Methods), res.Rows)
 	}
-	for _, r := range res.Rows {
+	idle := res.Rows[len(res.Rows)-1]
+	if idle.IdleGap != c.Idle.Gap || idle.Folio != folio2M || idle.Skipped != "" || len(idle.Pause) != 3 || slices.Min(idle.Pause) <= 0 || idle.Pause.Max() > time.Minute {
+		t.Errorf("idle row: %+v", idle)
+	}
+	for _, r := range res.Rows[:len(res.Rows)-1] {
 		if r.Skipped != "" || len(r.Pause) != 1 || r.Pause[0] <= 0 || r.Pause[0] > time.Minute {
 			t.Errorf("%s: pause %v, skipped %q", r.Name(), r.Pause, r.Skipped)
 		}
@@ -105,7 +131,8 @@ func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
 	}
 	var table bytes.Buffer
 	res.WriteTable(&table)
-	for _, want := range []string{"| 8 MiB | livesentry transfer, 4 KiB folios |", "| 8 MiB | copy floor (copy_file_range) |"} {
+	for _, want := range []string{"| 8 MiB | livesentry transfer, 4 KiB folios |", "| 8 MiB | copy floor (copy_file_range) |",
+		"| p50 | p90 | p99 | max | restarts |", "| 8 MiB | livesentry transfer, idle guest, 2 MiB folios | 20ms | "} {
 		if !strings.Contains(table.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, table.String())
 		}

@@ -59,13 +59,14 @@ func (c *luoCLI) waitEvent(id, ev string, gen uint64, timeout time.Duration) (de
 // measureLivesentry runs one sandbox whose entrypoint is the demo guest
 // (3 memfds of random contents totalling r.Size in 2 sessions, 4 KiB or
 // 2 MiB folios, a new generation after each restart) and restarts it
-// c.Reps times in r.Method's mode. Each restart's blackout is the
+// reps times in r.Method's mode, each r.IdleGap after the guest
+// preserved its generation (0: at once). Each restart's blackout is the
 // sentries' own measure (guest dispatch paused in the old sentry → the
 // new one accepting guests); the time to data runs from the same pause
 // to the relaunched guest having retrieved every file and read its last
 // byte (the guest's DataReadyAt, CLOCK_MONOTONIC like PausedAt). Every
 // byte is verified by the guest before the next restart.
-func measureLivesentry(c Config, r *Row) error {
+func measureLivesentry(c Config, r *Row, reps int) error {
 	root, err := os.MkdirTemp(c.WorkDir, "ls-")
 	if err != nil {
 		return err
@@ -93,7 +94,8 @@ func measureLivesentry(c Config, r *Row) error {
 	if _, err := cli.waitEvent(id, "preserved", 0, timeout); err != nil {
 		return err
 	}
-	for gen := uint64(1); gen <= uint64(c.Reps); gen++ {
+	for gen := uint64(1); gen <= uint64(reps); gen++ {
+		time.Sleep(r.IdleGap)
 		out, err := cli.run("restart", "--format=json", "--mode="+r.Method, id)
 		if err != nil {
 			return err

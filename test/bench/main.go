@@ -8,6 +8,7 @@
 //	go run ./test/bench                       # everything that fits, 5 reps
 //	go run ./test/bench -build-runsc          # first build gVisor's runsc into .cache/bin
 //	go run ./test/bench -smoke                # seconds: 64 MiB, 1 rep
+//	go run ./test/bench -methods= -idle=200   # only the idle guest's blackout percentiles
 //
 // See docs/bench.md for the definitions.
 package main
@@ -48,6 +49,10 @@ func mainErr() error {
 		quiet      = flag.Bool("q", false, "no progress lines")
 		jsonOut    = flag.String("json", "", "also save the results (after each size) as JSON here, for -merge")
 		merge      = flag.String("merge", "", "measure nothing: merge the comma-separated JSON files of earlier runs (-json) into one table, page and plot")
+		idle       = flag.Int("idle", 100, "also restart an idle guest this many times (transfer mode) and report the blackout's percentiles; 0: no (the default with -smoke)")
+		idleSize   = flag.String("idle-size", "1G", "preserved size of the idle guest")
+		idleFolio  = flag.String("idle-folio", "2M", "folio size of the idle guest (4K, 2M)")
+		idleGap    = flag.Duration("idle-gap", 500*time.Millisecond, "wait before each idle restart, after the guest preserved its generation")
 	)
 	flag.Parse()
 	set := map[string]bool{}
@@ -61,6 +66,9 @@ func mainErr() error {
 		}
 		if !set["methods"] {
 			*methods = strings.Join([]string{methodTransfer, methodExec, methodGVisor, methodCopyFloor}, ",")
+		}
+		if !set["idle"] {
+			*idle = 0
 		}
 	}
 	if *merge != "" {
@@ -106,7 +114,16 @@ func mainErr() error {
 		c.Sizes = append(c.Sizes, n)
 	}
 	c.Folios = strings.Split(strings.ToUpper(*folios), ",")
-	c.Methods = strings.Split(*methods, ",")
+	if *idle != 0 {
+		n, err := ParseSize(*idleSize)
+		if err != nil {
+			return fmt.Errorf("-idle-size: %w", err)
+		}
+		c.Idle = IdleConfig{Restarts: *idle, Size: n, Folio: strings.ToUpper(*idleFolio), Gap: *idleGap}
+	}
+	if *methods != "" {
+		c.Methods = strings.Split(*methods, ",")
+	}
 	bin, err := os.MkdirTemp(*workDir, "bench-bin-")
 	if err != nil {
 		return err
@@ -273,6 +290,12 @@ func (r *Results) page(table, mdPath, pngPath string) string {
   the program compares every byte with its seed's stream.
 - **copy floor**: ` + "`copy_file_range`" + ` of a memfd of that size into a new memfd: what any restart that
   copies memory pays at least (4 KiB host pages).
+- **idle guest**: the same demo sandbox restarted in transfer mode many times, each restart a fixed
+  gap after the guest verified its data and preserved its next generation, so that no guest call
+  is in flight when the pause comes: the blackout's spread (p50, p90, p99), which the few runs above
+  cannot show. A restart's blackout meets, now and then, a moment when the host gives its CPU to
+  another task; ` + "`go test ./pkg/sentry/handover -run '^$' -bench RunningThreadStalls`" + ` measures how
+  often that happens here.
 
 `)
 	b.WriteString(table)

@@ -38,7 +38,7 @@ func (r *Results) plotSeries() []*series {
 		s.pts = append(s.pts, plotter.XY{X: float64(size >> 20), Y: math.Max(d/1e6, 1e-3)})
 	}
 	for _, row := range r.Rows {
-		if row.Skipped != "" || len(row.Pause) == 0 {
+		if row.Skipped != "" || len(row.Pause) == 0 || row.IdleGap > 0 {
 			continue
 		}
 		switch row.Method {
