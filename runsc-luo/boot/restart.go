@@ -253,7 +253,8 @@ func (s *Sentry) restartTransfer(binary string, timeout, commitDelay time.Durati
 	// guests' data instead while the new sentry starts, until it is ready
 	// (a page touched from here on faults back in; what is left when the
 	// pause comes is torn down at exit, as before). Failing costs only
-	// time.
+	// time. The same thread first reads ahead what the new sentry's
+	// ingest will read (readAhead).
 	stopDrop, dropped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(dropped)
