@@ -253,8 +253,15 @@ func (s *Sentry) restartTransfer(binary string, timeout, commitDelay time.Durati
 	// guests' data instead while the new sentry starts, until it is ready
 	// (a page touched from here on faults back in; what is left when the
 	// pause comes is torn down at exit, as before). Failing costs only
-	// time. The same thread first reads ahead what the new sentry's
-	// ingest will read (readAhead).
+	// time.
+	//
+	// The same thread first reads the pages of KHO's outgoing state that
+	// the new sentry's ingest reads first thing in the blackout
+	// (kho.KHO.ReadAhead: on a host that reclaims cold memory, a page
+	// nobody has read for a while can take hundreds of microseconds). It
+	// takes a fraction of a millisecond and normally ends long before the
+	// new sentry is ready; if not, the pause waits for it as for the drop,
+	// outside the blackout.
 	stopDrop, dropped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(dropped)
@@ -263,7 +270,9 @@ func (s *Sentry) restartTransfer(binary string, timeout, commitDelay time.Durati
 		// thread ends with the goroutine, still locked to it.
 		runtime.LockOSThread()
 		sandbox.IdleThread()
-		s.readAhead()
+		if _, err := s.k.KHO().ReadAhead(); err != nil {
+			log.Warningf("transfer restart: %v", err)
+		}
 		if err := s.k.MemoryFile().DropTouchedPageTables(stopDrop); err != nil {
 			log.Warningf("transfer restart: %v", err)
 		}
@@ -310,18 +319,6 @@ func (s *Sentry) beforeTransferPause(end func()) func() {
 	return func() {
 		end()
 		s.stopAccepting()
-	}
-}
-
-// readAhead reads, while the new sentry starts, the pages of KHO's
-// outgoing state that its ingest reads first thing in the blackout
-// (kho.KHO.ReadAhead: on a host that reclaims cold memory a page nobody
-// has read for a while can take hundreds of microseconds). It runs on the
-// page-table drop's idle thread, ahead of the drop: nothing it does waits
-// between the new sentry's ready and the pause. Failing costs only time.
-func (s *Sentry) readAhead() {
-	if _, err := s.k.KHO().ReadAhead(); err != nil {
-		log.Warningf("restart: %v", err)
 	}
 }
 
