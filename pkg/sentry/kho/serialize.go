@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math/bits"
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
@@ -421,11 +422,17 @@ func readMap(mf *pgalloc.MemoryFile, memMap uint64, t *memTracker) error {
 	return nil
 }
 
-// firstSetFrom returns the first set bit of b at or after bit from.
+// firstSetFrom returns the first set bit of b at or after bit from, a word
+// at a time: the leaf or bitmap at the end of a file, checked at every
+// Ingest, has tens of thousands of bits past the end.
 func firstSetFrom(b *bitmap, from uint64) (uint64, bool) {
-	for i := from; i < abikho.PreserveBits; i++ {
-		if b[i/64]&(1<<(i%64)) != 0 {
-			return i, true
+	for w := from / 64; w < uint64(len(b)); w++ {
+		word := b[w]
+		if w == from/64 {
+			word &= ^uint64(0) << (from % 64)
+		}
+		if word != 0 {
+			return w*64 + uint64(bits.TrailingZeros64(word)), true
 		}
 	}
 	return 0, false

@@ -3,6 +3,7 @@ package kho
 import (
 	"testing"
 
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 )
 
@@ -131,4 +132,29 @@ func TestIngestTakesItsBitmapsFromThePreparedPool(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestFirstSetFrom checks firstSetFrom, which skips a word at a time,
+// against a bit-by-bit search, at every start bit of a few words with a
+// bit set before, at and after it, and in an empty bitmap.
+func TestFirstSetFrom(t *testing.T) {
+	var b bitmap
+	if bit, ok := firstSetFrom(&b, 0); ok {
+		t.Fatalf("firstSetFrom(empty, 0) = %d, true; want none", bit)
+	}
+	for _, bit := range []uint64{0, 1, 63, 64, 65, 127, 4000, abikho.PreserveBits - 64, abikho.PreserveBits - 1} {
+		b[bit/64] |= 1 << (bit % 64)
+	}
+	for from := uint64(0); from < abikho.PreserveBits; from++ {
+		want, wantOK := uint64(0), false
+		for i := from; i < abikho.PreserveBits; i++ {
+			if b[i/64]&(1<<(i%64)) != 0 {
+				want, wantOK = i, true
+				break
+			}
+		}
+		if got, ok := firstSetFrom(&b, from); got != want || ok != wantOK {
+			t.Fatalf("firstSetFrom(b, %d) = %d, %v; want %d, %v", from, got, ok, want, wantOK)
+		}
+	}
 }
