@@ -48,7 +48,15 @@ type radixTree struct {
 	// nothing. That is one page for 128 MiB of order-0 blocks (a leaf
 	// covers 32768 blocks): 0.003% of the preserved memory at most.
 	reserve []pgalloc.Folio
+	// spare are allocated, zeroed pages, adjacent and in ascending order,
+	// that allocNode hands out before it allocates again.
+	spare []pgalloc.Folio
 }
+
+// nodeRunOrder is the order of the runs of pages allocNode allocates: 16
+// pages, so that leaves made one after another lie in adjacent pages,
+// which the next sentry reads with one pread per run (radixReader.readLeaves).
+const nodeRunOrder = 4
 
 // v1ReserveNeed returns how many pages a kho-v1 map of the tree's leaves
 // needs at most: a bitmap per leaf and a chunk per MemChunkCapacity leaves
@@ -88,13 +96,59 @@ func locateLeaf(pfn uint64, order int) (idx uint64, bit int) {
 	return hi / abikho.RadixLeafBits, int(hi % abikho.RadixLeafBits)
 }
 
-// allocNode returns a new zeroed page for the tree.
+// allocNode returns a new zeroed page for a node of the tree: the next
+// page of a run of 2^nodeRunOrder adjacent pages, split into order-0 folios
+// when it is allocated, or, if no such run is free, a page of its own.
 func (t *radixTree) allocNode() (pgalloc.Folio, error) {
+	if len(t.spare) == 0 {
+		if run, err := t.mf.Allocate(nodeRunOrder); err == nil {
+			if err := t.mf.Split(run); err != nil {
+				t.mf.DecRef(run)
+			} else {
+				t.spare = make([]pgalloc.Folio, run.Pages())
+				for i := range t.spare {
+					t.spare[i] = pgalloc.Folio{PFN: run.PFN + uint64(i)}
+				}
+			}
+		}
+	}
+	if len(t.spare) > 0 {
+		f := t.spare[0]
+		t.spare = t.spare[1:]
+		return f, nil
+	}
+	return t.allocPage()
+}
+
+// allocPage returns a new zeroed page of its own, for a node or the
+// reserve.
+func (t *radixTree) allocPage() (pgalloc.Folio, error) {
 	f, err := t.mf.Allocate(0)
 	if err != nil {
 		return pgalloc.Folio{}, fmt.Errorf("kho: allocating a page of the kho-v2 radix tree: %w", err)
 	}
 	return f, nil
+}
+
+// unmakeNodes gives back the pages of the nodes made, in order, by a walk
+// that failed, which began with t.spare equal to spare: those it took from
+// spare are zeroed and spare again, exactly as before the walk; any other
+// is freed, with what is left of a run allocated during the walk. The
+// allocator and the spare run end as they were before the walk.
+func (t *radixTree) unmakeNodes(made, spare []pgalloc.Folio) {
+	n := min(len(made), len(spare))
+	for _, m := range made[:n] {
+		clear(t.mf.Bytes(m))
+	}
+	for _, m := range made[n:] {
+		t.mf.DecRef(m)
+	}
+	if len(made) > len(spare) {
+		for _, f := range t.spare {
+			t.mf.DecRef(f)
+		}
+	}
+	t.spare = spare
 }
 
 // init allocates the root node if the tree has none.
@@ -128,7 +182,7 @@ func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, er
 	reserved := len(t.reserve)
 	t.nleaves[order]++
 	for len(t.reserve) < t.v1ReserveNeed() {
-		f, err := t.allocNode()
+		f, err := t.allocPage()
 		if err != nil {
 			t.nleaves[order]--
 			t.dropReserve(reserved)
@@ -138,6 +192,7 @@ func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, er
 	}
 	key := abikho.RadixEncodeKey(pfn<<abikho.PageShift, order)
 	node := t.mf.Bytes(t.root)
+	spare := t.spare
 	var made []pgalloc.Folio
 	var anchor []byte
 	anchorIdx := 0
@@ -152,9 +207,7 @@ func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, er
 			if anchor != nil {
 				abikho.SetRadixNodeEntry(anchor, anchorIdx, 0)
 			}
-			for _, m := range made {
-				t.mf.DecRef(m)
-			}
+			t.unmakeNodes(made, spare)
 			t.nleaves[order]--
 			t.dropReserve(reserved)
 			return nil, 0, err
@@ -249,8 +302,23 @@ func (t *radixTree) free() {
 	for _, f := range t.nodes {
 		t.mf.DecRef(f)
 	}
+	for _, f := range t.spare {
+		t.mf.DecRef(f)
+	}
 	t.dropReserve(0)
 	*t = radixTree{}
+}
+
+// TreePages returns how many pages of the memory file the outgoing kho-v2
+// radix tree holds: its nodes, the kho-v1 reserve and the rest of its
+// current run of node pages. Like Linux's, the tree never gives back a
+// node while it lives, so a preserve that made a leaf and then failed
+// further on leaves these pages allocated; nothing else.
+func (k *KHO) TreePages() uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	t := &k.out.tree
+	return uint64(len(t.nodes) + len(t.reserve) + len(t.spare))
 }
 
 // zeroPage is a page of zeros, to compare with.
@@ -269,7 +337,7 @@ func (k *KHO) Settle() {
 		return
 	}
 	for len(t.reserve) < t.v1ReserveNeed() {
-		f, err := t.allocNode()
+		f, err := t.allocPage()
 		if err != nil {
 			return
 		}

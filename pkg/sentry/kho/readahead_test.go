@@ -16,23 +16,46 @@ import (
 // time).
 func bytesRead(t *testing.T, prev *int) int {
 	t.Helper()
+	n, b := ioField(t, "rchar")
+	n -= *prev
+	*prev += len(b)
+	return n
+}
+
+// ioField returns the named counter of /proc/self/io and the file's text.
+func ioField(t *testing.T, name string) (int, []byte) {
+	t.Helper()
 	b, err := os.ReadFile("/proc/self/io")
 	if err != nil {
 		t.Skipf("no read accounting: %v", err)
 	}
 	for line := range bytes.Lines(b) {
-		if v, ok := bytes.CutPrefix(line, []byte("rchar: ")); ok {
+		if v, ok := bytes.CutPrefix(line, []byte(name+": ")); ok {
 			n, err := strconv.Atoi(string(bytes.TrimSpace(v)))
 			if err != nil {
 				t.Fatalf("/proc/self/io: %q: %v", line, err)
 			}
-			n -= *prev
-			*prev += len(b)
-			return n
+			return n, b
 		}
 	}
-	t.Fatalf("/proc/self/io has no rchar: %q", b)
-	return 0
+	t.Fatalf("/proc/self/io has no %s: %q", name, b)
+	return 0, nil
+}
+
+// readCalls returns a counter of this process's read system calls (syscr
+// of /proc/self/io) that does not count its own.
+func readCalls(t *testing.T) func() int {
+	t.Helper()
+	a, _ := ioField(t, "syscr")
+	b, _ := ioField(t, "syscr")
+	self := b - a // the calls ioField makes
+	base := b
+	return func() int {
+		n, _ := ioField(t, "syscr")
+		n -= base + self
+		base += n + self
+		return n
+	}
 }
 
 // TestReadAheadReadsWhatIngestReads checks that ReadAhead reads, and only

@@ -202,14 +202,20 @@ var pool struct {
 
 // newBitmap returns a zeroed bitmap, from the pool while it lasts.
 func newBitmap() *bitmap {
+	return &newBitmaps(1)[0]
+}
+
+// newBitmaps returns n zeroed bitmaps, adjacent in memory (so that one
+// read fills them all), from the pool if it has n left.
+func newBitmaps(n int) []bitmap {
 	pool.mu.Lock()
 	defer pool.mu.Unlock()
-	if len(pool.pages) == 0 {
-		return new(bitmap)
+	if len(pool.pages) < n {
+		return make([]bitmap, n)
 	}
-	b := &pool.pages[0]
-	pool.pages = pool.pages[1:]
-	return b
+	bs := pool.pages[:n:n]
+	pool.pages = pool.pages[n:]
+	return bs
 }
 
 // PrepareIngest allocates and faults in, ahead of a restart's pause, the

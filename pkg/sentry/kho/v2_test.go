@@ -267,21 +267,30 @@ func TestFinalizeFormat(t *testing.T) {
 
 // TestPreserveRollsBackTreeNodes fills the file so that the tree cannot
 // grow: a preserve that needs new nodes fails with ENOMEM and leaves the
-// tree and the allocator as they were (kho_radix_add_page's
-// err_free_nodes), whether no node or some nodes could be allocated.
+// tree, its spare run and the allocator as they were (kho_radix_add_page's
+// err_free_nodes), whether no node or some nodes could be allocated, from
+// the file or from the spare run.
 func TestPreserveRollsBackTreeNodes(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		free int // pages left free before the preserve
-		call func(k *KHO) error
+		name  string
+		free  int // pages left free before the preserve
+		spare int // pages left in the tree's spare run
+		call  func(k *KHO) error
 	}{
-		{"a folio of a new order with no free page fails cleanly", 0, func(k *KHO) error {
+		{"a folio of a new order with no free page fails cleanly", 0, 0, func(k *KHO) error {
 			return k.PreserveFolio(pgalloc.Folio{PFN: 32, Order: 5})
 		}},
-		{"a folio of a new order with two free pages fails cleanly", 2, func(k *KHO) error {
+		{"a folio of a new order with two free pages fails cleanly", 2, 0, func(k *KHO) error {
 			return k.PreserveFolio(pgalloc.Folio{PFN: 32, Order: 5})
 		}},
-		{"a page range whose last block needs new nodes is undone", 3, func(k *KHO) error {
+		// Two free pages go to the kho-v1 reserve, taken before the nodes.
+		{"a folio of a new order with two pages in the spare run fails cleanly", 2, 2, func(k *KHO) error {
+			return k.PreserveFolio(pgalloc.Folio{PFN: 32, Order: 5})
+		}},
+		{"a folio of a new order with a spare page and a free page fails cleanly", 3, 1, func(k *KHO) error {
+			return k.PreserveFolio(pgalloc.Folio{PFN: 32, Order: 5})
+		}},
+		{"a page range whose last block needs new nodes is undone", 3, 0, func(k *KHO) error {
 			return k.PreservePages(3, 29) // pfn 3 in the existing order-0 leaf, then 4 of order 2 in a new path
 		}},
 	} {
@@ -295,6 +304,16 @@ func TestPreserveRollsBackTreeNodes(t *testing.T) {
 				}
 				hold = append(hold, f)
 			}
+			k.mu.Lock()
+			tree := &k.out.tree
+			if len(tree.spare) < tc.spare {
+				k.mu.Unlock()
+				t.Fatalf("the tree has %d spare pages, want at least %d", len(tree.spare), tc.spare)
+			}
+			hold = append(hold, tree.spare[tc.spare:]...)
+			tree.spare = tree.spare[:tc.spare]
+			spare := slices.Clone(tree.spare)
+			k.mu.Unlock()
 			before := walkTree(t, mf, treeRoot(k))
 			nodes := treePages(t, k)
 			allocated := mf.Stats().AllocatedPages
@@ -312,6 +331,17 @@ func TestPreserveRollsBackTreeNodes(t *testing.T) {
 			}
 			if got := treePages(t, k); !maps.EqualFunc(got, nodes, bytes.Equal) {
 				t.Errorf("after the failure the tree's pages changed (a dangling entry?)")
+			}
+			k.mu.Lock()
+			gotSpare := slices.Clone(tree.spare)
+			k.mu.Unlock()
+			if !slices.Equal(gotSpare, spare) {
+				t.Errorf("after the failure the spare run is %v, want %v", gotSpare, spare)
+			}
+			for _, f := range gotSpare {
+				if !bytes.Equal(mf.Bytes(f), zeroPage[:]) {
+					t.Errorf("after the failure spare page %v is not zero", f)
+				}
 			}
 			// With room again the same call succeeds.
 			for _, f := range hold {
@@ -346,8 +376,11 @@ func TestNewMakesTheTreeAtTheFirstPreserve(t *testing.T) {
 	if got := walkTree(t, mf, memMapAddr(t, k)); !slices.Equal(got, want) {
 		t.Errorf("after the first preserve the tree holds %v, want %v", got, want)
 	}
-	if got := mf.Stats().AllocatedPages; got != 1+1+abikho.RadixTreeMaxDepth+2 {
-		t.Errorf("after the first preserve %d pages are allocated, want the root FDT, the folio, %d tree nodes and 2 kho-v1 reserve pages", got, abikho.RadixTreeMaxDepth)
+	if got := mf.Stats().AllocatedPages; got != 1+1+1<<nodeRunOrder+2 {
+		t.Errorf("after the first preserve %d pages are allocated, want the root FDT, the folio, a run of %d pages for the %d tree nodes and 2 kho-v1 reserve pages", got, 1<<nodeRunOrder, abikho.RadixTreeMaxDepth)
+	}
+	if got := len(k.out.tree.spare); got != 1<<nodeRunOrder-abikho.RadixTreeMaxDepth {
+		t.Errorf("after the first preserve the tree keeps %d spare pages, want %d", got, 1<<nodeRunOrder-abikho.RadixTreeMaxDepth)
 	}
 }
 
