@@ -190,7 +190,7 @@ func PrepareIncoming(memorySize uint64) error {
 		memorySize = pgalloc.DefaultSize
 	}
 	// The rehearsal first: it takes pages from the pool it finds.
-	err := rehearse()
+	_, err := rehearse()
 	kho.PrepareIngest(memorySize)
 	if err != nil {
 		return fmt.Errorf("rehearsing a live-update boot: %w", err)

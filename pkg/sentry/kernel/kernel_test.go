@@ -14,6 +14,7 @@ import (
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
 	"github.com/livesentry/livesentry/pkg/guest"
+	"github.com/livesentry/livesentry/pkg/sentry/kho"
 	"golang.org/x/sys/unix"
 )
 
@@ -432,8 +433,15 @@ func TestPrepareIncomingRehearsesABootAndLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Twice: the rehearsal's kernel is gone, nothing of it is reused.
-	if err := rehearse(); err != nil {
+	format, err := rehearse()
+	if err != nil {
 		t.Fatal(err)
+	}
+	// A restart between two sentries of this build hands KHO over in
+	// the first format this build writes: the rehearsal must read the
+	// same, or the blackout runs that reader cold.
+	if want := kho.WriteFormats()[0]; format != want {
+		t.Errorf("the rehearsal ingested %q, want %q, what a restart to this build hands over", format, want)
 	}
 	if after := fds(); after != before {
 		t.Errorf("%d fds open after two rehearsals, %d before: a memory file is left open", after, before)

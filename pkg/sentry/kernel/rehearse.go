@@ -19,18 +19,22 @@ var rehearsalFiles = []int{4096, 2<<20 + 4096}
 // result, which is then thrown away. A new sentry does this before it says
 // it is ready, so that the boot inside the blackout runs code whose pages
 // are faulted in, on a heap already grown: run cold, the same boot is
-// several times slower than warm.
-func rehearse() error {
+// several times slower than warm. It hands over in the formats a restart
+// to a sentry of this build uses (the old side chooses among what this
+// build reads, Reads), so that the code warmed is the code of that boot:
+// a kho-v2 tree read and carried, not the kho-v1 map a handover to no
+// particular peer would write. It returns the kho format it rehearsed.
+func rehearse() (string, error) {
 	k, err := New(Options{MemorySize: 16 << 20})
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer k.Shutdown()
 	fdt := &FDTable{}
 	defer fdt.CloseAll()
 	dev, err := k.luo.OpenDevice()
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer dev.DecRef()
 	cs := abiluo.CreateSession{Size: abiluo.CreateSessionSize}
@@ -39,25 +43,25 @@ func rehearse() error {
 	cs.Encode(arg)
 	reply, err := dev.Ioctl(fdt, abiluo.IoctlCreateSession, arg)
 	if err != nil {
-		return fmt.Errorf("creating a session: %w", err)
+		return "", fmt.Errorf("creating a session: %w", err)
 	}
 	if err := cs.Decode(reply); err != nil {
-		return err
+		return "", err
 	}
 	buf := make([]byte, 4096)
 	for i, size := range rehearsalFiles {
 		f, err := memfd.Create(k.mf, "rehearsal", 0)
 		if err != nil {
-			return err
+			return "", err
 		}
 		fd, err := fdt.InstallFD(f, true)
 		f.DecRef()
 		if err != nil {
-			return err
+			return "", err
 		}
 		for off := 0; off < size; off += len(buf) {
 			if _, err := f.Pwrite(buf, int64(off)); err != nil {
-				return err
+				return "", err
 			}
 		}
 		pf := abiluo.SessionFD{Size: abiluo.SessionPreserveFDSize, FD: fd, Token: uint64(i + 1)}
@@ -65,18 +69,18 @@ func rehearse() error {
 		pf.Encode(arg)
 		sess, err := fdt.FileFromFD(cs.FD)
 		if err != nil {
-			return err
+			return "", err
 		}
 		if _, err := sess.Ioctl(fdt, abiluo.IoctlSessionPreserve, arg); err != nil {
-			return fmt.Errorf("preserving a memfd: %w", err)
+			return "", fmt.Errorf("preserving a memfd: %w", err)
 		}
 	}
 	if err := k.Pause(time.Time{}); err != nil {
-		return err
+		return "", err
 	}
-	h, err := k.PrepareHandover(nil, nil)
+	h, err := k.PrepareHandover(nil, Reads())
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer func() {
 		k.AbortHandover()
@@ -84,12 +88,13 @@ func rehearse() error {
 	}()
 	file, err := k.mf.DupFile()
 	if err != nil {
-		return err
+		return "", err
 	}
 	k2, err := NewFromHandover(file, h.Root, Options{}, nil)
 	if err != nil {
-		return err
+		return "", err
 	}
+	format := k2.kho.IncomingFormat()
 	k2.Shutdown()
-	return nil
+	return format, nil
 }
