@@ -27,9 +27,10 @@ type radixReader struct {
 	out *radixTree
 	// nodes is every node page visited, by address.
 	nodes map[uint64]struct{}
-	// pre holds leaves read ahead by readLeaves, by address, until node
-	// visits them; addrs is readLeaves' scratch.
-	pre   map[uint64]*bitmap
+	// pre[i] is the leaf that entry i of the level-1 table being walked
+	// names, if readLeaves read it ahead, until node visits it; addrs is
+	// readLeaves' scratch.
+	pre   [abikho.RadixTableEntries]*bitmap
 	addrs []uint64
 	page  [abikho.PageSize]byte
 	// tables holds each level's table while the levels below it are
@@ -44,9 +45,13 @@ type radixReader struct {
 // block. If out is not nil it is made the same tree, in place (see
 // KHO.carried).
 func readRadix(mf *pgalloc.MemoryFile, root uint64, t *memTracker, out *radixTree) error {
-	r := &radixReader{mf: mf, pages: mf.Pages(), t: t, nodes: make(map[uint64]struct{}), pre: make(map[uint64]*bitmap)}
+	// Room for a tree of 4 KiB folios over 8 GiB without growing the map
+	// inside the blackout.
+	const nodesHint = 80
+	r := &radixReader{mf: mf, pages: mf.Pages(), t: t, nodes: make(map[uint64]struct{}, nodesHint)}
 	if out != nil {
 		*out = newRadixTree(mf)
+		out.nodes = make([]pgalloc.Folio, 0, nodesHint)
 		out.root = pgalloc.Folio{PFN: root >> abikho.PageShift}
 		r.out = out
 	}
@@ -106,8 +111,8 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 	var b *bitmap
 	dst, decode := r.page[:], false
 	if level == 0 {
-		if b = r.pre[addr]; b != nil {
-			delete(r.pre, addr)
+		if from.level == 1 && r.pre[from.entry] != nil {
+			b, r.pre[from.entry] = r.pre[from.entry], nil
 			dst = nil
 		} else if b = newBitmap(); bitmapBytes(b) != nil {
 			dst = bitmapBytes(b)
@@ -183,8 +188,8 @@ func (r *radixReader) leaf(addr, key uint64, from origin, b *bitmap) error {
 }
 
 // readLeaves reads ahead the leaves that the level-1 table names, one pread
-// per run of adjacent pages into adjacent bitmaps, and keeps them in r.pre
-// for node, which checks them exactly as the leaves it reads itself. A 4
+// per run of adjacent pages into adjacent bitmaps, and keeps them in r.pre,
+// by entry, for node, which checks them exactly as the leaves it reads itself. A 4
 // GiB file of 4 KiB folios has 32 leaves; the writer allocates them from
 // runs of adjacent pages (radixTree.allocNode), so that they take a few
 // reads instead of one each, about 2 µs apiece inside the blackout. An
@@ -210,6 +215,9 @@ func (r *radixReader) readLeaves(table *[abikho.RadixTableEntries]uint64, prefix
 	}
 	slices.Sort(addrs)
 	addrs = slices.Compact(addrs)
+	r.addrs = addrs
+	read := make([]*bitmap, len(addrs)) // by index in addrs
+	n := 0
 	for i := 0; i < len(addrs); {
 		j := i + 1
 		for j < len(addrs) && addrs[j] == addrs[j-1]+abikho.PageSize {
@@ -219,11 +227,24 @@ func (r *radixReader) readLeaves(table *[abikho.RadixTableEntries]uint64, prefix
 			bs := newBitmaps(j - i)
 			if err := r.mf.ReadPages(addrs[i]>>abikho.PageShift, bitmapsBytes(bs)); err == nil {
 				for k := range bs {
-					r.pre[addrs[i+k]] = &bs[k]
+					read[i+k] = &bs[k]
 				}
+				n += j - i
 			}
 		}
 		i = j
 	}
-	r.addrs = addrs
+	if n == 0 {
+		return
+	}
+	// Each page goes to the first entry that names it: node refuses any
+	// later one as a page already in the tree before it reads.
+	for i, e := range table {
+		if e == 0 {
+			continue
+		}
+		if k, ok := slices.BinarySearch(addrs, e); ok && read[k] != nil {
+			r.pre[i], read[k] = read[k], nil
+		}
+	}
 }
