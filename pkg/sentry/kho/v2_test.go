@@ -379,7 +379,10 @@ func TestNewMakesTheTreeAtTheFirstPreserve(t *testing.T) {
 	if got := mf.Stats().AllocatedPages; got != 1+1+1<<nodeRunOrder+2 {
 		t.Errorf("after the first preserve %d pages are allocated, want the root FDT, the folio, a run of %d pages for the %d tree nodes and 2 kho-v1 reserve pages", got, 1<<nodeRunOrder, abikho.RadixTreeMaxDepth)
 	}
-	if got := len(k.out.tree.spare); got != 1<<nodeRunOrder-abikho.RadixTreeMaxDepth {
+	k.mu.Lock()
+	spare := len(k.out.tree.spare)
+	k.mu.Unlock()
+	if got := spare; got != 1<<nodeRunOrder-abikho.RadixTreeMaxDepth {
 		t.Errorf("after the first preserve the tree keeps %d spare pages, want %d", got, 1<<nodeRunOrder-abikho.RadixTreeMaxDepth)
 	}
 }
