@@ -28,11 +28,12 @@ type radixReader struct {
 	// nodes is every node page visited, by address.
 	nodes map[uint64]struct{}
 	// pre[i] is the leaf that entry i of the level-1 table being walked
-	// names, if readLeaves read it ahead, until node visits it; addrs is
-	// readLeaves' scratch.
-	pre   [abikho.RadixTableEntries]*bitmap
-	addrs []uint64
-	page  [abikho.PageSize]byte
+	// names, read from preAddr[i], if readLeaves read it ahead, until
+	// node visits it; addrs is readLeaves' scratch.
+	pre     [abikho.RadixTableEntries]*bitmap
+	preAddr [abikho.RadixTableEntries]uint64
+	addrs   []uint64
+	page    [abikho.PageSize]byte
 	// tables holds each level's table while the levels below it are
 	// read: on the heap, not in node's frame, whose 4 KiB a level would
 	// grow (copy) the goroutine's stack several times inside the
@@ -111,7 +112,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 	var b *bitmap
 	dst, decode := r.page[:], false
 	if level == 0 {
-		if from.level == 1 && r.pre[from.entry] != nil {
+		if from.level == 1 && r.pre[from.entry] != nil && r.preAddr[from.entry] == addr {
 			b, r.pre[from.entry] = r.pre[from.entry], nil
 			dst = nil
 		} else if b = newBitmap(); bitmapBytes(b) != nil {
@@ -187,19 +188,20 @@ func (r *radixReader) leaf(addr, key uint64, from origin, b *bitmap) error {
 	return nil
 }
 
-// readLeaves reads ahead the leaves that the level-1 table names, one pread
-// per run of adjacent pages into adjacent bitmaps, and keeps them in r.pre,
-// by entry, for node, which checks them exactly as the leaves it reads itself. A 4
-// GiB file of 4 KiB folios has 32 leaves; the writer allocates them from
-// runs of adjacent pages (radixTree.allocNode), so that they take a few
-// reads instead of one each, about 2 µs apiece inside the blackout. An
-// entry that node will refuse (no page, outside the file, a page already
-// visited, keys of no valid block), and a page no other entry is adjacent
-// to, is left for node to read or refuse as before; so is everything on a
-// machine whose byte order keeps a page from being read into a bitmap. A
-// failed read reads ahead nothing: node then reads each leaf and reports
+// readLeaves reads ahead the leaves that the level-1 table names, one
+// pread per run of adjacent pages into adjacent bitmaps, and keeps them in
+// r.pre, by entry, for node, which checks each exactly as a leaf it reads
+// itself. A 4 GiB map of 4 KiB folios has 33 leaves or more; the writer
+// takes them from runs of adjacent pages (radixTree.allocNode), so that
+// they cost a few reads inside the blackout instead of one each (1 to 2 µs
+// a read here). An entry that node will refuse (no page, outside the file,
+// a page already visited, keys of no valid block) and a page next to no
+// other is left for node to read or refuse as before; so is every leaf on
+// a machine whose byte order keeps a page from being read into a bitmap. A
+// failed read reads nothing ahead: node then reads each leaf and reports
 // the error.
 func (r *radixReader) readLeaves(table *[abikho.RadixTableEntries]uint64, prefix uint64, shift int) {
+	clear(r.pre[:])
 	if !littleEndian {
 		return
 	}
@@ -244,7 +246,7 @@ func (r *radixReader) readLeaves(table *[abikho.RadixTableEntries]uint64, prefix
 			continue
 		}
 		if k, ok := slices.BinarySearch(addrs, e); ok && read[k] != nil {
-			r.pre[i], read[k] = read[k], nil
+			r.pre[i], r.preAddr[i], read[k] = read[k], e, nil
 		}
 	}
 }
