@@ -144,7 +144,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 		table[i] = abikho.RadixNodeEntry(r.page[:], i)
 	}
 	shift := abikho.RadixTableShift(level)
-	if level == 1 {
+	if level == 1 && readLeavesAhead {
 		r.readLeaves(table, prefix, shift)
 	}
 	for i, e := range table {
@@ -187,6 +187,10 @@ func (r *radixReader) leaf(addr, key uint64, from origin, b *bitmap) error {
 	}
 	return nil
 }
+
+// readLeavesAhead is false only in tests that compare the walk with and
+// without readLeaves.
+var readLeavesAhead = true
 
 // readLeaves reads ahead the leaves that the level-1 table names, one
 // pread per run of adjacent pages into adjacent bitmaps, and keeps them in
