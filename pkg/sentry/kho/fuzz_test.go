@@ -75,6 +75,41 @@ func fuzzSeedV2() (root, tree []byte) {
 	return root, tree
 }
 
+// fuzzFile returns a memory file of the given number of pages, opened as
+// a new sentry opens the one it is handed (nothing adopted), holding pages
+// from page 1 on, one page each (cut to a page), and tree from page
+// fuzzTreePFN on (cut to fuzzTreePages pages).
+func fuzzFile(t *testing.T, filePages uint64, tree []byte, pages ...[]byte) *pgalloc.MemoryFile {
+	t.Helper()
+	fd, err := unix.MemfdCreate("kho-fuzz", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := os.NewFile(uintptr(fd), "kho-fuzz")
+	if err := file.Truncate(int64(filePages) * abikho.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range pages {
+		if len(p) > abikho.PageSize {
+			p = p[:abikho.PageSize]
+		}
+		if _, err := file.WriteAt(p, int64(i+1)*abikho.PageSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(tree) > fuzzTreePages*abikho.PageSize {
+		tree = tree[:fuzzTreePages*abikho.PageSize]
+	}
+	if _, err := file.WriteAt(tree, fuzzTreePFN*abikho.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	mf, err := pgalloc.Open(file, pgalloc.Options{NoHugepages: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mf
+}
+
 // FuzzIngest places arbitrary root, kho-v1 chunk and bitmap pages and kho-v2
 // tree pages in a memory file and ingests it: Ingest must never panic, must
 // adopt nothing when it fails, and every folio it accepts must lie inside
@@ -88,32 +123,7 @@ func FuzzIngest(f *testing.F) {
 	f.Add(r2, []byte{}, []byte{}, []byte{}, []byte{}, uint64(abikho.PageSize), tree)
 	f.Add(r2, c0, b0, c1, b1, uint64(abikho.PageSize), tree[:6*abikho.PageSize])
 	f.Fuzz(func(t *testing.T, root, chunk0, bitmap0, chunk1, bitmap1 []byte, rootAddr uint64, tree []byte) {
-		fd, err := unix.MemfdCreate("kho-fuzz", unix.MFD_CLOEXEC)
-		if err != nil {
-			t.Fatal(err)
-		}
-		file := os.NewFile(uintptr(fd), "kho-fuzz")
-		if err := file.Truncate(fuzzFilePages * abikho.PageSize); err != nil {
-			t.Fatal(err)
-		}
-		for i, p := range [][]byte{root, chunk0, bitmap0, chunk1, bitmap1} {
-			if len(p) > abikho.PageSize {
-				p = p[:abikho.PageSize]
-			}
-			if _, err := file.WriteAt(p, int64(i+1)*abikho.PageSize); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if len(tree) > fuzzTreePages*abikho.PageSize {
-			tree = tree[:fuzzTreePages*abikho.PageSize]
-		}
-		if _, err := file.WriteAt(tree, fuzzTreePFN*abikho.PageSize); err != nil {
-			t.Fatal(err)
-		}
-		mf, err := pgalloc.Open(file, pgalloc.Options{NoHugepages: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		mf := fuzzFile(t, fuzzFilePages, tree, root, chunk0, bitmap0, chunk1, bitmap1)
 		defer mf.Close()
 		k, err := Ingest(mf, rootAddr)
 		if err != nil {

@@ -1,14 +1,12 @@
 package kho
 
 import (
-	"os"
 	"slices"
 	"testing"
 
 	"github.com/livesentry/livesentry/pkg/abi/fdt"
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
-	"golang.org/x/sys/unix"
 )
 
 // leavesFilePages is the size of the memory file FuzzIngestLeavesReadTogether
@@ -46,30 +44,7 @@ func leavesSeed() (root, tree []byte) {
 // adopted or the error.
 func ingestLeaves(t *testing.T, root, tree []byte, ahead bool) ([]pgalloc.Folio, error) {
 	t.Helper()
-	fd, err := unix.MemfdCreate("kho-fuzz", unix.MFD_CLOEXEC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	file := os.NewFile(uintptr(fd), "kho-fuzz")
-	if err := file.Truncate(leavesFilePages * abikho.PageSize); err != nil {
-		t.Fatal(err)
-	}
-	if len(root) > abikho.PageSize {
-		root = root[:abikho.PageSize]
-	}
-	if len(tree) > fuzzTreePages*abikho.PageSize {
-		tree = tree[:fuzzTreePages*abikho.PageSize]
-	}
-	if _, err := file.WriteAt(root, abikho.PageSize); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := file.WriteAt(tree, fuzzTreePFN*abikho.PageSize); err != nil {
-		t.Fatal(err)
-	}
-	mf, err := pgalloc.Open(file, pgalloc.Options{NoHugepages: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mf := fuzzFile(t, leavesFilePages, tree, root)
 	defer mf.Close()
 	readLeavesAhead = ahead
 	defer func() { readLeavesAhead = true }()
