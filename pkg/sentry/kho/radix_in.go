@@ -28,12 +28,12 @@ type radixReader struct {
 	// nodes is every node page visited, by address.
 	nodes map[uint64]struct{}
 	// pre[i] is the leaf that entry i of the level-1 table being walked
-	// names, read from preAddr[i], if readLeaves read it ahead, until
-	// node visits it; addrs is readLeaves' scratch.
-	pre     [abikho.RadixTableEntries]*bitmap
-	preAddr [abikho.RadixTableEntries]uint64
-	addrs   []uint64
-	page    [abikho.PageSize]byte
+	// names, if readLeaves read it ahead, until node visits it; addrs and
+	// read are readLeaves' scratch.
+	pre   [abikho.RadixTableEntries]*bitmap
+	addrs []uint64
+	read  []*bitmap
+	page  [abikho.PageSize]byte
 	// tables holds each level's table while the levels below it are
 	// read: on the heap, not in node's frame, whose 4 KiB a level would
 	// grow (copy) the goroutine's stack several times inside the
@@ -112,7 +112,7 @@ func (r *radixReader) node(addr uint64, level int, prefix uint64, from origin) e
 	var b *bitmap
 	dst, decode := r.page[:], false
 	if level == 0 {
-		if from.level == 1 && r.pre[from.entry] != nil && r.preAddr[from.entry] == addr {
+		if from.level == 1 && r.pre[from.entry] != nil {
 			b, r.pre[from.entry] = r.pre[from.entry], nil
 			dst = nil
 		} else if b = newBitmap(); bitmapBytes(b) != nil {
@@ -222,7 +222,9 @@ func (r *radixReader) readLeaves(table *[abikho.RadixTableEntries]uint64, prefix
 	slices.Sort(addrs)
 	addrs = slices.Compact(addrs)
 	r.addrs = addrs
-	read := make([]*bitmap, len(addrs)) // by index in addrs
+	read := slices.Grow(r.read[:0], len(addrs))[:len(addrs)] // by index in addrs
+	clear(read)
+	r.read = read
 	n := 0
 	for i := 0; i < len(addrs); {
 		j := i + 1
@@ -250,7 +252,7 @@ func (r *radixReader) readLeaves(table *[abikho.RadixTableEntries]uint64, prefix
 			continue
 		}
 		if k, ok := slices.BinarySearch(addrs, e); ok && read[k] != nil {
-			r.pre[i], r.preAddr[i], read[k] = read[k], e, nil
+			r.pre[i], read[k] = read[k], nil
 		}
 	}
 }

@@ -385,6 +385,9 @@ func TestNewMakesTheTreeAtTheFirstPreserve(t *testing.T) {
 	if got := spare; got != 1<<nodeRunOrder-abikho.RadixTreeMaxDepth {
 		t.Errorf("after the first preserve the tree keeps %d spare pages, want %d", got, 1<<nodeRunOrder-abikho.RadixTreeMaxDepth)
 	}
+	if got := k.TreePages(); got != 1<<nodeRunOrder+2 {
+		t.Errorf("TreePages after the first preserve = %d, want the run of %d and 2 kho-v1 reserve pages", got, 1<<nodeRunOrder)
+	}
 }
 
 // TestIngestMakesTheTreeAtTheFirstPreserve checks that Ingest of a kho-v1
