@@ -245,7 +245,18 @@ func TestASentryKilledWhileItStopsIsNotRecovered(t *testing.T) {
 	c := newCLI(t)
 	const id = "dying"
 	// The guest ignores SIGTERM: the stop waits stopGrace (5 s) for it.
-	c.must("run", "--detach", "--memory=64M", id, "--", "/bin/sh", "-c", `trap "" TERM; sleep 6137`)
+	// The signal is sent only once the shell says it ignores it: sent
+	// before (a slow start, under the race detector), it would end the
+	// guest and the stop with it before the sentry could be killed.
+	c.must("run", "--detach", "--memory=64M", id, "--", "/bin/sh", "-c", `trap "" TERM; echo ignoring TERM; sleep 6137`)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if b, _ := os.ReadFile(filepath.Join(c.root, id, "entrypoint.log")); strings.Contains(string(b), "ignoring TERM") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the guest never said it ignores SIGTERM")
+		}
+	}
 	before := c.state(id)
 	kill := exec.Command(runsc, "--root="+c.root, "kill", id, "SIGTERM")
 	if err := kill.Start(); err != nil {
