@@ -209,6 +209,7 @@ func (k *KHO) treeLocked() (*radixTree, error) {
 func (k *KHO) setLocked(pfn uint64, order int) error {
 	// Most blocks land in a leaf that exists.
 	if l, bit := k.out.tree.leaf(pfn, order); l != nil {
+		treeWrites.Add(1)
 		abikho.LeafSet(l, bit)
 		return nil
 	}
@@ -272,6 +273,68 @@ func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: %w", root, err)
 	}
+	return adopt(mf, root, in, set, carry)
+}
+
+// Prepared is a kho-v2 handover read and checked ahead of a restart's
+// pause by Preread, for IngestPrepared.
+type Prepared struct {
+	mf    *pgalloc.MemoryFile
+	root  uint64
+	in    *incoming
+	set   pgalloc.Bitmaps
+	carry *carryState
+}
+
+// Preread does, ahead of a restart's pause, the reading and checking part
+// of Ingest(mf, root) (kho_mem_retrieve's walk of the radix tree), while
+// the previous sentry still runs: the root page and every node and leaf
+// of the tree, copied out of the file and validated field by field as
+// Ingest does. It adopts nothing and changes nothing in mf. The previous
+// sentry may change the tree meanwhile: the caller may hand the result to
+// IngestPrepared only if the previous sentry's KHO.TreeGeneration, read
+// before the preread began, is the one it reports once it has finalized;
+// otherwise it drops it (and Ingests). A kho-v1 root is refused (EINVAL):
+// its map is written at the finalize, inside the pause.
+func Preread(mf *pgalloc.MemoryFile, root uint64) (*Prepared, error) {
+	in, set, carry, err := deserialize(mf, root, false)
+	if err == nil && in.format != abikho.CompatibleV2 {
+		err = fmt.Errorf("root FDT at %#x: compatible %q is finalized inside the pause: %w", root, in.format, unix.EINVAL)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kho: reading ahead the handover with root at %#x: %w", root, err)
+	}
+	return &Prepared{mf: mf, root: root, in: in, set: set, carry: carry}, nil
+}
+
+// IngestPrepared is Ingest(mf, root) for a handover whose radix tree has
+// not changed since p was read (see Preread): it reads the root page
+// again and, if it is byte for byte the one p read, adopts what p read
+// rather than reading the tree again; if not, or if p was read from
+// another file or root, it is Ingest. p is used up either way.
+func IngestPrepared(mf *pgalloc.MemoryFile, root uint64, p *Prepared) (*KHO, error) {
+	if p == nil {
+		return Ingest(mf, root)
+	}
+	q := *p
+	*p = Prepared{}
+	if q.in == nil || q.mf != mf || q.root != root {
+		return Ingest(mf, root)
+	}
+	in, set, carry := q.in, q.set, q.carry
+	var page [abikho.PageSize]byte
+	if err := readPage(mf, root, page[:]); err != nil {
+		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: root FDT at %#x: %w", root, root, err)
+	}
+	if !bytes.Equal(page[:len(in.root)], in.root) {
+		return Ingest(mf, root)
+	}
+	return adopt(mf, root, in, set, carry)
+}
+
+// adopt is the end of Ingest once the handover with root at root is read
+// and checked: the preserved blocks are adopted and the KHO built.
+func adopt(mf *pgalloc.MemoryFile, root uint64, in *incoming, set pgalloc.Bitmaps, carry *carryState) (*KHO, error) {
 	if err := mf.AdoptBitmaps(set); err != nil {
 		return nil, fmt.Errorf("kho: adopting the preserved memory of root %#x: %w", root, err)
 	}
@@ -308,6 +371,17 @@ func ingest(mf *pgalloc.MemoryFile, root uint64, crashed bool) (*KHO, error) {
 		return nil, err
 	}
 	return k, nil
+}
+
+// TreeGeneration returns a number that changes whenever the outgoing radix
+// tree may have changed (a block preserved or unpreserved, a node made, the
+// tree dropped): equal numbers read at two times mean the tree's pages
+// held the same contents throughout, which lets the next sentry read them
+// ahead of the pause (Preread).
+func (k *KHO) TreeGeneration() uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return treeWrites.Load()
 }
 
 // Carried reports whether Ingest carried the incoming kho-v2 state over as

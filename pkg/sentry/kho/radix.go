@@ -3,6 +3,7 @@ package kho
 import (
 	"fmt"
 	"math/bits"
+	"sync/atomic"
 
 	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
@@ -52,6 +53,13 @@ type radixTree struct {
 	// that allocNode hands out before it allocates again.
 	spare []pgalloc.Folio
 }
+
+// treeWrites counts the changes to radix trees in this process: a leaf
+// bit set or cleared, a node made or unmade, a tree freed (each counted
+// before the change). It never goes back, so equal counts read under
+// KHO.mu at two times mean that no tree changed in between
+// (KHO.TreeGeneration).
+var treeWrites atomic.Uint64
 
 // nodeRunOrder is the order of the runs of pages allocNode allocates: 16
 // pages, so that leaves made one after another lie in adjacent pages,
@@ -230,6 +238,7 @@ func (t *radixTree) leafFor(pfn uint64, order int, create bool) ([]byte, int, er
 // Preconditions:
 //   - (pfn, order) lies inside the file.
 func (t *radixTree) set(pfn uint64, order int) error {
+	treeWrites.Add(1)
 	if err := t.init(); err != nil {
 		return err
 	}
@@ -248,6 +257,7 @@ func (t *radixTree) clear(pfn uint64, order int) bool {
 	if l == nil || !abikho.LeafTest(l, bit) {
 		return false
 	}
+	treeWrites.Add(1)
 	abikho.LeafClear(l, bit)
 	return true
 }
@@ -299,6 +309,7 @@ func (t *radixTree) dropReserve(n int) {
 // free drops every node page and the reserve. The tree must not be used
 // afterwards.
 func (t *radixTree) free() {
+	treeWrites.Add(1)
 	for _, f := range t.nodes {
 		t.mf.DecRef(f)
 	}
