@@ -33,6 +33,7 @@ import (
 	"time"
 
 	abiguest "github.com/livesentry/livesentry/pkg/abi/guest"
+	abikho "github.com/livesentry/livesentry/pkg/abi/kho"
 	"github.com/livesentry/livesentry/pkg/pgalloc"
 	"github.com/livesentry/livesentry/pkg/sentry/handover"
 	"github.com/livesentry/livesentry/pkg/sentry/kho"
@@ -198,6 +199,92 @@ func PrepareIncoming(memorySize uint64) error {
 	return nil
 }
 
+// Preview returns what a restart shows the next sentry before the pause
+// (handover.Preview), for a sentry that reads peerReads: the KHO root's
+// address and tree generation (kho.KHO.TreeGeneration). ok is false when
+// there is nothing to read ahead: the handover will be in kho-v1, whose
+// map is written at the finalize, or nothing is preserved yet.
+func (k *Kernel) Preview(peerReads []string) (root, generation uint64, ok bool) {
+	if f, err := khoFormatFor(peerReads); err != nil || f != abikho.CompatibleV2 {
+		return 0, 0, false
+	}
+	// Read first: a preserve after it changes the generation.
+	generation = k.kho.TreeGeneration()
+	return k.kho.RootAddr(), generation, true
+}
+
+// Preread is a memory file mapped and its KHO handover read and checked
+// ahead of a restart's pause (PrereadHandover), for NewFromPreread.
+type Preread struct {
+	mf         *pgalloc.MemoryFile
+	kho        *kho.Prepared
+	root       uint64
+	generation uint64
+	dev, ino   uint64
+}
+
+// PrereadHandover maps file, the memory file a restart's old sentry
+// showed before the pause with the KHO root at root and the tree
+// generation generation (handover.Preview), and reads and checks the
+// handover's KHO radix tree (kho.Preread) while the old sentry still runs.
+// It changes nothing in the file. NewFromPreread boots from the result
+// once the old sentry has paused. On error file is closed.
+func PrereadHandover(file *os.File, root, generation uint64) (*Preread, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(file.Fd()), &st); err != nil {
+		file.Close()
+		return nil, fmt.Errorf("reading the handover ahead: fstat of the memory file: %w", err)
+	}
+	mf, err := pgalloc.Open(file, pgalloc.Options{})
+	if err != nil {
+		file.Close()
+		return nil, fmt.Errorf("reading the handover ahead: mapping the memory file: %w", err)
+	}
+	p, err := kho.Preread(mf, root)
+	if err != nil {
+		mf.Close()
+		return nil, err
+	}
+	return &Preread{mf: mf, kho: p, root: root, generation: generation, dev: st.Dev, ino: st.Ino}, nil
+}
+
+// Close drops a Preread that NewFromPreread did not take: the mapping and
+// the file are closed; nothing in the file changes.
+func (p *Preread) Close() {
+	if p != nil && p.mf != nil {
+		p.mf.Close()
+		p.mf = nil
+	}
+}
+
+// NewFromPreread is NewFromHandover(file, root, opts, t) for a restart
+// whose old sentry showed its handover before the pause, read into p. If
+// file is the memory file p mapped (same device and inode), root is p's and
+// generation, the tree generation the old sentry finalized with
+// (Handover.Generation), is the one it showed, the tree has not changed
+// since: the boot takes p's mapping (t.Map is 0: it was made before the
+// pause) and adopts what p read once the root page reads as it did
+// (kho.IngestPrepared), and file is closed. Otherwise p is dropped and the
+// boot is NewFromHandover's. p is used up either way.
+func NewFromPreread(p *Preread, file *os.File, root, generation uint64, opts Options, t *handover.Timing) (*Kernel, error) {
+	var st unix.Stat_t
+	if p == nil || p.mf == nil || p.root != root || p.generation != generation ||
+		unix.Fstat(int(file.Fd()), &st) != nil || st.Dev != p.dev || st.Ino != p.ino || uint64(st.Size) != p.mf.Size() {
+		p.Close()
+		return NewFromHandover(file, root, opts, t)
+	}
+	file.Close()
+	mf, prepared := p.mf, p.kho
+	*p = Preread{}
+	if t == nil {
+		t = new(handover.Timing)
+	}
+	t.Map = 0
+	return bootMapped(mf, root, opts, t, func(mf *pgalloc.MemoryFile, root uint64) (*kho.KHO, error) {
+		return kho.IngestPrepared(mf, root, prepared)
+	})
+}
+
 // bootFrom maps file, reads KHO at root with ingest (which adopts the
 // preserved folios) and deserializes LUO, filling t's Map, Ingest and LUO.
 func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, ingest func(*pgalloc.MemoryFile, uint64) (*kho.KHO, error)) (*Kernel, error) {
@@ -210,8 +297,13 @@ func bootFrom(file *os.File, root uint64, opts Options, t *handover.Timing, inge
 		file.Close()
 		return nil, fmt.Errorf("mapping the memory file: %w", err)
 	}
+	t.Map = time.Since(t0)
+	return bootMapped(mf, root, opts, t, ingest)
+}
+
+// bootMapped is bootFrom once the memory file is mapped as mf.
+func bootMapped(mf *pgalloc.MemoryFile, root uint64, opts Options, t *handover.Timing, ingest func(*pgalloc.MemoryFile, uint64) (*kho.KHO, error)) (*Kernel, error) {
 	t1 := time.Now()
-	t.Map = t1.Sub(t0)
 	k, err := ingest(mf, root)
 	if err != nil {
 		mf.Close()
@@ -517,6 +609,10 @@ type Handover struct {
 	// Written are the formats the handover is written in: KHO's, LUO's
 	// and those of the preserved files, each once.
 	Written []string
+	// Generation is KHO's tree generation once finalized
+	// (kho.KHO.TreeGeneration): equal to a Preview's, the next sentry
+	// may use the tree it read ahead (NewFromPreread).
+	Generation uint64
 }
 
 // PrepareHandover makes the kernel's state ready to cross a restart, the
@@ -573,7 +669,7 @@ func (k *Kernel) PrepareHandoverWith(t *handover.Timing, peerReads []string, fau
 	// Finalize has held the memory file's releases: from here on it is
 	// the next sentry's.
 	t.Finalize = time.Since(t1)
-	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber(), Written: append([]string{khoFormat}, k.luo.Written()...)}, nil
+	return Handover{Root: k.kho.RootAddr(), LiveupdateNumber: k.luo.LiveupdateNumber(), Written: append([]string{khoFormat}, k.luo.Written()...), Generation: k.kho.TreeGeneration()}, nil
 }
 
 // AbortHandover rolls back a successful PrepareHandover whose restart was

@@ -22,8 +22,9 @@ var rehearsalFiles = []int{4096, 2<<20 + 4096}
 // several times slower than warm. It hands over in the formats a restart
 // to a sentry of this build uses (the old side chooses among what this
 // build reads, Reads), so that the code warmed is the code of that boot:
-// a kho-v2 tree read and carried, not the kho-v1 map a handover to no
-// particular peer would write. It returns the kho format it rehearsed.
+// a kho-v2 tree read ahead of the pause (PrereadHandover) and carried,
+// not the kho-v1 map a handover to no particular peer would write. It
+// returns the kho format it rehearsed.
 func rehearse() (string, error) {
 	k, err := New(Options{MemorySize: 16 << 20})
 	if err != nil {
@@ -75,11 +76,27 @@ func rehearse() (string, error) {
 			return "", fmt.Errorf("preserving a memfd: %w", err)
 		}
 	}
+	// As a transfer-mode restart does: the new side reads the tree
+	// ahead while the old one runs, and boots from what it read.
+	root, generation, ok := k.Preview(Reads())
+	if !ok {
+		return "", fmt.Errorf("nothing to read ahead in a handover to this build")
+	}
+	shown, err := k.mf.DupFile()
+	if err != nil {
+		return "", err
+	}
+	pre, err := PrereadHandover(shown, root, generation)
+	if err != nil {
+		return "", err
+	}
+	defer pre.Close()
 	if err := k.Pause(time.Time{}); err != nil {
 		return "", err
 	}
 	h, err := k.PrepareHandover(nil, Reads())
 	if err != nil {
+		k.Resume()
 		return "", err
 	}
 	defer func() {
@@ -90,7 +107,7 @@ func rehearse() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	k2, err := NewFromHandover(file, h.Root, Options{}, nil)
+	k2, err := NewFromPreread(pre, file, h.Root, h.Generation, Options{}, nil)
 	if err != nil {
 		return "", err
 	}
