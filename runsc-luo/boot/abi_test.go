@@ -16,9 +16,10 @@ func TestExecSpeaksTheNewestProtocolBothBuildsKnow(t *testing.T) {
 		err  string
 	}{
 		{"a build of protocol 3", ABIInfo{Protocol: 3}, 3, ""},
-		{"this build", ThisABI("v"), 4, ""},
-		{"a newer build that still speaks 3", ABIInfo{Protocol: 3, NewestProtocol: 6}, 4, ""},
-		{"a build that speaks only newer ones", ABIInfo{Protocol: 5, NewestProtocol: 6}, 0, "speaks handover protocol 5 to 6, this sentry 3 to 4"},
+		{"a build of protocol 4", ABIInfo{Protocol: 3, NewestProtocol: 4}, 4, ""},
+		{"this build", ThisABI("v"), 5, ""},
+		{"a newer build that still speaks 3", ABIInfo{Protocol: 3, NewestProtocol: 7}, 5, ""},
+		{"a build that speaks only newer ones", ABIInfo{Protocol: 6, NewestProtocol: 7}, 0, "speaks handover protocol 6 to 7, this sentry 3 to 5"},
 		{"a build of protocol 2", ABIInfo{Protocol: 2}, 0, "speaks handover protocol 2 to 2"},
 	}
 	for _, tc := range tests {

@@ -43,9 +43,33 @@ type incoming struct {
 	// standbyWait, if not nil, returns the standby connection to the
 	// supervisor opened beside an exec-mode boot (standbyAsync).
 	standbyWait func() *handover.Channel
+	// preread is the handover read ahead of the pause (Preview), until
+	// Boot takes it; nil if none.
+	preread *kernel.Preread
 }
 
-var _ handover.Target = (*incoming)(nil)
+var (
+	_ handover.Target        = (*incoming)(nil)
+	_ handover.PreviewTarget = (*incoming)(nil)
+)
+
+// Preview reads ahead the handover the old sentry shows before its pause
+// (kernel.PrereadHandover), for Boot. Failing costs only time: Boot then
+// reads the handover as it would without.
+func (in *incoming) Preview(p *handover.Preview, mem *os.File) {
+	in.preread.Close()
+	pre, err := kernel.PrereadHandover(mem, p.Root, p.Generation)
+	if err != nil {
+		log.Infof("transfer restart: the handover is read in the blackout: %v", err)
+	}
+	in.preread = pre
+}
+
+// dropPreread closes what Preview read if Boot did not take it.
+func (in *incoming) dropPreread() {
+	in.preread.Close()
+	in.preread = nil
+}
 
 // decodeConfig returns the sandbox configuration a descriptor carries.
 func decodeConfig(d *handover.Descriptor) (sandbox.Config, error) {
@@ -80,6 +104,13 @@ func (in *incoming) Boot(d *handover.Descriptor, files []*os.File, t *handover.T
 		}
 		return fmt.Errorf("reading the KHO root page at %#x: %w", d.Root, err)
 	}
+	if pre := in.preread; pre != nil && d.Mode == handover.ModeTransfer {
+		in.preread = nil
+		boot = func(file *os.File, root uint64, opts kernel.Options, t *handover.Timing) (*kernel.Kernel, error) {
+			return kernel.NewFromPreread(pre, file, root, d.Generation, opts, t)
+		}
+	}
+	in.dropPreread()
 	k, err := boot(files[0], d.Root, kernel.Options{Logf: log.Infof, Fault: in.fault}, t)
 	if err != nil {
 		files[1].Close()
@@ -268,6 +299,8 @@ func NewFromHandover(fd int, opts Options) (*Sentry, error) {
 		}
 		growStack()
 		d, t, err := handover.Accept(ch, in, hopts)
+		// Taken by Boot, unless the handover failed before it.
+		in.dropPreread()
 		debug.SetGCPercent(gcPercent)
 		if in.standby != nil {
 			// Boot did not take it: the handover failed before.

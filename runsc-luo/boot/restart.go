@@ -37,7 +37,10 @@ type outgoing struct {
 	fault func(handover.Point) error
 }
 
-var _ handover.Source = (*outgoing)(nil)
+var (
+	_ handover.Source    = (*outgoing)(nil)
+	_ handover.Previewer = (*outgoing)(nil)
+)
 
 // Pause stops accepting guests and control calls, unless that was done
 // already (a transfer-mode restart does it just before the pause,
@@ -56,6 +59,26 @@ func (o *outgoing) Pause(deadline time.Time) error {
 		o.s.notifySupervisor(&supervisor.Notice{Frozen: bytes.Clone(page)})
 	}
 	return nil
+}
+
+// Preview shows the new sentry of a transfer-mode restart, before the
+// pause, the KHO root and tree generation, with a dup of the memory file,
+// so that it reads the tree while guests still run here (kernel.Preview).
+func (o *outgoing) Preview(p *handover.Preview, peerReads []string) *os.File {
+	if o.mode != handover.ModeTransfer {
+		return nil
+	}
+	root, generation, ok := o.s.k.Preview(peerReads)
+	if !ok {
+		return nil
+	}
+	mem, err := o.s.k.MemoryFile().DupFile()
+	if err != nil {
+		log.Warningf("transfer restart: not showing the handover ahead: %v", err)
+		return nil
+	}
+	p.Root, p.MemorySize, p.Generation = root, o.s.k.MemoryFile().Size(), generation
+	return mem
 }
 
 // Prepare freezes LUO and finalizes KHO, in the newest formats the new
@@ -78,7 +101,7 @@ func (o *outgoing) Prepare(d *handover.Descriptor, peerReads []string) ([]*os.Fi
 		return fail(err)
 	}
 	d.Root, d.LiveupdateNumber, d.MemorySize = h.Root, h.LiveupdateNumber, s.k.MemoryFile().Size()
-	d.Compatibles, d.Sandbox = h.Written, cfg
+	d.Compatibles, d.Sandbox, d.Generation = h.Written, cfg, h.Generation
 	// Exec mode: the guests become the new image's children, and it
 	// stops them. Transfer mode: this sentry stops them after the commit,
 	// and the new one relaunches the entrypoint only once they are gone

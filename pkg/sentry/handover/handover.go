@@ -5,9 +5,11 @@
 // protocol on both sides, and its two transports:
 //
 //   - transfer: the new sentry runs next to the old one, connected by a
-//     Unix socket pair. It says Ready; the old one sends the descriptor
-//     with the memory file and the sandbox's listening sockets as
-//     SCM_RIGHTS. The new one boots without changing anything the old one
+//     Unix socket pair. It says Ready; the old one (protocol 5) shows it
+//     the memory file and the KHO root before the pause (Preview), which
+//     it reads ahead and answers (Previewed); the old one pauses and
+//     sends the descriptor with the memory file and the sandbox's
+//     listening sockets as SCM_RIGHTS. The new one boots without changing anything the old one
 //     could still need, then the restart is decided. Protocol 4: by the
 //     decision word (decision_unsafe.go), a word in a sealed memfd that
 //     crossed with the descriptor, which the new sentry moves from open to
@@ -46,16 +48,22 @@ import (
 // OldestProtocol the oldest this build speaks. Version 2 added Commit;
 // version 3 carries one Timing in the descriptor and the ack; version 4
 // decides a transfer-mode restart with the decision word instead of the
-// Commit (one hand-off between processes fewer inside the blackout). Two
+// Commit (one hand-off between processes fewer inside the blackout);
+// version 5 shows the new sentry the memory file before the pause
+// (Preview), so that it reads KHO's radix tree outside the blackout. Two
 // sentries speak the newest version both know; a descriptor of a version
 // outside [OldestProtocol, ProtocolVersion] is refused.
 const (
-	ProtocolVersion = 4
+	ProtocolVersion = 5
 	OldestProtocol  = 3
 )
 
-// commitProtocol is the first version decided by the decision word.
-const commitProtocol = 4
+// commitProtocol is the first version decided by the decision word, and
+// previewProtocol the first with a Preview.
+const (
+	commitProtocol  = 4
+	previewProtocol = 5
+)
 
 // Modes of a live restart.
 const (
@@ -118,6 +126,11 @@ type Descriptor struct {
 	// Timing has the old sentry's half of the restart's timing: Mode,
 	// Freeze, Finalize, PausedAt, SentAt, OldPID, OldVersion.
 	Timing Timing `json:"timing"`
+	// Generation (protocol 5, transfer mode) is the KHO tree generation
+	// the old sentry finalized with: if it is the Preview's, the tree
+	// has not changed since the Preview, and the new sentry may boot
+	// from what it read then. 0 (absent) otherwise.
+	Generation uint64 `json:"generation,omitempty"`
 }
 
 // Validate checks every field of a received descriptor; the error names the
@@ -191,6 +204,9 @@ func (d *Descriptor) Validate(nfiles int, known func(string) bool) error {
 			return fmt.Errorf("handover descriptor: old_guest_starts[%d] is 0 (no start time)", i)
 		}
 	}
+	if d.Generation != 0 && (d.Mode != ModeTransfer || d.Protocol < previewProtocol) {
+		return fmt.Errorf("handover descriptor: generation %d in a %s-mode protocol %d handover, which has no preview", d.Generation, d.Mode, d.Protocol)
+	}
 	if d.Timing.PausedAt <= 0 || d.Timing.SentAt < d.Timing.PausedAt {
 		return fmt.Errorf("handover descriptor: timing.paused_at %d, timing.sent_at %d: not increasing monotonic times", d.Timing.PausedAt, d.Timing.SentAt)
 	}
@@ -220,6 +236,60 @@ type Ready struct {
 	// together: the old sentry writes, per subsystem, the newest format
 	// in it.
 	Reads []string `json:"reads"`
+}
+
+// previewKind is the Kind of every Preview, which tells it apart from a
+// Descriptor (which has no kind) as the first message after Ready.
+const previewKind = "preview"
+
+// Preview (protocol 5, transfer mode) is the old sentry's first message
+// after Ready, before the pause: what it will hand over, with the memory
+// file attached (SCM_RIGHTS) unless Root is 0, which says there is nothing
+// to read ahead (the handover will be in kho-v1, or the Source cannot
+// say). The new sentry reads the KHO radix tree while the old one still
+// runs, answers Previewed, and boots from what it read if the
+// descriptor's Generation is this one (nothing was preserved or
+// unpreserved in between); otherwise it reads the handover again, as
+// without a Preview. Nothing in it is trusted beyond that: the descriptor
+// and the memory file decide.
+type Preview struct {
+	// Kind is previewKind.
+	Kind string `json:"kind"`
+	// Root is the byte address of the KHO root in the memory file; 0:
+	// nothing to read ahead, and no file attached.
+	Root uint64 `json:"root,omitempty"`
+	// MemorySize is the size of the memory file in bytes.
+	MemorySize uint64 `json:"memory_size,omitempty"`
+	// Generation is the old sentry's KHO tree generation, read before the
+	// memory file was attached.
+	Generation uint64 `json:"generation,omitempty"`
+}
+
+// Validate checks a received preview with nfiles files attached; the error
+// names the first bad field.
+func (p *Preview) Validate(nfiles int) error {
+	switch {
+	case p.Kind != previewKind:
+		return fmt.Errorf("handover preview: kind %q, want %q", p.Kind, previewKind)
+	case p.Root == 0 && (nfiles != 0 || p.MemorySize != 0 || p.Generation != 0):
+		return fmt.Errorf("handover preview: root 0 (nothing to read ahead) with %d files, memory size %d, generation %d", nfiles, p.MemorySize, p.Generation)
+	case p.Root == 0:
+		return nil
+	case nfiles != 1:
+		return fmt.Errorf("handover preview: %d files came, want the memory file only", nfiles)
+	case p.Root%4096 != 0:
+		return fmt.Errorf("handover preview: root %#x is not a page address", p.Root)
+	case p.MemorySize == 0 || p.MemorySize%4096 != 0 || p.Root >= p.MemorySize:
+		return fmt.Errorf("handover preview: memory size %d is not a page multiple holding root %#x", p.MemorySize, p.Root)
+	}
+	return nil
+}
+
+// Previewed is the new sentry's answer to a Preview, once it has read
+// ahead what it could. Error says why it refused a malformed Preview;
+// then it exits, and the old sentry rolls back.
+type Previewed struct {
+	Error string `json:"error,omitempty"`
 }
 
 // Ack is the new sentry's answer to a descriptor.

@@ -28,8 +28,13 @@ func TestValidateRejectsEachBadField(t *testing.T) {
 		want   string
 	}{
 		{"a good descriptor passes", func(d *Descriptor) {}, ""},
-		{"an older protocol version is refused", func(d *Descriptor) { d.Protocol = OldestProtocol - 1 }, "protocol 2, this sentry speaks 3 to 4"},
-		{"a newer protocol version is refused", func(d *Descriptor) { d.Protocol = ProtocolVersion + 1 }, "protocol 5"},
+		{"an older protocol version is refused", func(d *Descriptor) { d.Protocol = OldestProtocol - 1 }, "protocol 2, this sentry speaks 3 to 5"},
+		{"a newer protocol version is refused", func(d *Descriptor) { d.Protocol = ProtocolVersion + 1 }, "protocol 6"},
+		{"a protocol 5 transfer descriptor passes with a generation", func(d *Descriptor) { d.Generation = 9 }, ""},
+		{"a protocol 4 descriptor with a generation is refused", func(d *Descriptor) { d.Protocol, d.Generation = 4, 9 }, "generation 9 in a transfer-mode protocol 4 handover"},
+		{"an exec-mode descriptor with a generation is refused", func(d *Descriptor) {
+			d.Mode, d.Timing.Mode, d.Files, d.Generation = ModeExec, ModeExec, Files{MemoryFile: 3, GuestListener: 4, ControlListener: 5}, 9
+		}, "generation 9 in a exec-mode"},
 		{"a protocol 3 transfer descriptor passes without a decision file", func(d *Descriptor) { d.Protocol, d.Files.Decision = 3, 0 }, ""},
 		{"a protocol 3 transfer descriptor naming a decision file is refused", func(d *Descriptor) { d.Protocol = 3 }, "files.decision = 3 in a transfer-mode protocol 3 handover"},
 		{"a decision file that did not come is refused", func(d *Descriptor) { d.Files.Decision = 4 }, "files.decision = 4, but 4 files came"},

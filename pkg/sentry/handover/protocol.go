@@ -1,6 +1,7 @@
 package handover
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -24,7 +25,8 @@ type Source interface {
 	// finalize), writing per subsystem the newest format in peerReads
 	// (the ABI strings the new sentry reads), and fills d's Root,
 	// LiveupdateNumber, MemorySize, Compatibles (the formats it wrote),
-	// Sandbox and OldGuests, and d.Timing's Freeze and Finalize. It
+	// Sandbox, OldGuests and Generation (a Previewer: the generation
+	// finalized), and d.Timing's Freeze and Finalize. It
 	// returns the files that cross, in order: the memory file, the guest
 	// listener and the control listener; they stay the Source's. On error
 	// (a subsystem with no format the new sentry reads among them) nothing
@@ -41,6 +43,16 @@ type Source interface {
 	// sentry already serves (protocol 4, its ack read): nothing is left
 	// for the old guests to wait for.
 	Handoff(serving bool)
+}
+
+// Previewer is a Source that shows the new sentry, before the pause, what
+// it will hand over (protocol 5, transfer mode).
+type Previewer interface {
+	// Preview fills p's Root, MemorySize and Generation for a new sentry
+	// that reads peerReads and returns the memory file to attach, which
+	// the caller closes once sent; or it returns nil, leaving p as it is,
+	// when there is nothing to read ahead. It changes nothing.
+	Preview(p *Preview, peerReads []string) *os.File
 }
 
 // Target is the incoming sentry as a restart drives it. Accept and
@@ -65,6 +77,17 @@ type Target interface {
 	// Discard drops what Boot built without touching the memory file's
 	// contents: the old sentry may be serving them again.
 	Discard()
+}
+
+// PreviewTarget is a Target that reads ahead what the old sentry shows
+// before the pause (protocol 5, transfer mode).
+type PreviewTarget interface {
+	// Preview reads ahead, in mem, what p shows (a validated Preview with
+	// a non-zero Root); it owns mem from now on. It must change nothing
+	// in mem: the old sentry still runs on it. Boot then decides, from
+	// the descriptor, whether what it read still holds; a failure here
+	// only costs the blackout what reading ahead would have saved.
+	Preview(p *Preview, mem *os.File)
 }
 
 // Point names a step of either side, where Options.Fault may inject a
@@ -286,6 +309,11 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	if err := opts.fault(OfferReady); err != nil {
 		return fail(err)
 	}
+	if version >= previewProtocol {
+		if err := sendPreview(ch, src, ready.Reads); err != nil {
+			return fail(err)
+		}
+	}
 	if opts.BeforePause != nil {
 		opts.BeforePause()
 	}
@@ -304,6 +332,9 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	files, err := src.Prepare(d, ready.Reads)
 	if err != nil {
 		return fail(err)
+	}
+	if version < previewProtocol {
+		d.Generation = 0
 	}
 	d.Timing.Formats = d.Compatibles
 	cu.Add(src.Abort)
@@ -351,6 +382,32 @@ func Offer(ch *Channel, src Source, opts Options) (Timing, error) {
 	}
 	committed = true
 	return handOff(ch, src, opts, ack.Timing, false, fail)
+}
+
+// sendPreview shows the new sentry what src will hand over to a sentry
+// that reads peerReads (protocol 5) and waits until it has read ahead.
+func sendPreview(ch *Channel, src Source, peerReads []string) error {
+	p := Preview{Kind: previewKind}
+	var files []*os.File
+	if pv, ok := src.(Previewer); ok {
+		if f := pv.Preview(&p, peerReads); f != nil {
+			defer f.Close()
+			files = append(files, f)
+		} else {
+			p = Preview{Kind: previewKind}
+		}
+	}
+	if err := ch.Send(&p, files...); err != nil {
+		return fmt.Errorf("showing the handover to the new sentry: %w", err)
+	}
+	var answer Previewed
+	if err := recvNoFiles(ch, &answer); err != nil {
+		return fmt.Errorf("waiting for the new sentry to read the handover ahead: %w", err)
+	}
+	if answer.Error != "" {
+		return fmt.Errorf("the new sentry refused the preview: %s", answer.Error)
+	}
+	return nil
 }
 
 // handOff is the end of Offer once the restart is committed and t is the
@@ -469,7 +526,7 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		return nil, Timing{}, err
 	}
 	d := new(Descriptor)
-	files, err := ch.Recv(d)
+	files, err := recvDescriptor(ch, dst, d)
 	received := Monotonic()
 	if err != nil {
 		// The old sentry went away or broke the protocol: nothing was
@@ -561,6 +618,48 @@ func Accept(ch *Channel, dst Target, opts Options) (*Descriptor, Timing, error) 
 		return d, *t, err
 	}
 	return d, *t, nil
+}
+
+// recvDescriptor receives the descriptor into d, with its files. From an
+// old sentry of protocol 5 a Preview comes first: it is validated and
+// handed to dst (if a PreviewTarget) to read ahead, and answered with
+// Previewed once dst is done; a malformed one is answered with the error,
+// which is returned.
+func recvDescriptor(ch *Channel, dst Target, d *Descriptor) ([]*os.File, error) {
+	var first json.RawMessage
+	files, err := ch.Recv(&first)
+	if err != nil {
+		return nil, err
+	}
+	var kind struct {
+		Kind *string `json:"kind"`
+	}
+	if json.Unmarshal(first, &kind) != nil || kind.Kind == nil {
+		if err := json.Unmarshal(first, d); err != nil {
+			closeFiles(files)
+			return nil, fmt.Errorf("decoding %T: %w", d, err)
+		}
+		return files, nil
+	}
+	var p Preview
+	err = json.Unmarshal(first, &p)
+	if err == nil {
+		err = p.Validate(len(files))
+	}
+	if err != nil {
+		closeFiles(files)
+		ch.Send(&Previewed{Error: err.Error()})
+		return nil, err
+	}
+	if pt, ok := dst.(PreviewTarget); ok && p.Root != 0 {
+		pt.Preview(&p, files[0])
+	} else {
+		closeFiles(files)
+	}
+	if err := ch.Send(&Previewed{}); err != nil {
+		return nil, fmt.Errorf("answering the preview: %w", err)
+	}
+	return ch.Recv(d)
 }
 
 // acceptDecided is the rest of Accept once a handover decided by the
@@ -715,6 +814,7 @@ func OfferExec(src Source, opts Options) error {
 	}
 	d := &Descriptor{Protocol: opts.newest(), Mode: ModeExec, Version: opts.Version, PID: t.OldPID, Timing: t}
 	files, err := src.Prepare(d, opts.PeerReads)
+	d.Generation = 0 // no Preview in exec mode
 	if err != nil {
 		return fail(err)
 	}

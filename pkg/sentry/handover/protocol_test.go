@@ -401,7 +401,7 @@ func TestRestartOutcomeAtEveryFaultPoint(t *testing.T) {
 			want: oldServes,
 		},
 	}
-	for _, proto := range []int{OldestProtocol, ProtocolVersion} {
+	for _, proto := range []int{OldestProtocol, commitProtocol, ProtocolVersion} {
 		for _, tc := range tests {
 			t.Run(fmt.Sprintf("protocol %d/%s", proto, tc.name), func(t *testing.T) {
 				want := tc.want
@@ -623,6 +623,7 @@ func TestBeforePauseRunsOnceTheNewSentryIsReadyAndBeforeThePause(t *testing.T) {
 	// after the pause.
 	go func() {
 		newCh.Send(&Ready{Protocol: ProtocolVersion, Version: "new", PID: 9})
+		answerPreview(newCh)
 		var d Descriptor
 		newCh.Recv(&d)
 		newCh.Close()
@@ -645,6 +646,15 @@ func TestBeforePauseRunsOnceTheNewSentryIsReadyAndBeforeThePause(t *testing.T) {
 	if st := w.snapshot(); st.paused || st.handedOff {
 		t.Fatalf("after the rollback the old side is paused %v, handed off %v", st.paused, st.handedOff)
 	}
+}
+
+// answerPreview is a hand-made new side's answer to the Preview an old
+// side of protocol 5 or later sends first.
+func answerPreview(ch *Channel) {
+	var p Preview
+	files, _ := ch.Recv(&p)
+	closeFiles(files)
+	ch.Send(&Previewed{})
 }
 
 // decisionFile returns a memfd of size bytes with seals, holding word.
@@ -817,6 +827,7 @@ func TestAnAckClaimingACommitTheWordDoesNotShowRollsBack(t *testing.T) {
 	oldCh, newCh := channelPair(t)
 	go func() {
 		newCh.Send(&Ready{Protocol: OldestProtocol, Newest: ProtocolVersion, Version: "liar", PID: 9, Reads: w.newReads})
+		answerPreview(newCh)
 		var d Descriptor
 		files, err := newCh.Recv(&d)
 		closeFiles(files)
