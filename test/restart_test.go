@@ -88,6 +88,12 @@ func TestTwentyRestartsInARowAlternatingModes(t *testing.T) {
 		if tm.LiveupdateNumber != gen {
 			t.Fatalf("restart %d: liveupdate number %d", gen, tm.LiveupdateNumber)
 		}
+		// The guest waits for the restart, its generation preserved:
+		// nothing changes the KHO tree between the preview and the
+		// pause, so a transfer restart boots from the tree read ahead.
+		if tm.ReadAhead != (mode == "transfer") {
+			t.Errorf("restart %d (%s mode): read ahead %v, map %v", gen, mode, tm.ReadAhead, tm.Map)
+		}
 		// The relaunched guest checks generation gen-1's contents byte for
 		// byte, then writes generation gen's and preserves them.
 		c.waitEvent(id, "verified", gen, 30*time.Second)

@@ -127,4 +127,7 @@ func PrintTiming(w io.Writer, t *handover.Timing) {
 		fmt.Fprintf(tw, "%s\t%.3f\t\n", p.Name, float64(p.Duration)/1e6)
 	}
 	tw.Flush()
+	if t.ReadAhead {
+		fmt.Fprintln(w, "the new sentry mapped the memory file and read the KHO tree before the pause")
+	}
 }

@@ -12,8 +12,9 @@ import "time"
 //	freeze     LUO serialize in the old sentry: every preserved file frozen, the records written
 //	finalize   KHO finalize in the old sentry: the preserved-memory map written
 //	send       the descriptor and files crossing (transfer), or execve (exec)
-//	map        the new sentry mapping the memory file
+//	map        the new sentry mapping the memory file (0 when read ahead: mapped before the pause)
 //	ingest     the new sentry reading the KHO root and map and adopting the preserved folios
+//	           (read ahead: the root page read again and compared, the tree read before the pause adopted)
 //	luo        the new sentry registering file handlers and deserializing LUO
 //	ready      the rest until the new sentry serves guests: the decision (protocol 3: the ack, the old sentry's commit)
 //	blackout   all of it: guest calls paused in the old sentry until the new one serves
@@ -29,6 +30,10 @@ type Timing struct {
 	Map    time.Duration `json:"map_ns"`
 	Ingest time.Duration `json:"ingest_ns"`
 	LUO    time.Duration `json:"luo_ns"`
+	// ReadAhead says the new sentry booted from the handover it mapped
+	// and read before the pause (protocol 5's Preview): Map is 0 and
+	// Ingest read only the root page again.
+	ReadAhead bool `json:"read_ahead,omitempty"`
 	// Ready is from the end of LUO deserialize to serving guests.
 	Ready time.Duration `json:"ready_ns"`
 	// Blackout is from PausedAt to AcceptingAt.

@@ -263,8 +263,8 @@ func (p *Preread) Close() {
 // generation, the tree generation the old sentry finalized with
 // (Handover.Generation), is the one it showed, the tree has not changed
 // since: the boot takes p's mapping (t.Map is 0: it was made before the
-// pause) and adopts what p read once the root page reads as it did
-// (kho.IngestPrepared), and file is closed. Otherwise p is dropped and the
+// pause, and t.ReadAhead is set) and adopts what p read once the root
+// page reads as it did (kho.IngestPrepared), and file is closed. Otherwise p is dropped and the
 // boot is NewFromHandover's. p is used up either way.
 func NewFromPreread(p *Preread, file *os.File, root, generation uint64, opts Options, t *handover.Timing) (*Kernel, error) {
 	var st unix.Stat_t
@@ -279,7 +279,7 @@ func NewFromPreread(p *Preread, file *os.File, root, generation uint64, opts Opt
 	if t == nil {
 		t = new(handover.Timing)
 	}
-	t.Map = 0
+	t.Map, t.ReadAhead = 0, true
 	return bootMapped(mf, root, opts, t, func(mf *pgalloc.MemoryFile, root uint64) (*kho.KHO, error) {
 		return kho.IngestPrepared(mf, root, prepared)
 	})

@@ -66,8 +66,8 @@ func TestABootFromAPrereadTakesItsMapping(t *testing.T) {
 	preserveOne(t, g, mustFD(t)(g.OpenLiveUpdate()), "s", 1, data)
 	pre := prereadFrom(t, s)
 	s2, tm := bootPreread(t, s, pre)
-	if tm.Map != 0 {
-		t.Errorf("the boot mapped the memory file in %v, want the mapping made ahead (0)", tm.Map)
+	if tm.Map != 0 || !tm.ReadAhead {
+		t.Errorf("the boot mapped the memory file in %v, read ahead %v; want the mapping and the tree read ahead", tm.Map, tm.ReadAhead)
 	}
 	retrieveOne(t, s2, "s", 1, data)
 }
@@ -85,8 +85,8 @@ func TestAPreserveAfterThePrereadIsNotLost(t *testing.T) {
 	pre := prereadFrom(t, s)
 	preserveOne(t, g, dev, "late", 2, late)
 	s2, tm := bootPreread(t, s, pre)
-	if tm.Map == 0 {
-		t.Errorf("the boot took the mapping made ahead of a tree that changed since")
+	if tm.Map == 0 || tm.ReadAhead {
+		t.Errorf("the boot took the mapping made ahead of a tree that changed since (map %v, read ahead %v)", tm.Map, tm.ReadAhead)
 	}
 	g2 := s2.dial(t)
 	dev2 := mustFD(t)(g2.OpenLiveUpdate())
@@ -115,8 +115,8 @@ func TestAPrereadOfAnotherFileIsDropped(t *testing.T) {
 	data := []byte("this sandbox's")
 	preserveOne(t, g, mustFD(t)(g.OpenLiveUpdate()), "s", 1, data)
 	s2, tm := bootPreread(t, s, pre)
-	if tm.Map == 0 {
-		t.Errorf("the boot took the mapping of another memory file")
+	if tm.Map == 0 || tm.ReadAhead {
+		t.Errorf("the boot took the mapping of another memory file (map %v, read ahead %v)", tm.Map, tm.ReadAhead)
 	}
 	retrieveOne(t, s2, "s", 1, data)
 }
