@@ -35,6 +35,21 @@ type outgoing struct {
 	// fault is the restart's fault hook (handover.Options.Fault), which
 	// Prepare calls inside, at handover.OfferFrozen.
 	fault func(handover.Point) error
+	// cfg is the sandbox's configuration as the descriptor carries it,
+	// encoded before the pause (newOutgoing); nil: Prepare encodes it.
+	cfg []byte
+}
+
+// newOutgoing returns the outgoing side of a restart in mode, to the new
+// sentry peer (transfer mode), with the restart's fault hook. The
+// configuration, which does not change while the sentry lives, is encoded
+// now rather than in the blackout (some 15 µs).
+func (s *Sentry) newOutgoing(mode string, peer int, fault func(handover.Point) error) *outgoing {
+	o := &outgoing{s: s, mode: mode, peer: peer, fault: fault}
+	if cfg, err := json.Marshal(&s.cfg); err == nil {
+		o.cfg = cfg
+	}
+	return o
 }
 
 var (
@@ -93,9 +108,11 @@ func (o *outgoing) Prepare(d *handover.Descriptor, peerReads []string) ([]*os.Fi
 		o.Abort()
 		return nil, err
 	}
-	cfg, err := json.Marshal(&s.cfg)
-	if err != nil {
-		return fail(err)
+	cfg := o.cfg
+	if cfg == nil {
+		if cfg, err = json.Marshal(&s.cfg); err != nil {
+			return fail(err)
+		}
 	}
 	if o.mem, err = s.k.MemoryFile().DupFile(); err != nil {
 		return fail(err)
@@ -309,7 +326,7 @@ func (s *Sentry) restartTransfer(binary string, timeout, commitDelay time.Durati
 		crash.settle = s.settleGuests
 	}
 	fault := crash.fault(func() int { return cmd.Process.Pid }, nil)
-	t, err := handover.Offer(ch, &outgoing{s: s, mode: handover.ModeTransfer, peer: cmd.Process.Pid, fault: fault}, handover.Options{
+	t, err := handover.Offer(ch, s.newOutgoing(handover.ModeTransfer, cmd.Process.Pid, fault), handover.Options{
 		Version:  s.opts.Version,
 		Deadline: time.Now().Add(timeout),
 		StopPeer: func() {
@@ -371,7 +388,7 @@ func (s *Sentry) restartExec(binary string, timeout time.Duration, crash *CrashA
 		crash.settle = s.settleGuests
 	}
 	fault := crash.fault(os.Getpid, nil)
-	return handover.OfferExec(&outgoing{s: s, mode: handover.ModeExec, fault: fault}, handover.Options{
+	return handover.OfferExec(s.newOutgoing(handover.ModeExec, 0, fault), handover.Options{
 		Version:   s.opts.Version,
 		Deadline:  time.Now().Add(timeout),
 		PeerReads: info.Reads,
