@@ -54,6 +54,11 @@ type Config struct {
 	// Idle, if its Restarts is not 0, also measures the blackout's
 	// spread over many transfer restarts of an idle guest.
 	Idle IdleConfig
+	// Interleave runs livesentry's sandboxes of every size at once, for
+	// each method and folio size, and interleaves their restarts (see
+	// measureInterleaved), if they fit in memory together; otherwise,
+	// or if false, each size is measured alone in turn.
+	Interleave bool
 }
 
 // IdleConfig is the idle-guest measurement: Restarts transfer restarts
@@ -210,6 +215,26 @@ func fits(size uint64, dir string) (bool, string) {
 	return true, ""
 }
 
+// fitTogether reports whether sandboxes of all sizes fit in memory at once
+// (as fits, for their sum), and if not says why.
+func fitTogether(sizes []uint64) (bool, string) {
+	avail, err := memAvailable()
+	if err != nil {
+		return false, err.Error()
+	}
+	need := uint64(512 << 20)
+	for _, s := range sizes {
+		need += s * 5 / 2
+	}
+	if need > avail {
+		return false, fmt.Sprintf("need about %s of memory, %s available", sizeLabel(need), sizeLabel(avail))
+	}
+	return true, ""
+}
+
+// rowKey names a size and folio size in maps of Run.
+func rowKey(size uint64, folio string) string { return fmt.Sprintf("%d/%s", size, folio) }
+
 func memAvailable() (uint64, error) {
 	f, err := os.Open("/proc/meminfo")
 	if err != nil {
@@ -272,28 +297,65 @@ func Run(c Config) (*Results, error) {
 	if len(c.Methods) == 0 {
 		sizes = nil
 	}
+	// The sizes measured, and the metadata of each with each folio size.
+	var fitting []uint64
+	meta := map[string]uint64{}
 	for _, size := range sizes {
 		if ok, why := fits(size, c.WorkDir); !ok {
 			res.Notes = append(res.Notes, fmt.Sprintf("%s skipped: %s", sizeLabel(size), why))
 			c.Logf("%s skipped: %s", sizeLabel(size), why)
 			continue
 		}
+		fitting = append(fitting, size)
 		for _, folio := range c.Folios {
-			var meta uint64
 			if has(c.Methods, methodTransfer) || has(c.Methods, methodExec) {
 				c.Logf("%s, %s folios: measuring the metadata handed over", sizeLabel(size), folioLabel(folio))
 				m, err := measureMetadata(size, folio == folio4K)
 				if err != nil {
 					return nil, fmt.Errorf("metadata of %s, %s folios: %w", sizeLabel(size), folio, err)
 				}
-				meta = m.Total()
+				meta[rowKey(size, folio)] = m.Total()
 				res.Notes = append(res.Notes, fmt.Sprintf("metadata at %s, %s folios: %s", sizeLabel(size), folioLabel(folio), m))
 			}
+		}
+	}
+	// livesentry's rows measured with their restarts interleaved, by
+	// size, method and folio size.
+	interleaved := map[string]*Row{}
+	if c.Interleave && len(fitting) > 1 && (has(c.Methods, methodTransfer) || has(c.Methods, methodExec)) {
+		if ok, why := fitTogether(fitting); !ok {
+			res.Notes = append(res.Notes, "livesentry's restarts measured one size at a time: the sizes together "+why)
+		} else {
+			res.Notes = append(res.Notes, "livesentry's restarts of every size interleaved: the sandboxes of all sizes ran at once, restarted in turn (restart 1 of each size, then 2, ...)")
+			for _, folio := range c.Folios {
+				for _, mode := range []string{methodTransfer, methodExec} {
+					if !has(c.Methods, mode) {
+						continue
+					}
+					var rows []*Row
+					for _, size := range fitting {
+						r := &Row{Size: size, Method: mode, Folio: folio, MetadataBytes: meta[rowKey(size, folio)]}
+						rows = append(rows, r)
+						interleaved[rowKey(size, folio)+mode] = r
+					}
+					if err := measureInterleaved(c, rows, c.Reps); err != nil {
+						return nil, fmt.Errorf("livesentry %s, %s folios: %w", mode, folio, err)
+					}
+				}
+			}
+		}
+	}
+	for _, size := range fitting {
+		for _, folio := range c.Folios {
 			for _, mode := range []string{methodTransfer, methodExec} {
 				if !has(c.Methods, mode) {
 					continue
 				}
-				r := &Row{Size: size, Method: mode, Folio: folio, MetadataBytes: meta}
+				if r := interleaved[rowKey(size, folio)+mode]; r != nil {
+					res.Rows = append(res.Rows, r)
+					continue
+				}
+				r := &Row{Size: size, Method: mode, Folio: folio, MetadataBytes: meta[rowKey(size, folio)]}
 				if err := measureLivesentry(c, r, c.Reps); err != nil {
 					return nil, fmt.Errorf("livesentry %s at %s, %s folios: %w", mode, sizeLabel(size), folio, err)
 				}

@@ -177,3 +177,59 @@ func TestMergeOfSavedRunsKeepsEveryRowAndCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestInterleavedRestartsTakeTurns checks that with Interleave the
+// sandboxes of every size run at once and are restarted in turn, restart
+// 1 of each size before restart 2 of any, and that each row still gets
+// its own restarts.
+func TestInterleavedRestartsTakeTurns(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs sandboxes")
+	}
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	var order []string
+	c := Config{
+		Sizes:      []uint64{8 << 20, 12 << 20},
+		Folios:     []string{folio4K},
+		Methods:    []string{methodTransfer},
+		Reps:       2,
+		WorkDir:    dir,
+		Interleave: true,
+		Logf: func(format string, args ...any) {
+			line := fmt.Sprintf(format, args...)
+			t.Log(line)
+			if i := strings.Index(line, ": blackout"); i > 0 && strings.Contains(line, "transfer restart") {
+				order = append(order, line[:i])
+			}
+		},
+	}
+	if c.RunscLUO, c.Holder, err = buildBinaries(root, dir); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Run(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"8 MiB 4 KiB: transfer restart 1", "12 MiB 4 KiB: transfer restart 1",
+		"8 MiB 4 KiB: transfer restart 2", "12 MiB 4 KiB: transfer restart 2",
+	}
+	if !slices.Equal(order, want) {
+		t.Errorf("restarts in the order\n%s\nwant\n%s", strings.Join(order, "\n"), strings.Join(want, "\n"))
+	}
+	if len(res.Rows) != 2 || res.Rows[0].Size != 8<<20 || res.Rows[1].Size != 12<<20 {
+		t.Fatalf("rows %+v, want 8 MiB then 12 MiB", res.Rows)
+	}
+	for _, r := range res.Rows {
+		if len(r.Pause) != 2 || r.MetadataBytes == 0 {
+			t.Errorf("%s at %s: %d blackouts, metadata %d bytes; want 2 and the metadata", r.Name(), sizeLabel(r.Size), len(r.Pause), r.MetadataBytes)
+		}
+	}
+	if !slices.ContainsFunc(res.Notes, func(n string) bool { return strings.Contains(n, "interleaved") }) {
+		t.Errorf("no note says the restarts were interleaved: %q", res.Notes)
+	}
+}

@@ -67,13 +67,67 @@ func (c *luoCLI) waitEvent(id, ev string, gen uint64, timeout time.Duration) (de
 // byte (the guest's DataReadyAt, CLOCK_MONOTONIC like PausedAt). Every
 // byte is verified by the guest before the next restart.
 func measureLivesentry(c Config, r *Row, reps int) error {
-	root, err := os.MkdirTemp(c.WorkDir, "ls-")
+	l, err := startLivesentry(c, r)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(root)
-	cli := &luoCLI{bin: c.RunscLUO, root: root}
-	id := "bench"
+	defer l.close()
+	for gen := uint64(1); gen <= uint64(reps); gen++ {
+		if err := l.restart(gen); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// measureInterleaved is measureLivesentry for rows of one method and folio
+// size at several sizes, their sandboxes all running at once and their
+// restarts interleaved: the first restart of each size, then the second
+// of each, and so on. A drift of the machine's speed during the run (this
+// VM's varies over minutes) then weighs on every size alike, which
+// comparing the sizes' medians needs. On error every sandbox is removed.
+func measureInterleaved(c Config, rows []*Row, reps int) error {
+	var runs []*lsRun
+	defer func() {
+		for _, l := range runs {
+			l.close()
+		}
+	}()
+	for _, r := range rows {
+		l, err := startLivesentry(c, r)
+		if err != nil {
+			return fmt.Errorf("%s: %w", sizeLabel(r.Size), err)
+		}
+		runs = append(runs, l)
+	}
+	for gen := uint64(1); gen <= uint64(reps); gen++ {
+		for _, l := range runs {
+			if err := l.restart(gen); err != nil {
+				return fmt.Errorf("%s: %w", sizeLabel(l.r.Size), err)
+			}
+		}
+	}
+	return nil
+}
+
+// lsRun is one running sandbox of measureLivesentry.
+type lsRun struct {
+	c       Config
+	r       *Row
+	cli     *luoCLI
+	root    string
+	id      string
+	timeout time.Duration
+}
+
+// startLivesentry starts r's sandbox and waits until its guest has
+// preserved its first generation.
+func startLivesentry(c Config, r *Row) (*lsRun, error) {
+	root, err := os.MkdirTemp(c.WorkDir, "ls-")
+	if err != nil {
+		return nil, err
+	}
+	l := &lsRun{c: c, r: r, cli: &luoCLI{bin: c.RunscLUO, root: root}, root: root, id: "bench"}
 	args := []string{c.RunscLUO, "demo-guest", fmt.Sprintf("--size=%d", r.Size), "--files=3", "--sessions=2",
 		fmt.Sprintf("--seed=%d", rand.Uint64()), "--cycle"}
 	if r.Folio == folio4K {
@@ -82,46 +136,58 @@ func measureLivesentry(c Config, r *Row, reps int) error {
 	// Two generations live at once (the one retrieved and the next),
 	// plus room for metadata; the file is sparse.
 	mem := fmt.Sprintf("--memory=%dM", 3*r.Size>>20+256)
-	if _, err := cli.run(append([]string{"run", "--detach", mem, id, "--"}, args...)...); err != nil {
-		return err
+	if _, err := l.cli.run(append([]string{"run", "--detach", mem, l.id, "--"}, args...)...); err != nil {
+		os.RemoveAll(root)
+		return nil, err
 	}
-	defer func() {
-		cli.run("kill", id)
-		cli.run("delete", "--force", id)
-	}()
 	// Filling and verifying run through the guest socket: allow ~10 s/GiB.
-	timeout := time.Minute + time.Duration(r.Size>>30)*20*time.Second
-	if _, err := cli.waitEvent(id, "preserved", 0, timeout); err != nil {
+	l.timeout = time.Minute + time.Duration(r.Size>>30)*20*time.Second
+	if _, err := l.cli.waitEvent(l.id, "preserved", 0, l.timeout); err != nil {
+		l.close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// close removes the sandbox.
+func (l *lsRun) close() {
+	l.cli.run("kill", l.id)
+	l.cli.run("delete", "--force", l.id)
+	os.RemoveAll(l.root)
+}
+
+// restart waits the row's idle gap, restarts the sandbox (its gen-th
+// restart), records the blackout and the time to data, and waits until
+// the relaunched guest has verified every byte and preserved the next
+// generation.
+func (l *lsRun) restart(gen uint64) error {
+	c, r, cli, id := l.c, l.r, l.cli, l.id
+	time.Sleep(r.IdleGap)
+	out, err := cli.run("restart", "--format=json", "--mode="+r.Method, id)
+	if err != nil {
 		return err
 	}
-	for gen := uint64(1); gen <= uint64(reps); gen++ {
-		time.Sleep(r.IdleGap)
-		out, err := cli.run("restart", "--format=json", "--mode="+r.Method, id)
-		if err != nil {
-			return err
-		}
-		var t handover.Timing
-		if err := json.Unmarshal([]byte(out), &t); err != nil {
-			return fmt.Errorf("restart output %q: %w", out, err)
-		}
-		v, err := cli.waitEvent(id, "verified", gen, timeout)
-		if err != nil {
-			return err
-		}
-		if v.DataReadyAt <= t.PausedAt {
-			return fmt.Errorf("data ready at %d, before the pause at %d", v.DataReadyAt, t.PausedAt)
-		}
-		if v.RunAt <= t.PausedAt || v.RunAt > v.DataReadyAt {
-			return fmt.Errorf("the relaunched guest ran at %d: not between the pause at %d and its data at %d", v.RunAt, t.PausedAt, v.DataReadyAt)
-		}
-		r.Pause = append(r.Pause, t.Blackout)
-		r.Data = append(r.Data, time.Duration(v.DataReadyAt-t.PausedAt))
-		r.Relaunch = append(r.Relaunch, time.Duration(v.RunAt-t.PausedAt))
-		c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v; the relaunched guest runs at %v, its retrieve and last-byte reads take %.1f ms)",
-			sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready, r.Relaunch[len(r.Relaunch)-1], v.RetrieveMS)
-		if _, err := cli.waitEvent(id, "preserved", gen, timeout); err != nil {
-			return err
-		}
+	var t handover.Timing
+	if err := json.Unmarshal([]byte(out), &t); err != nil {
+		return fmt.Errorf("restart output %q: %w", out, err)
+	}
+	v, err := cli.waitEvent(id, "verified", gen, l.timeout)
+	if err != nil {
+		return err
+	}
+	if v.DataReadyAt <= t.PausedAt {
+		return fmt.Errorf("data ready at %d, before the pause at %d", v.DataReadyAt, t.PausedAt)
+	}
+	if v.RunAt <= t.PausedAt || v.RunAt > v.DataReadyAt {
+		return fmt.Errorf("the relaunched guest ran at %d: not between the pause at %d and its data at %d", v.RunAt, t.PausedAt, v.DataReadyAt)
+	}
+	r.Pause = append(r.Pause, t.Blackout)
+	r.Data = append(r.Data, time.Duration(v.DataReadyAt-t.PausedAt))
+	r.Relaunch = append(r.Relaunch, time.Duration(v.RunAt-t.PausedAt))
+	c.Logf("%s %s: %s restart %d: blackout %v, time to data %v (freeze %v, finalize %v, send %v, map %v, ingest %v, luo %v, ready %v; the relaunched guest runs at %v, its retrieve and last-byte reads take %.1f ms)",
+		sizeLabel(r.Size), folioLabel(r.Folio), r.Method, gen, t.Blackout, r.Data[len(r.Data)-1], t.Freeze, t.Finalize, t.Send, t.Map, t.Ingest, t.LUO, t.Ready, r.Relaunch[len(r.Relaunch)-1], v.RetrieveMS)
+	if _, err := cli.waitEvent(id, "preserved", gen, l.timeout); err != nil {
+		return err
 	}
 	return nil
 }
