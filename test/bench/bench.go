@@ -59,6 +59,9 @@ type Config struct {
 	// measureInterleaved), if they fit in memory together; otherwise,
 	// or if false, each size is measured alone in turn.
 	Interleave bool
+	// Quiet makes each livesentry restart wait until the machine is
+	// quiet (see waitQuiet), after the row's idle gap.
+	Quiet bool
 }
 
 // IdleConfig is the idle-guest measurement: Restarts transfer restarts
@@ -318,6 +321,9 @@ func Run(c Config) (*Results, error) {
 				res.Notes = append(res.Notes, fmt.Sprintf("metadata at %s, %s folios: %s", sizeLabel(size), folioLabel(folio), m))
 			}
 		}
+	}
+	if c.Quiet && (has(c.Methods, methodTransfer) || has(c.Methods, methodExec)) {
+		res.Notes = append(res.Notes, fmt.Sprintf("each livesentry restart started once the CPUs had been %.0f%% idle for %v (waiting at most %v): not in the middle of the work the previous restart left behind (old sentry and guest teardown, punching and reclaim of the generation the guest freed)", quietIdle*100, quietWindow, quietMax))
 	}
 	// livesentry's rows measured with their restarts interleaved, by
 	// size, method and folio size.

@@ -233,3 +233,19 @@ func TestInterleavedRestartsTakeTurns(t *testing.T) {
 		t.Errorf("no note says the restarts were interleaved: %q", res.Notes)
 	}
 }
+
+// waitQuiet reads the CPUs' idle time: a machine is always at least 0%
+// idle, at once, and never more than 100% idle, so that waiting for it
+// ends at the limit.
+func TestWaitQuietEndsAtOnceOrAtItsLimit(t *testing.T) {
+	idle, total, err := cpuTimes()
+	if err != nil || total == 0 || idle > total {
+		t.Fatalf("cpuTimes: idle %d, total %d, %v", idle, total, err)
+	}
+	if waited, err := waitQuiet(0, 100*time.Millisecond, 5*time.Second); err != nil || waited > 2*time.Second {
+		t.Errorf("waiting for 0%% idle: %v, %v; want about 100 ms", waited, err)
+	}
+	if waited, err := waitQuiet(1.01, 100*time.Millisecond, 300*time.Millisecond); err != nil || waited < 300*time.Millisecond {
+		t.Errorf("waiting for 101%% idle: %v, %v; want the 300 ms limit", waited, err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -163,6 +164,13 @@ func (l *lsRun) close() {
 func (l *lsRun) restart(gen uint64) error {
 	c, r, cli, id := l.c, l.r, l.cli, l.id
 	time.Sleep(r.IdleGap)
+	if c.Quiet {
+		if waited, err := waitQuiet(quietIdle, quietWindow, quietMax); err != nil {
+			return err
+		} else if waited >= quietMax {
+			c.Logf("%s %s: restart %d after %v without the machine going quiet", sizeLabel(r.Size), folioLabel(r.Folio), gen, waited)
+		}
+	}
 	out, err := cli.run("restart", "--format=json", "--mode="+r.Method, id)
 	if err != nil {
 		return err
@@ -190,4 +198,71 @@ func (l *lsRun) restart(gen uint64) error {
 		return err
 	}
 	return nil
+}
+
+// The quiet machine a restart waits for (Config.Quiet): the CPUs idle for
+// at least quietIdle of the time over quietWindow, waiting at most
+// quietMax.
+const (
+	quietIdle   = 0.95
+	quietWindow = 300 * time.Millisecond
+	quietMax    = 10 * time.Second
+)
+
+// waitQuiet waits until the machine's CPUs were idle at least idle (a
+// fraction) of the time over the last window, or until max has passed,
+// and returns how long it waited. The work a restart leaves behind (the
+// old sentry's exit and its page tables, the old guests' teardown, the
+// new sentry's punching of what the guest freed, the host's reclaim of
+// the freed memory) grows with the memory involved and runs for seconds
+// at 4 GiB; a restart measured in the middle of it would be charged for
+// another's work, and a larger size for more of it.
+func waitQuiet(idle float64, window, max time.Duration) (time.Duration, error) {
+	start := time.Now()
+	const step = 50 * time.Millisecond
+	need := int(window / step)
+	prevIdle, prevTotal, err := cpuTimes()
+	if err != nil {
+		return 0, err
+	}
+	quiet := 0
+	for quiet < need && time.Since(start) < max {
+		time.Sleep(step)
+		i, t, err := cpuTimes()
+		if err != nil {
+			return 0, err
+		}
+		if t > prevTotal && float64(i-prevIdle)/float64(t-prevTotal) >= idle {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		prevIdle, prevTotal = i, t
+	}
+	return time.Since(start), nil
+}
+
+// cpuTimes returns the idle (idle and iowait) and total time of all CPUs,
+// in clock ticks, from /proc/stat.
+func cpuTimes() (idle, total uint64, err error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 6 || f[0] != "cpu" {
+		return 0, 0, fmt.Errorf("/proc/stat: first line %q", line)
+	}
+	for i, v := range f[1:] {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/stat: %q: %w", line, err)
+		}
+		total += n
+		if i == 3 || i == 4 { // idle, iowait
+			idle += n
+		}
+	}
+	return idle, total, nil
 }

@@ -53,6 +53,7 @@ func mainErr() error {
 		idleSize   = flag.String("idle-size", "1G", "preserved size of the idle guest")
 		idleFolio  = flag.String("idle-folio", "2M", "folio size of the idle guest (4K, 2M)")
 		idleGap    = flag.Duration("idle-gap", 500*time.Millisecond, "wait before each idle restart, after the guest preserved its generation")
+		quietWait  = flag.Bool("quiet-wait", true, "start each livesentry restart once the machine's CPUs have been 95% idle for 300 ms (at most 10 s), so that no restart pays for the work the previous one left behind")
 		interleave = flag.Bool("interleave", true, "run livesentry's sandboxes of every size at once and restart them in turn, so that a drift of the machine's speed weighs on every size alike (if they fit in memory together)")
 	)
 	flag.Parse()
@@ -101,7 +102,7 @@ func mainErr() error {
 			return err
 		}
 	}
-	c := Config{Reps: *reps, Runsc: *runscPath, WorkDir: *workDir, Interleave: *interleave}
+	c := Config{Reps: *reps, Runsc: *runscPath, WorkDir: *workDir, Interleave: *interleave, Quiet: *quietWait}
 	if !*quiet {
 		c.Logf = func(format string, args ...any) {
 			fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
