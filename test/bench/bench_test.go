@@ -66,13 +66,10 @@ func TestMedianOfAnOddAndAnEvenCount(t *testing.T) {
 	}
 }
 
-// TestSmokeRunMeasuresEveryMethod runs the benchmark's own code at a tiny
-// size with one rep: real runsc-luo sandboxes restarted in both modes,
-// the metadata walk, the copy floor and, if a runsc is cached in the
-// repository and this runs as root, gVisor. It checks that every method
-// produced a plausible measurement and that the table and the plot are
-// written.
-func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
+// sandboxTest skips a test that builds and runs sandboxes in -short mode,
+// and returns the repository's root and a directory for the run.
+func sandboxTest(t *testing.T) (root, dir string) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("builds and runs sandboxes")
 	}
@@ -80,7 +77,17 @@ func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
+	return root, t.TempDir()
+}
+
+// TestSmokeRunMeasuresEveryMethod runs the benchmark's own code at a tiny
+// size with one rep: real runsc-luo sandboxes restarted in both modes,
+// the metadata walk, the copy floor and, if a runsc is cached in the
+// repository and this runs as root, gVisor. It checks that every method
+// produced a plausible measurement and that the table and the plot are
+// written.
+func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
+	root, dir := sandboxTest(t)
 	c := Config{
 		Sizes:   []uint64{8 << 20},
 		Folios:  []string{folio4K},
@@ -91,6 +98,7 @@ func TestSmokeRunMeasuresEveryMethod(t *testing.T) {
 		Logf:    t.Logf,
 		Idle:    IdleConfig{Restarts: 3, Size: 8 << 20, Folio: folio2M, Gap: 20 * time.Millisecond},
 	}
+	var err error
 	if c.RunscLUO, c.Holder, err = buildBinaries(root, dir); err != nil {
 		t.Fatal(err)
 	}
@@ -183,14 +191,7 @@ func TestMergeOfSavedRunsKeepsEveryRowAndCommand(t *testing.T) {
 // 1 of each size before restart 2 of any, and that each row still gets
 // its own restarts.
 func TestInterleavedRestartsTakeTurns(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs sandboxes")
-	}
-	root, err := repoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
+	root, dir := sandboxTest(t)
 	var order []string
 	c := Config{
 		Sizes:      []uint64{8 << 20, 12 << 20},
@@ -207,6 +208,7 @@ func TestInterleavedRestartsTakeTurns(t *testing.T) {
 			}
 		},
 	}
+	var err error
 	if c.RunscLUO, c.Holder, err = buildBinaries(root, dir); err != nil {
 		t.Fatal(err)
 	}

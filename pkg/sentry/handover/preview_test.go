@@ -56,6 +56,18 @@ func (n previewNew) Boot(d *Descriptor, files []*os.File, t *Timing) error {
 	return n.newSide.Boot(d, files, t)
 }
 
+// acceptPreviewing runs Accept on newCh with a previewNew of w speaking
+// protocol proto (0: the newest), and returns what it sees and its end.
+func acceptPreviewing(w *world, newCh *Channel, proto int) (*[]string, <-chan error) {
+	var seen []string
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := Accept(newCh, previewNew{newSide{w}, &seen}, Options{Version: "new", PID: 200, Reads: w.newReads, Protocol: proto})
+		done <- err
+	}()
+	return &seen, done
+}
+
 // A transfer-mode restart between two sentries of protocol 5 shows the new
 // one the memory file, the KHO root and the tree generation before the old
 // one pauses, and the descriptor carries the generation finalized; with a
@@ -75,20 +87,15 @@ func TestTheNewSentryIsShownTheHandoverBeforeThePause(t *testing.T) {
 		t.Run(fmt.Sprintf("old %d new %d", tc.oldProto, tc.newProto), func(t *testing.T) {
 			w := newWorld(t)
 			oldCh, newCh := channelPair(t)
-			var seen []string
-			done := make(chan error, 1)
-			go func() {
-				_, _, err := Accept(newCh, previewNew{newSide{w}, &seen}, Options{Version: "new", PID: 200, Reads: w.newReads, Protocol: tc.newProto})
-				done <- err
-			}()
+			seen, done := acceptPreviewing(w, newCh, tc.newProto)
 			if _, err := Offer(oldCh, previewOld{oldSide{w}, 42}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(5 * time.Second), StopPeer: func() {}, Protocol: tc.oldProto}); err != nil {
 				t.Fatalf("Offer: %v", err)
 			}
 			if err := <-done; err != nil {
 				t.Fatalf("Accept: %v", err)
 			}
-			if strings.Join(seen, "\n") != strings.Join(tc.want, "\n") {
-				t.Fatalf("the new sentry saw\n%s\nwant\n%s", strings.Join(seen, "\n"), strings.Join(tc.want, "\n"))
+			if strings.Join(*seen, "\n") != strings.Join(tc.want, "\n") {
+				t.Fatalf("the new sentry saw\n%s\nwant\n%s", strings.Join(*seen, "\n"), strings.Join(tc.want, "\n"))
 			}
 			if st := w.snapshot(); !st.serving || !st.handedOff {
 				t.Fatalf("serving %v, handed off %v; want a restart done", st.serving, st.handedOff)
@@ -102,20 +109,15 @@ func TestTheNewSentryIsShownTheHandoverBeforeThePause(t *testing.T) {
 func TestAPreviewOfNothingReachesNoTarget(t *testing.T) {
 	w := newWorld(t)
 	oldCh, newCh := channelPair(t)
-	var seen []string
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := Accept(newCh, previewNew{newSide{w}, &seen}, Options{Version: "new", PID: 200, Reads: w.newReads})
-		done <- err
-	}()
+	seen, done := acceptPreviewing(w, newCh, 0)
 	if _, err := Offer(oldCh, oldSide{w}, Options{Version: "old", PID: 100, Deadline: time.Now().Add(5 * time.Second), StopPeer: func() {}}); err != nil {
 		t.Fatalf("Offer: %v", err)
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("Accept: %v", err)
 	}
-	if len(seen) != 1 || seen[0] != "boot generation 0" {
-		t.Fatalf("the new sentry saw %q, want only its boot", seen)
+	if len(*seen) != 1 || (*seen)[0] != "boot generation 0" {
+		t.Fatalf("the new sentry saw %q, want only its boot", *seen)
 	}
 }
 
@@ -150,12 +152,7 @@ func TestTheNewSentryRefusesABadPreview(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newWorld(t)
 			oldCh, newCh := channelPair(t)
-			var seen []string
-			done := make(chan error, 1)
-			go func() {
-				_, _, err := Accept(newCh, previewNew{newSide{w}, &seen}, Options{Version: "new", PID: 200, Reads: w.newReads})
-				done <- err
-			}()
+			seen, done := acceptPreviewing(w, newCh, 0)
 			var ready Ready
 			if _, err := oldCh.Recv(&ready); err != nil {
 				t.Fatal(err)
@@ -176,8 +173,8 @@ func TestTheNewSentryRefusesABadPreview(t *testing.T) {
 			if err := <-done; err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Accept: %v; want an error containing %q", err, tc.want)
 			}
-			if len(seen) != 0 {
-				t.Fatalf("the new sentry went on: %q", seen)
+			if len(*seen) != 0 {
+				t.Fatalf("the new sentry went on: %q", *seen)
 			}
 		})
 	}

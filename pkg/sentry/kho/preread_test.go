@@ -40,6 +40,22 @@ func checkRestores(t *testing.T, k *KHO, pfns []uint64) {
 	}
 }
 
+// finalizeAndIngestPrepared finalizes k1 in kho-v2 and ingests its
+// handover in mf2 with IngestPrepared(p); it returns the result and the
+// read calls the ingest made.
+func finalizeAndIngestPrepared(t *testing.T, k1 *KHO, mf2 *pgalloc.MemoryFile, p *Prepared) (*KHO, int) {
+	t.Helper()
+	if err := k1.FinalizeFormat(abikho.CompatibleV2); err != nil {
+		t.Fatal(err)
+	}
+	calls := readCalls(t)
+	k2, err := IngestPrepared(mf2, k1.RootAddr(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k2, calls()
+}
+
 // A tree read ahead (Preread) and not changed since is adopted by
 // IngestPrepared after one read, the root page's, and gives what Ingest
 // gives.
@@ -50,15 +66,8 @@ func TestIngestPreparedReadsOnlyTheRootPage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := k1.FinalizeFormat(abikho.CompatibleV2); err != nil {
-		t.Fatal(err)
-	}
-	calls := readCalls(t)
-	k2, err := IngestPrepared(mf2, k1.RootAddr(), p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := calls(); n != 1 {
+	k2, n := finalizeAndIngestPrepared(t, k1, mf2, p)
+	if n != 1 {
 		t.Errorf("IngestPrepared made %d reads, want 1 (the root page)", n)
 	}
 	if !k2.Carried() {
@@ -87,15 +96,8 @@ func TestIngestPreparedRereadsAChangedRoot(t *testing.T) {
 	if err := k1.AddSubtree("late", blob.Addr()); err != nil {
 		t.Fatal(err)
 	}
-	if err := k1.FinalizeFormat(abikho.CompatibleV2); err != nil {
-		t.Fatal(err)
-	}
-	calls := readCalls(t)
-	k2, err := IngestPrepared(mf2, k1.RootAddr(), p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := calls(); n < 3 {
+	k2, n := finalizeAndIngestPrepared(t, k1, mf2, p)
+	if n < 3 {
 		t.Errorf("IngestPrepared of a changed root made %d reads, want the root, the tree and the root again", n)
 	}
 	if addr, err := k2.RetrieveSubtree("late"); err != nil || addr != blob.Addr() {
