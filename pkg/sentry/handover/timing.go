@@ -12,7 +12,7 @@ import "time"
 //	freeze     LUO serialize in the old sentry: every preserved file frozen, the records written
 //	finalize   KHO finalize in the old sentry: the preserved-memory map written
 //	send       the descriptor and files crossing (transfer), or execve (exec)
-//	map        the new sentry mapping the memory file (0 when read ahead: mapped before the pause)
+//	map        the new sentry mapping the memory file (0 after a preview: mapped before the pause)
 //	ingest     the new sentry reading the KHO root and map and adopting the preserved folios
 //	           (read ahead: the root page read again and compared, the tree read before the pause adopted)
 //	luo        the new sentry registering file handlers and deserializing LUO
@@ -30,9 +30,10 @@ type Timing struct {
 	Map    time.Duration `json:"map_ns"`
 	Ingest time.Duration `json:"ingest_ns"`
 	LUO    time.Duration `json:"luo_ns"`
-	// ReadAhead says the new sentry booted from the handover it mapped
-	// and read before the pause (protocol 5's Preview): Map is 0 and
-	// Ingest read only the root page again.
+	// ReadAhead says the new sentry booted from the KHO tree it read
+	// before the pause (protocol 5's Preview): Ingest read only the root
+	// page again. (Map is 0 whenever the preview's mapping was taken,
+	// even if the tree had to be read again.)
 	ReadAhead bool `json:"read_ahead,omitempty"`
 	// Ready is from the end of LUO deserialize to serving guests.
 	Ready time.Duration `json:"ready_ns"`

@@ -202,8 +202,9 @@ func PrepareIncoming(memorySize uint64) error {
 // Preview returns what a restart shows the next sentry before the pause
 // (handover.Preview), for a sentry that reads peerReads: the KHO root's
 // address and tree generation (kho.KHO.TreeGeneration). ok is false when
-// there is nothing to read ahead: the handover will be in kho-v1, whose
-// map is written at the finalize, or nothing is preserved yet.
+// the handover will be in kho-v1, whose map is written at the finalize.
+// (A sentry that has preserved nothing yet has no tree: the next one's
+// PrereadHandover fails, and it boots as without.)
 func (k *Kernel) Preview(peerReads []string) (root, generation uint64, ok bool) {
 	if f, err := khoFormatFor(peerReads); err != nil || f != abikho.CompatibleV2 {
 		return 0, 0, false
@@ -263,9 +264,10 @@ func (p *Preread) Close() {
 // generation, the tree generation the old sentry finalized with
 // (Handover.Generation), is the one it showed, the tree has not changed
 // since: the boot takes p's mapping (t.Map is 0: it was made before the
-// pause, and t.ReadAhead is set) and adopts what p read once the root
-// page reads as it did (kho.IngestPrepared), and file is closed. Otherwise p is dropped and the
-// boot is NewFromHandover's. p is used up either way.
+// pause), file is closed, and what p read is adopted if the root page
+// reads as it did (kho.IngestPrepared; t.ReadAhead says it was).
+// Otherwise p is dropped and the boot is NewFromHandover's. p is used up
+// either way.
 func NewFromPreread(p *Preread, file *os.File, root, generation uint64, opts Options, t *handover.Timing) (*Kernel, error) {
 	var st unix.Stat_t
 	if p == nil || p.mf == nil || p.root != root || p.generation != generation ||
@@ -279,9 +281,11 @@ func NewFromPreread(p *Preread, file *os.File, root, generation uint64, opts Opt
 	if t == nil {
 		t = new(handover.Timing)
 	}
-	t.Map, t.ReadAhead = 0, true
+	t.Map = 0
 	return bootMapped(mf, root, opts, t, func(mf *pgalloc.MemoryFile, root uint64) (*kho.KHO, error) {
-		return kho.IngestPrepared(mf, root, prepared)
+		k, used, err := kho.IngestPrepared(mf, root, prepared)
+		t.ReadAhead = used
+		return k, err
 	})
 }
 

@@ -311,25 +311,29 @@ func Preread(mf *pgalloc.MemoryFile, root uint64) (*Prepared, error) {
 // not changed since p was read (see Preread): it reads the root page
 // again and, if it is byte for byte the one p read, adopts what p read
 // rather than reading the tree again; if not, or if p was read from
-// another file or root, it is Ingest. p is used up either way.
-func IngestPrepared(mf *pgalloc.MemoryFile, root uint64, p *Prepared) (*KHO, error) {
+// another file or root, it is Ingest. used says whether p's reading was
+// adopted. p is used up either way.
+func IngestPrepared(mf *pgalloc.MemoryFile, root uint64, p *Prepared) (k *KHO, used bool, err error) {
 	if p == nil {
-		return Ingest(mf, root)
+		k, err = Ingest(mf, root)
+		return k, false, err
 	}
 	q := *p
 	*p = Prepared{}
 	if q.in == nil || q.mf != mf || q.root != root {
-		return Ingest(mf, root)
+		k, err = Ingest(mf, root)
+		return k, false, err
 	}
-	in, set, carry := q.in, q.set, q.carry
 	var page [abikho.PageSize]byte
 	if err := readPage(mf, root, page[:]); err != nil {
-		return nil, fmt.Errorf("kho: ingesting the handover with root at %#x: root FDT at %#x: %w", root, root, err)
+		return nil, false, fmt.Errorf("kho: ingesting the handover with root at %#x: root FDT at %#x: %w", root, root, err)
 	}
-	if !bytes.Equal(page[:len(in.root)], in.root) {
-		return Ingest(mf, root)
+	if !bytes.Equal(page[:len(q.in.root)], q.in.root) {
+		k, err = Ingest(mf, root)
+		return k, false, err
 	}
-	return adopt(mf, root, in, set, carry)
+	k, err = adopt(mf, root, q.in, q.set, q.carry)
+	return k, err == nil, err
 }
 
 // adopt is the end of Ingest once the handover with root at root is read

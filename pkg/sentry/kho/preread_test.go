@@ -41,19 +41,19 @@ func checkRestores(t *testing.T, k *KHO, pfns []uint64) {
 }
 
 // finalizeAndIngestPrepared finalizes k1 in kho-v2 and ingests its
-// handover in mf2 with IngestPrepared(p); it returns the result and the
-// read calls the ingest made.
-func finalizeAndIngestPrepared(t *testing.T, k1 *KHO, mf2 *pgalloc.MemoryFile, p *Prepared) (*KHO, int) {
+// handover in mf2 with IngestPrepared(p); it returns the result, the read
+// calls the ingest made and whether it adopted p's reading.
+func finalizeAndIngestPrepared(t *testing.T, k1 *KHO, mf2 *pgalloc.MemoryFile, p *Prepared) (*KHO, int, bool) {
 	t.Helper()
 	if err := k1.FinalizeFormat(abikho.CompatibleV2); err != nil {
 		t.Fatal(err)
 	}
 	calls := readCalls(t)
-	k2, err := IngestPrepared(mf2, k1.RootAddr(), p)
+	k2, used, err := IngestPrepared(mf2, k1.RootAddr(), p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return k2, calls()
+	return k2, calls(), used
 }
 
 // A tree read ahead (Preread) and not changed since is adopted by
@@ -66,9 +66,9 @@ func TestIngestPreparedReadsOnlyTheRootPage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2, n := finalizeAndIngestPrepared(t, k1, mf2, p)
-	if n != 1 {
-		t.Errorf("IngestPrepared made %d reads, want 1 (the root page)", n)
+	k2, n, used := finalizeAndIngestPrepared(t, k1, mf2, p)
+	if n != 1 || !used {
+		t.Errorf("IngestPrepared made %d reads, adopted what was read ahead %v; want 1 read (the root page) and true", n, used)
 	}
 	if !k2.Carried() {
 		t.Errorf("the tree read ahead was not carried over as the outgoing one")
@@ -96,9 +96,9 @@ func TestIngestPreparedRereadsAChangedRoot(t *testing.T) {
 	if err := k1.AddSubtree("late", blob.Addr()); err != nil {
 		t.Fatal(err)
 	}
-	k2, n := finalizeAndIngestPrepared(t, k1, mf2, p)
-	if n < 3 {
-		t.Errorf("IngestPrepared of a changed root made %d reads, want the root, the tree and the root again", n)
+	k2, n, used := finalizeAndIngestPrepared(t, k1, mf2, p)
+	if n < 3 || used {
+		t.Errorf("IngestPrepared of a changed root made %d reads, adopted what was read ahead %v; want the root, the tree and the root again, and false", n, used)
 	}
 	if addr, err := k2.RetrieveSubtree("late"); err != nil || addr != blob.Addr() {
 		t.Errorf("RetrieveSubtree(late) = %#x, %v; want %#x, named after the preread", addr, err, blob.Addr())
@@ -119,9 +119,9 @@ func TestIngestPreparedOfAnotherHandoverIsIngest(t *testing.T) {
 		t.Fatal(err)
 	}
 	calls := readCalls(t)
-	k2, err := IngestPrepared(mf2, k1.RootAddr(), p)
-	if err != nil {
-		t.Fatal(err)
+	k2, used, err := IngestPrepared(mf2, k1.RootAddr(), p)
+	if err != nil || used {
+		t.Fatalf("IngestPrepared with another file's Prepared: used %v, %v", used, err)
 	}
 	if n := calls(); n < 2 {
 		t.Errorf("IngestPrepared with another file's Prepared made %d reads, want a whole Ingest", n)
@@ -129,9 +129,9 @@ func TestIngestPreparedOfAnotherHandoverIsIngest(t *testing.T) {
 	checkRestores(t, k2, pfns)
 	// That used p up: with its own file now, it is Ingest too.
 	calls()
-	k3, err := IngestPrepared(other, k1.RootAddr(), p)
-	if err != nil {
-		t.Fatal(err)
+	k3, used, err := IngestPrepared(other, k1.RootAddr(), p)
+	if err != nil || used {
+		t.Fatalf("IngestPrepared with a used Prepared: used %v, %v", used, err)
 	}
 	if n := calls(); n < 2 {
 		t.Errorf("IngestPrepared with a used Prepared made %d reads, want a whole Ingest", n)
